@@ -1,0 +1,231 @@
+//! Tokenizers: raw bytes, characters (vocabulary from the corpus), or BPE trained with the
+//! Hugging Face `tokenizers` crate (or loaded from any `tokenizer.json`).
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::normalizers::NormalizerWrapper;
+use tokenizers::processors::PostProcessorWrapper;
+use tokenizers::{AddedToken, Tokenizer as HfTokenizer, TokenizerBuilder};
+
+/// What `--tokenizer` asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenizerSpec {
+    Byte,
+    Char,
+    /// Train a byte-level BPE with this vocabulary size.
+    Bpe(usize),
+    /// Load an existing `tokenizer.json`.
+    File(std::path::PathBuf),
+}
+
+impl std::str::FromStr for TokenizerSpec {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "byte" => Self::Byte,
+            "char" => Self::Char,
+            _ if s.starts_with("bpe:") => {
+                let n: usize = s[4..]
+                    .parse()
+                    .map_err(|_| anyhow!("--tokenizer {s}: expected bpe:N with N a vocabulary size"))?;
+                if n < 257 {
+                    bail!("--tokenizer {s}: a byte-level BPE needs a vocabulary of at least 257");
+                }
+                Self::Bpe(n)
+            }
+            _ if s.ends_with(".json") => Self::File(s.into()),
+            _ => bail!("--tokenizer {s}: expected byte, char, bpe:N or a tokenizer.json path"),
+        })
+    }
+}
+
+/// A tokenizer nuwa can save beside its shards and load back for sampling.
+#[derive(Debug, Clone)]
+pub enum Tokenizer {
+    Byte,
+    /// Sorted characters; id = index.
+    Char(Vec<char>),
+    Hf(Box<HfTokenizer>),
+}
+
+/// The small JSON form of byte/char tokenizers (`tokenizer.nuwa.json`).
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum SavedTokenizer {
+    Byte,
+    Char { chars: String },
+}
+
+pub const NUWA_TOKENIZER_FILE: &str = "tokenizer.nuwa.json";
+pub const HF_TOKENIZER_FILE: &str = "tokenizer.json";
+
+impl Tokenizer {
+    /// Builds the tokenizer a spec asks for, training it on `texts` where needed.
+    pub fn build(spec: &TokenizerSpec, texts: &[String]) -> Result<Self> {
+        Ok(match spec {
+            TokenizerSpec::Byte => Self::Byte,
+            TokenizerSpec::Char => {
+                let mut chars: Vec<char> = texts.iter().flat_map(|t| t.chars()).collect();
+                chars.sort_unstable();
+                chars.dedup();
+                Self::Char(chars)
+            }
+            TokenizerSpec::Bpe(vocab) => Self::Hf(Box::new(train_bpe(*vocab, texts)?)),
+            TokenizerSpec::File(path) => Self::Hf(Box::new(
+                HfTokenizer::from_file(path)
+                    .map_err(|e| anyhow!("{}: not a usable tokenizer.json: {e}", path.display()))?,
+            )),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Self::Byte => 256,
+            Self::Char(chars) => chars.len(),
+            Self::Hf(t) => t.get_vocab_size(true),
+        }
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Self::Byte => Ok(text.bytes().map(u32::from).collect()),
+            Self::Char(chars) => text
+                .chars()
+                .map(|c| {
+                    chars
+                        .binary_search(&c)
+                        .map(|i| i as u32)
+                        .map_err(|_| anyhow!("character {c:?} is not in the tokenizer's vocabulary"))
+                })
+                .collect(),
+            Self::Hf(t) => Ok(t
+                .encode(text, false)
+                .map_err(|e| anyhow!("tokenizer: {e}"))?
+                .get_ids()
+                .to_vec()),
+        }
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        match self {
+            Self::Byte => {
+                let bytes: Vec<u8> = ids.iter().map(|&i| i.min(255) as u8).collect();
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
+            Self::Char(chars) => ids
+                .iter()
+                .map(|&i| chars.get(i as usize).copied().unwrap_or('\u{FFFD}'))
+                .collect(),
+            Self::Hf(t) => t.decode(ids, false).unwrap_or_default(),
+        }
+    }
+
+    /// Writes the tokenizer into `dir` (`tokenizer.json` for HF tokenizers).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        match self {
+            Self::Hf(t) => t
+                .save(dir.join(HF_TOKENIZER_FILE), false)
+                .map_err(|e| anyhow!("writing {}: {e}", dir.join(HF_TOKENIZER_FILE).display())),
+            Self::Byte | Self::Char(_) => {
+                let saved = match self {
+                    Self::Char(chars) => SavedTokenizer::Char {
+                        chars: chars.iter().collect(),
+                    },
+                    _ => SavedTokenizer::Byte,
+                };
+                crate::atomic_write(
+                    &dir.join(NUWA_TOKENIZER_FILE),
+                    serde_json::to_string(&saved)?.as_bytes(),
+                )
+            }
+        }
+    }
+
+    /// Loads the tokenizer saved in `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let nuwa = dir.join(NUWA_TOKENIZER_FILE);
+        let hf = dir.join(HF_TOKENIZER_FILE);
+        if nuwa.exists() {
+            let text = std::fs::read_to_string(&nuwa)
+                .with_context(|| format!("reading {}", nuwa.display()))?;
+            let saved: SavedTokenizer = serde_json::from_str(&text)
+                .map_err(|e| anyhow!("{}: garbled tokenizer file: {e}", nuwa.display()))?;
+            Ok(match saved {
+                SavedTokenizer::Byte => Self::Byte,
+                SavedTokenizer::Char { chars } => Self::Char(chars.chars().collect()),
+            })
+        } else if hf.exists() {
+            Self::build(&TokenizerSpec::File(hf), &[])
+        } else {
+            bail!("{}: no tokenizer found (expected {NUWA_TOKENIZER_FILE} or {HF_TOKENIZER_FILE})", dir.display())
+        }
+    }
+}
+
+fn train_bpe(vocab_size: usize, texts: &[String]) -> Result<HfTokenizer> {
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .special_tokens(vec![AddedToken::from("<|endoftext|>", true)])
+        .show_progress(false)
+        .build();
+    let mut tokenizer = TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, PostProcessorWrapper, ByteLevel>::new()
+        .with_model(BPE::default())
+        .with_pre_tokenizer(Some(ByteLevel::default()))
+        .with_decoder(Some(ByteLevel::default()))
+        .build()
+        .map_err(|e| anyhow!("building BPE tokenizer: {e}"))?;
+    let dir = tempfile_dir()?;
+    let mut files = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        let path = dir.join(format!("part{i}.txt"));
+        std::fs::write(&path, text)?;
+        files.push(path.to_string_lossy().into_owned());
+    }
+    tokenizer
+        .train_from_files(&mut trainer, files)
+        .map_err(|e| anyhow!("training BPE tokenizer: {e}"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(tokenizer.into())
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("nuwa-bpe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn char_round_trip() {
+        let t = Tokenizer::build(&TokenizerSpec::Char, &["hello world".into()]).unwrap();
+        assert_eq!(t.vocab_size(), 8);
+        let ids = t.encode("hello").unwrap();
+        assert_eq!(t.decode(&ids), "hello");
+        assert!(t.encode("z").is_err());
+    }
+
+    #[test]
+    fn bpe_trains_and_round_trips() {
+        let text = "the cat sat on the mat. the cat ate the rat. ".repeat(50);
+        let t = Tokenizer::build(&TokenizerSpec::Bpe(300), &[text.clone()]).unwrap();
+        assert!(t.vocab_size() > 257 && t.vocab_size() <= 300);
+        let ids = t.encode("the cat sat").unwrap();
+        assert!(ids.len() < "the cat sat".len(), "BPE should merge: {ids:?}");
+        assert_eq!(t.decode(&ids), "the cat sat");
+    }
+
+    #[test]
+    fn spec_parsing() {
+        assert_eq!("bpe:512".parse::<TokenizerSpec>().unwrap(), TokenizerSpec::Bpe(512));
+        assert!("bpe:x".parse::<TokenizerSpec>().is_err());
+        assert!("wat".parse::<TokenizerSpec>().is_err());
+    }
+}

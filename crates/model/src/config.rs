@@ -1,0 +1,399 @@
+//! Model configuration. Field names follow the Hugging Face `config.json` of Ling
+//! (`model_type = "bailing_moe"`), so a real checkpoint's config loads without renaming.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Everything needed to build a decoder: dense when `num_experts == 0`, MoE otherwise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    /// Width of the dense SwiGLU FFN (used by the first `first_k_dense_replace` layers,
+    /// or every layer of a dense model).
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    /// Routed experts per MoE layer; 0 makes every layer dense.
+    #[serde(default)]
+    pub num_experts: usize,
+    #[serde(default)]
+    pub num_shared_experts: usize,
+    #[serde(default)]
+    pub num_experts_per_tok: usize,
+    #[serde(default = "default_true")]
+    pub norm_topk_prob: bool,
+    #[serde(default)]
+    pub moe_intermediate_size: usize,
+    #[serde(default)]
+    pub first_k_dense_replace: usize,
+    #[serde(default)]
+    pub norm_head: bool,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub use_bias: bool,
+    #[serde(default)]
+    pub use_qkv_bias: bool,
+    /// Dropout after the token embedding (bailing_moe: `embedding_dropout`).
+    #[serde(default)]
+    pub embedding_dropout: f64,
+    /// Dropout on each attention / FFN output before the residual add (bailing_moe: `output_dropout`).
+    #[serde(default)]
+    pub output_dropout: f64,
+}
+
+fn default_model_type() -> String {
+    "bailing_moe".into()
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A configuration that cannot build a model, with the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config field `{field}`: {problem}")]
+    Invalid { field: &'static str, problem: String },
+    #[error("{path}: {problem}")]
+    File { path: String, problem: String },
+    #[error("unknown preset `{0}` (known: tiny-moe, tiny-dense, ling-lite, ling-plus)")]
+    UnknownPreset(String),
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        problem: problem.into(),
+    }
+}
+
+impl ModelConfig {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    pub fn is_moe(&self) -> bool {
+        self.num_experts > 0
+    }
+
+    /// Whether decoder layer `layer` uses the MoE FFN (the first `first_k_dense_replace` are dense).
+    pub fn layer_is_moe(&self, layer: usize) -> bool {
+        self.is_moe() && layer >= self.first_k_dense_replace
+    }
+
+    /// Reads a config from JSON (a Hugging Face `config.json`) or TOML, by extension.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let file_err = |problem: String| ConfigError::File {
+            path: path.display().to_string(),
+            problem,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+        let cfg: Self = if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).map_err(|e| file_err(e.to_string()))?
+        } else {
+            toml::from_str(&text).map_err(|e| file_err(e.to_string()))?
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every shape constraint the model relies on, naming the first field at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(invalid(field, "must be positive"));
+            }
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return Err(invalid(
+                "num_attention_heads",
+                format!(
+                    "hidden_size {} is not divisible by num_attention_heads {}",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            ));
+        }
+        if self.head_dim() % 2 != 0 || self.head_dim() == 0 {
+            return Err(invalid(
+                "head_dim",
+                format!("{} must be even and positive for RoPE", self.head_dim()),
+            ));
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(invalid(
+                "num_key_value_heads",
+                format!(
+                    "num_attention_heads {} is not divisible by num_key_value_heads {}",
+                    self.num_attention_heads, self.num_key_value_heads
+                ),
+            ));
+        }
+        let has_dense_layer = !self.is_moe() || self.first_k_dense_replace > 0;
+        if has_dense_layer && self.intermediate_size == 0 {
+            return Err(invalid("intermediate_size", "must be positive"));
+        }
+        if self.is_moe() {
+            if self.num_experts_per_tok == 0 {
+                return Err(invalid("num_experts_per_tok", "must be positive for MoE"));
+            }
+            if self.num_experts_per_tok > self.num_experts {
+                return Err(invalid(
+                    "num_experts_per_tok",
+                    format!(
+                        "top-k {} exceeds num_experts {}",
+                        self.num_experts_per_tok, self.num_experts
+                    ),
+                ));
+            }
+            if self.moe_intermediate_size == 0 {
+                return Err(invalid("moe_intermediate_size", "must be positive for MoE"));
+            }
+            if self.first_k_dense_replace > self.num_hidden_layers {
+                return Err(invalid(
+                    "first_k_dense_replace",
+                    format!("exceeds num_hidden_layers {}", self.num_hidden_layers),
+                ));
+            }
+        }
+        for (field, p) in [
+            ("embedding_dropout", self.embedding_dropout),
+            ("output_dropout", self.output_dropout),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(invalid(field, format!("{p} is not in [0, 1)")));
+            }
+        }
+        if self.rms_norm_eps <= 0.0 {
+            return Err(invalid("rms_norm_eps", "must be positive"));
+        }
+        if self.rope_theta <= 0.0 {
+            return Err(invalid("rope_theta", "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// Built-in shapes: two tiny ones that train in minutes on a laptop CPU, and Ling's real
+    /// shapes (from the Ling technical report and its `config.json`) for counting and planning.
+    pub fn preset(name: &str) -> Result<Self, ConfigError> {
+        let tiny = ModelConfig {
+            model_type: default_model_type(),
+            vocab_size: 256,
+            hidden_size: 128,
+            intermediate_size: 384,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: None,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 256,
+            num_experts: 0,
+            num_shared_experts: 0,
+            num_experts_per_tok: 0,
+            norm_topk_prob: true,
+            moe_intermediate_size: 0,
+            first_k_dense_replace: 0,
+            norm_head: false,
+            tie_word_embeddings: false,
+            use_bias: false,
+            use_qkv_bias: false,
+            embedding_dropout: 0.0,
+            output_dropout: 0.0,
+        };
+        let ling = |layers, hidden, heads, kv, experts, topk, shared, moe_width| ModelConfig {
+            vocab_size: 126_464,
+            hidden_size: hidden,
+            intermediate_size: 5632,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            rope_theta: 600_000.0,
+            max_position_embeddings: 16_384,
+            num_experts: experts,
+            num_shared_experts: shared,
+            num_experts_per_tok: topk,
+            moe_intermediate_size: moe_width,
+            norm_head: true,
+            ..tiny.clone()
+        };
+        let cfg = match name {
+            "tiny-dense" => tiny,
+            "tiny-moe" => ModelConfig {
+                num_experts: 8,
+                num_shared_experts: 1,
+                num_experts_per_tok: 2,
+                moe_intermediate_size: 128,
+                first_k_dense_replace: 1,
+                norm_head: true,
+                ..tiny
+            },
+            "ling-lite" => ling(28, 2048, 16, 4, 64, 6, 2, 1408),
+            "ling-plus" => ling(88, 5376, 56, 8, 64, 4, 1, 3072),
+            other => return Err(ConfigError::UnknownPreset(other.to_string())),
+        };
+        Ok(cfg)
+    }
+}
+
+/// Parameter and FLOP counts of a configuration, computed from shapes alone.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ModelCounts {
+    pub total_params: u64,
+    pub active_params: u64,
+    pub embedding_params: u64,
+    /// Training FLOPs per token (forward + backward) at the given context length:
+    /// 6 × active non-embedding-lookup params + 12 × layers × heads × head_dim × context.
+    pub train_flops_per_token: f64,
+}
+
+impl ModelConfig {
+    fn swiglu_params(&self, width: usize) -> u64 {
+        let b = if self.use_bias { 2 * width + self.hidden_size } else { 0 };
+        (3 * self.hidden_size * width + b) as u64
+    }
+
+    fn attention_params(&self) -> u64 {
+        let (h, d) = (self.hidden_size, self.head_dim());
+        let qkv_out = (self.num_attention_heads + 2 * self.num_key_value_heads) * d;
+        let qkv_bias = if self.use_qkv_bias { qkv_out } else { 0 };
+        let o_bias = if self.use_bias { h } else { 0 };
+        (h * qkv_out + qkv_bias + self.num_attention_heads * d * h + o_bias) as u64
+    }
+
+    /// Counts total and per-token active parameters and training FLOPs per token.
+    pub fn counts(&self, context: usize) -> ModelCounts {
+        let h = self.hidden_size as u64;
+        let norms = 2 * h;
+        let mut total = 0u64;
+        let mut active = 0u64;
+        for layer in 0..self.num_hidden_layers {
+            let attn = self.attention_params() + norms;
+            if self.layer_is_moe(layer) {
+                let router = h * self.num_experts as u64;
+                let expert = self.swiglu_params(self.moe_intermediate_size);
+                let shared = if self.num_shared_experts > 0 {
+                    self.swiglu_params(self.moe_intermediate_size * self.num_shared_experts)
+                } else {
+                    0
+                };
+                total += attn + router + shared + expert * self.num_experts as u64;
+                active += attn + router + shared + expert * self.num_experts_per_tok as u64;
+            } else {
+                let ffn = self.swiglu_params(self.intermediate_size);
+                total += attn + ffn;
+                active += attn + ffn;
+            }
+        }
+        let embed = self.vocab_size as u64 * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        total += embed + head + h;
+        active += embed + head + h;
+        // The embedding lookup costs no matmul FLOPs; the LM head does.
+        let matmul_params = active - embed + if self.tie_word_embeddings { embed } else { 0 };
+        let attn_flops = 12
+            * self.num_hidden_layers as u64
+            * (self.num_attention_heads * self.head_dim()) as u64
+            * context as u64;
+        ModelCounts {
+            total_params: total,
+            active_params: active,
+            embedding_params: embed,
+            train_flops_per_token: 6.0 * matmul_params as f64 + attn_flops as f64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn within(actual: u64, expected: f64, tol: f64) -> bool {
+        ((actual as f64 - expected) / expected).abs() <= tol
+    }
+
+    #[test]
+    fn ling_counts_match_published_sizes() {
+        let lite = ModelConfig::preset("ling-lite").unwrap().counts(4096);
+        assert!(within(lite.total_params, 16.8e9, 0.01), "{lite:?}");
+        assert!(within(lite.active_params, 2.75e9, 0.01), "{lite:?}");
+        let plus = ModelConfig::preset("ling-plus").unwrap().counts(4096);
+        assert!(within(plus.total_params, 290e9, 0.01), "{plus:?}");
+        assert!(within(plus.active_params, 28.8e9, 0.01), "{plus:?}");
+    }
+
+    #[test]
+    fn presets_validate() {
+        for name in ["tiny-moe", "tiny-dense", "ling-lite", "ling-plus"] {
+            ModelConfig::preset(name).unwrap().validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_shapes_name_the_field() {
+        let base = ModelConfig::preset("tiny-moe").unwrap();
+        let cases: Vec<(ModelConfig, &str)> = vec![
+            (
+                ModelConfig {
+                    num_attention_heads: 3,
+                    ..base.clone()
+                },
+                "num_attention_heads",
+            ),
+            (
+                ModelConfig {
+                    num_key_value_heads: 3,
+                    num_attention_heads: 4,
+                    ..base.clone()
+                },
+                "num_key_value_heads",
+            ),
+            (
+                ModelConfig {
+                    num_experts_per_tok: 9,
+                    ..base.clone()
+                },
+                "num_experts_per_tok",
+            ),
+        ];
+        for (cfg, field) in cases {
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let json = r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,
+            "num_attention_heads":2,"num_key_value_heads":1,"max_position_embeddings":8,"n_embd":3}"#;
+        let err = serde_json::from_str::<ModelConfig>(json).unwrap_err().to_string();
+        assert!(err.contains("n_embd"), "{err}");
+    }
+}

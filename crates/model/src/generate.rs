@@ -1,0 +1,174 @@
+//! Autoregressive sampling with a KV cache: temperature, top-k and top-p (nucleus), seeded.
+
+use crate::{KvCache, LanguageModel};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingOptions {
+    pub max_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    /// 0 means no top-k cut.
+    pub top_k: usize,
+    /// 1.0 means no nucleus cut.
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+impl Default for SamplingOptions {
+    fn default() -> Self {
+        Self {
+            max_tokens: 200,
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// A small deterministic RNG (SplitMix64) so samples are the same on every platform.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Picks the next token from one row of logits.
+pub fn pick_token(logits: &[f32], opts: &SamplingOptions, rng_state: &mut u64) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best })
+            .0 as u32
+    };
+    if opts.temperature <= 0.0 {
+        return argmax();
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if opts.top_k > 0 {
+        order.truncate(opts.top_k);
+    }
+    let max = logits[order[0]] as f64;
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / opts.temperature).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if opts.top_p < 1.0 {
+        let mut cumulative = 0.0;
+        let keep = probs
+            .iter()
+            .position(|p| {
+                cumulative += p;
+                cumulative >= opts.top_p
+            })
+            .map_or(probs.len(), |i| i + 1);
+        probs.truncate(keep);
+        order.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    let mut rng = SplitMix(*rng_state);
+    let r = rng.next_f64();
+    *rng_state = rng.0;
+    let mut cumulative = 0.0;
+    for (p, &i) in probs.iter().zip(&order) {
+        cumulative += p;
+        if r < cumulative {
+            return i as u32;
+        }
+    }
+    order[order.len() - 1] as u32
+}
+
+fn row_tensor(ids: &[u32], device: &Device) -> Tensor<2, Int> {
+    let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    Tensor::from_data(TensorData::new(data, [1, ids.len()]), device)
+}
+
+fn last_logits(logits: Tensor<3>) -> Vec<f32> {
+    let [_, t, v] = logits.dims();
+    logits
+        .narrow(1, t - 1, 1)
+        .reshape([v])
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap_or_default()
+}
+
+/// Continues `prompt` by up to `opts.max_tokens` tokens (fewer if the context fills up).
+/// `on_token` sees each new token as it is produced (for streaming).
+pub fn generate(
+    model: &LanguageModel,
+    prompt: &[u32],
+    opts: &SamplingOptions,
+    device: &Device,
+    mut on_token: impl FnMut(u32),
+) -> Vec<u32> {
+    let mut rng_state = opts.seed;
+    let mut cache = KvCache::new(model.num_layers());
+    let mut out = Vec::new();
+    if prompt.is_empty() {
+        return out;
+    }
+    let room = model.max_positions.saturating_sub(prompt.len());
+    let mut logits = last_logits(model.forward(row_tensor(prompt, device), Some(&mut cache)).logits);
+    for i in 0..opts.max_tokens.min(room) {
+        let next = pick_token(&logits, opts, &mut rng_state);
+        out.push(next);
+        on_token(next);
+        if i + 1 < opts.max_tokens.min(room) {
+            logits = last_logits(model.forward(row_tensor(&[next], device), Some(&mut cache)).logits);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_and_top_k_one_agree() {
+        let logits = [0.1, 2.0, -1.0, 1.5];
+        let mut s = 7;
+        let greedy = SamplingOptions {
+            temperature: 0.0,
+            ..Default::default()
+        };
+        assert_eq!(pick_token(&logits, &greedy, &mut s), 1);
+        let top1 = SamplingOptions {
+            temperature: 1.0,
+            top_k: 1,
+            ..Default::default()
+        };
+        for _ in 0..10 {
+            assert_eq!(pick_token(&logits, &top1, &mut s), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_excludes_the_tail() {
+        let logits = [5.0, 5.0, -10.0, -10.0];
+        let opts = SamplingOptions {
+            temperature: 1.0,
+            top_p: 0.9,
+            ..Default::default()
+        };
+        let mut s = 1;
+        for _ in 0..50 {
+            assert!(pick_token(&logits, &opts, &mut s) < 2);
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The decoder's building blocks: RMSNorm, rotary position embedding, causal grouped-query
+//! attention and the SwiGLU feed-forward network. The MoE layer lives in `moe.rs`.
+
+use burn::module::{Module, Param};
+use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::tensor::activation::silu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, Tensor};
+
+/// Standard deviation of the normal initialiser for every weight matrix (GPT-2 / nanoGPT).
+pub const INIT_STD: f64 = 0.02;
+
+pub fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
+    LinearConfig::new(d_in, d_out)
+        .with_bias(bias)
+        .with_initializer(Initializer::Normal {
+            mean: 0.0,
+            std: INIT_STD,
+        })
+        .init(device)
+}
+
+/// Root-mean-square layer norm: `x / sqrt(mean(x²) + eps) * weight`.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    pub weight: Param<Tensor<1>>,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(size: usize, eps: f64, device: &Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::ones([size], device)),
+            eps,
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let mean_square = x.clone().powi_scalar(2).mean_dim(D - 1);
+        let x = x * (mean_square + self.eps).sqrt().recip();
+        x * self.weight.val().unsqueeze()
+    }
+}
+
+/// Rotary position embedding in the "rotate half" convention used by Llama and bailing_moe:
+/// the first and second halves of each head are the two coordinates of each rotated pair.
+pub fn rope_tables(
+    theta: f64,
+    head_dim: usize,
+    start: usize,
+    len: usize,
+    device: &Device,
+) -> (Tensor<2>, Tensor<2>) {
+    let half = head_dim / 2;
+    // Computed in f32 on purpose: it is what the PyTorch reference (and HF) does.
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(len * head_dim);
+    let mut sin = Vec::with_capacity(len * head_dim);
+    for pos in start..start + len {
+        for rep in 0..2 {
+            let _ = rep;
+            for f in &inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+    }
+    let shape = [len, head_dim];
+    (
+        Tensor::from_data(burn::tensor::TensorData::new(cos, shape), device),
+        Tensor::from_data(burn::tensor::TensorData::new(sin, shape), device),
+    )
+}
+
+/// Applies RoPE to `x` of shape `[batch, heads, seq, head_dim]` with tables `[seq, head_dim]`.
+pub fn apply_rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
+    let [b, h, t, d] = x.dims();
+    let half = d / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    let cos = cos.clone().unsqueeze::<4>().expand([b, h, t, d]);
+    let sin = sin.clone().unsqueeze::<4>().expand([b, h, t, d]);
+    x * cos + rotated * sin
+}
+
+/// Keys and values of the positions already seen, per layer, for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    /// `[batch, kv_heads, seen, head_dim]` each.
+    pub kv: Option<(Tensor<4>, Tensor<4>)>,
+}
+
+impl LayerCache {
+    pub fn len(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, _)| k.dims()[2])
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Causal grouped-query self-attention with a fused QKV projection (bailing_moe layout:
+/// `query_key_value` then `dense`).
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub query_key_value: Linear,
+    pub dense: Linear,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attention {
+    pub fn new(cfg: &crate::ModelConfig, device: &Device) -> Self {
+        let d = cfg.head_dim();
+        let qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d;
+        Self {
+            query_key_value: linear(cfg.hidden_size, qkv, cfg.use_qkv_bias, device),
+            dense: linear(
+                cfg.num_attention_heads * d,
+                cfg.hidden_size,
+                cfg.use_bias,
+                device,
+            ),
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: d,
+        }
+    }
+
+    /// `x`: `[batch, seq, hidden]`; `cos`/`sin`: RoPE tables for this chunk's positions.
+    /// With a cache, keys and values of earlier positions are reused and this chunk's appended.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<2>,
+        sin: &Tensor<2>,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
+        let [b, t, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let qkv = self.query_key_value.forward(x);
+        let heads = |start: usize, n: usize| {
+            qkv.clone()
+                .narrow(2, start * d, n * d)
+                .reshape([b, t, n, d])
+                .swap_dims(1, 2)
+        };
+        let q = apply_rope(heads(0, h), cos, sin);
+        let mut k = apply_rope(heads(h, kvh), cos, sin);
+        let mut v = heads(h + kvh, kvh);
+        if let Some(cache) = cache {
+            if let Some((k_past, v_past)) = cache.kv.take() {
+                k = Tensor::cat(vec![k_past, k], 2);
+                v = Tensor::cat(vec![v_past, v], 2);
+            }
+            cache.kv = Some((k.clone(), v.clone()));
+        }
+        let k = repeat_kv(k, h / kvh);
+        let v = repeat_kv(v, h / kvh);
+        let options = AttentionModuleOptions {
+            is_causal: t > 1,
+            ..Default::default()
+        };
+        let out = attention(q, k, v, None, None, options);
+        let out = out.swap_dims(1, 2).reshape([b, t, h * d]);
+        self.dense.forward(out)
+    }
+}
+
+/// Expands `[batch, kv_heads, seq, d]` to `[batch, kv_heads * groups, seq, d]`, head `i`
+/// reading kv head `i / groups` (as HF's `repeat_kv`).
+fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
+    if groups == 1 {
+        return x;
+    }
+    let [b, kvh, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kvh, groups, t, d])
+        .reshape([b, kvh * groups, t, d])
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct SwiGlu {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl SwiGlu {
+    pub fn new(hidden: usize, width: usize, bias: bool, device: &Device) -> Self {
+        Self {
+            gate_proj: linear(hidden, width, bias, device),
+            up_proj: linear(hidden, width, bias, device),
+            down_proj: linear(width, hidden, bias, device),
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}

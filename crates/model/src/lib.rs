@@ -1,0 +1,16 @@
+//! nuwa's model: one configurable decoder language model, dense or mixture-of-experts, in the
+//! shape of Ling (`bailing_moe`), written once against Burn so it runs on any backend.
+
+pub mod config;
+pub mod layers;
+pub mod model;
+pub mod moe;
+
+pub use config::{ConfigError, ModelConfig, ModelCounts};
+pub use model::{ForwardOutput, KvCache, LanguageModel};
+pub use moe::RouterStats;
+pub mod generate;
+pub mod loss;
+
+pub use generate::{generate, SamplingOptions};
+pub use loss::cross_entropy;

@@ -1,0 +1,138 @@
+//! Mixture-of-experts FFN with dropless dispatch: every token goes to its top-k experts, no
+//! capacity limit, and each expert runs only on the tokens routed to it.
+
+use crate::layers::{linear, SwiGlu};
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+
+/// Router statistics of one MoE layer, for the auxiliary losses and the logs.
+#[derive(Debug, Clone)]
+pub struct RouterStats {
+    /// Switch-style load-balance loss: `E · Σ_e f_e · P_e` (1.0 when perfectly balanced).
+    pub load_balance: Tensor<1>,
+    /// Router z-loss: `mean(logsumexp(logits)²)`.
+    pub z_loss: Tensor<1>,
+    /// Tokens (top-k assignments) each expert received.
+    pub tokens_per_expert: Vec<usize>,
+}
+
+#[derive(Module, Debug)]
+pub struct Moe {
+    /// Router: hidden → one logit per routed expert.
+    pub gate: Linear,
+    pub experts: Vec<SwiGlu>,
+    /// All shared experts as one SwiGLU of width `moe_intermediate_size × num_shared_experts`.
+    pub shared_experts: Option<SwiGlu>,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+}
+
+impl Moe {
+    pub fn new(cfg: &crate::ModelConfig, device: &Device) -> Self {
+        let h = cfg.hidden_size;
+        let w = cfg.moe_intermediate_size;
+        Self {
+            gate: linear(h, cfg.num_experts, false, device),
+            experts: (0..cfg.num_experts)
+                .map(|_| SwiGlu::new(h, w, cfg.use_bias, device))
+                .collect(),
+            shared_experts: (cfg.num_shared_experts > 0)
+                .then(|| SwiGlu::new(h, w * cfg.num_shared_experts, cfg.use_bias, device)),
+            top_k: cfg.num_experts_per_tok,
+            norm_topk_prob: cfg.norm_topk_prob,
+        }
+    }
+
+    /// `x`: `[batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<3>) -> (Tensor<3>, RouterStats) {
+        let [b, t, hidden] = x.dims();
+        let x = x.reshape([b * t, hidden]);
+        let (out, stats) = self.forward_tokens(x);
+        (out.reshape([b, t, hidden]), stats)
+    }
+
+    /// `x`: `[tokens, hidden]`.
+    pub fn forward_tokens(&self, x: Tensor<2>) -> (Tensor<2>, RouterStats) {
+        let [n, hidden] = x.dims();
+        let num_experts = self.experts.len();
+        let device = x.device();
+
+        let logits = self.gate.forward(x.clone());
+        let probs = softmax(logits.clone(), 1);
+        let (mut top_w, top_i) = probs.clone().topk_with_indices(self.top_k, 1);
+        if self.norm_topk_prob {
+            top_w = top_w.clone() / top_w.sum_dim(1);
+        }
+
+        // Group the (token, slot) assignments by expert on the host: this is the one sync
+        // per MoE layer, and what lets each expert see only its own tokens.
+        let assignments: Vec<i64> = top_i.into_data().convert::<i64>().try_to_vec().unwrap_or_default();
+        let mut tokens: Vec<Vec<i64>> = vec![Vec::new(); num_experts];
+        let mut slots: Vec<Vec<i64>> = vec![Vec::new(); num_experts];
+        for (slot, &expert) in assignments.iter().enumerate() {
+            tokens[expert as usize].push((slot / self.top_k) as i64);
+            slots[expert as usize].push(slot as i64);
+        }
+
+        let flat_w = top_w.reshape([n * self.top_k]);
+        let mut all_tokens = Vec::with_capacity(n * self.top_k);
+        let mut outputs = Vec::new();
+        for (e, expert) in self.experts.iter().enumerate() {
+            if tokens[e].is_empty() {
+                continue;
+            }
+            let count = tokens[e].len();
+            let tok = int_tensor(&tokens[e], &device);
+            let slot = int_tensor(&slots[e], &device);
+            let weight = flat_w.clone().select(0, slot).reshape([count, 1]);
+            let y = expert.forward(x.clone().select(0, tok)) * weight;
+            outputs.push(y);
+            all_tokens.extend_from_slice(&tokens[e]);
+        }
+        let routed = Tensor::zeros([n, hidden], &device).select_assign(
+            0,
+            int_tensor(&all_tokens, &device),
+            Tensor::cat(outputs, 0),
+            IndexingUpdateOp::Add,
+        );
+        let out = match &self.shared_experts {
+            Some(shared) => routed + shared.forward(x),
+            None => routed,
+        };
+
+        let tokens_per_expert: Vec<usize> = tokens.iter().map(Vec::len).collect();
+        let stats = self.router_stats(logits, probs, &tokens_per_expert);
+        (out, stats)
+    }
+
+    fn router_stats(
+        &self,
+        logits: Tensor<2>,
+        probs: Tensor<2>,
+        tokens_per_expert: &[usize],
+    ) -> RouterStats {
+        let [n, num_experts] = probs.dims();
+        let assigned = (n * self.top_k) as f32;
+        let fraction: Vec<f32> = tokens_per_expert
+            .iter()
+            .map(|&c| c as f32 / assigned)
+            .collect();
+        let fraction = Tensor::<1>::from_data(TensorData::new(fraction, [num_experts]), &probs.device());
+        let mean_prob = probs.mean_dim(0).reshape([num_experts]);
+        let load_balance = (fraction * mean_prob).sum() * num_experts as f32;
+        // logsumexp(l) = l - log_softmax(l), for any column; take column 0.
+        let lse = (logits.clone() - log_softmax(logits, 1)).narrow(1, 0, 1);
+        let z_loss = lse.powi_scalar(2).mean();
+        RouterStats {
+            load_balance,
+            z_loss,
+            tokens_per_expert: tokens_per_expert.to_vec(),
+        }
+    }
+}
+
+fn int_tensor(values: &[i64], device: &Device) -> Tensor<1, Int> {
+    Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), device)
+}

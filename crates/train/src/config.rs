@@ -1,0 +1,194 @@
+//! A training run's configuration (`run.toml`): the model, the optimiser and schedule, and
+//! the data. Unknown keys are errors that name the key.
+
+use nuwa_model::ModelConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub enum Schedule {
+    /// Linear warmup then cosine decay to `min_lr`.
+    Cosine,
+    /// Warmup, stable at the peak, then linear decay to `min_lr` over the last `decay_fraction`.
+    Wsd,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    pub grad_accum: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub schedule: Schedule,
+    /// WSD only: fraction of the run spent decaying.
+    pub decay_fraction: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip; 0 disables.
+    pub grad_clip: f64,
+    /// MoE load-balance loss coefficient.
+    pub aux_loss_coef: f64,
+    /// MoE router z-loss coefficient.
+    pub z_loss_coef: f64,
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    pub checkpoint_every: u64,
+    /// Checkpoints kept on disk (oldest removed first).
+    pub keep_checkpoints: usize,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 300,
+            batch_size: 16,
+            grad_accum: 1,
+            seq_len: 64,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup_steps: 30,
+            schedule: Schedule::Cosine,
+            decay_fraction: 0.2,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            aux_loss_coef: 0.015,
+            z_loss_coef: 1e-4,
+            eval_every: 100,
+            eval_batches: 8,
+            checkpoint_every: 100,
+            keep_checkpoints: 3,
+            seed: 1337,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// A folder written by `nuwa data prepare`; empty means the built-in corpus.
+    pub dir: Option<String>,
+}
+
+/// The model section: a preset name, a config file, or inline fields (HF names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+}
+
+/// What a user may write in `run.toml`: like `RunConfig`, but the model may be a preset.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunFile {
+    #[serde(default)]
+    pub preset: Option<String>,
+    #[serde(default)]
+    pub model: Option<toml::Table>,
+    #[serde(default)]
+    pub train: Option<TrainConfig>,
+    #[serde(default)]
+    pub data: Option<DataConfig>,
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let checks: [(&str, bool, &str); 8] = [
+            ("train.steps", self.steps > 0, "must be positive"),
+            ("train.batch_size", self.batch_size > 0, "must be positive"),
+            ("train.grad_accum", self.grad_accum > 0, "must be positive"),
+            ("train.seq_len", self.seq_len > 0, "must be positive"),
+            ("train.lr", self.lr > 0.0 && self.lr.is_finite(), "must be a positive number"),
+            ("train.min_lr", self.min_lr >= 0.0 && self.min_lr <= self.lr, "must be in [0, lr]"),
+            ("train.eval_batches", self.eval_batches > 0, "must be positive"),
+            ("train.keep_checkpoints", self.keep_checkpoints > 0, "must be positive"),
+        ];
+        for (field, ok, problem) in checks {
+            if !ok {
+                anyhow::bail!("config field `{field}`: {problem}");
+            }
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            anyhow::bail!("config fields `train.beta1`/`train.beta2`: must be in [0, 1)");
+        }
+        if !(0.0..=1.0).contains(&self.decay_fraction) {
+            anyhow::bail!("config field `train.decay_fraction`: must be in [0, 1]");
+        }
+        Ok(())
+    }
+
+    /// Learning rate at optimiser step `step` (0-based).
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let progress = |from: u64| {
+            let span = self.steps.saturating_sub(from).max(1) as f64;
+            ((step - from) as f64 / span).min(1.0)
+        };
+        match self.schedule {
+            Schedule::Cosine => {
+                let p = progress(self.warmup_steps);
+                self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * p).cos())
+            }
+            Schedule::Wsd => {
+                let decay_start = ((self.steps as f64) * (1.0 - self.decay_fraction)) as u64;
+                if step < decay_start.max(self.warmup_steps) {
+                    self.lr
+                } else {
+                    let p = progress(decay_start.max(self.warmup_steps));
+                    self.lr + (self.min_lr - self.lr) * p
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_warm_up_and_decay() {
+        let cfg = TrainConfig {
+            steps: 100,
+            warmup_steps: 10,
+            lr: 1.0,
+            min_lr: 0.1,
+            ..Default::default()
+        };
+        assert!((cfg.lr_at(0) - 0.1).abs() < 1e-12);
+        assert!((cfg.lr_at(9) - 1.0).abs() < 1e-12);
+        assert!((cfg.lr_at(10) - 1.0).abs() < 1e-12);
+        assert!((cfg.lr_at(100) - 0.1).abs() < 1e-9);
+        let wsd = TrainConfig {
+            schedule: Schedule::Wsd,
+            decay_fraction: 0.2,
+            ..cfg
+        };
+        assert_eq!(wsd.lr_at(50), 1.0);
+        assert!(wsd.lr_at(90) < 1.0 && wsd.lr_at(90) > 0.1);
+        assert!((wsd.lr_at(100) - 0.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn unknown_train_key_is_named() {
+        let err = toml::from_str::<RunFile>("[train]\nstepz = 3\n").unwrap_err().to_string();
+        assert!(err.contains("stepz"), "{err}");
+    }
+}

@@ -1,0 +1,321 @@
+//! The training loop: data, model, AdamW, schedule, eval, metrics, checkpoints, resume.
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::RunConfig;
+use crate::hardware::cpu_peak_flops;
+use crate::metrics::{plot_losses, MetricsLog};
+use crate::optim::{grad_norm, AdamW, AdamWConfig};
+use crate::weights::assign_weights;
+use anyhow::{bail, Context, Result};
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+use nuwa_data::sampler::splitmix64;
+use nuwa_data::{eval_batches, Batch, BatchSampler, Dataset, PrepareOptions, Source, Tokenizer, TokenizerSpec};
+use nuwa_model::{cross_entropy, LanguageModel, RouterStats};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct TrainOptions {
+    pub run_dir: PathBuf,
+    pub config: RunConfig,
+    /// Continue from the run's newest checkpoint (its config wins, except `train.steps`).
+    pub resume: bool,
+    /// A plain device; autodiff is enabled on it for training.
+    pub device: Device,
+    pub show_progress: bool,
+    /// Set (e.g. by Ctrl-C) to save a checkpoint and stop after the current step.
+    pub stop: Arc<AtomicBool>,
+    /// Peak FLOP/s of the device, for MFU; `None` estimates a CPU's.
+    pub peak_flops: Option<f64>,
+}
+
+/// What one optimiser step measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    pub run_dir: PathBuf,
+    pub steps: Vec<StepRecord>,
+    pub last_val_loss: Option<f64>,
+    pub interrupted: bool,
+    pub config: RunConfig,
+}
+
+/// Opens the run's dataset, preparing the built-in corpus into `RUN/data` when none is given.
+fn open_dataset(run: &Path, cfg: &RunConfig) -> Result<Dataset> {
+    match &cfg.data.dir {
+        Some(dir) => Dataset::open(Path::new(dir)),
+        None => {
+            let dir = run.join("data");
+            if !dir.join(nuwa_data::shards::MANIFEST_FILE).exists() {
+                nuwa_data::prepare(&PrepareOptions {
+                    source: Source::Builtin,
+                    tokenizer: TokenizerSpec::Char,
+                    out_dir: dir.clone(),
+                    val_fraction: 0.1,
+                })?;
+            }
+            Dataset::open(&dir)
+        }
+    }
+}
+
+fn batch_tensors(batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let shape = [batch.batch_size, batch.seq_len];
+    let to = |ids: &[u32]| {
+        let v: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        Tensor::<2, Int>::from_data(TensorData::new(v, shape), device)
+    };
+    (to(&batch.inputs), to(&batch.targets))
+}
+
+/// Losses of one forward pass: cross-entropy, and the mean router losses over MoE layers.
+struct Losses {
+    ce: Tensor<1>,
+    load_balance: Option<Tensor<1>>,
+    z_loss: Option<Tensor<1>>,
+    tokens_per_expert: Vec<Vec<usize>>,
+}
+
+fn forward_losses(model: &LanguageModel, batch: &Batch, device: &Device) -> Losses {
+    let (inputs, targets) = batch_tensors(batch, device);
+    let out = model.forward(inputs, None);
+    let ce = cross_entropy(out.logits, targets);
+    let mean = |f: fn(&RouterStats) -> Tensor<1>| {
+        let n = out.router.len();
+        (n > 0).then(|| Tensor::cat(out.router.iter().map(f).collect(), 0).sum() / n as f32)
+    };
+    Losses {
+        ce,
+        load_balance: mean(|s| s.load_balance.clone()),
+        z_loss: mean(|s| s.z_loss.clone()),
+        tokens_per_expert: out.router.iter().map(|s| s.tokens_per_expert.clone()).collect(),
+    }
+}
+
+/// Mean validation loss over the fixed evaluation batches.
+pub fn evaluate(model: &LanguageModel, batches: &[Batch], device: &Device) -> f64 {
+    let total: f64 = batches
+        .iter()
+        .map(|b| forward_losses(model, b, device).ce.into_scalar::<f32>() as f64)
+        .sum();
+    total / batches.len().max(1) as f64
+}
+
+fn scalar(t: &Option<Tensor<1>>) -> Option<f64> {
+    t.as_ref().map(|t| t.clone().into_scalar::<f32>() as f64)
+}
+
+pub fn train(opts: TrainOptions) -> Result<TrainReport> {
+    let run = opts.run_dir.clone();
+    std::fs::create_dir_all(&run).with_context(|| format!("{}: cannot create run folder", run.display()))?;
+    let device = opts.device.clone().autodiff();
+    let plain = opts.device.clone();
+
+    let resumed = if opts.resume {
+        Some(checkpoint::load_latest(&run)?)
+    } else {
+        if !checkpoint::list_checkpoints(&run).is_empty() {
+            bail!("{}: already holds checkpoints; pass --resume to continue it or choose another --run-dir", run.display());
+        }
+        None
+    };
+    let mut cfg = match &resumed {
+        Some(l) => {
+            let mut c = l.state.config.clone();
+            c.train.steps = opts.config.train.steps.max(l.state.step);
+            c
+        }
+        None => opts.config.clone(),
+    };
+
+    let data = open_dataset(&run, &cfg)?;
+    if cfg.model.vocab_size == 0 {
+        cfg.model.vocab_size = data.manifest.vocab_size;
+    }
+    cfg.model.validate()?;
+    cfg.train.validate()?;
+    if cfg.model.vocab_size < data.manifest.vocab_size {
+        bail!(
+            "config field `vocab_size`: {} is smaller than the data's vocabulary ({}, {})",
+            cfg.model.vocab_size,
+            data.manifest.vocab_size,
+            data.dir.display()
+        );
+    }
+    if cfg.train.seq_len > cfg.model.max_position_embeddings {
+        bail!(
+            "config field `train.seq_len`: {} exceeds max_position_embeddings {}",
+            cfg.train.seq_len,
+            cfg.model.max_position_embeddings
+        );
+    }
+    let tokenizer = Tokenizer::load(&data.dir)?;
+    tokenizer.save(&run)?;
+    nuwa_data::atomic_write(&run.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
+
+    let t = &cfg.train;
+    device.seed(t.seed);
+    let mut model = LanguageModel::new(&cfg.model, &device);
+    let mut opt = AdamW::new(AdamWConfig {
+        beta1: t.beta1,
+        beta2: t.beta2,
+        eps: t.eps,
+        weight_decay: t.weight_decay,
+    });
+    let mut sampler = BatchSampler::new(t.seed);
+    let mut start_step = 0;
+    let mut tokens_seen = 0u64;
+    if let Some(l) = &resumed {
+        model = assign_weights(model, &l.weights, &l.dir.join(checkpoint::MODEL_FILE).display().to_string())?;
+        checkpoint::restore_optimizer(&mut opt, l.state.step, &l.optimizer, &plain)?;
+        sampler = l.state.sampler;
+        start_step = l.state.step;
+        tokens_seen = l.state.tokens_seen;
+    }
+
+    let evals = eval_batches(&data.val, t.batch_size, t.seq_len, t.eval_batches)?;
+    let mut log = MetricsLog::open(&run)?;
+    let counts = cfg.model.counts(t.seq_len);
+    let peak = opts.peak_flops.unwrap_or_else(cpu_peak_flops);
+    let tokens_per_step = (t.batch_size * t.grad_accum * t.seq_len) as u64;
+
+    let bar = if opts.show_progress {
+        ProgressBar::new(t.steps)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(start_step);
+
+    let mut records = Vec::new();
+    let mut last_val = None;
+    let mut interrupted = false;
+    let save = |model: &LanguageModel, opt: &AdamW, step: u64, sampler: BatchSampler, tokens_seen: u64| {
+        let state = TrainerState {
+            step,
+            sampler,
+            tokens_seen,
+            config: cfg.clone(),
+            checksums: Default::default(),
+        };
+        checkpoint::save(&run, model, opt, state, cfg.train.keep_checkpoints)
+    };
+
+    for step in start_step..t.steps {
+        if opts.stop.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+        let started = Instant::now();
+        // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
+        device.seed(splitmix64(t.seed ^ splitmix64(step)));
+        let lr = t.lr_at(step);
+        let mut accumulator = GradientsAccumulator::<LanguageModel>::new();
+        let (mut ce_sum, mut lb_sum, mut z_sum) = (0.0, None::<f64>, None::<f64>);
+        let mut load = Vec::new();
+        for _ in 0..t.grad_accum {
+            let batch = sampler.next_batch(&data.train, t.batch_size, t.seq_len)?;
+            let losses = forward_losses(&model, &batch, &device);
+            let mut total = losses.ce.clone();
+            if let (Some(lb), Some(z)) = (&losses.load_balance, &losses.z_loss) {
+                total = total + lb.clone() * t.aux_loss_coef + z.clone() * t.z_loss_coef;
+            }
+            let total = total / t.grad_accum as f32;
+            let grads = GradientsParams::from_grads(total.backward(), &model);
+            accumulator.accumulate(&model, grads);
+            ce_sum += losses.ce.into_scalar::<f32>() as f64;
+            if let Some(v) = scalar(&losses.load_balance) {
+                *lb_sum.get_or_insert(0.0) += v;
+            }
+            if let Some(v) = scalar(&losses.z_loss) {
+                *z_sum.get_or_insert(0.0) += v;
+            }
+            load = losses.tokens_per_expert;
+        }
+        let grads = accumulator.grads();
+        let norm = grad_norm(&model, &grads);
+        let scale = if t.grad_clip > 0.0 && norm > t.grad_clip {
+            t.grad_clip / norm
+        } else {
+            1.0
+        };
+        model = opt.step(model, grads, lr, scale);
+        tokens_seen += tokens_per_step;
+
+        let loss = ce_sum / t.grad_accum as f64;
+        if !loss.is_finite() {
+            bail!("step {}: loss is {loss}; stopping (last good checkpoint kept in {})", step + 1, checkpoint::checkpoints_dir(&run).display());
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let tok_s = tokens_per_step as f64 / seconds;
+        let mfu = tok_s * counts.train_flops_per_token / peak;
+        let done = step + 1;
+        let mut record = json!({
+            "step": done, "loss": loss, "lr": lr, "grad_norm": norm,
+            "tokens_per_s": tok_s, "mfu": mfu, "step_seconds": seconds, "tokens_seen": tokens_seen,
+        });
+        if let Some(lb) = lb_sum {
+            record["load_balance_loss"] = json!(lb / t.grad_accum as f64);
+            record["z_loss"] = json!(z_sum.unwrap_or(0.0) / t.grad_accum as f64);
+            record["tokens_per_expert"] = json!(load);
+        }
+        if done % t.eval_every.max(1) == 0 || done == t.steps {
+            let val = evaluate(&model.valid(), &evals, &plain);
+            record["val_loss"] = json!(val);
+            last_val = Some(val);
+            bar.println(format!("step {done:>6}  train loss {loss:.4}  val loss {val:.4}"));
+        }
+        log.write(&record)?;
+        records.push(StepRecord {
+            step: done,
+            loss,
+            lr,
+            grad_norm: norm,
+        });
+        bar.set_message(format!("loss {loss:.4} | {:.0} tok/s | MFU {:.2}%", tok_s, mfu * 100.0));
+        bar.inc(1);
+        if done % t.checkpoint_every.max(1) == 0 || done == t.steps || opts.stop.load(Ordering::SeqCst) {
+            save(&model, &opt, done, sampler, tokens_seen)?;
+        }
+    }
+    bar.finish_and_clear();
+    if interrupted {
+        let step = records.last().map_or(start_step, |r| r.step);
+        if checkpoint::list_checkpoints(&run).last().map(|c| c.0) != Some(step) {
+            save(&model, &opt, step, sampler, tokens_seen)?;
+        }
+    }
+    plot_losses(&run)?;
+    Ok(TrainReport {
+        run_dir: run,
+        steps: records,
+        last_val_loss: last_val,
+        interrupted,
+        config: cfg,
+    })
+}
+
+/// Loads a trained run for inference on a plain device: its config, tokenizer and newest weights.
+pub fn load_for_inference(run: &Path, device: &Device) -> Result<(LanguageModel, Tokenizer, RunConfig)> {
+    let loaded = checkpoint::load_latest(run)?;
+    let cfg = loaded.state.config.clone();
+    let model = LanguageModel::new(&cfg.model, device);
+    let model = assign_weights(model, &loaded.weights, &loaded.dir.join(checkpoint::MODEL_FILE).display().to_string())?;
+    let tokenizer = Tokenizer::load(run)?;
+    Ok((model, tokenizer, cfg))
+}

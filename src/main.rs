@@ -1,0 +1,375 @@
+//! `nuwa`: train, sample and inspect dense and mixture-of-experts language models on any
+//! accelerator Burn supports.
+
+mod device;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use nuwa_data::{PrepareOptions, Source, TokenizerSpec};
+use nuwa_model::{generate, ModelConfig, SamplingOptions};
+use nuwa_train::{RunConfig, RunFile, TrainConfig, TrainOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "nuwa", version, about = "Train and serve dense and MoE language models on any accelerator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Prepare training data.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Train a model (defaults: the tiny MoE on the built-in corpus, then print a sample).
+    Train(TrainArgs),
+    /// Generate text from a trained run.
+    Sample(SampleArgs),
+    /// Print a model's parameter counts and training FLOPs per token.
+    Inspect(InspectArgs),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Tokenize text into train/val shards plus a manifest.
+    Prepare(PrepareArgs),
+}
+
+#[derive(Args)]
+struct PrepareArgs {
+    /// Text files or folders; none means the built-in corpus.
+    #[arg(long, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// byte | char | bpe:N | path/to/tokenizer.json
+    #[arg(long, default_value = "char")]
+    tokenizer: String,
+    /// Output folder.
+    #[arg(long, default_value = "data/prepared")]
+    out: PathBuf,
+    /// Fraction of tokens held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// A run.toml: `preset = "..."` or a [model] table, plus [train] and [data].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// tiny-moe | tiny-dense | ling-lite | ling-plus (default tiny-moe).
+    #[arg(long)]
+    preset: Option<String>,
+    /// A model config file (HF config.json or TOML) instead of a preset.
+    #[arg(long)]
+    model_config: Option<PathBuf>,
+    /// Folder written by `nuwa data prepare` (default: the built-in corpus).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run folder for checkpoints, metrics and plots.
+    #[arg(long, default_value = "runs/default")]
+    run_dir: PathBuf,
+    /// Continue the newest checkpoint in this run folder.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+    /// cpu | cuda:N | rocm:N | vulkan:N | wgpu:N | metal:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    min_lr: Option<f64>,
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// cosine | wsd
+    #[arg(long)]
+    schedule: Option<String>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    /// Dropout on embeddings and on attention/FFN outputs.
+    #[arg(long)]
+    dropout: Option<f64>,
+    #[arg(long)]
+    eval_every: Option<u64>,
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Model width (hidden_size) override.
+    #[arg(long)]
+    hidden_size: Option<usize>,
+    /// Model depth (num_hidden_layers) override.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Tokens to sample after training (0: none).
+    #[arg(long, default_value_t = 200)]
+    sample_tokens: usize,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    /// The run folder to load (its newest checkpoint).
+    #[arg(long)]
+    run: PathBuf,
+    #[arg(long, default_value = "\n")]
+    prompt: String,
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[arg(long, default_value = "tiny-moe")]
+    preset: String,
+    /// A model config file instead of a preset.
+    #[arg(long)]
+    model_config: Option<PathBuf>,
+    /// Context length for the attention FLOPs.
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Data(DataCommand::Prepare(a)) => prepare(a),
+        Command::Train(a) => train(a),
+        Command::Sample(a) => sample(a),
+        Command::Inspect(a) => inspect(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn prepare(a: PrepareArgs) -> Result<()> {
+    let source = if a.input.is_empty() {
+        Source::Builtin
+    } else {
+        Source::Paths(a.input)
+    };
+    let manifest = nuwa_data::prepare(&PrepareOptions {
+        source,
+        tokenizer: a.tokenizer.parse::<TokenizerSpec>()?,
+        out_dir: a.out.clone(),
+        val_fraction: a.val_fraction,
+    })?;
+    println!(
+        "wrote {}: vocab {}, {} train + {} val tokens ({:?})",
+        a.out.display(),
+        manifest.vocab_size,
+        manifest.train.tokens,
+        manifest.val.tokens,
+        manifest.dtype
+    );
+    Ok(())
+}
+
+/// Builds the run configuration: defaults, then `--config`, then the command-line overrides.
+fn run_config(a: &TrainArgs) -> Result<RunConfig> {
+    let file: Option<RunFile> = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+            Some(toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?)
+        }
+        None => None,
+    };
+    let preset = a
+        .preset
+        .clone()
+        .or_else(|| file.as_ref().and_then(|f| f.preset.clone()));
+    let mut model = if let Some(path) = &a.model_config {
+        ModelConfig::from_file(path)?
+    } else if let Some(table) = file.as_ref().and_then(|f| f.model.clone()) {
+        let what = a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        table.try_into::<ModelConfig>().map_err(|e| anyhow!("{what}: [model]: {e}"))?
+    } else {
+        // A preset's vocabulary follows the data (0 = take it from the manifest).
+        ModelConfig {
+            vocab_size: 0,
+            ..ModelConfig::preset(preset.as_deref().unwrap_or("tiny-moe"))?
+        }
+    };
+    if let Some(h) = a.hidden_size {
+        model.hidden_size = h;
+        model.intermediate_size = 3 * h;
+        if model.is_moe() {
+            model.moe_intermediate_size = h;
+        }
+    }
+    if let Some(l) = a.layers {
+        model.num_hidden_layers = l;
+    }
+    if let Some(p) = a.dropout {
+        model.embedding_dropout = p;
+        model.output_dropout = p;
+    }
+    let mut train = file.as_ref().and_then(|f| f.train.clone()).unwrap_or_default();
+    let mut data = file.as_ref().and_then(|f| f.data.clone()).unwrap_or_default();
+    apply_overrides(&mut train, a)?;
+    if let Some(d) = &a.data {
+        data.dir = Some(d.display().to_string());
+    }
+    if train.seq_len > model.max_position_embeddings {
+        model.max_position_embeddings = train.seq_len;
+    }
+    Ok(RunConfig { model, train, data })
+}
+
+fn apply_overrides(t: &mut TrainConfig, a: &TrainArgs) -> Result<()> {
+    macro_rules! set {
+        ($($field:ident),*) => { $( if let Some(v) = a.$field { t.$field = v; } )* };
+    }
+    set!(steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup_steps, weight_decay, grad_clip, eval_every, checkpoint_every, seed);
+    if let Some(lr) = a.lr {
+        if a.min_lr.is_none() {
+            t.min_lr = lr / 10.0;
+        }
+    }
+    if let Some(s) = &a.schedule {
+        t.schedule = match s.as_str() {
+            "cosine" => nuwa_train::Schedule::Cosine,
+            "wsd" => nuwa_train::Schedule::Wsd,
+            other => bail!("--schedule {other}: expected cosine or wsd"),
+        };
+    }
+    Ok(())
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let device = device::parse_device(&a.device)?;
+    let config = run_config(&a)?;
+    let (run_dir, resume) = match &a.resume {
+        Some(dir) => (dir.clone(), true),
+        None => (a.run_dir.clone(), false),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let report = nuwa_train::train(TrainOptions {
+        run_dir,
+        config,
+        resume,
+        device: device.clone(),
+        show_progress: !a.quiet,
+        stop,
+        peak_flops: None,
+    })?;
+    let first = report.steps.first().map(|r| r.loss);
+    let last = report.steps.last().map(|r| r.loss);
+    if let (Some(f), Some(l)) = (first, last) {
+        println!("train loss {f:.4} -> {l:.4} over {} steps", report.steps.len());
+    }
+    if let Some(v) = report.last_val_loss {
+        println!("val loss {v:.4}");
+    }
+    println!(
+        "run saved in {} (metrics.jsonl, loss.svg, checkpoints/)",
+        report.run_dir.display()
+    );
+    if a.sample_tokens > 0 && !report.interrupted {
+        println!("--- sample ---");
+        sample_run(&report.run_dir, "\n", &SamplingOptions {
+            max_tokens: a.sample_tokens,
+            ..Default::default()
+        }, &device)?;
+    }
+    Ok(())
+}
+
+fn sample_run(run: &Path, prompt: &str, opts: &SamplingOptions, device: &burn::tensor::Device) -> Result<()> {
+    let (model, tokenizer, _) = nuwa_train::load_for_inference(run, device)?;
+    let ids = tokenizer.encode(prompt)?;
+    if ids.is_empty() {
+        bail!("--prompt: encodes to no tokens");
+    }
+    if ids.len() >= model.max_positions {
+        bail!("--prompt: {} tokens does not fit the context of {}", ids.len(), model.max_positions);
+    }
+    print!("{prompt}");
+    let mut out = std::io::stdout();
+    let mut pending: Vec<u32> = Vec::new();
+    generate(&model, &ids, opts, device, |tok| {
+        // Decode incrementally; hold back bytes that do not form a whole character yet.
+        pending.push(tok);
+        let text = tokenizer.decode(&pending);
+        if !text.ends_with('\u{FFFD}') {
+            let _ = write!(out, "{text}");
+            let _ = out.flush();
+            pending.clear();
+        }
+    });
+    println!();
+    Ok(())
+}
+
+fn sample(a: SampleArgs) -> Result<()> {
+    if a.temperature < 0.0 || !a.temperature.is_finite() {
+        bail!("--temperature {}: must be a non-negative number", a.temperature);
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p {}: must be in (0, 1]", a.top_p);
+    }
+    let device = device::parse_device(&a.device)?;
+    let prompt = a.prompt.replace("\\n", "\n");
+    sample_run(&a.run, &prompt, &SamplingOptions {
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    }, &device)
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let (name, cfg) = match &a.model_config {
+        Some(p) => (p.display().to_string(), ModelConfig::from_file(p)?),
+        None => (a.preset.clone(), ModelConfig::preset(&a.preset)?),
+    };
+    cfg.validate()?;
+    let c = cfg.counts(a.context);
+    let b = |n: u64| format!("{:.3}B", n as f64 / 1e9);
+    println!("model            {name} ({})", if cfg.is_moe() { "MoE" } else { "dense" });
+    println!("layers           {} (hidden {}, heads {}/{} kv, head_dim {})", cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
+    if cfg.is_moe() {
+        println!("experts          {} routed (top-{}), {} shared, width {}", cfg.num_experts, cfg.num_experts_per_tok, cfg.num_shared_experts, cfg.moe_intermediate_size);
+    }
+    println!("total params     {} ({})", b(c.total_params), c.total_params);
+    println!("active params    {} ({})", b(c.active_params), c.active_params);
+    println!("embedding params {} ({})", b(c.embedding_params), c.embedding_params);
+    println!("train FLOPs/token {:.3e} at context {}", c.train_flops_per_token, a.context);
+    Ok(())
+}
