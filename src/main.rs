@@ -117,6 +117,9 @@ struct TrainArgs {
     /// Tokens to sample after training (0: none).
     #[arg(long, default_value_t = 200)]
     sample_tokens: usize,
+    /// Stop after this step, saving a checkpoint, as if interrupted (resume continues the run).
+    #[arg(long)]
+    stop_at: Option<u64>,
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
@@ -287,6 +290,7 @@ fn train(a: TrainArgs) -> Result<()> {
         show_progress: !a.quiet,
         stop,
         peak_flops: None,
+        stop_at: a.stop_at,
     })?;
     let first = report.steps.first().map(|r| r.loss);
     let last = report.steps.last().map(|r| r.loss);

@@ -14,10 +14,8 @@ pub const INIT_STD: f64 = 0.02;
 pub fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
     LinearConfig::new(d_in, d_out)
         .with_bias(bias)
-        .with_initializer(Initializer::Normal {
-            mean: 0.0,
-            std: INIT_STD,
-        })
+        // Placeholder: weights are set by `init::init_weights` or loaded from a checkpoint.
+        .with_initializer(Initializer::Zeros)
         .init(device)
 }
 

@@ -10,6 +10,7 @@ pub use config::{ConfigError, ModelConfig, ModelCounts};
 pub use model::{ForwardOutput, KvCache, LanguageModel};
 pub use moe::RouterStats;
 pub mod generate;
+pub mod init;
 pub mod loss;
 
 pub use generate::{generate, SamplingOptions};

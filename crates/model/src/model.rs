@@ -113,13 +113,15 @@ pub struct LanguageModel {
 }
 
 impl LanguageModel {
-    /// Builds a freshly initialised model. Call `device.seed(..)` first for reproducible weights.
-    pub fn new(cfg: &ModelConfig, device: &Device) -> Self {
+    /// Builds a model initialised from `seed` (see `init.rs`): the same weights on any backend.
+    pub fn new(cfg: &ModelConfig, device: &Device, seed: u64) -> Self {
+        crate::init::init_weights(Self::uninitialised(cfg, device), seed, INIT_STD)
+    }
+
+    /// Builds the module tree with placeholder weights, to be loaded or initialised.
+    pub fn uninitialised(cfg: &ModelConfig, device: &Device) -> Self {
         let word_embeddings = EmbeddingConfig::new(cfg.vocab_size, cfg.hidden_size)
-            .with_initializer(Initializer::Normal {
-                mean: 0.0,
-                std: INIT_STD,
-            })
+            .with_initializer(Initializer::Zeros)
             .init(device);
         Self {
             word_embeddings,

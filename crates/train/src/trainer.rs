@@ -32,6 +32,9 @@ pub struct TrainOptions {
     pub stop: Arc<AtomicBool>,
     /// Peak FLOP/s of the device, for MFU; `None` estimates a CPU's.
     pub peak_flops: Option<f64>,
+    /// Stop after this step as if interrupted: save a checkpoint and return (the schedule still
+    /// spans `train.steps`, so a resume continues the same run).
+    pub stop_at: Option<u64>,
 }
 
 /// What one optimiser step measured.
@@ -166,8 +169,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
     nuwa_data::atomic_write(&run.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
 
     let t = &cfg.train;
-    device.seed(t.seed);
-    let mut model = LanguageModel::new(&cfg.model, &device);
+    let mut model = LanguageModel::new(&cfg.model, &device, t.seed);
     let mut opt = AdamW::new(AdamWConfig {
         beta1: t.beta1,
         beta2: t.beta2,
@@ -217,7 +219,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
     };
 
     for step in start_step..t.steps {
-        if opts.stop.load(Ordering::SeqCst) {
+        if opts.stop.load(Ordering::SeqCst) || opts.stop_at.is_some_and(|s| step >= s) {
             interrupted = true;
             break;
         }
@@ -314,7 +316,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
 pub fn load_for_inference(run: &Path, device: &Device) -> Result<(LanguageModel, Tokenizer, RunConfig)> {
     let loaded = checkpoint::load_latest(run)?;
     let cfg = loaded.state.config.clone();
-    let model = LanguageModel::new(&cfg.model, device);
+    let model = LanguageModel::uninitialised(&cfg.model, device);
     let model = assign_weights(model, &loaded.weights, &loaded.dir.join(checkpoint::MODEL_FILE).display().to_string())?;
     let tokenizer = Tokenizer::load(run)?;
     Ok((model, tokenizer, cfg))

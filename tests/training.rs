@@ -1,0 +1,197 @@
+//! Training behaviour: the loss falls, resume is exact, Shakespeare learns, failed saves keep
+//! the last good checkpoint.
+
+mod common;
+
+use burn::tensor::Device;
+use common::{shakespeare, TempDir};
+use nuwa_data::{PrepareOptions, Source, TokenizerSpec};
+use nuwa_model::ModelConfig;
+use nuwa_train::checkpoint::{self, list_checkpoints};
+use nuwa_train::{train, DataConfig, RunConfig, TrainConfig, TrainOptions, TrainReport};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Dropout draws from the backend's process-wide RNG, seeded per step: runs in one process
+/// must not interleave, or they would consume each other's random numbers.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn options(run: &Path, config: RunConfig, resume: bool) -> TrainOptions {
+    TrainOptions {
+        run_dir: run.to_path_buf(),
+        config,
+        resume,
+        device: Device::default(),
+        show_progress: false,
+        stop: Arc::new(AtomicBool::new(false)),
+        peak_flops: Some(1e12),
+        stop_at: None,
+    }
+}
+
+fn builtin_data(dir: &Path) -> String {
+    nuwa_data::prepare(&PrepareOptions {
+        source: Source::Builtin,
+        tokenizer: TokenizerSpec::Char,
+        out_dir: dir.to_path_buf(),
+        val_fraction: 0.1,
+    })
+    .unwrap();
+    dir.display().to_string()
+}
+
+fn tiny_moe_run(data: &str, steps: u64) -> RunConfig {
+    RunConfig {
+        model: ModelConfig {
+            vocab_size: 0,
+            num_hidden_layers: 2,
+            hidden_size: 64,
+            intermediate_size: 128,
+            moe_intermediate_size: 64,
+            // Dropout on, so the test also covers the RNG being restored.
+            embedding_dropout: 0.1,
+            output_dropout: 0.1,
+            ..ModelConfig::preset("tiny-moe").unwrap()
+        },
+        train: TrainConfig {
+            steps,
+            batch_size: 4,
+            seq_len: 32,
+            warmup_steps: 2,
+            eval_every: 3,
+            eval_batches: 2,
+            checkpoint_every: 1000,
+            ..TrainConfig::default()
+        },
+        data: DataConfig {
+            dir: Some(data.to_string()),
+        },
+    }
+}
+
+fn losses(r: &TrainReport) -> Vec<f64> {
+    r.steps.iter().map(|s| s.loss).collect()
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let _guard = serial();
+    let tmp = TempDir::new("resume");
+    let data = builtin_data(&tmp.path().join("data"));
+    let n = 4;
+
+    let straight_dir = tmp.path().join("straight");
+    let straight = train(options(&straight_dir, tiny_moe_run(&data, 2 * n), false)).unwrap();
+
+    let split_dir = tmp.path().join("split");
+    let first = train(TrainOptions {
+        stop_at: Some(n),
+        ..options(&split_dir, tiny_moe_run(&data, 2 * n), false)
+    })
+    .unwrap();
+    assert!(first.interrupted);
+    let second = train(options(&split_dir, tiny_moe_run(&data, 2 * n), true)).unwrap();
+
+    let mut resumed = losses(&first);
+    resumed.extend(losses(&second));
+    assert_eq!(resumed.len(), 2 * n as usize);
+    for (i, (a, b)) in losses(&straight).iter().zip(&resumed).enumerate() {
+        assert!((a - b).abs() <= 1e-6, "step {}: straight {a} vs resumed {b}", i + 1);
+    }
+    // Same weights bit for bit at the end.
+    let a = checkpoint::load_latest(&straight_dir).unwrap();
+    let b = checkpoint::load_latest(&split_dir).unwrap();
+    assert_eq!(a.state.checksums, b.state.checksums);
+    assert_eq!(a.state.sampler, b.state.sampler);
+}
+
+#[test]
+fn default_tiny_moe_loss_falls_and_router_losses_are_logged() {
+    let _guard = serial();
+    let tmp = TempDir::new("falls");
+    let run = tmp.path().join("run");
+    let mut cfg = RunConfig {
+        model: ModelConfig {
+            vocab_size: 0,
+            ..ModelConfig::preset("tiny-moe").unwrap()
+        },
+        train: TrainConfig {
+            steps: 40,
+            eval_every: 20,
+            ..TrainConfig::default()
+        },
+        data: DataConfig::default(),
+    };
+    cfg.train.checkpoint_every = 20;
+    let report = train(options(&run, cfg, false)).unwrap();
+    let l = losses(&report);
+    assert!(l[l.len() - 1] < l[0] - 1.0, "loss did not fall: {l:?}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert!(last["load_balance_loss"].as_f64().unwrap() >= 0.99, "{last}");
+    assert!(last["z_loss"].as_f64().unwrap() > 0.0, "{last}");
+    assert!(last["val_loss"].as_f64().is_some(), "{last}");
+    assert!(last["mfu"].as_f64().unwrap() > 0.0, "{last}");
+    let svg = std::fs::read_to_string(run.join("loss.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("polyline"), "plot has no curve");
+    assert_eq!(list_checkpoints(&run).len(), 2);
+}
+
+#[test]
+fn shakespeare_char_dense_learns_below_two_nats() {
+    let _guard = serial();
+    let tmp = TempDir::new("shakespeare");
+    let data = tmp.path().join("data");
+    nuwa_data::prepare(&PrepareOptions {
+        source: Source::Paths(vec![shakespeare()]),
+        tokenizer: TokenizerSpec::Char,
+        out_dir: data.clone(),
+        val_fraction: 0.1,
+    })
+    .unwrap();
+    let cfg = RunConfig {
+        model: ModelConfig {
+            vocab_size: 0,
+            ..ModelConfig::preset("tiny-dense").unwrap()
+        },
+        train: TrainConfig {
+            steps: 600,
+            seq_len: 64,
+            batch_size: 16,
+            eval_every: 600,
+            checkpoint_every: 600,
+            ..TrainConfig::default()
+        },
+        data: DataConfig {
+            dir: Some(data.display().to_string()),
+        },
+    };
+    let report = train(options(&tmp.path().join("run"), cfg, false)).unwrap();
+    let val = report.last_val_loss.unwrap();
+    assert!(val < 2.0, "validation loss {val} is not below 2.0");
+}
+
+#[test]
+fn failed_save_keeps_the_last_good_checkpoint() {
+    let _guard = serial();
+    let tmp = TempDir::new("failsave");
+    let data = builtin_data(&tmp.path().join("data"));
+    let run = tmp.path().join("run");
+    train(options(&run, tiny_moe_run(&data, 2), false)).unwrap();
+    let good = checkpoint::load_latest(&run).unwrap();
+
+    // Block the temporary folder the next save needs: the save must fail cleanly.
+    let blocker = checkpoint::checkpoints_dir(&run).join(format!(".tmp-step-00000003-{}", std::process::id()));
+    std::fs::write(&blocker, b"in the way").unwrap();
+    let err = train(options(&run, tiny_moe_run(&data, 3), true));
+    assert!(err.is_err(), "save should have failed");
+
+    let after = checkpoint::load_latest(&run).unwrap();
+    assert_eq!(after.state.step, 2);
+    assert_eq!(after.state.checksums, good.state.checksums);
+}
