@@ -14,7 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "nuwa", version, about = "Train and serve dense and MoE language models on any accelerator")]
+#[command(
+    name = "nuwa",
+    version,
+    about = "Train and serve dense and MoE language models on any accelerator"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -26,7 +30,7 @@ enum Command {
     #[command(subcommand)]
     Data(DataCommand),
     /// Train a model (defaults: the tiny MoE on the built-in corpus, then print a sample).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Generate text from a trained run.
     Sample(SampleArgs),
     /// Print a model's parameter counts and training FLOPs per token.
@@ -69,9 +73,9 @@ struct TrainArgs {
     /// Folder written by `nuwa data prepare` (default: the built-in corpus).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Run folder for checkpoints, metrics and plots.
-    #[arg(long, default_value = "runs/default")]
-    run_dir: PathBuf,
+    /// Run folder for checkpoints, metrics and plots (default: the next free runs/run-NNN).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
     /// Continue the newest checkpoint in this run folder.
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
@@ -162,7 +166,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data(DataCommand::Prepare(a)) => prepare(a),
-        Command::Train(a) => train(a),
+        Command::Train(a) => train(*a),
         Command::Sample(a) => sample(a),
         Command::Inspect(a) => inspect(a),
     };
@@ -199,7 +203,8 @@ fn prepare(a: PrepareArgs) -> Result<()> {
 fn run_config(a: &TrainArgs) -> Result<RunConfig> {
     let file: Option<RunFile> = match &a.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("{}: cannot read", path.display()))?;
             Some(toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?)
         }
         None => None,
@@ -211,8 +216,14 @@ fn run_config(a: &TrainArgs) -> Result<RunConfig> {
     let mut model = if let Some(path) = &a.model_config {
         ModelConfig::from_file(path)?
     } else if let Some(table) = file.as_ref().and_then(|f| f.model.clone()) {
-        let what = a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-        table.try_into::<ModelConfig>().map_err(|e| anyhow!("{what}: [model]: {e}"))?
+        let what = a
+            .config
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        table
+            .try_into::<ModelConfig>()
+            .map_err(|e| anyhow!("{what}: [model]: {e}"))?
     } else {
         // A preset's vocabulary follows the data (0 = take it from the manifest).
         ModelConfig {
@@ -234,8 +245,14 @@ fn run_config(a: &TrainArgs) -> Result<RunConfig> {
         model.embedding_dropout = p;
         model.output_dropout = p;
     }
-    let mut train = file.as_ref().and_then(|f| f.train.clone()).unwrap_or_default();
-    let mut data = file.as_ref().and_then(|f| f.data.clone()).unwrap_or_default();
+    let mut train = file
+        .as_ref()
+        .and_then(|f| f.train.clone())
+        .unwrap_or_default();
+    let mut data = file
+        .as_ref()
+        .and_then(|f| f.data.clone())
+        .unwrap_or_default();
     apply_overrides(&mut train, a)?;
     if let Some(d) = &a.data {
         data.dir = Some(d.display().to_string());
@@ -250,7 +267,20 @@ fn apply_overrides(t: &mut TrainConfig, a: &TrainArgs) -> Result<()> {
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = a.$field { t.$field = v; } )* };
     }
-    set!(steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup_steps, weight_decay, grad_clip, eval_every, checkpoint_every, seed);
+    set!(
+        steps,
+        batch_size,
+        seq_len,
+        grad_accum,
+        lr,
+        min_lr,
+        warmup_steps,
+        weight_decay,
+        grad_clip,
+        eval_every,
+        checkpoint_every,
+        seed
+    );
     if let Some(lr) = a.lr {
         if a.min_lr.is_none() {
             t.min_lr = lr / 10.0;
@@ -266,12 +296,20 @@ fn apply_overrides(t: &mut TrainConfig, a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The first `runs/run-NNN` that does not exist yet.
+fn next_run_dir() -> PathBuf {
+    (1..)
+        .map(|n| PathBuf::from(format!("runs/run-{n:03}")))
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| PathBuf::from("runs/run"))
+}
+
 fn train(a: TrainArgs) -> Result<()> {
     let device = device::parse_device(&a.device)?;
     let config = run_config(&a)?;
     let (run_dir, resume) = match &a.resume {
         Some(dir) => (dir.clone(), true),
-        None => (a.run_dir.clone(), false),
+        None => (a.run_dir.clone().unwrap_or_else(next_run_dir), false),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -295,7 +333,10 @@ fn train(a: TrainArgs) -> Result<()> {
     let first = report.steps.first().map(|r| r.loss);
     let last = report.steps.last().map(|r| r.loss);
     if let (Some(f), Some(l)) = (first, last) {
-        println!("train loss {f:.4} -> {l:.4} over {} steps", report.steps.len());
+        println!(
+            "train loss {f:.4} -> {l:.4} over {} steps",
+            report.steps.len()
+        );
     }
     if let Some(v) = report.last_val_loss {
         println!("val loss {v:.4}");
@@ -306,22 +347,36 @@ fn train(a: TrainArgs) -> Result<()> {
     );
     if a.sample_tokens > 0 && !report.interrupted {
         println!("--- sample ---");
-        sample_run(&report.run_dir, "\n", &SamplingOptions {
-            max_tokens: a.sample_tokens,
-            ..Default::default()
-        }, &device)?;
+        sample_run(
+            &report.run_dir,
+            "\n",
+            &SamplingOptions {
+                max_tokens: a.sample_tokens,
+                ..Default::default()
+            },
+            &device,
+        )?;
     }
     Ok(())
 }
 
-fn sample_run(run: &Path, prompt: &str, opts: &SamplingOptions, device: &burn::tensor::Device) -> Result<()> {
+fn sample_run(
+    run: &Path,
+    prompt: &str,
+    opts: &SamplingOptions,
+    device: &burn::tensor::Device,
+) -> Result<()> {
     let (model, tokenizer, _) = nuwa_train::load_for_inference(run, device)?;
     let ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
         bail!("--prompt: encodes to no tokens");
     }
     if ids.len() >= model.max_positions {
-        bail!("--prompt: {} tokens does not fit the context of {}", ids.len(), model.max_positions);
+        bail!(
+            "--prompt: {} tokens does not fit the context of {}",
+            ids.len(),
+            model.max_positions
+        );
     }
     print!("{prompt}");
     let mut out = std::io::stdout();
@@ -342,20 +397,28 @@ fn sample_run(run: &Path, prompt: &str, opts: &SamplingOptions, device: &burn::t
 
 fn sample(a: SampleArgs) -> Result<()> {
     if a.temperature < 0.0 || !a.temperature.is_finite() {
-        bail!("--temperature {}: must be a non-negative number", a.temperature);
+        bail!(
+            "--temperature {}: must be a non-negative number",
+            a.temperature
+        );
     }
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p {}: must be in (0, 1]", a.top_p);
     }
     let device = device::parse_device(&a.device)?;
     let prompt = a.prompt.replace("\\n", "\n");
-    sample_run(&a.run, &prompt, &SamplingOptions {
-        max_tokens: a.max_tokens,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-    }, &device)
+    sample_run(
+        &a.run,
+        &prompt,
+        &SamplingOptions {
+            max_tokens: a.max_tokens,
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        &device,
+    )
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
@@ -366,14 +429,45 @@ fn inspect(a: InspectArgs) -> Result<()> {
     cfg.validate()?;
     let c = cfg.counts(a.context);
     let b = |n: u64| format!("{:.3}B", n as f64 / 1e9);
-    println!("model            {name} ({})", if cfg.is_moe() { "MoE" } else { "dense" });
-    println!("layers           {} (hidden {}, heads {}/{} kv, head_dim {})", cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
+    println!(
+        "model            {name} ({})",
+        if cfg.is_moe() { "MoE" } else { "dense" }
+    );
+    println!(
+        "layers           {} (hidden {}, heads {}/{} kv, head_dim {})",
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim()
+    );
     if cfg.is_moe() {
-        println!("experts          {} routed (top-{}), {} shared, width {}", cfg.num_experts, cfg.num_experts_per_tok, cfg.num_shared_experts, cfg.moe_intermediate_size);
+        println!(
+            "experts          {} routed (top-{}), {} shared, width {}",
+            cfg.num_experts,
+            cfg.num_experts_per_tok,
+            cfg.num_shared_experts,
+            cfg.moe_intermediate_size
+        );
     }
-    println!("total params     {} ({})", b(c.total_params), c.total_params);
-    println!("active params    {} ({})", b(c.active_params), c.active_params);
-    println!("embedding params {} ({})", b(c.embedding_params), c.embedding_params);
-    println!("train FLOPs/token {:.3e} at context {}", c.train_flops_per_token, a.context);
+    println!(
+        "total params     {} ({})",
+        b(c.total_params),
+        c.total_params
+    );
+    println!(
+        "active params    {} ({})",
+        b(c.active_params),
+        c.active_params
+    );
+    println!(
+        "embedding params {} ({})",
+        b(c.embedding_params),
+        c.embedding_params
+    );
+    println!(
+        "train FLOPs/token {:.3e} at context {}",
+        c.train_flops_per_token, a.context
+    );
     Ok(())
 }

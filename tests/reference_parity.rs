@@ -12,7 +12,10 @@ use std::collections::BTreeMap;
 const TOL: f32 = 1e-4;
 
 fn fixture(name: &str) -> BTreeMap<String, HostTensor> {
-    let path = format!("{}/tests/fixtures/{name}.safetensors", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/tests/fixtures/{name}.safetensors",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     from_safetensors(&bytes, &path).unwrap()
 }
@@ -39,7 +42,10 @@ fn assert_close(what: &str, actual: &HostTensor, expected: &HostTensor) {
         .zip(&expected.data)
         .map(|(a, e)| (a - e).abs() / (1.0 + e.abs()))
         .fold(0f32, f32::max);
-    assert!(max < TOL, "{what}: max relative error {max:e} exceeds {TOL:e}");
+    assert!(
+        max < TOL,
+        "{what}: max relative error {max:e} exceeds {TOL:e}"
+    );
 }
 
 /// Gradients of every parameter, by module path.
@@ -58,7 +64,8 @@ impl ModuleVisitor for GradsByPath<'_> {
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = param.val().grad(self.grads) {
-            self.out.insert(self.path.join("."), HostTensor::from_tensor(g));
+            self.out
+                .insert(self.path.join("."), HostTensor::from_tensor(g));
         }
     }
 }
@@ -79,10 +86,18 @@ fn check_param_grads<M: Module>(module: &M, grads: &Gradients, f: &BTreeMap<Stri
         assert_close(&format!("grad {name}"), g, e);
         checked += 1;
     }
-    assert_eq!(checked, expected.len() - 1, "every weight gradient compared (plus x)");
+    assert_eq!(
+        checked,
+        expected.len() - 1,
+        "every weight gradient compared (plus x)"
+    );
 }
 
-fn probe_loss<const D: usize>(y: Tensor<D>, f: &BTreeMap<String, HostTensor>, device: &Device) -> Tensor<1> {
+fn probe_loss<const D: usize>(
+    y: Tensor<D>,
+    f: &BTreeMap<String, HostTensor>,
+    device: &Device,
+) -> Tensor<1> {
     (y * tensor::<D>(&f["output.probe"], device)).sum()
 }
 
@@ -96,7 +111,11 @@ fn rmsnorm_matches_reference() {
     let y = norm.forward(x.clone());
     assert_close("y", &HostTensor::from_tensor(y.clone()), &f["output.y"]);
     let grads = probe_loss(y, &f, &dev).backward();
-    assert_close("grad x", &HostTensor::from_tensor(x.grad(&grads).unwrap()), &f["grad.x"]);
+    assert_close(
+        "grad x",
+        &HostTensor::from_tensor(x.grad(&grads).unwrap()),
+        &f["grad.x"],
+    );
     check_param_grads(&norm, &grads, &f);
 }
 
@@ -109,7 +128,11 @@ fn rope_matches_reference() {
     let y = apply_rope(x.clone(), &cos, &sin);
     assert_close("y", &HostTensor::from_tensor(y.clone()), &f["output.y"]);
     let grads = probe_loss(y, &f, &dev).backward();
-    assert_close("grad x", &HostTensor::from_tensor(x.grad(&grads).unwrap()), &f["grad.x"]);
+    assert_close(
+        "grad x",
+        &HostTensor::from_tensor(x.grad(&grads).unwrap()),
+        &f["grad.x"],
+    );
 }
 
 fn small_config() -> ModelConfig {
@@ -135,7 +158,11 @@ fn attention_matches_reference() {
     let y = attn.forward(x.clone(), &cos, &sin, None);
     assert_close("y", &HostTensor::from_tensor(y.clone()), &f["output.y"]);
     let grads = probe_loss(y, &f, &dev).backward();
-    assert_close("grad x", &HostTensor::from_tensor(x.grad(&grads).unwrap()), &f["grad.x"]);
+    assert_close(
+        "grad x",
+        &HostTensor::from_tensor(x.grad(&grads).unwrap()),
+        &f["grad.x"],
+    );
     check_param_grads(&attn, &grads, &f);
 }
 
@@ -157,10 +184,22 @@ fn moe_matches_reference() {
     let x = tensor::<3>(&f["input.x"], &dev).require_grad();
     let (y, stats) = moe.forward(x.clone());
     assert_close("y", &HostTensor::from_tensor(y.clone()), &f["output.y"]);
-    assert_close("load balance", &HostTensor::from_tensor(stats.load_balance.clone()), &f["output.load_balance"]);
-    assert_close("z loss", &HostTensor::from_tensor(stats.z_loss.clone()), &f["output.z_loss"]);
+    assert_close(
+        "load balance",
+        &HostTensor::from_tensor(stats.load_balance.clone()),
+        &f["output.load_balance"],
+    );
+    assert_close(
+        "z loss",
+        &HostTensor::from_tensor(stats.z_loss.clone()),
+        &f["output.z_loss"],
+    );
     let loss = probe_loss(y, &f, &dev) + stats.load_balance * 0.1 + stats.z_loss * 0.01;
     let grads = loss.backward();
-    assert_close("grad x", &HostTensor::from_tensor(x.grad(&grads).unwrap()), &f["grad.x"]);
+    assert_close(
+        "grad x",
+        &HostTensor::from_tensor(x.grad(&grads).unwrap()),
+        &f["grad.x"],
+    );
     check_param_grads(&moe, &grads, &f);
 }

@@ -101,7 +101,11 @@ fn resume_continues_exactly() {
     resumed.extend(losses(&second));
     assert_eq!(resumed.len(), 2 * n as usize);
     for (i, (a, b)) in losses(&straight).iter().zip(&resumed).enumerate() {
-        assert!((a - b).abs() <= 1e-6, "step {}: straight {a} vs resumed {b}", i + 1);
+        assert!(
+            (a - b).abs() <= 1e-6,
+            "step {}: straight {a} vs resumed {b}",
+            i + 1
+        );
     }
     // Same weights bit for bit at the end.
     let a = checkpoint::load_latest(&straight_dir).unwrap();
@@ -133,12 +137,18 @@ fn default_tiny_moe_loss_falls_and_router_losses_are_logged() {
     assert!(l[l.len() - 1] < l[0] - 1.0, "loss did not fall: {l:?}");
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
-    assert!(last["load_balance_loss"].as_f64().unwrap() >= 0.99, "{last}");
+    assert!(
+        last["load_balance_loss"].as_f64().unwrap() >= 0.99,
+        "{last}"
+    );
     assert!(last["z_loss"].as_f64().unwrap() > 0.0, "{last}");
     assert!(last["val_loss"].as_f64().is_some(), "{last}");
     assert!(last["mfu"].as_f64().unwrap() > 0.0, "{last}");
     let svg = std::fs::read_to_string(run.join("loss.svg")).unwrap();
-    assert!(svg.contains("<svg") && svg.contains("polyline"), "plot has no curve");
+    assert!(
+        svg.contains("<svg") && svg.contains("polyline"),
+        "plot has no curve"
+    );
     assert_eq!(list_checkpoints(&run).len(), 2);
 }
 
@@ -186,7 +196,8 @@ fn failed_save_keeps_the_last_good_checkpoint() {
     let good = checkpoint::load_latest(&run).unwrap();
 
     // Block the temporary folder the next save needs: the save must fail cleanly.
-    let blocker = checkpoint::checkpoints_dir(&run).join(format!(".tmp-step-00000003-{}", std::process::id()));
+    let blocker = checkpoint::checkpoints_dir(&run)
+        .join(format!(".tmp-step-00000003-{}", std::process::id()));
     std::fs::write(&blocker, b"in the way").unwrap();
     let err = train(options(&run, tiny_moe_run(&data, 3), true));
     assert!(err.is_err(), "save should have failed");

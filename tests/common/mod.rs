@@ -43,9 +43,18 @@ pub fn nuwa(args: &[&str]) -> Output {
 /// Asserts a command failed with one clear `error:` line and no panic, mentioning `needle`.
 pub fn assert_clean_error(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic instead of an error: {stderr}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "panic instead of an error: {stderr}"
+    );
     let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(lines.len(), 1, "expected one error line: {stderr}");
-    assert!(stderr.contains(needle), "error should mention {needle:?}: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "error should mention {needle:?}: {stderr}"
+    );
 }

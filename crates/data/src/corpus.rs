@@ -6,20 +6,54 @@
 use crate::sampler::splitmix64;
 
 const SUBJECTS: &[&str] = &[
-    "the cat", "the old dog", "a small bird", "the farmer", "my sister", "the king",
-    "a young fox", "the teacher", "our neighbour", "the river", "a tired horse", "the miller",
+    "the cat",
+    "the old dog",
+    "a small bird",
+    "the farmer",
+    "my sister",
+    "the king",
+    "a young fox",
+    "the teacher",
+    "our neighbour",
+    "the river",
+    "a tired horse",
+    "the miller",
 ];
 const VERBS: &[&str] = &[
-    "sees", "follows", "likes", "finds", "carries", "watches", "remembers", "greets", "fears",
-    "helps", "calls", "paints",
+    "sees",
+    "follows",
+    "likes",
+    "finds",
+    "carries",
+    "watches",
+    "remembers",
+    "greets",
+    "fears",
+    "helps",
+    "calls",
+    "paints",
 ];
 const OBJECTS: &[&str] = &[
-    "the red apple", "a quiet house", "the green hill", "a wooden boat", "the morning sun",
-    "an empty cup", "the long road", "a silver coin", "the north wind", "a warm loaf",
+    "the red apple",
+    "a quiet house",
+    "the green hill",
+    "a wooden boat",
+    "the morning sun",
+    "an empty cup",
+    "the long road",
+    "a silver coin",
+    "the north wind",
+    "a warm loaf",
 ];
 const PLACES: &[&str] = &[
-    "in the garden", "by the sea", "at dawn", "under the bridge", "near the market",
-    "after the rain", "in the winter", "on the hill",
+    "in the garden",
+    "by the sea",
+    "at dawn",
+    "under the bridge",
+    "near the market",
+    "after the rain",
+    "in the winter",
+    "on the hill",
 ];
 
 /// Deterministic generator state.

@@ -44,21 +44,32 @@ fn read_sources(source: &Source) -> Result<(Vec<String>, Vec<String>)> {
             let texts = files
                 .iter()
                 .map(|f| {
-                    let bytes = std::fs::read(f).with_context(|| format!("{}: cannot read", f.display()))?;
+                    let bytes = std::fs::read(f)
+                        .with_context(|| format!("{}: cannot read", f.display()))?;
                     String::from_utf8(bytes).map_err(|e| {
-                        anyhow::anyhow!("{}: not UTF-8 text (invalid byte at offset {})", f.display(), e.utf8_error().valid_up_to())
+                        anyhow::anyhow!(
+                            "{}: not UTF-8 text (invalid byte at offset {})",
+                            f.display(),
+                            e.utf8_error().valid_up_to()
+                        )
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            Ok((texts, files.iter().map(|f| f.display().to_string()).collect()))
+            Ok((
+                texts,
+                files.iter().map(|f| f.display().to_string()).collect(),
+            ))
         }
     }
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let meta = std::fs::metadata(path).with_context(|| format!("{}: no such file or folder", path.display()))?;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("{}: no such file or folder", path.display()))?;
     if meta.is_dir() {
-        for entry in std::fs::read_dir(path).with_context(|| format!("{}: cannot list", path.display()))? {
+        for entry in
+            std::fs::read_dir(path).with_context(|| format!("{}: cannot list", path.display()))?
+        {
             collect_files(&entry?.path(), out)?;
         }
     } else {
@@ -101,7 +112,10 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest> {
     let ids: Vec<u32> = encoded.concat();
     let n_val = ((ids.len() as f64) * opts.val_fraction).ceil() as usize;
     if ids.len() < 1000 || n_val < 100 {
-        bail!("input has only {} tokens: too little to split into train and validation", ids.len());
+        bail!(
+            "input has only {} tokens: too little to split into train and validation",
+            ids.len()
+        );
     }
     let (train, val) = ids.split_at(ids.len() - n_val);
 

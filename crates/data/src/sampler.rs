@@ -38,7 +38,12 @@ impl BatchSampler {
     }
 
     /// Draws the next batch and advances the cursor.
-    pub fn next_batch(&mut self, shard: &TokenShard, batch_size: usize, seq_len: usize) -> Result<Batch> {
+    pub fn next_batch(
+        &mut self,
+        shard: &TokenShard,
+        batch_size: usize,
+        seq_len: usize,
+    ) -> Result<Batch> {
         check_fits(shard, seq_len)?;
         let span = (shard.len() - seq_len) as u64;
         let offsets = (0..batch_size)
@@ -84,7 +89,12 @@ fn read_batch(shard: &TokenShard, offsets: Vec<usize>, seq_len: usize) -> Batch 
 
 /// The fixed evaluation batches: evenly spaced windows of the validation shard, the same for
 /// every run so validation losses are comparable.
-pub fn eval_batches(shard: &TokenShard, batch_size: usize, seq_len: usize, num_batches: usize) -> Result<Vec<Batch>> {
+pub fn eval_batches(
+    shard: &TokenShard,
+    batch_size: usize,
+    seq_len: usize,
+    num_batches: usize,
+) -> Result<Vec<Batch>> {
     check_fits(shard, seq_len)?;
     let span = shard.len() - seq_len - 1;
     let total = (batch_size * num_batches).max(1);

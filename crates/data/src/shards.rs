@@ -95,9 +95,15 @@ pub struct TokenShard {
 
 impl TokenShard {
     /// Maps a shard and checks its size, checksum and that every id is below `vocab_size`.
-    pub fn open(dir: &Path, info: &ShardInfo, dtype: TokenDtype, vocab_size: usize) -> Result<Self> {
+    pub fn open(
+        dir: &Path,
+        info: &ShardInfo,
+        dtype: TokenDtype,
+        vocab_size: usize,
+    ) -> Result<Self> {
         let path = dir.join(&info.file);
-        let file = File::open(&path).with_context(|| format!("{}: cannot open shard", path.display()))?;
+        let file =
+            File::open(&path).with_context(|| format!("{}: cannot open shard", path.display()))?;
         // SAFETY: the shard is only read; nuwa never writes a shard in place (writes are
         // temp-file-and-rename), so the mapping cannot change under us.
         let map = unsafe { Mmap::map(&file) }
@@ -127,7 +133,10 @@ impl TokenShard {
             dtype,
             len: info.tokens as usize,
         };
-        if let Some((pos, id)) = (0..shard.len).map(|i| (i, shard.get(i))).find(|&(_, id)| id as usize >= vocab_size) {
+        if let Some((pos, id)) = (0..shard.len)
+            .map(|i| (i, shard.get(i)))
+            .find(|&(_, id)| id as usize >= vocab_size)
+        {
             bail!(
                 "{}: token id {id} at position {pos} is out of range for vocab_size {vocab_size}",
                 shard.path.display()
@@ -174,15 +183,29 @@ pub struct Dataset {
 impl Dataset {
     pub fn open(dir: &Path) -> Result<Self> {
         let manifest_path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&manifest_path)
-            .with_context(|| format!("{}: cannot read manifest (run `nuwa data prepare` first)", manifest_path.display()))?;
+        let text = std::fs::read_to_string(&manifest_path).with_context(|| {
+            format!(
+                "{}: cannot read manifest (run `nuwa data prepare` first)",
+                manifest_path.display()
+            )
+        })?;
         let manifest: Manifest = serde_json::from_str(&text)
             .map_err(|e| anyhow!("{}: garbled manifest: {e}", manifest_path.display()))?;
         if manifest.format != FORMAT {
-            bail!("{}: unknown format {:?} (expected {FORMAT})", manifest_path.display(), manifest.format);
+            bail!(
+                "{}: unknown format {:?} (expected {FORMAT})",
+                manifest_path.display(),
+                manifest.format
+            );
         }
-        if manifest.dtype != TokenDtype::for_vocab(manifest.vocab_size) && manifest.dtype == TokenDtype::U16 {
-            bail!("{}: dtype u16 cannot hold vocab_size {}", manifest_path.display(), manifest.vocab_size);
+        if manifest.dtype != TokenDtype::for_vocab(manifest.vocab_size)
+            && manifest.dtype == TokenDtype::U16
+        {
+            bail!(
+                "{}: dtype u16 cannot hold vocab_size {}",
+                manifest_path.display(),
+                manifest.vocab_size
+            );
         }
         let train = TokenShard::open(dir, &manifest.train, manifest.dtype, manifest.vocab_size)?;
         let val = TokenShard::open(dir, &manifest.val, manifest.dtype, manifest.vocab_size)?;

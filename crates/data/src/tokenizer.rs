@@ -5,8 +5,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::normalizers::NormalizerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, Tokenizer as HfTokenizer, TokenizerBuilder};
 
@@ -28,9 +28,9 @@ impl std::str::FromStr for TokenizerSpec {
             "byte" => Self::Byte,
             "char" => Self::Char,
             _ if s.starts_with("bpe:") => {
-                let n: usize = s[4..]
-                    .parse()
-                    .map_err(|_| anyhow!("--tokenizer {s}: expected bpe:N with N a vocabulary size"))?;
+                let n: usize = s[4..].parse().map_err(|_| {
+                    anyhow!("--tokenizer {s}: expected bpe:N with N a vocabulary size")
+                })?;
                 if n < 257 {
                     bail!("--tokenizer {s}: a byte-level BPE needs a vocabulary of at least 257");
                 }
@@ -74,10 +74,11 @@ impl Tokenizer {
                 Self::Char(chars)
             }
             TokenizerSpec::Bpe(vocab) => Self::Hf(Box::new(train_bpe(*vocab, texts)?)),
-            TokenizerSpec::File(path) => Self::Hf(Box::new(
-                HfTokenizer::from_file(path)
-                    .map_err(|e| anyhow!("{}: not a usable tokenizer.json: {e}", path.display()))?,
-            )),
+            TokenizerSpec::File(path) => {
+                Self::Hf(Box::new(HfTokenizer::from_file(path).map_err(|e| {
+                    anyhow!("{}: not a usable tokenizer.json: {e}", path.display())
+                })?))
+            }
         })
     }
 
@@ -95,10 +96,9 @@ impl Tokenizer {
             Self::Char(chars) => text
                 .chars()
                 .map(|c| {
-                    chars
-                        .binary_search(&c)
-                        .map(|i| i as u32)
-                        .map_err(|_| anyhow!("character {c:?} is not in the tokenizer's vocabulary"))
+                    chars.binary_search(&c).map(|i| i as u32).map_err(|_| {
+                        anyhow!("character {c:?} is not in the tokenizer's vocabulary")
+                    })
                 })
                 .collect(),
             Self::Hf(t) => Ok(t
@@ -160,7 +160,10 @@ impl Tokenizer {
         } else if hf.exists() {
             Self::build(&TokenizerSpec::File(hf), &[])
         } else {
-            bail!("{}: no tokenizer found (expected {NUWA_TOKENIZER_FILE} or {HF_TOKENIZER_FILE})", dir.display())
+            bail!(
+                "{}: no tokenizer found (expected {NUWA_TOKENIZER_FILE} or {HF_TOKENIZER_FILE})",
+                dir.display()
+            )
         }
     }
 }
@@ -173,12 +176,18 @@ fn train_bpe(vocab_size: usize, texts: &[String]) -> Result<HfTokenizer> {
         .special_tokens(vec![AddedToken::from("<|endoftext|>", true)])
         .show_progress(false)
         .build();
-    let mut tokenizer = TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, PostProcessorWrapper, ByteLevel>::new()
-        .with_model(BPE::default())
-        .with_pre_tokenizer(Some(ByteLevel::default()))
-        .with_decoder(Some(ByteLevel::default()))
-        .build()
-        .map_err(|e| anyhow!("building BPE tokenizer: {e}"))?;
+    let mut tokenizer = TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        ByteLevel,
+        PostProcessorWrapper,
+        ByteLevel,
+    >::new()
+    .with_model(BPE::default())
+    .with_pre_tokenizer(Some(ByteLevel::default()))
+    .with_decoder(Some(ByteLevel::default()))
+    .build()
+    .map_err(|e| anyhow!("building BPE tokenizer: {e}"))?;
     let dir = tempfile_dir()?;
     let mut files = Vec::new();
     for (i, text) in texts.iter().enumerate() {
@@ -224,7 +233,10 @@ mod tests {
 
     #[test]
     fn spec_parsing() {
-        assert_eq!("bpe:512".parse::<TokenizerSpec>().unwrap(), TokenizerSpec::Bpe(512));
+        assert_eq!(
+            "bpe:512".parse::<TokenizerSpec>().unwrap(),
+            TokenizerSpec::Bpe(512)
+        );
         assert!("bpe:x".parse::<TokenizerSpec>().is_err());
         assert!("wat".parse::<TokenizerSpec>().is_err());
     }

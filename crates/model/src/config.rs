@@ -72,7 +72,10 @@ fn default_true() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config field `{field}`: {problem}")]
-    Invalid { field: &'static str, problem: String },
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
     #[error("{path}: {problem}")]
     File { path: String, problem: String },
     #[error("unknown preset `{0}` (known: tiny-moe, tiny-dense, ling-lite, ling-plus)")]
@@ -132,7 +135,7 @@ impl ModelConfig {
                 return Err(invalid(field, "must be positive"));
             }
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(invalid(
                 "num_attention_heads",
                 format!(
@@ -141,13 +144,13 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim() % 2 != 0 || self.head_dim() == 0 {
+        if !self.head_dim().is_multiple_of(2) || self.head_dim() == 0 {
             return Err(invalid(
                 "head_dim",
                 format!("{} must be even and positive for RoPE", self.head_dim()),
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(invalid(
                 "num_key_value_heads",
                 format!(
@@ -276,7 +279,11 @@ pub struct ModelCounts {
 
 impl ModelConfig {
     fn swiglu_params(&self, width: usize) -> u64 {
-        let b = if self.use_bias { 2 * width + self.hidden_size } else { 0 };
+        let b = if self.use_bias {
+            2 * width + self.hidden_size
+        } else {
+            0
+        };
         (3 * self.hidden_size * width + b) as u64
     }
 
@@ -393,7 +400,9 @@ mod tests {
     fn unknown_key_is_named() {
         let json = r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,
             "num_attention_heads":2,"num_key_value_heads":1,"max_position_embeddings":8,"n_embd":3}"#;
-        let err = serde_json::from_str::<ModelConfig>(json).unwrap_err().to_string();
+        let err = serde_json::from_str::<ModelConfig>(json)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("n_embd"), "{err}");
     }
 }

@@ -46,7 +46,13 @@ pub fn pick_token(logits: &[f32], opts: &SamplingOptions, rng_state: &mut u64) -
         logits
             .iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best })
+            .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
+                if l > best.1 {
+                    (i, l)
+                } else {
+                    best
+                }
+            })
             .0 as u32
     };
     if opts.temperature <= 0.0 {
@@ -123,13 +129,21 @@ pub fn generate(
         return out;
     }
     let room = model.max_positions.saturating_sub(prompt.len());
-    let mut logits = last_logits(model.forward(row_tensor(prompt, device), Some(&mut cache)).logits);
+    let mut logits = last_logits(
+        model
+            .forward(row_tensor(prompt, device), Some(&mut cache))
+            .logits,
+    );
     for i in 0..opts.max_tokens.min(room) {
         let next = pick_token(&logits, opts, &mut rng_state);
         out.push(next);
         on_token(next);
         if i + 1 < opts.max_tokens.min(room) {
-            logits = last_logits(model.forward(row_tensor(&[next], device), Some(&mut cache)).logits);
+            logits = last_logits(
+                model
+                    .forward(row_tensor(&[next], device), Some(&mut cache))
+                    .logits,
+            );
         }
     }
     out

@@ -15,8 +15,9 @@ fn mix(mut x: u64) -> u64 {
 
 /// FNV-1a of a path, to give each parameter its own stream.
 fn hash_path(path: &str) -> u64 {
-    path.bytes()
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    path.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// `n` samples of N(0, std²) by Box–Muller from the stream `key`.

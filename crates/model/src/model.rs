@@ -192,4 +192,3 @@ impl LanguageModel {
         Module::num_params(self)
     }
 }
-

@@ -68,7 +68,11 @@ impl Moe {
 
         // Group the (token, slot) assignments by expert on the host: this is the one sync
         // per MoE layer, and what lets each expert see only its own tokens.
-        let assignments: Vec<i64> = top_i.into_data().convert::<i64>().try_to_vec().unwrap_or_default();
+        let assignments: Vec<i64> = top_i
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec()
+            .unwrap_or_default();
         let mut tokens: Vec<Vec<i64>> = vec![Vec::new(); num_experts];
         let mut slots: Vec<Vec<i64>> = vec![Vec::new(); num_experts];
         for (slot, &expert) in assignments.iter().enumerate() {
@@ -119,7 +123,8 @@ impl Moe {
             .iter()
             .map(|&c| c as f32 / assigned)
             .collect();
-        let fraction = Tensor::<1>::from_data(TensorData::new(fraction, [num_experts]), &probs.device());
+        let fraction =
+            Tensor::<1>::from_data(TensorData::new(fraction, [num_experts]), &probs.device());
         let mean_prob = probs.mean_dim(0).reshape([num_experts]);
         let load_balance = (fraction * mean_prob).sum() * num_experts as f32;
         // logsumexp(l) = l - log_softmax(l), for any column; take column 0.

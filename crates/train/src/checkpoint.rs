@@ -56,27 +56,46 @@ pub fn list_checkpoints(run: &Path) -> Vec<(u64, PathBuf)> {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
-    f.write_all(bytes).with_context(|| format!("{}: write failed", path.display()))?;
-    f.sync_all().with_context(|| format!("{}: fsync failed", path.display()))?;
+    let mut f = std::fs::File::create(path)
+        .with_context(|| format!("{}: cannot create", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("{}: write failed", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("{}: fsync failed", path.display()))?;
     Ok(())
 }
 
 fn optimizer_tensors(opt: &AdamW) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
     for (name, m) in &opt.state {
-        out.insert(format!("{name}.exp_avg"), HostTensor::from_tensor(m.exp_avg.clone()));
-        out.insert(format!("{name}.exp_avg_sq"), HostTensor::from_tensor(m.exp_avg_sq.clone()));
+        out.insert(
+            format!("{name}.exp_avg"),
+            HostTensor::from_tensor(m.exp_avg.clone()),
+        );
+        out.insert(
+            format!("{name}.exp_avg_sq"),
+            HostTensor::from_tensor(m.exp_avg_sq.clone()),
+        );
     }
     out
 }
 
 /// Saves a checkpoint atomically and prunes old ones beyond `keep`.
-pub fn save<M: Module>(run: &Path, model: &M, opt: &AdamW, mut state: TrainerState, keep: usize) -> Result<PathBuf> {
+pub fn save<M: Module>(
+    run: &Path,
+    model: &M,
+    opt: &AdamW,
+    mut state: TrainerState,
+    keep: usize,
+) -> Result<PathBuf> {
     let root = checkpoints_dir(run);
     std::fs::create_dir_all(&root).with_context(|| format!("{}: cannot create", root.display()))?;
     let final_dir = root.join(step_dir_name(state.step));
-    let tmp_dir = root.join(format!(".tmp-{}-{}", step_dir_name(state.step), std::process::id()));
+    let tmp_dir = root.join(format!(
+        ".tmp-{}-{}",
+        step_dir_name(state.step),
+        std::process::id()
+    ));
     let result = (|| -> Result<()> {
         let _ = std::fs::remove_dir_all(&tmp_dir);
         std::fs::create_dir_all(&tmp_dir)?;
@@ -88,7 +107,10 @@ pub fn save<M: Module>(run: &Path, model: &M, opt: &AdamW, mut state: TrainerSta
         ]);
         write_synced(&tmp_dir.join(MODEL_FILE), &model_bytes)?;
         write_synced(&tmp_dir.join(OPTIMIZER_FILE), &opt_bytes)?;
-        write_synced(&tmp_dir.join(TRAINER_FILE), serde_json::to_string_pretty(&state)?.as_bytes())?;
+        write_synced(
+            &tmp_dir.join(TRAINER_FILE),
+            serde_json::to_string_pretty(&state)?.as_bytes(),
+        )?;
         if final_dir.exists() {
             std::fs::remove_dir_all(&final_dir)?;
         }
@@ -120,12 +142,17 @@ pub struct Loaded {
 fn read_verified(dir: &Path, file: &str, state: &TrainerState) -> Result<Vec<u8>> {
     let path = dir.join(file);
     let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let expected = state
-        .checksums
-        .get(file)
-        .ok_or_else(|| anyhow!("{}: no checksum recorded for {file}", dir.join(TRAINER_FILE).display()))?;
+    let expected = state.checksums.get(file).ok_or_else(|| {
+        anyhow!(
+            "{}: no checksum recorded for {file}",
+            dir.join(TRAINER_FILE).display()
+        )
+    })?;
     if &sha256_hex(&bytes) != expected {
-        bail!("{}: checksum mismatch: the file is truncated or corrupted", path.display());
+        bail!(
+            "{}: checksum mismatch: the file is truncated or corrupted",
+            path.display()
+        );
     }
     Ok(bytes)
 }
@@ -135,16 +162,23 @@ pub fn load_latest(run: &Path) -> Result<Loaded> {
     let dir = if run.join(TRAINER_FILE).exists() {
         run.to_path_buf()
     } else {
-        list_checkpoints(run)
-            .pop()
-            .map(|(_, d)| d)
-            .ok_or_else(|| anyhow!("{}: no checkpoint found (expected {}/step-*)", run.display(), checkpoints_dir(run).display()))?
+        list_checkpoints(run).pop().map(|(_, d)| d).ok_or_else(|| {
+            anyhow!(
+                "{}: no checkpoint found (expected {}/step-*)",
+                run.display(),
+                checkpoints_dir(run).display()
+            )
+        })?
     };
     let trainer_path = dir.join(TRAINER_FILE);
-    let text = std::fs::read_to_string(&trainer_path).with_context(|| format!("{}: cannot read", trainer_path.display()))?;
-    let state: TrainerState =
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}: garbled trainer state: {e}", trainer_path.display()))?;
-    let weights = from_safetensors(&read_verified(&dir, MODEL_FILE, &state)?, &dir.join(MODEL_FILE).display().to_string())?;
+    let text = std::fs::read_to_string(&trainer_path)
+        .with_context(|| format!("{}: cannot read", trainer_path.display()))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| anyhow!("{}: garbled trainer state: {e}", trainer_path.display()))?;
+    let weights = from_safetensors(
+        &read_verified(&dir, MODEL_FILE, &state)?,
+        &dir.join(MODEL_FILE).display().to_string(),
+    )?;
     let optimizer = from_safetensors(
         &read_verified(&dir, OPTIMIZER_FILE, &state)?,
         &dir.join(OPTIMIZER_FILE).display().to_string(),
@@ -158,10 +192,17 @@ pub fn load_latest(run: &Path) -> Result<Loaded> {
 }
 
 /// Rebuilds optimiser moments from a checkpoint's tensors.
-pub fn restore_optimizer(opt: &mut AdamW, step: u64, tensors: &BTreeMap<String, HostTensor>, device: &Device) -> Result<()> {
+pub fn restore_optimizer(
+    opt: &mut AdamW,
+    step: u64,
+    tensors: &BTreeMap<String, HostTensor>,
+    device: &Device,
+) -> Result<()> {
     opt.step = step;
     opt.state.clear();
-    let to_tensor = |t: &HostTensor| Tensor::<1>::from_data(TensorData::new(t.data.clone(), [t.data.len()]), device);
+    let to_tensor = |t: &HostTensor| {
+        Tensor::<1>::from_data(TensorData::new(t.data.clone(), [t.data.len()]), device)
+    };
     for (key, avg) in tensors {
         let Some(name) = key.strip_suffix(".exp_avg") else {
             continue;

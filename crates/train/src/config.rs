@@ -49,7 +49,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            steps: 300,
+            steps: 500,
             batch_size: 16,
             grad_accum: 1,
             seq_len: 64,
@@ -113,10 +113,26 @@ impl TrainConfig {
             ("train.batch_size", self.batch_size > 0, "must be positive"),
             ("train.grad_accum", self.grad_accum > 0, "must be positive"),
             ("train.seq_len", self.seq_len > 0, "must be positive"),
-            ("train.lr", self.lr > 0.0 && self.lr.is_finite(), "must be a positive number"),
-            ("train.min_lr", self.min_lr >= 0.0 && self.min_lr <= self.lr, "must be in [0, lr]"),
-            ("train.eval_batches", self.eval_batches > 0, "must be positive"),
-            ("train.keep_checkpoints", self.keep_checkpoints > 0, "must be positive"),
+            (
+                "train.lr",
+                self.lr > 0.0 && self.lr.is_finite(),
+                "must be a positive number",
+            ),
+            (
+                "train.min_lr",
+                self.min_lr >= 0.0 && self.min_lr <= self.lr,
+                "must be in [0, lr]",
+            ),
+            (
+                "train.eval_batches",
+                self.eval_batches > 0,
+                "must be positive",
+            ),
+            (
+                "train.keep_checkpoints",
+                self.keep_checkpoints > 0,
+                "must be positive",
+            ),
         ];
         for (field, ok, problem) in checks {
             if !ok {
@@ -144,7 +160,8 @@ impl TrainConfig {
         match self.schedule {
             Schedule::Cosine => {
                 let p = progress(self.warmup_steps);
-                self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * p).cos())
+                self.min_lr
+                    + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * p).cos())
             }
             Schedule::Wsd => {
                 let decay_start = ((self.steps as f64) * (1.0 - self.decay_fraction)) as u64;
@@ -188,7 +205,9 @@ mod tests {
 
     #[test]
     fn unknown_train_key_is_named() {
-        let err = toml::from_str::<RunFile>("[train]\nstepz = 3\n").unwrap_err().to_string();
+        let err = toml::from_str::<RunFile>("[train]\nstepz = 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("stepz"), "{err}");
     }
 }

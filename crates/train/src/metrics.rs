@@ -30,7 +30,10 @@ impl MetricsLog {
 
 /// Reads `(step, train loss)` and `(step, val loss)` series from a run's metrics, keeping only
 /// the last record of each step (a resumed run may repeat steps).
-pub fn read_losses(run: &Path) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+/// `(step, loss)` points of one curve.
+pub type Series = Vec<(f64, f64)>;
+
+pub fn read_losses(run: &Path) -> (Series, Series) {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
     let mut train = std::collections::BTreeMap::new();
     let mut val = std::collections::BTreeMap::new();
@@ -48,7 +51,9 @@ pub fn read_losses(run: &Path) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
             val.insert(step, l);
         }
     }
-    let to_vec = |m: std::collections::BTreeMap<u64, f64>| m.into_iter().map(|(s, l)| (s as f64, l)).collect();
+    let to_vec = |m: std::collections::BTreeMap<u64, f64>| {
+        m.into_iter().map(|(s, l)| (s as f64, l)).collect()
+    };
     (to_vec(train), to_vec(val))
 }
 
@@ -76,7 +81,11 @@ pub fn plot_losses(run: &Path) -> Result<std::path::PathBuf> {
             .x_label_area_size(36)
             .y_label_area_size(52)
             .build_cartesian_2d(0f64..max_step, (lo - pad)..(hi + pad))?;
-        chart.configure_mesh().x_desc("step").y_desc("loss (nats/token)").draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss (nats/token)")
+            .draw()?;
         chart
             .draw_series(LineSeries::new(train.iter().copied(), &BLUE))?
             .label("train")
@@ -87,7 +96,11 @@ pub fn plot_losses(run: &Path) -> Result<std::path::PathBuf> {
                 .label("validation")
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED));
         }
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()?;
         root.present()?;
         Ok(())
     };

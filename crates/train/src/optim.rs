@@ -97,7 +97,12 @@ impl ModuleMapper for Update<'_> {
         };
         let require_grad = tensor.is_require_grad();
         let name = self.path.join();
-        let updated = self.opt.update(&name, tensor.inner(), grad.inner() * self.grad_scale, self.lr);
+        let updated = self.opt.update(
+            &name,
+            tensor.inner(),
+            grad.inner() * self.grad_scale,
+            self.lr,
+        );
         let updated = if require_grad {
             Tensor::from_inner(updated).require_grad()
         } else {
@@ -118,7 +123,13 @@ impl AdamW {
 
     /// One AdamW update of every parameter that has a gradient. Gradients are scaled by
     /// `grad_scale` first (for clipping). Returns the updated model.
-    pub fn step<M: Module>(&mut self, model: M, grads: GradientsParams, lr: f64, grad_scale: f64) -> M {
+    pub fn step<M: Module>(
+        &mut self,
+        model: M,
+        grads: GradientsParams,
+        lr: f64,
+        grad_scale: f64,
+    ) -> M {
         self.step += 1;
         let mut update = Update {
             opt: self,
@@ -130,7 +141,13 @@ impl AdamW {
         model.map(&mut update)
     }
 
-    fn update<const D: usize>(&mut self, name: &str, param: Tensor<D>, grad: Tensor<D>, lr: f64) -> Tensor<D> {
+    fn update<const D: usize>(
+        &mut self,
+        name: &str,
+        param: Tensor<D>,
+        grad: Tensor<D>,
+        lr: f64,
+    ) -> Tensor<D> {
         let AdamWConfig {
             beta1,
             beta2,
@@ -154,7 +171,13 @@ impl AdamW {
         let denom = exp_avg_sq.clone().sqrt() / bias2.sqrt() + eps;
         let delta = (exp_avg.clone() / denom) * (lr / bias1);
         let param = param.reshape([numel]) * (1.0 - lr * decay) - delta;
-        self.state.insert(name.to_string(), Moments { exp_avg, exp_avg_sq });
+        self.state.insert(
+            name.to_string(),
+            Moments {
+                exp_avg,
+                exp_avg_sq,
+            },
+        );
         param.reshape(shape)
     }
 }

@@ -12,7 +12,9 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use nuwa_data::sampler::splitmix64;
-use nuwa_data::{eval_batches, Batch, BatchSampler, Dataset, PrepareOptions, Source, Tokenizer, TokenizerSpec};
+use nuwa_data::{
+    eval_batches, Batch, BatchSampler, Dataset, PrepareOptions, Source, Tokenizer, TokenizerSpec,
+};
 use nuwa_model::{cross_entropy, LanguageModel, RouterStats};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -103,7 +105,11 @@ fn forward_losses(model: &LanguageModel, batch: &Batch, device: &Device) -> Loss
         ce,
         load_balance: mean(|s| s.load_balance.clone()),
         z_loss: mean(|s| s.z_loss.clone()),
-        tokens_per_expert: out.router.iter().map(|s| s.tokens_per_expert.clone()).collect(),
+        tokens_per_expert: out
+            .router
+            .iter()
+            .map(|s| s.tokens_per_expert.clone())
+            .collect(),
     }
 }
 
@@ -122,7 +128,8 @@ fn scalar(t: &Option<Tensor<1>>) -> Option<f64> {
 
 pub fn train(opts: TrainOptions) -> Result<TrainReport> {
     let run = opts.run_dir.clone();
-    std::fs::create_dir_all(&run).with_context(|| format!("{}: cannot create run folder", run.display()))?;
+    std::fs::create_dir_all(&run)
+        .with_context(|| format!("{}: cannot create run folder", run.display()))?;
     let device = opts.device.clone().autodiff();
     let plain = opts.device.clone();
 
@@ -166,7 +173,10 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
     }
     let tokenizer = Tokenizer::load(&data.dir)?;
     tokenizer.save(&run)?;
-    nuwa_data::atomic_write(&run.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
+    nuwa_data::atomic_write(
+        &run.join("config.toml"),
+        toml::to_string_pretty(&cfg)?.as_bytes(),
+    )?;
 
     let t = &cfg.train;
     let mut model = LanguageModel::new(&cfg.model, &device, t.seed);
@@ -180,7 +190,11 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
     let mut start_step = 0;
     let mut tokens_seen = 0u64;
     if let Some(l) = &resumed {
-        model = assign_weights(model, &l.weights, &l.dir.join(checkpoint::MODEL_FILE).display().to_string())?;
+        model = assign_weights(
+            model,
+            &l.weights,
+            &l.dir.join(checkpoint::MODEL_FILE).display().to_string(),
+        )?;
         checkpoint::restore_optimizer(&mut opt, l.state.step, &l.optimizer, &plain)?;
         sampler = l.state.sampler;
         start_step = l.state.step;
@@ -199,24 +213,27 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
         ProgressBar::hidden()
     };
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_position(start_step);
 
     let mut records = Vec::new();
     let mut last_val = None;
     let mut interrupted = false;
-    let save = |model: &LanguageModel, opt: &AdamW, step: u64, sampler: BatchSampler, tokens_seen: u64| {
-        let state = TrainerState {
-            step,
-            sampler,
-            tokens_seen,
-            config: cfg.clone(),
-            checksums: Default::default(),
+    let save =
+        |model: &LanguageModel, opt: &AdamW, step: u64, sampler: BatchSampler, tokens_seen: u64| {
+            let state = TrainerState {
+                step,
+                sampler,
+                tokens_seen,
+                config: cfg.clone(),
+                checksums: Default::default(),
+            };
+            checkpoint::save(&run, model, opt, state, cfg.train.keep_checkpoints)
         };
-        checkpoint::save(&run, model, opt, state, cfg.train.keep_checkpoints)
-    };
 
     for step in start_step..t.steps {
         if opts.stop.load(Ordering::SeqCst) || opts.stop_at.is_some_and(|s| step >= s) {
@@ -261,7 +278,11 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
 
         let loss = ce_sum / t.grad_accum as f64;
         if !loss.is_finite() {
-            bail!("step {}: loss is {loss}; stopping (last good checkpoint kept in {})", step + 1, checkpoint::checkpoints_dir(&run).display());
+            bail!(
+                "step {}: loss is {loss}; stopping (last good checkpoint kept in {})",
+                step + 1,
+                checkpoint::checkpoints_dir(&run).display()
+            );
         }
         let seconds = started.elapsed().as_secs_f64();
         let tok_s = tokens_per_step as f64 / seconds;
@@ -280,7 +301,9 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
             let val = evaluate(&model.valid(), &evals, &plain);
             record["val_loss"] = json!(val);
             last_val = Some(val);
-            bar.println(format!("step {done:>6}  train loss {loss:.4}  val loss {val:.4}"));
+            bar.println(format!(
+                "step {done:>6}  train loss {loss:.4}  val loss {val:.4}"
+            ));
         }
         log.write(&record)?;
         records.push(StepRecord {
@@ -289,9 +312,16 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
             lr,
             grad_norm: norm,
         });
-        bar.set_message(format!("loss {loss:.4} | {:.0} tok/s | MFU {:.2}%", tok_s, mfu * 100.0));
+        bar.set_message(format!(
+            "loss {loss:.4} | {:.0} tok/s | MFU {:.2}%",
+            tok_s,
+            mfu * 100.0
+        ));
         bar.inc(1);
-        if done % t.checkpoint_every.max(1) == 0 || done == t.steps || opts.stop.load(Ordering::SeqCst) {
+        if done % t.checkpoint_every.max(1) == 0
+            || done == t.steps
+            || opts.stop.load(Ordering::SeqCst)
+        {
             save(&model, &opt, done, sampler, tokens_seen)?;
         }
     }
@@ -313,11 +343,22 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
 }
 
 /// Loads a trained run for inference on a plain device: its config, tokenizer and newest weights.
-pub fn load_for_inference(run: &Path, device: &Device) -> Result<(LanguageModel, Tokenizer, RunConfig)> {
+pub fn load_for_inference(
+    run: &Path,
+    device: &Device,
+) -> Result<(LanguageModel, Tokenizer, RunConfig)> {
     let loaded = checkpoint::load_latest(run)?;
     let cfg = loaded.state.config.clone();
     let model = LanguageModel::uninitialised(&cfg.model, device);
-    let model = assign_weights(model, &loaded.weights, &loaded.dir.join(checkpoint::MODEL_FILE).display().to_string())?;
+    let model = assign_weights(
+        model,
+        &loaded.weights,
+        &loaded
+            .dir
+            .join(checkpoint::MODEL_FILE)
+            .display()
+            .to_string(),
+    )?;
     let tokenizer = Tokenizer::load(run)?;
     Ok((model, tokenizer, cfg))
 }

@@ -75,11 +75,15 @@ pub fn to_safetensors(tensors: &BTreeMap<String, HostTensor>) -> Result<Vec<u8>>
 
 /// Parses a safetensors file body into named f32 tensors (`what` names the file in errors).
 pub fn from_safetensors(bytes: &[u8], what: &str) -> Result<BTreeMap<String, HostTensor>> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{what}: not a valid safetensors file: {e}"))?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| anyhow!("{what}: not a valid safetensors file: {e}"))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
-            bail!("{what}: tensor {name} has dtype {:?}, expected F32", view.dtype());
+            bail!(
+                "{what}: tensor {name} has dtype {:?}, expected F32",
+                view.dtype()
+            );
         }
         let data = view
             .data()
@@ -141,7 +145,11 @@ impl ModuleMapper for Assign<'_> {
 
 /// Replaces every float parameter of `model` with the tensor of the same path. Fails, listing
 /// every problem, if any tensor is missing, unexpected or has the wrong shape.
-pub fn assign_weights<M: Module>(model: M, source: &BTreeMap<String, HostTensor>, what: &str) -> Result<M> {
+pub fn assign_weights<M: Module>(
+    model: M,
+    source: &BTreeMap<String, HostTensor>,
+    what: &str,
+) -> Result<M> {
     let mut assign = Assign {
         path: Vec::new(),
         source,
@@ -156,7 +164,11 @@ pub fn assign_weights<M: Module>(model: M, source: &BTreeMap<String, HostTensor>
         }
     }
     if !problems.is_empty() {
-        bail!("{what}: {} problem(s): {}", problems.len(), problems.join("; "));
+        bail!(
+            "{what}: {} problem(s): {}",
+            problems.len(),
+            problems.join("; ")
+        );
     }
     Ok(model)
 }
