@@ -296,3 +296,63 @@ fn trained_run_samples_reproducibly_with_bpe_data() {
     assert_eq!(a, sample("1"));
     assert_ne!(a, sample("2"));
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits() {
+    let tmp = TempDir::new("sigint");
+    let data = tmp.path().join("data");
+    prepared(&data);
+    let run = tmp.path().join("run");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nuwa"))
+        .args([
+            "train",
+            "--data",
+            s(&data),
+            "--run-dir",
+            s(&run),
+            "--steps",
+            "100000",
+            "--layers",
+            "1",
+            "--hidden-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--quiet",
+            "--checkpoint-every",
+            "100000",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = run.join("metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let steps = std::fs::read_to_string(&metrics).unwrap().lines().count() as u64;
+    let checkpoints = nuwa_train::checkpoint::list_checkpoints(&run);
+    assert_eq!(
+        checkpoints.last().map(|c| c.0),
+        Some(steps),
+        "checkpoint of the last step"
+    );
+}

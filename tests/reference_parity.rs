@@ -203,3 +203,63 @@ fn moe_matches_reference() {
     );
     check_param_grads(&moe, &grads, &f);
 }
+
+#[test]
+fn whole_model_logits_loss_and_gradients_match_reference() {
+    let f = fixture("model");
+    let dev = device();
+    let cfg = ModelConfig {
+        vocab_size: 24,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        num_experts: 4,
+        num_experts_per_tok: 2,
+        num_shared_experts: 1,
+        moe_intermediate_size: 16,
+        first_k_dense_replace: 1,
+        norm_head: true,
+        tie_word_embeddings: false,
+        ..ModelConfig::preset("tiny-dense").unwrap()
+    };
+    let model = nuwa_model::LanguageModel::uninitialised(&cfg, &dev);
+    let model = assign_weights(model, &with_prefix(&f, "weight."), "model").unwrap();
+    let ids = |name: &str| {
+        let t = &f[name];
+        let v: Vec<i64> = t.data.iter().map(|&x| x as i64).collect();
+        Tensor::<2, burn::tensor::Int>::from_data(TensorData::new(v, t.shape.clone()), &dev)
+    };
+    let out = model.forward(ids("output.tokens"), None);
+    assert_close(
+        "logits",
+        &HostTensor::from_tensor(out.logits.clone()),
+        &f["output.logits"],
+    );
+    let ce = nuwa_model::cross_entropy(out.logits, ids("output.targets"));
+    assert_close(
+        "cross-entropy",
+        &HostTensor::from_tensor(ce.clone()),
+        &f["output.ce"],
+    );
+    let stats = &out.router[0];
+    let loss = ce + stats.load_balance.clone() * 0.015 + stats.z_loss.clone() * 1e-4;
+    assert_close(
+        "loss",
+        &HostTensor::from_tensor(loss.clone()),
+        &f["output.loss"],
+    );
+    let grads = loss.backward();
+    let mut v = GradsByPath {
+        grads: &grads,
+        path: Vec::new(),
+        out: BTreeMap::new(),
+    };
+    model.visit(&mut v);
+    let expected = with_prefix(&f, "grad.");
+    assert_eq!(v.out.len(), expected.len(), "a gradient for every weight");
+    for (name, g) in &v.out {
+        assert_close(&format!("grad {name}"), g, &expected[name]);
+    }
+}

@@ -131,7 +131,8 @@ fn default_tiny_moe_loss_falls_and_router_losses_are_logged() {
         },
         data: DataConfig::default(),
     };
-    cfg.train.checkpoint_every = 20;
+    cfg.train.checkpoint_every = 10;
+    cfg.train.keep_checkpoints = 2;
     let report = train(options(&run, cfg, false)).unwrap();
     let l = losses(&report);
     assert!(l[l.len() - 1] < l[0] - 1.0, "loss did not fall: {l:?}");
@@ -149,7 +150,12 @@ fn default_tiny_moe_loss_falls_and_router_losses_are_logged() {
         svg.contains("<svg") && svg.contains("polyline"),
         "plot has no curve"
     );
-    assert_eq!(list_checkpoints(&run).len(), 2);
+    let kept: Vec<u64> = list_checkpoints(&run).iter().map(|c| c.0).collect();
+    assert_eq!(
+        kept,
+        vec![30, 40],
+        "only the newest two checkpoints are kept"
+    );
 }
 
 #[test]

@@ -171,7 +171,69 @@ def make_moe():
     )
 
 
+def make_model():
+    """A whole 2-layer model: layer 0 dense, layer 1 MoE; norm_head; untied head."""
+    vocab, hidden, heads, kv_heads, head_dim, inter = 24, 32, 4, 2, 8, 48
+    experts, top_k, width, eps, theta = 4, 2, 16, 1e-6, 10000.0
+    w = {"word_embeddings.weight": leaf(rand(vocab, hidden, scale=0.5))}
+    for layer in range(2):
+        p = f"layers.{layer}."
+        w[p + "input_layernorm.weight"] = leaf(1.0 + rand(hidden, scale=0.1))
+        w[p + "post_attention_layernorm.weight"] = leaf(1.0 + rand(hidden, scale=0.1))
+        w[p + "attention.query_key_value.weight"] = leaf(rand(hidden, (heads + 2 * kv_heads) * head_dim, scale=0.2))
+        w[p + "attention.dense.weight"] = leaf(rand(heads * head_dim, hidden, scale=0.2))
+        ffns = [(p + "mlp.Dense.", inter)] if layer == 0 else (
+            [(p + f"mlp.Moe.experts.{e}.", width) for e in range(experts)] + [(p + "mlp.Moe.shared_experts.", width)]
+        )
+        if layer == 1:
+            w[p + "mlp.Moe.gate.weight"] = leaf(rand(hidden, experts, scale=0.5))
+        for prefix, wide in ffns:
+            w[prefix + "gate_proj.weight"] = leaf(rand(hidden, wide, scale=0.2))
+            w[prefix + "up_proj.weight"] = leaf(rand(hidden, wide, scale=0.2))
+            w[prefix + "down_proj.weight"] = leaf(rand(wide, hidden, scale=0.2))
+    w["norm.weight"] = leaf(1.0 + rand(hidden, scale=0.1))
+    w["lm_head.weight"] = leaf(rand(hidden, vocab, scale=0.3))
+
+    tokens = torch.randint(0, vocab, (2, 7))
+    targets = torch.randint(0, vocab, (2, 7))
+    x = w["word_embeddings.weight"][tokens]
+    aux = []
+    for layer in range(2):
+        p = f"layers.{layer}."
+        sub = {k[len(p + "attention."):]: v for k, v in w.items() if k.startswith(p + "attention.")}
+        x = x + attention(rms_norm(x, w[p + "input_layernorm.weight"], eps), sub, heads, kv_heads, head_dim, theta)
+        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
+        if layer == 0:
+            x = x + swiglu(h, w, p + "mlp.Dense.")
+        else:
+            sub = {k[len(p + "mlp.Moe."):]: v for k, v in w.items() if k.startswith(p + "mlp.Moe.")}
+            y, lb, z = moe(h, sub, experts, top_k, True, True)
+            x = x + y
+            aux.append((lb, z))
+    x = rms_norm(x, w["norm.weight"], eps)
+    head = w["lm_head.weight"]
+    head = head / head.norm(dim=0, keepdim=True)  # norm_head: unit-norm row per vocab entry
+    logits = x @ head
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+    lb, z = aux[0]
+    loss = ce + 0.015 * lb + 1e-4 * z
+    finish(
+        "model",
+        {},
+        w,
+        {
+            "logits": logits,
+            "tokens": tokens.to(DT),
+            "targets": targets.to(DT),
+            "ce": ce.reshape(1),
+            "loss": loss.reshape(1),
+        },
+        loss,
+    )
+
+
 if __name__ == "__main__":
+    make_model()
     make_rmsnorm()
     make_rope()
     make_attention()

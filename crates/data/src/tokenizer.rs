@@ -184,8 +184,8 @@ fn train_bpe(vocab_size: usize, texts: &[String]) -> Result<HfTokenizer> {
         ByteLevel,
     >::new()
     .with_model(BPE::default())
-    .with_pre_tokenizer(Some(ByteLevel::default()))
-    .with_decoder(Some(ByteLevel::default()))
+    .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+    .with_decoder(Some(ByteLevel::new(false, true, true)))
     .build()
     .map_err(|e| anyhow!("building BPE tokenizer: {e}"))?;
     let dir = tempfile_dir()?;

@@ -150,7 +150,10 @@ impl ModelConfig {
                 format!("{} must be even and positive for RoPE", self.head_dim()),
             ));
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(invalid(
                 "num_key_value_heads",
                 format!(
