@@ -19,8 +19,9 @@ fn prepared(dir: &Path) {
     );
 }
 
-fn tiny_train(data: &Path, run: &Path, steps: &str) -> std::process::Output {
-    nuwa(&[
+/// Arguments of a quick training run of a one-layer, 32-wide model.
+fn tiny_train_args<'a>(data: &'a Path, run: &'a Path, steps: &'a str) -> Vec<&'a str> {
+    vec![
         "train",
         "--data",
         s(data),
@@ -39,7 +40,11 @@ fn tiny_train(data: &Path, run: &Path, steps: &str) -> std::process::Output {
         "--quiet",
         "--sample-tokens",
         "0",
-    ])
+    ]
+}
+
+fn tiny_train(data: &Path, run: &Path, steps: &str) -> std::process::Output {
+    nuwa(&tiny_train_args(data, run, steps))
 }
 
 #[test]
@@ -303,7 +308,7 @@ fn ctrl_c_saves_a_checkpoint_and_exits() {
     let data = tmp.path().join("data");
     prepared(&data);
     let run = tmp.path().join("run");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nuwa"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_nuwa"))
         .args([
             "train",
             "--data",

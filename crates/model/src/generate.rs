@@ -1,5 +1,6 @@
 //! Autoregressive sampling with a KV cache: temperature, top-k and top-p (nucleus), seeded.
 
+use crate::rng::SplitMix;
 use crate::{KvCache, LanguageModel};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
@@ -24,19 +25,6 @@ impl Default for SamplingOptions {
             top_p: 1.0,
             seed: 0,
         }
-    }
-}
-
-/// A small deterministic RNG (SplitMix64) so samples are the same on every platform.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

@@ -2,16 +2,10 @@
 //! path: the same seed gives bit-identical initial weights on every backend and device, and no
 //! dependence on a backend's global RNG or on other threads using it.
 
+use crate::rng::{splitmix64, SplitMix};
+use crate::ModulePath;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Tensor, TensorData};
-
-/// SplitMix64 step.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
 
 /// FNV-1a of a path, to give each parameter its own stream.
 fn hash_path(path: &str) -> u64 {
@@ -22,14 +16,10 @@ fn hash_path(path: &str) -> u64 {
 
 /// `n` samples of N(0, std²) by Box–Muller from the stream `key`.
 fn normals(key: u64, n: usize, std: f64) -> Vec<f32> {
-    let mut state = key;
-    let mut uniform = || {
-        state = mix(state);
-        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
+    let mut rng = SplitMix(key);
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {
-        let (u1, u2) = (uniform(), uniform());
+        let (u1, u2) = (rng.next_f64(), rng.next_f64());
         let r = (-2.0 * u1.ln()).sqrt() * std;
         let theta = 2.0 * std::f64::consts::PI * u2;
         out.push((r * theta.cos()) as f32);
@@ -42,25 +32,25 @@ fn normals(key: u64, n: usize, std: f64) -> Vec<f32> {
 struct Init {
     seed: u64,
     std: f64,
-    path: Vec<String>,
+    path: ModulePath,
 }
 
 impl ModuleMapper for Init {
     fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
+        self.path.enter(name);
     }
     fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+        self.path.exit();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let path = self.path.join(".");
+        let path = self.path.current();
         let (id, tensor, mapper) = param.consume();
         let shape = tensor.dims();
         let device = tensor.device();
         let require_grad = tensor.is_require_grad();
         let numel: usize = shape.iter().product();
         let values = if D >= 2 {
-            normals(mix(self.seed ^ hash_path(&path)), numel, self.std)
+            normals(splitmix64(self.seed ^ hash_path(&path)), numel, self.std)
         } else if path.ends_with("bias") {
             vec![0.0; numel]
         } else {
@@ -80,7 +70,7 @@ pub fn init_weights<M: Module>(module: M, seed: u64, std: f64) -> M {
     module.map(&mut Init {
         seed,
         std,
-        path: Vec::new(),
+        path: ModulePath::default(),
     })
 }
 

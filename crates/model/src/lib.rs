@@ -5,10 +5,13 @@ pub mod config;
 pub mod layers;
 pub mod model;
 pub mod moe;
+pub mod path;
+pub mod rng;
 
 pub use config::{ConfigError, ModelConfig, ModelCounts};
 pub use model::{ForwardOutput, KvCache, LanguageModel};
 pub use moe::RouterStats;
+pub use path::ModulePath;
 pub mod generate;
 pub mod init;
 pub mod loss;

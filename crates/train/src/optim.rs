@@ -5,6 +5,7 @@
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
+use nuwa_model::ModulePath;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Copy)]
@@ -29,22 +30,6 @@ pub struct AdamW {
     pub step: u64,
     /// Keyed by the parameter's module path, e.g. `layers.0.attention.dense.weight`.
     pub state: BTreeMap<String, Moments>,
-}
-
-/// Tracks the dotted module path during a traversal.
-#[derive(Default)]
-struct Path(Vec<String>);
-
-impl Path {
-    fn enter(&mut self, name: &str) {
-        self.0.push(name.to_string());
-    }
-    fn exit(&mut self) {
-        self.0.pop();
-    }
-    fn join(&self) -> String {
-        self.0.join(".")
-    }
 }
 
 struct GradNorm<'a> {
@@ -79,7 +64,7 @@ struct Update<'a> {
     grads: GradientsParams,
     lr: f64,
     grad_scale: f64,
-    path: Path,
+    path: ModulePath,
 }
 
 impl ModuleMapper for Update<'_> {
@@ -96,7 +81,7 @@ impl ModuleMapper for Update<'_> {
             return Param::from_mapped_value(id, tensor, mapper);
         };
         let require_grad = tensor.is_require_grad();
-        let name = self.path.join();
+        let name = self.path.current();
         let updated = self.opt.update(
             &name,
             tensor.inner(),
@@ -136,7 +121,7 @@ impl AdamW {
             grads,
             lr,
             grad_scale,
-            path: Path::default(),
+            path: ModulePath::default(),
         };
         model.map(&mut update)
     }

@@ -4,6 +4,7 @@
 use anyhow::{anyhow, bail, Result};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Tensor, TensorData};
+use nuwa_model::ModulePath;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,20 +30,20 @@ impl HostTensor {
 
 #[derive(Default)]
 struct Collect {
-    path: Vec<String>,
+    path: ModulePath,
     out: BTreeMap<String, HostTensor>,
 }
 
 impl ModuleVisitor for Collect {
     fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
+        self.path.enter(name);
     }
     fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+        self.path.exit();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         self.out
-            .insert(self.path.join("."), HostTensor::from_tensor(param.val()));
+            .insert(self.path.current(), HostTensor::from_tensor(param.val()));
     }
 }
 
@@ -102,7 +103,7 @@ pub fn from_safetensors(bytes: &[u8], what: &str) -> Result<BTreeMap<String, Hos
 }
 
 struct Assign<'a> {
-    path: Vec<String>,
+    path: ModulePath,
     source: &'a BTreeMap<String, HostTensor>,
     seen: BTreeSet<String>,
     problems: Vec<String>,
@@ -110,13 +111,13 @@ struct Assign<'a> {
 
 impl ModuleMapper for Assign<'_> {
     fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
+        self.path.enter(name);
     }
     fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+        self.path.exit();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let name = self.path.join(".");
+        let name = self.path.current();
         let (id, tensor, mapper) = param.consume();
         let Some(host) = self.source.get(&name) else {
             self.problems.push(format!("missing tensor {name}"));
@@ -151,7 +152,7 @@ pub fn assign_weights<M: Module>(
     what: &str,
 ) -> Result<M> {
     let mut assign = Assign {
-        path: Vec::new(),
+        path: ModulePath::default(),
         source,
         seen: BTreeSet::new(),
         problems: Vec::new(),
