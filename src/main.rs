@@ -35,6 +35,30 @@ enum Command {
     Sample(SampleArgs),
     /// Print a model's parameter counts and training FLOPs per token.
     Inspect(InspectArgs),
+    /// Time training steps or decoding on the benchmark shapes (see bench/).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// train | decode
+    what: String,
+    /// A, B, C, C-dense (training) or D (decoding)
+    #[arg(long, default_value = "A")]
+    shape: String,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed steps (training) or decode repeats.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// New tokens per decode.
+    #[arg(long, default_value_t = 256)]
+    new_tokens: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print one JSON object instead of a sentence.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -169,6 +193,7 @@ fn main() {
         Command::Train(a) => train(*a),
         Command::Sample(a) => sample(a),
         Command::Inspect(a) => inspect(a),
+        Command::Bench(a) => bench(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -419,6 +444,34 @@ fn sample(a: SampleArgs) -> Result<()> {
         },
         &device,
     )
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    use nuwa_train::bench::{bench_decode, bench_shape, bench_train};
+    let device = device::parse_device(&a.device)?;
+    let shape = bench_shape(&a.shape)?;
+    if a.steps == 0 {
+        bail!("--steps: must be positive");
+    }
+    let result = match a.what.as_str() {
+        "train" => bench_train(&shape, &device, a.warmup, a.steps)?,
+        "decode" => bench_decode(&shape, &device, a.new_tokens, a.steps)?,
+        other => bail!("nuwa bench {other}: expected train or decode"),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!(
+            "{} {}: {:.0} tokens/s (median step {:.4} s, MFU {:.2}%, {} threads)",
+            result.kind,
+            result.shape,
+            result.tokens_per_s,
+            result.median_step_s,
+            result.mfu * 100.0,
+            result.threads
+        );
+    }
+    Ok(())
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {

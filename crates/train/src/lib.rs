@@ -1,6 +1,7 @@
 //! nuwa's trainer: AdamW, learning-rate schedules, the training loop, metrics, plots and
 //! checkpoints that resume exactly.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod hardware;

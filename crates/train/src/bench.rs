@@ -1,0 +1,200 @@
+//! Training and decoding benchmarks on fixed shapes, matched one for one by the PyTorch
+//! reference in `bench/torch_bench.py` (same shapes, fp32, same batch, AdamW, random tokens).
+
+use crate::hardware::cpu_peak_flops;
+use crate::optim::{AdamW, AdamWConfig};
+use anyhow::{bail, Result};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use nuwa_data::sampler::splitmix64;
+use nuwa_model::{cross_entropy, generate, LanguageModel, ModelConfig, SamplingOptions};
+use serde::Serialize;
+use std::time::Instant;
+
+/// A benchmark shape: the model and the batch.
+#[derive(Debug, Clone)]
+pub struct BenchShape {
+    pub name: String,
+    pub model: ModelConfig,
+    pub batch_size: usize,
+    pub seq_len: usize,
+}
+
+fn dense(vocab: usize, layers: usize, heads: usize, hidden: usize, ctx: usize) -> ModelConfig {
+    ModelConfig {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: 4 * hidden,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: heads,
+        max_position_embeddings: ctx.max(512),
+        norm_head: false,
+        ..ModelConfig::preset("tiny-dense").expect("built-in preset")
+    }
+}
+
+/// The shapes of the performance issue. `C-dense` is the dense model with C's active FFN width
+/// (2 routed + 1 shared expert of 256 = 768), to price the MoE routing itself.
+pub fn bench_shape(name: &str) -> Result<BenchShape> {
+    let b = dense(8192, 6, 6, 384, 256);
+    let (model, batch_size, seq_len) = match name {
+        "A" => (dense(65, 4, 4, 128, 64), 12, 64),
+        "B" | "D" => (b, 8, 256),
+        "C" => (
+            ModelConfig {
+                num_experts: 16,
+                num_experts_per_tok: 2,
+                num_shared_experts: 1,
+                moe_intermediate_size: 256,
+                norm_topk_prob: true,
+                ..b
+            },
+            8,
+            256,
+        ),
+        "C-dense" => (
+            ModelConfig {
+                intermediate_size: 768,
+                ..b
+            },
+            8,
+            256,
+        ),
+        other => bail!("--shape {other}: unknown (expected A, B, C, C-dense or D)"),
+    };
+    Ok(BenchShape {
+        name: name.to_string(),
+        model,
+        batch_size,
+        seq_len,
+    })
+}
+
+/// Deterministic random token ids in `[0, vocab)`.
+pub fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<i64> {
+    (0..n)
+        .map(|i| (splitmix64(seed ^ splitmix64(i as u64)) % vocab as u64) as i64)
+        .collect()
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub shape: String,
+    pub kind: String,
+    pub tokens_per_s: f64,
+    pub median_step_s: f64,
+    pub steps: usize,
+    pub mfu: f64,
+    pub threads: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Times `steps` AdamW training steps after `warmup` untimed ones; the median is reported.
+pub fn bench_train(
+    shape: &BenchShape,
+    device: &Device,
+    warmup: usize,
+    steps: usize,
+) -> Result<BenchResult> {
+    let cfg = &shape.model;
+    cfg.validate()?;
+    let ad = device.clone().autodiff();
+    let mut model = LanguageModel::new(cfg, &ad, 0);
+    let mut opt = AdamW::new(AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    });
+    let (b, t) = (shape.batch_size, shape.seq_len);
+    let ids = random_tokens(b * (t + 1), cfg.vocab_size, 1);
+    let rows: Vec<&[i64]> = ids.chunks(t + 1).collect();
+    let inputs: Vec<i64> = rows.iter().flat_map(|r| r[..t].iter().copied()).collect();
+    let targets: Vec<i64> = rows.iter().flat_map(|r| r[1..].iter().copied()).collect();
+    let mut times = Vec::new();
+    for i in 0..warmup + steps {
+        let started = Instant::now();
+        let x = Tensor::<2, Int>::from_data(TensorData::new(inputs.clone(), [b, t]), &ad);
+        let y = Tensor::<2, Int>::from_data(TensorData::new(targets.clone(), [b, t]), &ad);
+        let out = model.forward(x, None);
+        let mut loss = cross_entropy(out.logits, y);
+        if !out.router.is_empty() {
+            let n = out.router.len() as f32;
+            let lb = Tensor::cat(
+                out.router.iter().map(|s| s.load_balance.clone()).collect(),
+                0,
+            )
+            .sum()
+                / n;
+            loss = loss + lb * 0.01;
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = opt.step(model, grads, 1e-4, 1.0);
+        let _: f32 = loss.into_scalar();
+        if i >= warmup {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    let step = median(times);
+    let tokens_per_s = (b * t) as f64 / step;
+    Ok(BenchResult {
+        shape: shape.name.clone(),
+        kind: "train".into(),
+        tokens_per_s,
+        median_step_s: step,
+        steps,
+        mfu: tokens_per_s * cfg.counts(t).train_flops_per_token / cpu_peak_flops(),
+        threads: threads(),
+    })
+}
+
+/// Greedy decoding of `new_tokens` after a 16-token prompt, batch 1, with the KV cache.
+pub fn bench_decode(
+    shape: &BenchShape,
+    device: &Device,
+    new_tokens: usize,
+    repeats: usize,
+) -> Result<BenchResult> {
+    let cfg = &shape.model;
+    let model = LanguageModel::new(cfg, device, 0);
+    let prompt: Vec<u32> = random_tokens(16, cfg.vocab_size, 2)
+        .iter()
+        .map(|&i| i as u32)
+        .collect();
+    let opts = SamplingOptions {
+        max_tokens: new_tokens,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let mut times = Vec::new();
+    for i in 0..repeats + 1 {
+        let started = Instant::now();
+        let out = generate(&model, &prompt, &opts, device, |_| {});
+        if i > 0 {
+            times.push(started.elapsed().as_secs_f64() / out.len().max(1) as f64);
+        }
+    }
+    let per_token = median(times);
+    Ok(BenchResult {
+        shape: shape.name.clone(),
+        kind: "decode".into(),
+        tokens_per_s: 1.0 / per_token,
+        median_step_s: per_token,
+        steps: new_tokens,
+        // Decoding is bandwidth-bound; 2 FLOPs per active parameter per token.
+        mfu: 2.0 * cfg.counts(1).active_params as f64 / per_token / cpu_peak_flops(),
+        threads: threads(),
+    })
+}
