@@ -3,6 +3,11 @@
 
 mod device;
 
+/// Tensor buffers are large and short-lived; mimalloc keeps freed pages for reuse instead of
+/// returning them to the kernel, which otherwise costs a page fault and a page clear per reuse.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use nuwa_data::{PrepareOptions, Source, TokenizerSpec};
@@ -170,6 +175,9 @@ struct SampleArgs {
     top_p: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Most positions attended to (default: the run's training context).
+    #[arg(long, default_value_t = 0)]
+    window: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -391,7 +399,16 @@ fn sample_run(
     opts: &SamplingOptions,
     device: &burn::tensor::Device,
 ) -> Result<()> {
-    let (model, tokenizer, _) = nuwa_train::load_for_inference(run, device)?;
+    let (model, tokenizer, cfg) = nuwa_train::load_for_inference(run, device)?;
+    // Attend to no more positions than the model was trained on.
+    let opts = &SamplingOptions {
+        window: if opts.window == 0 {
+            cfg.train.seq_len
+        } else {
+            opts.window
+        },
+        ..*opts
+    };
     let ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
         bail!("--prompt: encodes to no tokens");
@@ -441,6 +458,7 @@ fn sample(a: SampleArgs) -> Result<()> {
             top_k: a.top_k,
             top_p: a.top_p,
             seed: a.seed,
+            window: a.window,
         },
         &device,
     )

@@ -70,6 +70,7 @@ fn same_seed_same_sample_and_greedy_is_cache_consistent() {
         top_k: 10,
         top_p: 0.9,
         seed: 5,
+        window: 0,
     };
     let a = generate(&model, &prompt, &opts, &device, |_| {});
     let b = generate(&model, &prompt, &opts, &device, |_| {});
@@ -83,6 +84,16 @@ fn same_seed_same_sample_and_greedy_is_cache_consistent() {
         |_| {},
     );
     assert_ne!(a, other, "a different seed should give a different sample");
+
+    // A window shorter than the output: the cache is rebuilt and decoding goes on.
+    let windowed = SamplingOptions {
+        window: 8,
+        max_tokens: 30,
+        ..opts
+    };
+    let long = generate(&model, &prompt, &windowed, &device, |_| {});
+    assert_eq!(long.len(), 30);
+    assert_eq!(long, generate(&model, &prompt, &windowed, &device, |_| {}));
 
     // Greedy decoding with the cache equals argmax of full forward passes.
     let greedy = SamplingOptions {

@@ -14,6 +14,8 @@ pub struct SamplingOptions {
     /// 1.0 means no nucleus cut.
     pub top_p: f64,
     pub seed: u64,
+    /// Most positions attended to (0: the model's `max_position_embeddings`).
+    pub window: usize,
 }
 
 impl Default for SamplingOptions {
@@ -24,6 +26,7 @@ impl Default for SamplingOptions {
             top_k: 0,
             top_p: 1.0,
             seed: 0,
+            window: 0,
         }
     }
 }
@@ -101,8 +104,10 @@ fn last_logits(logits: Tensor<3>) -> Vec<f32> {
         .unwrap_or_default()
 }
 
-/// Continues `prompt` by up to `opts.max_tokens` tokens (fewer if the context fills up).
-/// `on_token` sees each new token as it is produced (for streaming).
+/// Continues `prompt` by `opts.max_tokens` tokens. The model attends to at most `opts.window`
+/// positions (0: `max_position_embeddings`): when the cache is full it is rebuilt from the
+/// last half-window of tokens, so a model trained on short contexts never sees positions it
+/// was not trained on. `on_token` sees each new token as it is produced (for streaming).
 pub fn generate(
     model: &LanguageModel,
     prompt: &[u32],
@@ -110,29 +115,40 @@ pub fn generate(
     device: &Device,
     mut on_token: impl FnMut(u32),
 ) -> Vec<u32> {
+    let window = match opts.window {
+        0 => model.max_positions,
+        w => w.min(model.max_positions),
+    }
+    .max(2);
     let mut rng_state = opts.seed;
-    let mut cache = KvCache::new(model.num_layers());
     let mut out = Vec::new();
     if prompt.is_empty() {
         return out;
     }
-    let room = model.max_positions.saturating_sub(prompt.len());
-    let mut logits = last_logits(
-        model
-            .forward(row_tensor(prompt, device), Some(&mut cache))
-            .logits,
-    );
-    for i in 0..opts.max_tokens.min(room) {
+    let mut all: Vec<u32> = prompt.to_vec();
+    let mut cache = KvCache::new(model.num_layers());
+    let prefill = |cache: &mut KvCache, tokens: &[u32]| {
+        last_logits(
+            model
+                .forward(row_tensor(tokens, device), Some(cache))
+                .logits,
+        )
+    };
+    let mut logits = prefill(&mut cache, &all[all.len().saturating_sub(window)..]);
+    for i in 0..opts.max_tokens {
         let next = pick_token(&logits, opts, &mut rng_state);
         out.push(next);
+        all.push(next);
         on_token(next);
-        if i + 1 < opts.max_tokens.min(room) {
-            logits = last_logits(
-                model
-                    .forward(row_tensor(&[next], device), Some(&mut cache))
-                    .logits,
-            );
+        if i + 1 == opts.max_tokens {
+            break;
         }
+        logits = if cache.len() + 1 > window {
+            cache = KvCache::new(model.num_layers());
+            prefill(&mut cache, &all[all.len() - window / 2..])
+        } else {
+            prefill(&mut cache, &[next])
+        };
     }
     out
 }
