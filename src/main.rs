@@ -194,7 +194,15 @@ struct InspectArgs {
     context: usize,
 }
 
+/// mimalloc's `mi_option_purge_delay` (the same index in its v2 and v3 headers).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() {
+    // Never hand freed memory back to the OS: a training step frees and reallocates the same
+    // large buffers every step, and each purge costs page faults and page clearing later
+    // (measured: shape B trains ~1.4× faster with purging off).
+    // SAFETY: called once, before any other thread exists.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data(DataCommand::Prepare(a)) => prepare(a),
