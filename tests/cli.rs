@@ -309,26 +309,8 @@ fn ctrl_c_saves_a_checkpoint_and_exits() {
     prepared(&data);
     let run = tmp.path().join("run");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_nuwa"))
-        .args([
-            "train",
-            "--data",
-            s(&data),
-            "--run-dir",
-            s(&run),
-            "--steps",
-            "100000",
-            "--layers",
-            "1",
-            "--hidden-size",
-            "32",
-            "--batch-size",
-            "2",
-            "--seq-len",
-            "16",
-            "--quiet",
-            "--checkpoint-every",
-            "100000",
-        ])
+        .args(tiny_train_args(&data, &run, "100000"))
+        .args(["--checkpoint-every", "100000"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
