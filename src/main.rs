@@ -296,6 +296,8 @@ fn run_config(a: &TrainArgs) -> Result<RunConfig> {
         .unwrap_or_default();
     apply_overrides(&mut train, a)?;
     if let Some(d) = &a.data {
+        // Absolute, so a resume from another folder still finds the data.
+        let d = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
         data.dir = Some(d.display().to_string());
     }
     if train.seq_len > model.max_position_embeddings {
