@@ -46,8 +46,6 @@ impl ModuleMapper for Init {
         let path = self.path.current();
         let (id, tensor, mapper) = param.consume();
         let shape = tensor.dims();
-        let device = tensor.device();
-        let require_grad = tensor.is_require_grad();
         let numel: usize = shape.iter().product();
         let values = if D >= 2 {
             normals(splitmix64(self.seed ^ hash_path(&path)), numel, self.std)
@@ -57,11 +55,22 @@ impl ModuleMapper for Init {
             // Norm gains.
             vec![1.0; numel]
         };
-        let mut t = Tensor::<D>::from_data(TensorData::new(values, shape), &device);
-        if require_grad {
-            t = t.require_grad();
-        }
-        Param::from_mapped_value(id, t, mapper)
+        Param::from_mapped_value(id, host_tensor_like(values, shape, &tensor), mapper)
+    }
+}
+
+/// A tensor holding host `values` of `shape`, on the device of `like` and requiring a gradient
+/// when `like` does: what replacing a parameter's value needs.
+pub fn host_tensor_like<const D: usize>(
+    values: Vec<f32>,
+    shape: impl Into<burn::tensor::Shape>,
+    like: &Tensor<D>,
+) -> Tensor<D> {
+    let t = Tensor::<D>::from_data(TensorData::new(values, shape), &like.device());
+    if like.is_require_grad() {
+        t.require_grad()
+    } else {
+        t
     }
 }
 

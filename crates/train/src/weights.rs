@@ -3,7 +3,8 @@
 
 use anyhow::{anyhow, bail, Result};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
+use nuwa_model::init::host_tensor_like;
 use nuwa_model::ModulePath;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -132,14 +133,7 @@ impl ModuleMapper for Assign<'_> {
             ));
             return Param::from_mapped_value(id, tensor, mapper);
         }
-        let require_grad = tensor.is_require_grad();
-        let mut loaded = Tensor::<D>::from_data(
-            TensorData::new(host.data.clone(), host.shape.clone()),
-            &tensor.device(),
-        );
-        if require_grad {
-            loaded = loaded.require_grad();
-        }
+        let loaded = host_tensor_like(host.data.clone(), host.shape.clone(), &tensor);
         Param::from_mapped_value(id, loaded, mapper)
     }
 }
