@@ -72,6 +72,8 @@ def main():
             "nuwa_peak_rss_mib": ours["peak_rss_mib"],
             "torch_peak_rss_mib": theirs["peak_rss_mib"],
             "nuwa_mfu": ours["mfu"],
+            "nuwa_phases_s": ours.get("phases"),
+            "torch_phases_s": theirs.get("phases"),
             "threads": a.threads,
             "torch_version": theirs["torch"],
         }
@@ -113,6 +115,13 @@ def write_markdown(r):
             f"{row['ratio']:.2f} | {row['nuwa_peak_rss_mib']:.0f} | {row['torch_peak_rss_mib']:.0f} | "
             f"{100 * row['nuwa_mfu']:.1f}% |"
         )
+    phased = [row for row in r["rows"] if row.get("nuwa_phases_s") and row.get("torch_phases_s")]
+    if phased:
+        lines += ["", "Where a training step's time goes (median seconds, nuwa / PyTorch):", "",
+                  "| shape | forward + loss | backward | optimizer |", "|---|---:|---:|---:|"]
+        for row in phased:
+            cells = [f"{n:.3f} / {t:.3f}" for n, t in zip(row["nuwa_phases_s"], row["torch_phases_s"])]
+            lines.append(f"| {row['shape']} | " + " | ".join(cells) + " |")
     if r["moe_over_dense_step_time"] is not None:
         lines += ["", f"MoE C step time ÷ dense model with the same active parameters (C-dense): "
                       f"{r['moe_over_dense_step_time']:.2f}"]

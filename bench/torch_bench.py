@@ -151,7 +151,7 @@ def bench_train(shape, warmup, steps):
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, vocab, (batch, ctx + 1), generator=g)
     x, y = data[:, :-1], data[:, 1:]
-    times = []
+    times, phases = [], [[], [], []]
     for i in range(warmup + steps):
         start = time.perf_counter()
         logits = model(x)
@@ -160,13 +160,20 @@ def bench_train(shape, warmup, steps):
         if aux is not None:
             loss = loss + 0.01 * aux
         opt.zero_grad(set_to_none=True)
+        forward_done = time.perf_counter() - start
         loss.backward()
+        backward_done = time.perf_counter() - start
         opt.step()
         loss.item()
+        total = time.perf_counter() - start
         if i >= warmup:
-            times.append(time.perf_counter() - start)
-    step = sorted(times)[len(times) // 2]
-    return {"tokens_per_s": batch * ctx / step, "median_step_s": step, "steps": steps}
+            times.append(total)
+            for p, v in zip(phases, (forward_done, backward_done - forward_done, total - backward_done)):
+                p.append(v)
+    med = lambda v: sorted(v)[len(v) // 2]
+    step = med(times)
+    return {"tokens_per_s": batch * ctx / step, "median_step_s": step, "steps": steps,
+            "phases": [med(p) for p in phases]}
 
 
 @torch.inference_mode()

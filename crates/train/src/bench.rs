@@ -87,6 +87,9 @@ pub struct BenchResult {
     pub steps: usize,
     pub mfu: f64,
     pub threads: usize,
+    /// Median seconds per phase of a training step: forward (with the loss), backward, optimizer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<[f64; 3]>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -124,6 +127,7 @@ pub fn bench_train(
     let inputs: Vec<i64> = rows.iter().flat_map(|r| r[..t].iter().copied()).collect();
     let targets: Vec<i64> = rows.iter().flat_map(|r| r[1..].iter().copied()).collect();
     let mut times = Vec::new();
+    let mut phases: [Vec<f64>; 3] = Default::default();
     for i in 0..warmup + steps {
         let started = Instant::now();
         let x = Tensor::<2, Int>::from_data(TensorData::new(inputs.clone(), [b, t]), &ad);
@@ -140,13 +144,22 @@ pub fn bench_train(
                 / n;
             loss = loss + lb * 0.01;
         }
+        // The CPU backend runs eagerly, so these marks split the step into its phases; on a
+        // GPU they only mark when the work was queued.
+        let forward_done = started.elapsed().as_secs_f64();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let backward_done = started.elapsed().as_secs_f64();
         model = opt.step(model, grads, 1e-4, 1.0);
         let _: f32 = loss.into_scalar();
+        let total = started.elapsed().as_secs_f64();
         if i >= warmup {
-            times.push(started.elapsed().as_secs_f64());
+            times.push(total);
+            phases[0].push(forward_done);
+            phases[1].push(backward_done - forward_done);
+            phases[2].push(total - backward_done);
         }
     }
+    let phases = phases.map(median);
     let step = median(times);
     let tokens_per_s = (b * t) as f64 / step;
     Ok(BenchResult {
@@ -157,6 +170,7 @@ pub fn bench_train(
         steps,
         mfu: tokens_per_s * cfg.counts(t).train_flops_per_token / cpu_peak_flops(),
         threads: threads(),
+        phases: Some(phases),
     })
 }
 
@@ -196,5 +210,6 @@ pub fn bench_decode(
         // Decoding is bandwidth-bound; 2 FLOPs per active parameter per token.
         mfu: 2.0 * cfg.counts(1).active_params as f64 / per_token / cpu_peak_flops(),
         threads: threads(),
+        phases: None,
     })
 }
