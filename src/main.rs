@@ -11,7 +11,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use nuwa_data::{PrepareOptions, Source, TokenizerSpec};
-use nuwa_model::{generate, ModelConfig, SamplingOptions};
+use nuwa_hf::{InferenceModel, Message, ModelSource};
+use nuwa_model::{ModelConfig, SamplingOptions};
 use nuwa_train::{RunConfig, RunFile, TrainConfig, TrainOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,8 +37,13 @@ enum Command {
     Data(DataCommand),
     /// Train a model (defaults: the tiny MoE on the built-in corpus, then print a sample).
     Train(Box<TrainArgs>),
-    /// Generate text from a trained run.
+    /// Generate text from a run or a Hugging Face checkpoint folder.
     Sample(SampleArgs),
+    /// Convert a Hugging Face checkpoint folder (bailing_moe, llama, qwen2, qwen3_moe,
+    /// mixtral) into a nuwa run folder.
+    Import(ImportArgs),
+    /// Write a run's newest checkpoint as a Hugging Face folder that transformers loads.
+    Export(ExportArgs),
     /// Print a model's parameter counts and training FLOPs per token.
     Inspect(InspectArgs),
     /// Time training steps or decoding on the benchmark shapes (see bench/).
@@ -108,6 +114,10 @@ struct TrainArgs {
     /// Continue the newest checkpoint in this run folder.
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
+    /// Start from a Hugging Face checkpoint's config and weights (fine-tuning); prepare the
+    /// data with its tokenizer: `nuwa data prepare --tokenizer HF_DIR/tokenizer.json`.
+    #[arg(long, value_name = "HF_DIR", conflicts_with_all = ["preset", "model_config", "resume"])]
+    init_from: Option<PathBuf>,
     /// cpu | cuda:N | rocm:N | vulkan:N | wgpu:N | metal:N
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -161,10 +171,20 @@ struct TrainArgs {
 #[derive(Args)]
 struct SampleArgs {
     /// The run folder to load (its newest checkpoint).
-    #[arg(long)]
-    run: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "init_from",
+        conflicts_with = "init_from"
+    )]
+    run: Option<PathBuf>,
+    /// A Hugging Face checkpoint folder to load instead of a run.
+    #[arg(long, value_name = "HF_DIR")]
+    init_from: Option<PathBuf>,
     #[arg(long, default_value = "\n")]
     prompt: String,
+    /// Send the prompt as a user message through the model's chat template.
+    #[arg(long)]
+    chat: bool,
     #[arg(long, default_value_t = 200)]
     max_tokens: usize,
     #[arg(long, default_value_t = 0.8)]
@@ -180,6 +200,27 @@ struct SampleArgs {
     window: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The Hugging Face folder: config.json, *.safetensors (or shards + index), tokenizer.json.
+    hf_dir: PathBuf,
+    /// The run folder to create (must not exist or be empty).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The run folder (its newest checkpoint is exported).
+    run_dir: PathBuf,
+    /// The Hugging Face folder to create (must not exist or be empty).
+    #[arg(long)]
+    out: PathBuf,
+    /// f32 (exact) | bf16 | f16
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 #[derive(Args)]
@@ -208,6 +249,8 @@ fn main() {
         Command::Data(DataCommand::Prepare(a)) => prepare(a),
         Command::Train(a) => train(*a),
         Command::Sample(a) => sample(a),
+        Command::Import(a) => import(a),
+        Command::Export(a) => export(a),
         Command::Inspect(a) => inspect(a),
         Command::Bench(a) => bench(a),
     };
@@ -255,7 +298,7 @@ fn run_config(a: &TrainArgs) -> Result<RunConfig> {
         .clone()
         .or_else(|| file.as_ref().and_then(|f| f.preset.clone()));
     let mut model = if let Some(path) = &a.model_config {
-        ModelConfig::from_file(path)?
+        model_config_file(path)?
     } else if let Some(table) = file.as_ref().and_then(|f| f.model.clone()) {
         let what = a
             .config
@@ -306,6 +349,21 @@ fn run_config(a: &TrainArgs) -> Result<RunConfig> {
     Ok(RunConfig { model, train, data })
 }
 
+/// A model config file: a Hugging Face `config.json` of any supported architecture, or TOML
+/// with nuwa's (bailing_moe) field names.
+fn model_config_file(path: &Path) -> Result<ModelConfig> {
+    if path.extension().is_some_and(|e| e == "json") {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
+        if json.get("model_type").is_some() {
+            return Ok(nuwa_hf::arch::config_from_hf(&json, &path.display().to_string())?.1);
+        }
+    }
+    Ok(ModelConfig::from_file(path)?)
+}
+
 fn apply_overrides(t: &mut TrainConfig, a: &TrainArgs) -> Result<()> {
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = a.$field { t.$field = v; } )* };
@@ -349,7 +407,23 @@ fn next_run_dir() -> PathBuf {
 
 fn train(a: TrainArgs) -> Result<()> {
     let device = device::parse_device(&a.device)?;
-    let config = run_config(&a)?;
+    let mut config = run_config(&a)?;
+    let init_weights = match &a.init_from {
+        Some(dir) => {
+            let ckpt = nuwa_hf::HfCheckpoint::open(dir)?;
+            config.model = ModelConfig {
+                embedding_dropout: config.model.embedding_dropout,
+                output_dropout: config.model.output_dropout,
+                ..ckpt.config.clone()
+            };
+            if a.dropout.is_none() {
+                config.model.embedding_dropout = ckpt.config.embedding_dropout;
+                config.model.output_dropout = ckpt.config.output_dropout;
+            }
+            Some(ckpt.load_weights()?)
+        }
+        None => None,
+    };
     let (run_dir, resume) = match &a.resume {
         Some(dir) => (dir.clone(), true),
         None => (a.run_dir.clone().unwrap_or_else(next_run_dir), false),
@@ -372,6 +446,7 @@ fn train(a: TrainArgs) -> Result<()> {
         stop,
         peak_flops: None,
         stop_at: a.stop_at,
+        init_weights,
     })?;
     let first = report.steps.first().map(|r| r.loss);
     let last = report.steps.last().map(|r| r.loss);
@@ -391,8 +466,9 @@ fn train(a: TrainArgs) -> Result<()> {
     if a.sample_tokens > 0 && !report.interrupted {
         println!("--- sample ---");
         sample_run(
-            &report.run_dir,
+            &ModelSource::Run(report.run_dir.clone()),
             "\n",
+            false,
             &SamplingOptions {
                 max_tokens: a.sample_tokens,
                 ..Default::default()
@@ -404,46 +480,69 @@ fn train(a: TrainArgs) -> Result<()> {
 }
 
 fn sample_run(
-    run: &Path,
+    source: &ModelSource,
     prompt: &str,
+    chat: bool,
     opts: &SamplingOptions,
     device: &burn::tensor::Device,
 ) -> Result<()> {
-    let (model, tokenizer, cfg) = nuwa_train::load_for_inference(run, device)?;
-    // Attend to no more positions than the model was trained on.
-    let opts = &SamplingOptions {
-        window: if opts.window == 0 {
-            cfg.train.seq_len
-        } else {
-            opts.window
-        },
-        ..*opts
+    let m = InferenceModel::load(source, device)?;
+    let ids = if chat {
+        m.encode_chat(&[Message {
+            role: "user".into(),
+            content: prompt.to_string(),
+        }])?
+    } else {
+        m.encode(prompt)?
     };
-    let ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
         bail!("--prompt: encodes to no tokens");
     }
-    if ids.len() >= model.max_positions {
+    if ids.len() >= m.model.max_positions {
         bail!(
             "--prompt: {} tokens does not fit the context of {}",
             ids.len(),
-            model.max_positions
+            m.model.max_positions
         );
     }
-    print!("{prompt}");
+    if !chat {
+        print!("{prompt}");
+    }
     let mut out = std::io::stdout();
-    let mut pending: Vec<u32> = Vec::new();
-    generate(&model, &ids, opts, device, |tok| {
-        // Decode incrementally; hold back bytes that do not form a whole character yet.
-        pending.push(tok);
-        let text = tokenizer.decode(&pending);
-        if !text.ends_with('\u{FFFD}') {
-            let _ = write!(out, "{text}");
+    let mut generated: Vec<u32> = Vec::new();
+    let mut printed = 0;
+    m.generate(&ids, opts, device, |tok| {
+        // Decode everything generated so far and print what is new: token-by-token decoding
+        // loses the spaces some decoders (SentencePiece, word-level) put between tokens, and
+        // holds back bytes that do not form a whole character yet.
+        generated.push(tok);
+        let text = m.tokenizer.decode(&generated);
+        if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
+            let _ = write!(out, "{}", &text[printed..]);
             let _ = out.flush();
-            pending.clear();
+            printed = text.len();
         }
     });
     println!();
+    Ok(())
+}
+
+fn import(a: ImportArgs) -> Result<()> {
+    let device = burn::tensor::Device::default();
+    let dir = nuwa_hf::import_to_run(&a.hf_dir, &a.out, &device)?;
+    println!(
+        "imported {} into {} ({})",
+        a.hf_dir.display(),
+        a.out.display(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn export(a: ExportArgs) -> Result<()> {
+    let dtype: nuwa_hf::ExportDtype = a.dtype.parse()?;
+    nuwa_hf::export_run(&a.run_dir, &a.out, dtype)?;
+    println!("exported {} to {}", a.run_dir.display(), a.out.display());
     Ok(())
 }
 
@@ -459,9 +558,15 @@ fn sample(a: SampleArgs) -> Result<()> {
     }
     let device = device::parse_device(&a.device)?;
     let prompt = a.prompt.replace("\\n", "\n");
+    let source = match (a.run, a.init_from) {
+        (Some(run), _) => ModelSource::Run(run),
+        (None, Some(dir)) => ModelSource::Hf(dir),
+        (None, None) => bail!("pass --run RUN_DIR or --init-from HF_DIR"),
+    };
     sample_run(
-        &a.run,
+        &source,
         &prompt,
+        a.chat,
         &SamplingOptions {
             max_tokens: a.max_tokens,
             temperature: a.temperature,

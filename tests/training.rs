@@ -31,6 +31,7 @@ fn options(run: &Path, config: RunConfig, resume: bool) -> TrainOptions {
         stop: Arc::new(AtomicBool::new(false)),
         peak_flops: Some(1e12),
         stop_at: None,
+        init_weights: None,
     }
 }
 
@@ -91,6 +92,7 @@ fn resume_continues_exactly() {
     let split_dir = tmp.path().join("split");
     let first = train(TrainOptions {
         stop_at: Some(n),
+        init_weights: None,
         ..options(&split_dir, tiny_moe_run(&data, 2 * n), false)
     })
     .unwrap();

@@ -109,6 +109,19 @@ impl Tokenizer {
         }
     }
 
+    /// Like [`Self::encode`], adding the special tokens an HF tokenizer's post-processor puts
+    /// around a text (a BOS, say), as a prompt to a pretrained model expects.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Self::Hf(t) => Ok(t
+                .encode(text, true)
+                .map_err(|e| anyhow!("tokenizer: {e}"))?
+                .get_ids()
+                .to_vec()),
+            _ => self.encode(text),
+        }
+    }
+
     pub fn decode(&self, ids: &[u32]) -> String {
         match self {
             Self::Byte => {
@@ -224,7 +237,7 @@ mod tests {
     #[test]
     fn bpe_trains_and_round_trips() {
         let text = "the cat sat on the mat. the cat ate the rat. ".repeat(50);
-        let t = Tokenizer::build(&TokenizerSpec::Bpe(300), &[text.clone()]).unwrap();
+        let t = Tokenizer::build(&TokenizerSpec::Bpe(300), std::slice::from_ref(&text)).unwrap();
         assert!(t.vocab_size() > 257 && t.vocab_size() <= 300);
         let ids = t.encode("the cat sat").unwrap();
         assert!(ids.len() < "the cat sat".len(), "BPE should merge: {ids:?}");

@@ -47,6 +47,9 @@ pub struct ModelConfig {
     pub use_bias: bool,
     #[serde(default)]
     pub use_qkv_bias: bool,
+    /// RMSNorm over each query and key head before RoPE (Qwen3, Ling 2.0: `use_qk_norm`).
+    #[serde(default)]
+    pub use_qk_norm: bool,
     /// Dropout after the token embedding (bailing_moe: `embedding_dropout`).
     #[serde(default)]
     pub embedding_dropout: f64,
@@ -231,6 +234,7 @@ impl ModelConfig {
             tie_word_embeddings: false,
             use_bias: false,
             use_qkv_bias: false,
+            use_qk_norm: false,
             embedding_dropout: 0.0,
             output_dropout: 0.0,
         };
@@ -295,7 +299,8 @@ impl ModelConfig {
         let qkv_out = (self.num_attention_heads + 2 * self.num_key_value_heads) * d;
         let qkv_bias = if self.use_qkv_bias { qkv_out } else { 0 };
         let o_bias = if self.use_bias { h } else { 0 };
-        (h * qkv_out + qkv_bias + self.num_attention_heads * d * h + o_bias) as u64
+        let qk_norm = if self.use_qk_norm { 2 * d } else { 0 };
+        (h * qkv_out + qkv_bias + self.num_attention_heads * d * h + o_bias + qk_norm) as u64
     }
 
     /// Counts total and per-token active parameters and training FLOPs per token.

@@ -113,6 +113,19 @@ pub fn generate(
     prompt: &[u32],
     opts: &SamplingOptions,
     device: &Device,
+    on_token: impl FnMut(u32),
+) -> Vec<u32> {
+    generate_until(model, prompt, opts, &[], device, on_token)
+}
+
+/// [`generate`], stopping after any token in `stop` (an end-of-sequence id), which is kept
+/// as the last token of the output.
+pub fn generate_until(
+    model: &LanguageModel,
+    prompt: &[u32],
+    opts: &SamplingOptions,
+    stop: &[u32],
+    device: &Device,
     mut on_token: impl FnMut(u32),
 ) -> Vec<u32> {
     let window = match opts.window {
@@ -140,7 +153,7 @@ pub fn generate(
         out.push(next);
         all.push(next);
         on_token(next);
-        if i + 1 == opts.max_tokens {
+        if i + 1 == opts.max_tokens || stop.contains(&next) {
             break;
         }
         logits = if cache.len() + 1 > window {

@@ -108,6 +108,9 @@ impl LayerCache {
 pub struct Attention {
     pub query_key_value: Linear,
     pub dense: Linear,
+    /// Per-head RMSNorm of queries and keys before RoPE, when `use_qk_norm`.
+    pub query_layernorm: Option<RmsNorm>,
+    pub key_layernorm: Option<RmsNorm>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -125,6 +128,12 @@ impl Attention {
                 cfg.use_bias,
                 device,
             ),
+            query_layernorm: cfg
+                .use_qk_norm
+                .then(|| RmsNorm::new(d, cfg.rms_norm_eps, device)),
+            key_layernorm: cfg
+                .use_qk_norm
+                .then(|| RmsNorm::new(d, cfg.rms_norm_eps, device)),
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: d,
@@ -149,8 +158,12 @@ impl Attention {
                 .reshape([b, t, n, d])
                 .swap_dims(1, 2)
         };
-        let q = apply_rope(heads(0, h), cos, sin);
-        let mut k = apply_rope(heads(h, kvh), cos, sin);
+        let norm = |x: Tensor<4>, n: &Option<RmsNorm>| match n {
+            Some(n) => n.forward(x),
+            None => x,
+        };
+        let q = apply_rope(norm(heads(0, h), &self.query_layernorm), cos, sin);
+        let mut k = apply_rope(norm(heads(h, kvh), &self.key_layernorm), cos, sin);
         let mut v = heads(h + kvh, kvh);
         if let Some(cache) = cache {
             if let Some((k_past, v_past)) = cache.kv.take() {

@@ -16,5 +16,5 @@ pub mod generate;
 pub mod init;
 pub mod loss;
 
-pub use generate::{generate, SamplingOptions};
+pub use generate::{generate, generate_until, SamplingOptions};
 pub use loss::cross_entropy;

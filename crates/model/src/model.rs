@@ -4,9 +4,11 @@
 use crate::layers::{linear, rope_tables, Attention, LayerCache, RmsNorm, SwiGlu, INIT_STD};
 use crate::moe::{Moe, RouterStats};
 use crate::ModelConfig;
-use burn::module::Module;
+use crate::ModulePath;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear};
 use burn::tensor::{Device, Int, Tensor};
+use std::collections::BTreeMap;
 
 /// The FFN of a decoder layer: dense SwiGLU or mixture of experts.
 #[derive(Module, Debug)]
@@ -184,11 +186,38 @@ impl LanguageModel {
         x.reshape([b * t, h]).matmul(w).reshape([b, t, vocab])
     }
 
+    /// Every parameter's path and shape for `cfg`, without allocating the weights (burn
+    /// initialises parameters lazily), so a 290B-parameter layout can be checked on a laptop.
+    pub fn parameter_shapes(cfg: &ModelConfig) -> BTreeMap<String, Vec<usize>> {
+        let mut shapes = Shapes::default();
+        Self::uninitialised(cfg, &Device::default()).visit(&mut shapes);
+        shapes.out
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
 
     pub fn num_params(&self) -> usize {
         Module::num_params(self)
+    }
+}
+
+#[derive(Default)]
+struct Shapes {
+    path: ModulePath,
+    out: BTreeMap<String, Vec<usize>>,
+}
+
+impl ModuleVisitor for Shapes {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.out
+            .insert(self.path.current(), param.lazy_shape().to_vec());
     }
 }

@@ -5,7 +5,7 @@ use crate::config::RunConfig;
 use crate::hardware::cpu_peak_flops;
 use crate::metrics::{plot_losses, MetricsLog};
 use crate::optim::{grad_norm, AdamW, AdamWConfig};
-use crate::weights::assign_weights;
+use crate::weights::{assign_weights, HostTensor};
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
@@ -17,6 +17,7 @@ use nuwa_data::{
 };
 use nuwa_model::{cross_entropy, LanguageModel, RouterStats};
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -37,6 +38,9 @@ pub struct TrainOptions {
     /// Stop after this step as if interrupted: save a checkpoint and return (the schedule still
     /// spans `train.steps`, so a resume continues the same run).
     pub stop_at: Option<u64>,
+    /// Start from these weights (nuwa names, e.g. an imported HF checkpoint) instead of a
+    /// seeded initialisation; ignored on resume.
+    pub init_weights: Option<BTreeMap<String, HostTensor>>,
 }
 
 /// What one optimiser step measured.
@@ -189,6 +193,9 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
     let mut sampler = BatchSampler::new(t.seed);
     let mut start_step = 0;
     let mut tokens_seen = 0u64;
+    if let (Some(weights), None) = (&opts.init_weights, &resumed) {
+        model = assign_weights(model, weights, "the initial weights")?;
+    }
     if let Some(l) = &resumed {
         model = assign_weights(
             model,

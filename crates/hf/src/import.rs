@@ -1,0 +1,188 @@
+//! Reading an HF checkpoint folder into nuwa: the model, its weights, tokenizer and chat template.
+
+use crate::arch::{config_from_hf, Arch};
+use crate::names::{tensor_maps, TensorMap};
+use crate::safetensors_dir::{is_supported_dtype, SafetensorsDir};
+use anyhow::{anyhow, bail, Context, Result};
+use burn::tensor::Device;
+use nuwa_data::Tokenizer;
+use nuwa_model::{LanguageModel, ModelConfig};
+use nuwa_train::weights::{assign_weights, HostTensor};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Files besides the weights that describe a checkpoint; kept with an imported run (in `hf/`)
+/// and written back on export.
+pub const SIDE_FILES: [&str; 6] = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
+
+/// An HF checkpoint folder, opened: config translated, weight headers checked.
+pub struct HfCheckpoint {
+    pub dir: PathBuf,
+    pub arch: Arch,
+    pub config: ModelConfig,
+    /// The original `config.json`.
+    pub hf_config: Value,
+    weights: SafetensorsDir,
+}
+
+impl HfCheckpoint {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("{}: not a folder", dir.display());
+        }
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let hf_config: Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
+        let (arch, config) = config_from_hf(&hf_config, &path.display().to_string())?;
+        let weights = SafetensorsDir::open(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            arch,
+            config,
+            hf_config,
+            weights,
+        })
+    }
+
+    /// Every problem between the files and what the config needs: missing, unexpected and
+    /// mis-shaped tensors and unsupported dtypes, all of them.
+    fn check(&self, maps: &[TensorMap]) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut used = BTreeSet::new();
+        for (name, shape) in maps.iter().flat_map(|m| &m.parts) {
+            match self.weights.tensors.get(name) {
+                None => problems.push(format!("missing tensor {name} (shape {shape:?})")),
+                Some(entry) => {
+                    used.insert(name.as_str());
+                    if &entry.shape != shape {
+                        problems.push(format!(
+                            "tensor {name} has shape {:?}, the config implies {shape:?}",
+                            entry.shape
+                        ));
+                    }
+                    if !is_supported_dtype(entry.dtype) {
+                        problems.push(format!(
+                            "tensor {name} has dtype {:?} (supported: F32, F16, BF16)",
+                            entry.dtype
+                        ));
+                    }
+                }
+            }
+        }
+        for name in self.weights.tensors.keys() {
+            // A tied head may still be saved; old checkpoints carry RoPE's inverse frequencies.
+            let tolerated = (self.config.tie_word_embeddings && name == "lm_head.weight")
+                || name.ends_with("rotary_emb.inv_freq");
+            if !used.contains(name.as_str()) && !tolerated {
+                problems.push(format!("unexpected tensor {name}"));
+            }
+        }
+        problems
+    }
+
+    /// Reads every weight into nuwa's names and layout (f32).
+    pub fn load_weights(&self) -> Result<BTreeMap<String, HostTensor>> {
+        let maps = tensor_maps(self.arch, &self.config);
+        let problems = self.check(&maps);
+        if !problems.is_empty() {
+            bail!(
+                "{}: {} problem(s) with the weights for {}: {}",
+                self.dir.display(),
+                problems.len(),
+                self.arch.model_type(),
+                problems.join("; ")
+            );
+        }
+        let mut out = BTreeMap::new();
+        for m in maps {
+            let mut stacked = Vec::with_capacity(m.shape.iter().product());
+            for (name, _) in &m.parts {
+                stacked.extend(self.weights.read_f32(name)?);
+            }
+            let data = if m.transpose {
+                transpose(&stacked, m.shape[1], m.shape[0])
+            } else {
+                stacked
+            };
+            out.insert(
+                m.internal.clone(),
+                HostTensor {
+                    shape: m.shape.clone(),
+                    data,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// The model with the checkpoint's weights, on `device`.
+    pub fn load_model(&self, device: &Device) -> Result<LanguageModel> {
+        check_fits_in_memory(&self.config, 2)?;
+        let weights = self.load_weights()?;
+        assign_weights(
+            LanguageModel::uninitialised(&self.config, device),
+            &weights,
+            &self.dir.display().to_string(),
+        )
+    }
+
+    /// The checkpoint's own tokenizer (`tokenizer.json`).
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        Tokenizer::load(&self.dir)
+    }
+}
+
+/// `[rows, cols]` row-major → `[cols, rows]`.
+pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    out
+}
+
+/// Refuses, before reading anything, a model whose f32 weights (times `copies` in flight)
+/// would not fit in the memory the OS says is available.
+pub fn check_fits_in_memory(cfg: &ModelConfig, copies: u64) -> Result<()> {
+    let need = cfg.counts(1).total_params * 4 * copies;
+    if let Some(available) = available_memory() {
+        if need > available {
+            bail!(
+                "the model needs about {:.1} GiB in f32 ({} parameters) but only {:.1} GiB of \
+                 memory is available",
+                need as f64 / (1u64 << 30) as f64,
+                cfg.counts(1).total_params,
+                available as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
+    Ok(())
+}
+
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transpose_swaps_axes() {
+        let t = super::transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3);
+        assert_eq!(t, [1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+    }
+}

@@ -1,0 +1,256 @@
+//! `nuwa import` (HF folder → run folder) and `nuwa export` (run folder → HF folder).
+//!
+//! An imported run is an ordinary run folder whose step-0 checkpoint holds the HF weights and
+//! whose `hf/` subfolder keeps the checkpoint's descriptive files (config, tokenizer config,
+//! chat template, generation config), so `sample`, `train --resume` and `export` all work on it.
+
+use crate::arch::{config_to_hf, Arch};
+use crate::import::{check_fits_in_memory, transpose, HfCheckpoint, SIDE_FILES};
+use crate::names::tensor_maps;
+use anyhow::{anyhow, bail, Context, Result};
+use burn::tensor::Device;
+use half::{bf16, f16};
+use nuwa_data::BatchSampler;
+use nuwa_train::checkpoint::{self, TrainerState};
+use nuwa_train::optim::{AdamW, AdamWConfig};
+use nuwa_train::weights::HostTensor;
+use nuwa_train::{DataConfig, RunConfig, TrainConfig};
+use safetensors::tensor::{Dtype, TensorView};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// The subfolder of a run holding an imported checkpoint's descriptive files.
+pub const HF_SUBDIR: &str = "hf";
+
+fn refuse_existing(path: &Path) -> Result<()> {
+    let non_empty = std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_some());
+    if non_empty {
+        bail!(
+            "{}: already exists and is not empty; choose a new folder",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Imports the HF checkpoint in `hf_dir` as a new run folder `run`.
+pub fn import_to_run(hf_dir: &Path, run: &Path, device: &Device) -> Result<PathBuf> {
+    refuse_existing(run)?;
+    let ckpt = HfCheckpoint::open(hf_dir)?;
+    check_fits_in_memory(&ckpt.config, 3)?;
+    let model = ckpt.load_model(device)?;
+    std::fs::create_dir_all(run.join(HF_SUBDIR))
+        .with_context(|| format!("{}: cannot create", run.display()))?;
+    for file in SIDE_FILES {
+        let from = hf_dir.join(file);
+        if from.exists() {
+            let bytes =
+                std::fs::read(&from).with_context(|| format!("{}: cannot read", from.display()))?;
+            nuwa_data::atomic_write(&run.join(HF_SUBDIR).join(file), &bytes)?;
+            if file == "tokenizer.json" {
+                nuwa_data::atomic_write(&run.join(file), &bytes)?;
+            }
+        }
+    }
+    let train = TrainConfig {
+        seq_len: TrainConfig::default()
+            .seq_len
+            .min(ckpt.config.max_position_embeddings),
+        ..TrainConfig::default()
+    };
+    let config = RunConfig {
+        model: ckpt.config.clone(),
+        train,
+        data: DataConfig::default(),
+    };
+    nuwa_data::atomic_write(
+        &run.join("config.toml"),
+        toml::to_string_pretty(&config)?.as_bytes(),
+    )?;
+    let state = TrainerState {
+        step: 0,
+        sampler: BatchSampler::new(config.train.seed),
+        tokens_seen: 0,
+        config,
+        checksums: BTreeMap::new(),
+    };
+    let opt = AdamW::new(AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    });
+    checkpoint::save(run, &model, &opt, state, 1)
+}
+
+/// Element type of exported weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl std::str::FromStr for ExportDtype {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "f16" | "float16" => Ok(Self::F16),
+            other => bail!("--dtype {other}: expected f32, bf16 or f16"),
+        }
+    }
+}
+
+impl ExportDtype {
+    fn encode(self, values: &[f32]) -> (Dtype, Vec<u8>) {
+        match self {
+            Self::F32 => (
+                Dtype::F32,
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            Self::Bf16 => (
+                Dtype::BF16,
+                values
+                    .iter()
+                    .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+            Self::F16 => (
+                Dtype::F16,
+                values
+                    .iter()
+                    .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+        }
+    }
+
+    fn torch_name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::Bf16 => "bfloat16",
+            Self::F16 => "float16",
+        }
+    }
+}
+
+/// nuwa weights (internal names) → HF tensors of `arch`.
+pub fn to_hf_tensors(
+    arch: Arch,
+    cfg: &nuwa_model::ModelConfig,
+    weights: &BTreeMap<String, HostTensor>,
+) -> Result<BTreeMap<String, HostTensor>> {
+    let mut out = BTreeMap::new();
+    for m in tensor_maps(arch, cfg) {
+        let t = weights
+            .get(&m.internal)
+            .ok_or_else(|| anyhow!("the checkpoint has no tensor {}", m.internal))?;
+        if t.shape != m.shape {
+            bail!(
+                "tensor {} has shape {:?}, the config implies {:?}",
+                m.internal,
+                t.shape,
+                m.shape
+            );
+        }
+        let data = if m.transpose {
+            transpose(&t.data, m.shape[0], m.shape[1])
+        } else {
+            t.data.clone()
+        };
+        let mut offset = 0;
+        for (name, shape) in m.parts {
+            let n: usize = shape.iter().product();
+            out.insert(
+                name,
+                HostTensor {
+                    shape,
+                    data: data[offset..offset + n].to_vec(),
+                },
+            );
+            offset += n;
+        }
+    }
+    Ok(out)
+}
+
+/// Writes the newest checkpoint of `run` as an HF folder `out` (config, weights, tokenizer).
+pub fn export_run(run: &Path, out: &Path, dtype: ExportDtype) -> Result<()> {
+    refuse_existing(out)?;
+    let loaded = checkpoint::load_latest(run)?;
+    let cfg = &loaded.state.config.model;
+    let arch = Arch::of(cfg)?;
+    let hf = run.join(HF_SUBDIR);
+    let original =
+        match std::fs::read_to_string(hf.join("config.json")) {
+            Ok(text) => Some(serde_json::from_str(&text).map_err(|e| {
+                anyhow!("{}: not valid JSON: {e}", hf.join("config.json").display())
+            })?),
+            Err(_) => None,
+        };
+    let mut config = config_to_hf(arch, cfg, original.as_ref())?;
+    config["torch_dtype"] = serde_json::json!(dtype.torch_name());
+    let tensors = to_hf_tensors(arch, cfg, &loaded.weights)?;
+    let encoded: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let (dt, bytes) = dtype.encode(&t.data);
+            (name, t.shape, dt, bytes)
+        })
+        .collect();
+    let views = encoded
+        .iter()
+        .map(|(name, shape, dt, bytes)| {
+            TensorView::new(*dt, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| anyhow!("tensor {name}: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let body = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| anyhow!("serialising safetensors: {e}"))?;
+
+    // Everything goes into a temporary sibling folder first, renamed into place at the end.
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(p) = parent {
+        std::fs::create_dir_all(p).with_context(|| format!("{}: cannot create", p.display()))?;
+    }
+    let name = out
+        .file_name()
+        .ok_or_else(|| anyhow!("{}: not a folder name", out.display()))?;
+    let tmp = out.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let written = (|| -> Result<()> {
+        std::fs::create_dir_all(&tmp)?;
+        nuwa_data::atomic_write(&tmp.join("model.safetensors"), &body)?;
+        nuwa_data::atomic_write(
+            &tmp.join("config.json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )?;
+        for file in SIDE_FILES.iter().filter(|f| **f != "config.json") {
+            let from = [hf.join(file), run.join(file)]
+                .into_iter()
+                .find(|p| p.exists());
+            if let Some(from) = from {
+                std::fs::copy(&from, tmp.join(file))
+                    .with_context(|| format!("{}: cannot copy", from.display()))?;
+            }
+        }
+        if out.exists() {
+            std::fs::remove_dir(out)?; // empty, checked above
+        }
+        std::fs::rename(&tmp, out)?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("writing {}", out.display())));
+    }
+    Ok(())
+}

@@ -1,0 +1,393 @@
+"""Independent PyTorch reference for the Hugging Face architectures nuwa imports and exports,
+and the generator of the tiny checkpoints the Rust tests load (`tests/fixtures/hf/<arch>/`).
+
+Written from the architectures' public descriptions (model cards, papers, config docs), not
+from their modelling code: every one is a pre-norm decoder (RMSNorm, rotate-half RoPE,
+grouped-query causal attention, SwiGLU) and they differ only in
+
+  - tensor names (`embed_tokens` vs `word_embeddings`, split q/k/v vs fused `query_key_value`,
+    Mixtral's `block_sparse_moe.experts.N.w1/w2/w3`),
+  - biases (qwen2: q/k/v only; llama: `attention_bias` / `mlp_bias`),
+  - qwen3_moe's per-head RMSNorm of queries and keys before RoPE,
+  - the MoE: softmax router, top-k, top-k weights renormalised (mixtral always, the others when
+    `norm_topk_prob`), Ling's shared experts and first dense layers, qwen3's `mlp_only_layers`,
+  - Ling's NormHead (LM-head rows L2-normalised before the logits).
+
+Each fixture folder holds `config.json`, the weights (`model.safetensors`, or shards with
+`model.safetensors.index.json`; f32, bf16 or f16) and `expected.safetensors` with the prompt
+`input_ids`, the fp32 `logits` of the prompt and `greedy` (32 tokens of greedy decoding).
+One fixture carries a `tokenizer.json` and a `tokenizer_config.json` with a chat template.
+
+    python3 tests/reference/hf_reference.py            # regenerate tests/fixtures/hf
+    python3 tests/reference/hf_reference.py --check DIR  # print max |Δ logits| of an HF folder vs this reference
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "fixtures", "hf")
+GREEDY_TOKENS = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations: one tiny config.json per architecture, written with each format's own keys.
+
+def tiny_configs():
+    common = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
+                  hidden_act="silu", bos_token_id=1, eos_token_id=2, torch_dtype="float32")
+    return {
+        "llama": dict(common, model_type="llama", architectures=["LlamaForCausalLM"],
+                      intermediate_size=64, rope_theta=10000.0, rope_scaling=None,
+                      attention_bias=False, mlp_bias=False, tie_word_embeddings=False),
+        "qwen2": dict(common, model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                      intermediate_size=64, rope_theta=1000000.0, use_sliding_window=False,
+                      sliding_window=None, tie_word_embeddings=True, torch_dtype="bfloat16"),
+        "qwen3_moe": dict(common, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
+                          intermediate_size=64, head_dim=16, rope_theta=1000000.0,
+                          num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0],
+                          attention_bias=False, tie_word_embeddings=False, router_aux_loss_coef=0.001),
+        "mixtral": dict(common, model_type="mixtral", architectures=["MixtralForCausalLM"],
+                        intermediate_size=48, rope_theta=1000000.0, num_local_experts=4,
+                        num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False,
+                        torch_dtype="float16"),
+        "bailing_moe": dict(common, model_type="bailing_moe", architectures=["BailingMoeForCausalLM"],
+                            intermediate_size=64, rope_theta=600000.0, num_experts=4,
+                            num_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=24,
+                            first_k_dense_replace=1, norm_topk_prob=True, norm_head=True,
+                            use_bias=False, use_qkv_bias=False, tie_word_embeddings=False),
+    }
+
+
+def get(cfg, key, default=None):
+    value = cfg.get(key, default)
+    return default if value is None else value
+
+
+def head_dim(cfg):
+    return get(cfg, "head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
+def rope_theta(cfg):
+    params = cfg.get("rope_parameters") or {}
+    return float(get(cfg, "rope_theta", params.get("rope_theta", 10000.0)))
+
+
+def is_moe_layer(cfg, i):
+    t = cfg["model_type"]
+    if t == "mixtral":
+        return True
+    if t == "qwen3_moe":
+        step = get(cfg, "decoder_sparse_step", 1)
+        return cfg["num_experts"] > 0 and i not in get(cfg, "mlp_only_layers", []) and (i + 1) % step == 0
+    if t == "bailing_moe":
+        return get(cfg, "num_experts", 0) > 0 and i >= get(cfg, "first_k_dense_replace", 0)
+    return False
+
+
+def num_experts(cfg):
+    return cfg["num_local_experts"] if cfg["model_type"] == "mixtral" else cfg["num_experts"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor names and shapes, per architecture ([out, in] for every linear weight).
+
+def layer_tensors(cfg, i):
+    t, h = cfg["model_type"], cfg["hidden_size"]
+    d, nh, kv = head_dim(cfg), cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    p = f"model.layers.{i}."
+    out = {p + "input_layernorm.weight": [h], p + "post_attention_layernorm.weight": [h]}
+    if t == "bailing_moe":
+        out[p + "attention.query_key_value.weight"] = [(nh + 2 * kv) * d, h]
+        if get(cfg, "use_qkv_bias", False):
+            out[p + "attention.query_key_value.bias"] = [(nh + 2 * kv) * d]
+        out[p + "attention.dense.weight"] = [h, nh * d]
+        if get(cfg, "use_bias", False):
+            out[p + "attention.dense.bias"] = [h]
+    else:
+        qkv_bias = t == "qwen2" or get(cfg, "attention_bias", False)
+        for name, rows in (("q_proj", nh * d), ("k_proj", kv * d), ("v_proj", kv * d)):
+            out[p + f"self_attn.{name}.weight"] = [rows, h]
+            if qkv_bias:
+                out[p + f"self_attn.{name}.bias"] = [rows]
+        out[p + "self_attn.o_proj.weight"] = [h, nh * d]
+        if t == "llama" and get(cfg, "attention_bias", False):
+            out[p + "self_attn.o_proj.bias"] = [h]
+        if t == "qwen3_moe":
+            out[p + "self_attn.q_norm.weight"] = [d]
+            out[p + "self_attn.k_norm.weight"] = [d]
+
+    def swiglu(prefix, width, names=("gate_proj", "up_proj", "down_proj")):
+        out[prefix + names[0] + ".weight"] = [width, h]
+        out[prefix + names[1] + ".weight"] = [width, h]
+        out[prefix + names[2] + ".weight"] = [h, width]
+
+    if not is_moe_layer(cfg, i):
+        swiglu(p + "mlp.", cfg["intermediate_size"])
+    elif t == "mixtral":
+        out[p + "block_sparse_moe.gate.weight"] = [num_experts(cfg), h]
+        for e in range(num_experts(cfg)):
+            swiglu(p + f"block_sparse_moe.experts.{e}.", cfg["intermediate_size"], ("w1", "w3", "w2"))
+    else:
+        out[p + "mlp.gate.weight"] = [num_experts(cfg), h]
+        for e in range(num_experts(cfg)):
+            swiglu(p + f"mlp.experts.{e}.", cfg["moe_intermediate_size"])
+        if t == "bailing_moe" and get(cfg, "num_shared_experts", 0):
+            swiglu(p + "mlp.shared_experts.", cfg["moe_intermediate_size"] * cfg["num_shared_experts"])
+    return out
+
+
+def all_tensors(cfg):
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    emb = "model.word_embeddings.weight" if cfg["model_type"] == "bailing_moe" else "model.embed_tokens.weight"
+    out = {emb: [v, h]}
+    for i in range(cfg["num_hidden_layers"]):
+        out.update(layer_tensors(cfg, i))
+    out["model.norm.weight"] = [h]
+    if not get(cfg, "tie_word_embeddings", False):
+        out["lm_head.weight"] = [v, h]
+    return out
+
+
+def random_weights(cfg, seed):
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in all_tensors(cfg).items():
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            weights[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif name.endswith(".bias"):
+            weights[name] = 0.1 * torch.randn(shape, generator=g)
+        else:
+            weights[name] = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward pass, from the descriptions above; everything in fp32.
+
+def rms_norm(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def rope(x, start, theta):
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    pos = torch.arange(start, start + x.shape[-2], dtype=torch.float32)
+    angles = torch.outer(pos, inv_freq)
+    cos = torch.cat([angles.cos(), angles.cos()], -1)
+    sin = torch.cat([angles.sin(), angles.sin()], -1)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def linear(x, w, b=None):
+    y = x @ w.T
+    return y if b is None else y + b
+
+
+def attention(cfg, W, p, x, cache):
+    t = cfg["model_type"]
+    b, n, _ = x.shape
+    d, nh, kv = head_dim(cfg), cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    if t == "bailing_moe":
+        qkv = linear(x, W[p + "attention.query_key_value.weight"], W.get(p + "attention.query_key_value.bias"))
+        q, k, v = qkv.split([nh * d, kv * d, kv * d], -1)
+        out_w, out_b = W[p + "attention.dense.weight"], W.get(p + "attention.dense.bias")
+    else:
+        q, k, v = (linear(x, W[p + f"self_attn.{s}_proj.weight"], W.get(p + f"self_attn.{s}_proj.bias"))
+                   for s in "qkv")
+        out_w, out_b = W[p + "self_attn.o_proj.weight"], W.get(p + "self_attn.o_proj.bias")
+    q = q.view(b, n, nh, d).transpose(1, 2)
+    k = k.view(b, n, kv, d).transpose(1, 2)
+    v = v.view(b, n, kv, d).transpose(1, 2)
+    if t == "qwen3_moe":
+        q = rms_norm(q, W[p + "self_attn.q_norm.weight"], cfg["rms_norm_eps"])
+        k = rms_norm(k, W[p + "self_attn.k_norm.weight"], cfg["rms_norm_eps"])
+    start = 0 if cache.get(p) is None else cache[p][0].shape[2]
+    q, k = rope(q, start, rope_theta(cfg)), rope(k, start, rope_theta(cfg))
+    if cache.get(p) is not None:
+        k = torch.cat([cache[p][0], k], 2)
+        v = torch.cat([cache[p][1], v], 2)
+    cache[p] = (k, v)
+    k = k.repeat_interleave(nh // kv, dim=1)
+    v = v.repeat_interleave(nh // kv, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+    total = k.shape[2]
+    mask = torch.ones(n, total, dtype=torch.bool).tril(total - n)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    y = scores.softmax(-1) @ v
+    return linear(y.transpose(1, 2).reshape(b, n, nh * d), out_w, out_b)
+
+
+def swiglu(W, prefix, x, names=("gate_proj", "up_proj", "down_proj")):
+    gate = linear(x, W[prefix + names[0] + ".weight"], W.get(prefix + names[0] + ".bias"))
+    up = linear(x, W[prefix + names[1] + ".weight"], W.get(prefix + names[1] + ".bias"))
+    return linear(torch.nn.functional.silu(gate) * up, W[prefix + names[2] + ".weight"],
+                  W.get(prefix + names[2] + ".bias"))
+
+
+def moe(cfg, W, p, x):
+    t = cfg["model_type"]
+    base = p + ("block_sparse_moe." if t == "mixtral" else "mlp.")
+    names = ("w1", "w3", "w2") if t == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    flat = x.reshape(-1, x.shape[-1])
+    probs = linear(flat, W[base + "gate.weight"]).softmax(-1)
+    weight, expert = probs.topk(cfg["num_experts_per_tok"], -1)
+    if t == "mixtral" or get(cfg, "norm_topk_prob", False):
+        weight = weight / weight.sum(-1, keepdim=True)
+    out = torch.zeros_like(flat)
+    for e in range(num_experts(cfg)):
+        rows, slots = (expert == e).nonzero(as_tuple=True)
+        if len(rows):
+            y = swiglu(W, base + f"experts.{e}.", flat[rows], names)
+            out.index_add_(0, rows, y * weight[rows, slots, None])
+    if t == "bailing_moe" and get(cfg, "num_shared_experts", 0):
+        out = out + swiglu(W, base + "shared_experts.", flat)
+    return out.view_as(x)
+
+
+def forward(cfg, W, ids, cache):
+    emb = W["model.word_embeddings.weight"] if cfg["model_type"] == "bailing_moe" else W["model.embed_tokens.weight"]
+    x = emb[ids]
+    eps = cfg["rms_norm_eps"]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        x = x + attention(cfg, W, p, rms_norm(x, W[p + "input_layernorm.weight"], eps), cache)
+        h = rms_norm(x, W[p + "post_attention_layernorm.weight"], eps)
+        x = x + (moe(cfg, W, p, h) if is_moe_layer(cfg, i) else swiglu(W, p + "mlp.", h))
+    x = rms_norm(x, W["model.norm.weight"], eps)
+    head = W.get("lm_head.weight", emb) if not get(cfg, "tie_word_embeddings", False) else emb
+    if get(cfg, "norm_head", False):
+        head = head / head.norm(dim=1, keepdim=True).clamp_min(1e-7)
+    return x @ head.T
+
+
+def greedy(cfg, W, prompt, steps):
+    cache = {}
+    logits = forward(cfg, W, prompt[None], cache)[0, -1]
+    out = []
+    for _ in range(steps):
+        nxt = int(logits.argmax())
+        out.append(nxt)
+        logits = forward(cfg, W, torch.tensor([[nxt]]), cache)[0, -1]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures.
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def save_weights(folder, weights, dtype, shards):
+    stored = {k: v.to(dtype).contiguous() for k, v in weights.items()}
+    if shards == 1:
+        save_file(stored, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = sorted(stored)
+    weight_map = {}
+    for s in range(shards):
+        part = names[s::shards]
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: stored[k] for k in part}, os.path.join(folder, file), metadata={"format": "pt"})
+        weight_map.update({k: file for k in part})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in stored.values())},
+             "weight_map": weight_map}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+
+
+def tiny_tokenizer(folder):
+    """A word-level tokenizer over the fixture vocabulary, plus a ChatML-style chat template."""
+    words = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"]
+    words += [f"w{i}" for i in range(96 - len(words))]
+    tok = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": w, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i, w in enumerate(words[:5])],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate(words)}, "unk_token": "<unk>"},
+    }
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        json.dump(tok, f, indent=1)
+    template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}, f, indent=1)
+
+
+def make_fixture(name, cfg, seed, shards=1):
+    folder = os.path.join(OUT, name)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    weights = random_weights(cfg, seed)
+    dtype = DTYPES[cfg.get("torch_dtype", "float32")]
+    # The reference computes from the stored values, so bf16/f16 fixtures test the upcast.
+    weights = {k: v.to(dtype).float() for k, v in weights.items()}
+    save_weights(folder, weights, dtype, shards)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(3, cfg["vocab_size"], (12,), generator=g)
+    with torch.no_grad():
+        logits = forward(cfg, weights, ids[None], {})[0]
+        tokens = greedy(cfg, weights, ids, GREEDY_TOKENS)
+    save_file({"input_ids": ids.to(torch.int64), "logits": logits.contiguous(),
+               "greedy": torch.tensor(tokens, dtype=torch.int64)},
+              os.path.join(folder, "expected.safetensors"))
+    return folder
+
+
+def load_folder(folder):
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    weights = {}
+    for file in files:
+        weights.update({k: v.float() for k, v in load_file(os.path.join(folder, file)).items()})
+    return cfg, weights
+
+
+def check(folder):
+    """Compares an HF folder (e.g. one nuwa exported) with the expected logits beside it."""
+    cfg, weights = load_folder(folder)
+    expected = load_file(os.path.join(folder, "expected.safetensors"))
+    with torch.no_grad():
+        logits = forward(cfg, weights, expected["input_ids"][None], {})[0]
+    print(f"{folder}: max |Δ logits| = {(logits - expected['logits']).abs().max():.3e}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--check", help="an HF folder with an expected.safetensors to compare against")
+    a = p.parse_args()
+    if a.check:
+        check(a.check)
+        return
+    configs = tiny_configs()
+    for seed, (name, cfg) in enumerate(configs.items()):
+        folder = make_fixture(name, cfg, 100 + seed, shards=2 if name == "qwen3_moe" else 1)
+        if name == "llama":
+            tiny_tokenizer(folder)
+        print("wrote", folder)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
