@@ -241,7 +241,11 @@ pub fn config_from_hf(json: &Value, what: &str) -> Result<(Arch, ModelConfig)> {
                 "`attention_bias`: biased projections are not supported for qwen3_moe",
             );
             cfg.use_qk_norm = true;
-            cfg.num_experts = f.usize_or("num_experts", Some(0));
+            // transformers 5 writes `num_local_experts`; earlier versions `num_experts`.
+            cfg.num_experts = match f.value("num_experts") {
+                Some(_) => f.usize("num_experts"),
+                None => f.usize_or("num_local_experts", Some(0)),
+            };
             cfg.num_experts_per_tok = f.usize_or("num_experts_per_tok", Some(0));
             cfg.moe_intermediate_size = f.usize_or("moe_intermediate_size", Some(0));
             cfg.norm_topk_prob = f.bool_or("norm_topk_prob", false);
@@ -447,6 +451,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("gpt2") && err.contains("qwen3_moe"), "{err}");
+    }
+
+    #[test]
+    fn transformers_5_keys_are_read() {
+        // transformers 5 writes `rope_parameters` and qwen3_moe's `num_local_experts`.
+        let cfg = json!({
+            "model_type": "qwen3_moe", "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_local_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 4,
+            "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}, "head_dim": 8
+        });
+        let (_, c) = config_from_hf(&cfg, "c").unwrap();
+        assert_eq!((c.num_experts, c.rope_theta, c.head_dim()), (4, 5e5, 8));
+        assert!(c.use_qk_norm && c.is_moe());
     }
 
     #[test]
