@@ -338,3 +338,89 @@ fn chat_template_and_end_of_sequence_come_from_the_checkpoint() {
         4
     );
 }
+
+#[test]
+fn fine_tuning_from_a_checkpoint_starts_from_its_weights_and_exports_as_its_type() {
+    let tmp = TempDir::new("hf-finetune");
+    let text: String = (0..3000).map(|i| format!("w{} ", (i * 7) % 40)).collect();
+    let txt = tmp.path().join("words.txt");
+    std::fs::write(&txt, text).unwrap();
+    let data = tmp.path().join("data");
+    let tok = fixture("llama").join("tokenizer.json");
+    let out = nuwa(&[
+        "data",
+        "prepare",
+        "--input",
+        txt.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--out",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = tmp.path().join("run");
+    let out = nuwa(&[
+        "train",
+        "--init-from",
+        fixture("llama").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--steps",
+        "30",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--quiet",
+        "--sample-tokens",
+        "0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The first step's loss is the imported model's, not a fresh initialisation's (~ln 96 = 4.56).
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("loss").and_then(|l| l.as_f64()))
+        .collect();
+    assert!(
+        (losses[0] - 4.56).abs() > 0.1,
+        "first loss {} looks freshly initialised",
+        losses[0]
+    );
+    assert!(losses.last().unwrap() < &(losses[0] - 0.5), "{losses:?}");
+    let hf = tmp.path().join("hf");
+    let out = nuwa(&[
+        "export",
+        run.to_str().unwrap(),
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ckpt = HfCheckpoint::open(&hf).unwrap();
+    assert_eq!(ckpt.arch.model_type(), "llama");
+    assert_eq!(ckpt.hf_config["eos_token_id"], 2);
+    assert!(
+        ckpt.load_weights().unwrap()
+            != HfCheckpoint::open(&fixture("llama"))
+                .unwrap()
+                .load_weights()
+                .unwrap()
+    );
+}

@@ -33,12 +33,9 @@ fn refuse_existing(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Imports the HF checkpoint in `hf_dir` as a new run folder `run`.
-pub fn import_to_run(hf_dir: &Path, run: &Path, device: &Device) -> Result<PathBuf> {
-    refuse_existing(run)?;
-    let ckpt = HfCheckpoint::open(hf_dir)?;
-    check_fits_in_memory(&ckpt.config, 3)?;
-    let model = ckpt.load_model(device)?;
+/// Copies an HF folder's descriptive files into `run/hf/` (and its tokenizer beside the run's
+/// checkpoints, where sampling looks for it).
+pub fn keep_side_files(hf_dir: &Path, run: &Path) -> Result<()> {
     std::fs::create_dir_all(run.join(HF_SUBDIR))
         .with_context(|| format!("{}: cannot create", run.display()))?;
     for file in SIDE_FILES {
@@ -52,6 +49,18 @@ pub fn import_to_run(hf_dir: &Path, run: &Path, device: &Device) -> Result<PathB
             }
         }
     }
+    Ok(())
+}
+
+/// Imports the HF checkpoint in `hf_dir` as a new run folder `run`.
+pub fn import_to_run(hf_dir: &Path, run: &Path, device: &Device) -> Result<PathBuf> {
+    refuse_existing(run)?;
+    let ckpt = HfCheckpoint::open(hf_dir)?;
+    check_fits_in_memory(&ckpt.config, 3)?;
+    let model = ckpt.load_model(device)?;
+    std::fs::create_dir_all(run.join(HF_SUBDIR))
+        .with_context(|| format!("{}: cannot create", run.display()))?;
+    keep_side_files(hf_dir, run)?;
     let train = TrainConfig {
         seq_len: TrainConfig::default()
             .seq_len
