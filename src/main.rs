@@ -42,6 +42,9 @@ enum Command {
     /// Convert a Hugging Face checkpoint folder (bailing_moe, llama, qwen2, qwen3_moe,
     /// mixtral) into a nuwa run folder.
     Import(ImportArgs),
+    /// Run `nuwa train --dist mpi` under mpirun and restart it from the last checkpoint when a
+    /// rank fails (built with `--features mpi`).
+    Launch(LaunchArgs),
     /// Write a run's newest checkpoint as a Hugging Face folder that transformers loads.
     Export(ExportArgs),
     /// Print a model's parameter counts and training FLOPs per token.
@@ -166,6 +169,33 @@ struct TrainArgs {
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Data-parallel over processes: `mpi` (start with mpirun or `nuwa launch`).
+    #[arg(long)]
+    dist: Option<String>,
+    /// Cluster file mapping ranks to devices (see crates/dist/src/cluster.rs).
+    #[arg(long)]
+    cluster: Option<PathBuf>,
+    /// Test-only: per-rank slowdown factors, e.g. `1,2` makes rank 1 twice as slow.
+    #[arg(long)]
+    throttle: Option<String>,
+    /// Re-balance each rank's share of the batch every N steps (0: keep the equal split).
+    #[arg(long, default_value_t = 10)]
+    rebalance_every: u64,
+    /// Seconds a collective may wait before its rank declares a peer hung and exits.
+    #[arg(long, default_value_t = 300.0)]
+    collective_timeout: f64,
+    /// Record every rank's parameter hash after each step in metrics.jsonl.
+    #[arg(long)]
+    hash_params: bool,
+    /// Test-only fault injection: STEP:RANK kills that rank with SIGKILL during that step.
+    #[arg(long, hide = true)]
+    fault_kill_at: Option<String>,
+    /// Test-only fault injection: STEP:RANK makes that rank hang before that step's all-reduce.
+    #[arg(long, hide = true)]
+    fault_hang_at: Option<String>,
+    /// Test-only: apply --throttle from this step on.
+    #[arg(long, hide = true, default_value_t = 0)]
+    throttle_from: u64,
 }
 
 #[derive(Args)]
@@ -200,6 +230,27 @@ struct SampleArgs {
     window: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+#[derive(Args)]
+struct LaunchArgs {
+    /// Ranks (processes) to start.
+    #[arg(long)]
+    np: usize,
+    /// Fewest ranks a restart may use.
+    #[arg(long, default_value_t = 1)]
+    min_np: usize,
+    #[arg(long, default_value_t = 3)]
+    max_restarts: usize,
+    /// Restart on as many ranks as before (the failed device came back).
+    #[arg(long)]
+    keep_size: bool,
+    /// Extra mpirun arguments, e.g. `--mpirun-arg=-x --mpirun-arg=RAYON_NUM_THREADS=1`.
+    #[arg(long = "mpirun-arg", allow_hyphen_values = true)]
+    mpirun_args: Vec<String>,
+    /// `nuwa train` arguments (after `--`); must include --run-dir DIR.
+    #[arg(last = true, required = true)]
+    train_args: Vec<String>,
 }
 
 #[derive(Args)]
@@ -250,6 +301,7 @@ fn main() {
         Command::Train(a) => train(*a),
         Command::Sample(a) => sample(a),
         Command::Import(a) => import(a),
+        Command::Launch(a) => launch(a),
         Command::Export(a) => export(a),
         Command::Inspect(a) => inspect(a),
         Command::Bench(a) => bench(a),
@@ -405,8 +457,95 @@ fn next_run_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("runs/run"))
 }
 
+/// The communicator and this rank's settings for `--dist`.
+fn dist_options(a: &TrainArgs) -> Result<Option<nuwa_train::parallel::DistOptions>> {
+    let Some(kind) = &a.dist else {
+        return Ok(None);
+    };
+    if kind != "mpi" {
+        bail!("--dist {kind}: expected mpi");
+    }
+    let cluster = match &a.cluster {
+        Some(p) => nuwa_dist::ClusterFile::load(p)?,
+        None => nuwa_dist::ClusterFile::default(),
+    };
+    let throttles = match &a.throttle {
+        Some(s) => nuwa_dist::cluster::parse_throttles(s)?,
+        None => Vec::new(),
+    };
+    let step_rank = |flag: &str, v: &Option<String>| -> Result<Option<(u64, usize)>> {
+        v.as_ref()
+            .map(|s| {
+                s.split_once(':')
+                    .and_then(|(x, y)| Some((x.parse().ok()?, y.parse().ok()?)))
+                    .ok_or_else(|| anyhow!("{flag} {s}: expected STEP:RANK"))
+            })
+            .transpose()
+    };
+    let kill_at = step_rank("--fault-kill-at", &a.fault_kill_at)?;
+    let hang_at = step_rank("--fault-hang-at", &a.fault_hang_at)?;
+    if !(a.collective_timeout > 0.0 && a.collective_timeout.is_finite()) {
+        bail!(
+            "--collective-timeout {}: must be positive",
+            a.collective_timeout
+        );
+    }
+    let comm = mpi_comm()?;
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let throttle = throttles
+        .get(rank)
+        .copied()
+        .or(cluster.rank.get(rank).and_then(|r| r.throttle))
+        .unwrap_or(1.0);
+    Ok(Some(nuwa_train::parallel::DistOptions {
+        max_seqs: (0..ranks)
+            .map(|r| a.cluster.as_ref().and(cluster.spec(r).max_seqs))
+            .collect(),
+        comm,
+        throttle,
+        rebalance_every: a.rebalance_every,
+        straggler_factor: 1.5,
+        straggler_patience: 3,
+        collective_timeout: std::time::Duration::from_secs_f64(a.collective_timeout),
+        kill_at,
+        hang_at,
+        throttle_from: a.throttle_from,
+        hash_params: a.hash_params,
+    }))
+}
+
+#[cfg(feature = "mpi")]
+fn mpi_comm() -> Result<Box<dyn nuwa_train::parallel::Collective>> {
+    Ok(Box::new(nuwa_dist::mpi_comm::MpiCollective::init()?))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_comm() -> Result<Box<dyn nuwa_train::parallel::Collective>> {
+    bail!("--dist mpi: this nuwa was built without MPI; rebuild with `cargo build --release --features mpi` (needs Open MPI)")
+}
+
+fn launch(a: LaunchArgs) -> Result<()> {
+    let restarts = nuwa_dist::launch(&nuwa_dist::LaunchOptions {
+        np: a.np,
+        min_np: a.min_np,
+        max_restarts: a.max_restarts,
+        keep_size: a.keep_size,
+        exe: std::env::current_exe().context("locating the nuwa executable")?,
+        train_args: a.train_args,
+        mpirun_args: a.mpirun_args,
+    })?;
+    println!("launch: the job finished after {restarts} restart(s)");
+    Ok(())
+}
+
 fn train(a: TrainArgs) -> Result<()> {
-    let device = device::parse_device(&a.device)?;
+    let dist = dist_options(&a)?;
+    let rank = dist.as_ref().map_or(0, |d| d.comm.rank());
+    let device_name = match (&a.cluster, &dist) {
+        (Some(p), Some(_)) => nuwa_dist::ClusterFile::load(p)?.spec(rank).device,
+        _ => a.device.clone(),
+    };
+    let device = device::parse_device(&device_name)?;
     let mut config = run_config(&a)?;
     let init_weights = match &a.init_from {
         Some(dir) => {
@@ -442,12 +581,16 @@ fn train(a: TrainArgs) -> Result<()> {
         config,
         resume,
         device: device.clone(),
-        show_progress: !a.quiet,
+        show_progress: !a.quiet && rank == 0,
         stop,
         peak_flops: None,
         stop_at: a.stop_at,
         init_weights,
+        dist,
     })?;
+    if rank != 0 {
+        return Ok(());
+    }
     if let Some(dir) = &a.init_from {
         // Keep the checkpoint's descriptive files (token ids, chat template) with the run, as
         // `nuwa import` does, so sampling and export treat it as that model fine-tuned.

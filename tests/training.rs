@@ -32,6 +32,7 @@ fn options(run: &Path, config: RunConfig, resume: bool) -> TrainOptions {
         peak_flops: Some(1e12),
         stop_at: None,
         init_weights: None,
+        dist: None,
     }
 }
 
@@ -93,6 +94,7 @@ fn resume_continues_exactly() {
     let first = train(TrainOptions {
         stop_at: Some(n),
         init_weights: None,
+        dist: None,
         ..options(&split_dir, tiny_moe_run(&data, 2 * n), false)
     })
     .unwrap();

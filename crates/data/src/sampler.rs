@@ -16,6 +16,20 @@ pub struct Batch {
     pub offsets: Vec<usize>,
 }
 
+impl Batch {
+    /// Rows `start..end` of the batch (a data-parallel rank's share).
+    pub fn rows(&self, start: usize, end: usize) -> Batch {
+        let t = self.seq_len;
+        Batch {
+            inputs: self.inputs[start * t..end * t].to_vec(),
+            targets: self.targets[start * t..end * t].to_vec(),
+            batch_size: end - start,
+            seq_len: t,
+            offsets: self.offsets[start..end].to_vec(),
+        }
+    }
+}
+
 /// Random windows of the training shard, drawn from a counter-based hash of (seed, cursor, row).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchSampler {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod hardware;
 pub mod metrics;
 pub mod optim;
+pub mod parallel;
 pub mod trainer;
 pub mod weights;
 

@@ -5,6 +5,10 @@ use crate::config::RunConfig;
 use crate::hardware::cpu_peak_flops;
 use crate::metrics::{plot_losses, MetricsLog};
 use crate::optim::{grad_norm, AdamW, AdamWConfig};
+use crate::parallel::{
+    all_reduce_gradients, gather_hashes, parameter_hash, Balancer, Collective, DistOptions,
+    SoloCollective, Watchdog,
+};
 use crate::weights::{assign_weights, HostTensor};
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
@@ -21,7 +25,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub struct TrainOptions {
     pub run_dir: PathBuf,
@@ -41,6 +45,8 @@ pub struct TrainOptions {
     /// Start from these weights (nuwa names, e.g. an imported HF checkpoint) instead of a
     /// seeded initialisation; ignored on resume.
     pub init_weights: Option<BTreeMap<String, HostTensor>>,
+    /// Data-parallel training over several processes (`None`: this process alone).
+    pub dist: Option<DistOptions>,
 }
 
 /// What one optimiser step measured.
@@ -131,6 +137,13 @@ fn scalar(t: &Option<Tensor<1>>) -> Option<f64> {
 }
 
 pub fn train(opts: TrainOptions) -> Result<TrainReport> {
+    let comm: &dyn Collective = match &opts.dist {
+        Some(d) => d.comm.as_ref(),
+        None => &SoloCollective,
+    };
+    let (rank, ranks) = (comm.rank(), comm.size());
+    // Only rank 0 writes: checkpoints, metrics, plots, the config and tokenizer copies.
+    let is_main = rank == 0;
     let run = opts.run_dir.clone();
     std::fs::create_dir_all(&run)
         .with_context(|| format!("{}: cannot create run folder", run.display()))?;
@@ -154,7 +167,15 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
         None => opts.config.clone(),
     };
 
-    let data = open_dataset(&run, &cfg)?;
+    // Rank 0 prepares the built-in corpus (if needed) before the others open it.
+    if !is_main {
+        comm.barrier();
+    }
+    let data = open_dataset(&run, &cfg);
+    if is_main {
+        comm.barrier();
+    }
+    let data = data?;
     if cfg.model.vocab_size == 0 {
         cfg.model.vocab_size = data.manifest.vocab_size;
     }
@@ -175,12 +196,14 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
             cfg.model.max_position_embeddings
         );
     }
-    let tokenizer = Tokenizer::load(&data.dir)?;
-    tokenizer.save(&run)?;
-    nuwa_data::atomic_write(
-        &run.join("config.toml"),
-        toml::to_string_pretty(&cfg)?.as_bytes(),
-    )?;
+    if is_main {
+        let tokenizer = Tokenizer::load(&data.dir)?;
+        tokenizer.save(&run)?;
+        nuwa_data::atomic_write(
+            &run.join("config.toml"),
+            toml::to_string_pretty(&cfg)?.as_bytes(),
+        )?;
+    }
 
     let t = &cfg.train;
     let mut model = LanguageModel::new(&cfg.model, &device, t.seed);
@@ -209,12 +232,27 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
     }
 
     let evals = eval_batches(&data.val, t.batch_size, t.seq_len, t.eval_batches)?;
-    let mut log = MetricsLog::open(&run)?;
+    let mut log = if is_main {
+        Some(MetricsLog::open(&run)?)
+    } else {
+        None
+    };
+    let caps: Vec<Option<usize>> = opts
+        .dist
+        .as_ref()
+        .map(|d| d.max_seqs.clone())
+        .unwrap_or_default();
+    let mut balancer = Balancer::new(t.batch_size, ranks, &caps);
+    let mut slow_steps = vec![0u32; ranks];
+    let watchdog = opts
+        .dist
+        .as_ref()
+        .map(|d| Watchdog::start(rank, d.collective_timeout));
     let counts = cfg.model.counts(t.seq_len);
     let peak = opts.peak_flops.unwrap_or_else(cpu_peak_flops);
     let tokens_per_step = (t.batch_size * t.grad_accum * t.seq_len) as u64;
 
-    let bar = if opts.show_progress {
+    let bar = if opts.show_progress && is_main {
         ProgressBar::new(t.steps)
     } else {
         ProgressBar::hidden()
@@ -243,7 +281,8 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
         };
 
     for step in start_step..t.steps {
-        if opts.stop.load(Ordering::SeqCst) || opts.stop_at.is_some_and(|s| step >= s) {
+        let local_stop = opts.stop.load(Ordering::SeqCst) && opts.dist.is_none();
+        if local_stop || opts.stop_at.is_some_and(|s| step >= s) {
             interrupted = true;
             break;
         }
@@ -254,26 +293,115 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
         let mut accumulator = GradientsAccumulator::<LanguageModel>::new();
         let (mut ce_sum, mut lb_sum, mut z_sum) = (0.0, None::<f64>, None::<f64>);
         let mut load = Vec::new();
-        for _ in 0..t.grad_accum {
+        // This rank's rows of every global micro-batch; each rank's loss is weighted by its
+        // share of the tokens, so the summed gradients equal one process's on the whole batch.
+        let shares = balancer.shares.clone();
+        let (first_row, my_rows) = (shares[..rank].iter().sum::<usize>(), shares[rank]);
+        let weight = my_rows as f64 / t.batch_size as f64 / t.grad_accum as f64;
+        let sample_start = sampler.cursor * t.batch_size as u64;
+        let compute_started = Instant::now();
+        for micro in 0..t.grad_accum {
             let batch = sampler.next_batch(&data.train, t.batch_size, t.seq_len)?;
+            if let Some((kill_step, kill_rank)) = opts.dist.as_ref().and_then(|d| d.kill_at) {
+                if kill_step == step + 1 && kill_rank == rank && micro == 0 {
+                    kill_self();
+                }
+            }
+            if my_rows == 0 {
+                continue;
+            }
+            let batch = if ranks > 1 {
+                batch.rows(first_row, first_row + my_rows)
+            } else {
+                batch
+            };
             let losses = forward_losses(&model, &batch, &device);
             let mut total = losses.ce.clone();
             if let (Some(lb), Some(z)) = (&losses.load_balance, &losses.z_loss) {
                 total = total + lb.clone() * t.aux_loss_coef + z.clone() * t.z_loss_coef;
             }
-            let total = total / t.grad_accum as f32;
+            let total = total * weight as f32;
             let grads = GradientsParams::from_grads(total.backward(), &model);
             accumulator.accumulate(&model, grads);
-            ce_sum += losses.ce.into_scalar::<f32>() as f64;
+            ce_sum += losses.ce.into_scalar::<f32>() as f64 * weight;
             if let Some(v) = scalar(&losses.load_balance) {
-                *lb_sum.get_or_insert(0.0) += v;
+                *lb_sum.get_or_insert(0.0) += v * weight;
             }
             if let Some(v) = scalar(&losses.z_loss) {
-                *z_sum.get_or_insert(0.0) += v;
+                *z_sum.get_or_insert(0.0) += v * weight;
             }
             load = losses.tokens_per_expert;
         }
-        let grads = accumulator.grads();
+        let mut compute_s = compute_started.elapsed().as_secs_f64();
+        let mut grads = accumulator.grads();
+        let (mut wait_s, mut comm_s) = (0.0, 0.0);
+        let mut rank_stats = Vec::new();
+        let mut stragglers = Vec::new();
+        let mut stop_requested = opts.stop.load(Ordering::SeqCst);
+        if let (Some(d), Some(dog)) = (&opts.dist, &watchdog) {
+            if d.throttle > 1.0 && step + 1 >= d.throttle_from {
+                std::thread::sleep(Duration::from_secs_f64((d.throttle - 1.0) * compute_s));
+                compute_s = compute_started.elapsed().as_secs_f64();
+            }
+            if d.hang_at == Some((step + 1, rank)) {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+            // Time spent waiting for the slowest rank, then the all-reduce itself.
+            dog.enter(step + 1);
+            let waited = Instant::now();
+            comm.barrier();
+            wait_s = waited.elapsed().as_secs_f64();
+            let (reduced, seconds) = all_reduce_gradients(&model, grads, comm, &plain);
+            grads = reduced;
+            comm_s = seconds;
+            let local = [
+                ce_sum,
+                lb_sum.unwrap_or(0.0),
+                z_sum.unwrap_or(0.0),
+                compute_s,
+                wait_s,
+                comm_s,
+                my_rows as f64,
+                stop_requested as u8 as f64,
+            ];
+            let all = comm.all_gather(&local);
+            dog.leave();
+            let col = |i: usize| -> Vec<f64> { all.chunks(local.len()).map(|c| c[i]).collect() };
+            ce_sum = col(0).iter().sum();
+            if lb_sum.is_some() {
+                lb_sum = Some(col(1).iter().sum());
+                z_sum = Some(col(2).iter().sum());
+            }
+            stop_requested = col(7).iter().any(|&f| f > 0.0);
+            let (computes, seqs) = (col(3), col(6));
+            for r in 0..ranks {
+                let predicted = balancer.predict(r, shares[r]);
+                let slow = predicted.is_some_and(|p| computes[r] > d.straggler_factor * p);
+                slow_steps[r] = if slow { slow_steps[r] + 1 } else { 0 };
+                if slow_steps[r] >= d.straggler_patience {
+                    stragglers.push(r);
+                    if slow_steps[r] == d.straggler_patience && is_main {
+                        bar.println(format!(
+                            "straggler: rank {r} ran {:.1}x slower than predicted for {} steps \
+                             (step {})",
+                            computes[r] / predicted.unwrap_or(computes[r]),
+                            slow_steps[r],
+                            step + 1
+                        ));
+                    }
+                }
+                rank_stats.push(json!({
+                    "rank": r, "seqs": seqs[r], "compute_s": computes[r],
+                    "wait_s": col(4)[r], "comm_s": col(5)[r],
+                }));
+            }
+            balancer.observe(&seqs, &computes);
+            // `rebalance_every` 0 keeps the equal split (the naive baseline).
+            let due = step == start_step || (step + 1) % d.rebalance_every.max(1) == 0;
+            if d.rebalance_every > 0 && due {
+                balancer.rebalance(t.batch_size, &caps);
+            }
+        }
         let norm = grad_norm(&model, &grads);
         let scale = if t.grad_clip > 0.0 && norm > t.grad_clip {
             t.grad_clip / norm
@@ -283,7 +411,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
         model = opt.step(model, grads, lr, scale);
         tokens_seen += tokens_per_step;
 
-        let loss = ce_sum / t.grad_accum as f64;
+        let loss = ce_sum;
         if !loss.is_finite() {
             bail!(
                 "step {}: loss is {loss}; stopping (last good checkpoint kept in {})",
@@ -300,11 +428,28 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
             "tokens_per_s": tok_s, "mfu": mfu, "step_seconds": seconds, "tokens_seen": tokens_seen,
         });
         if let Some(lb) = lb_sum {
-            record["load_balance_loss"] = json!(lb / t.grad_accum as f64);
-            record["z_loss"] = json!(z_sum.unwrap_or(0.0) / t.grad_accum as f64);
+            record["load_balance_loss"] = json!(lb);
+            record["z_loss"] = json!(z_sum.unwrap_or(0.0));
             record["tokens_per_expert"] = json!(load);
         }
-        if done % t.eval_every.max(1) == 0 || done == t.steps {
+        // Sample ids are positions in the sampler's stream: global batch c, row i is c·B + i.
+        record["sample_start"] = json!(sample_start);
+        record["sample_count"] = json!(t.batch_size * t.grad_accum);
+        if opts.dist.is_some() {
+            record["ranks"] = json!(rank_stats);
+            record["stragglers"] = json!(stragglers);
+            record["compute_s"] = json!(compute_s);
+            record["wait_s"] = json!(wait_s);
+            record["comm_s"] = json!(comm_s);
+            if opts.dist.as_ref().is_some_and(|d| d.hash_params) {
+                let hashes = gather_hashes(comm, parameter_hash(&model));
+                record["param_hashes"] = json!(hashes
+                    .iter()
+                    .map(|h| format!("{h:016x}"))
+                    .collect::<Vec<_>>());
+            }
+        }
+        if is_main && (done % t.eval_every.max(1) == 0 || done == t.steps) {
             let val = evaluate(&model.valid(), &evals, &plain);
             record["val_loss"] = json!(val);
             last_val = Some(val);
@@ -312,7 +457,9 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
                 "step {done:>6}  train loss {loss:.4}  val loss {val:.4}"
             ));
         }
-        log.write(&record)?;
+        if let Some(log) = log.as_mut() {
+            log.write(&record)?;
+        }
         records.push(StepRecord {
             step: done,
             loss,
@@ -325,21 +472,27 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
             mfu * 100.0
         ));
         bar.inc(1);
-        if done % t.checkpoint_every.max(1) == 0
-            || done == t.steps
-            || opts.stop.load(Ordering::SeqCst)
-        {
+        let checkpoint_due =
+            done % t.checkpoint_every.max(1) == 0 || done == t.steps || stop_requested;
+        if checkpoint_due && is_main {
             save(&model, &opt, done, sampler, tokens_seen)?;
+        }
+        if stop_requested {
+            // Every rank saw the same gathered flag, so all leave the loop together.
+            interrupted = true;
+            break;
         }
     }
     bar.finish_and_clear();
-    if interrupted {
+    if interrupted && is_main {
         let step = records.last().map_or(start_step, |r| r.step);
         if checkpoint::list_checkpoints(&run).last().map(|c| c.0) != Some(step) {
             save(&model, &opt, step, sampler, tokens_seen)?;
         }
     }
-    plot_losses(&run)?;
+    if is_main {
+        plot_losses(&run)?;
+    }
     Ok(TrainReport {
         run_dir: run,
         steps: records,
@@ -368,4 +521,14 @@ pub fn load_for_inference(
     )?;
     let tokenizer = Tokenizer::load(run)?;
     Ok((model, tokenizer, cfg))
+}
+
+/// Test-only fault injection: this process dies the way `kill -9` kills it.
+fn kill_self() {
+    let pid = std::process::id().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid])
+        .status();
+    // If `kill` is missing, abort is the nearest thing.
+    std::process::abort();
 }

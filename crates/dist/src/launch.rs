@@ -1,0 +1,132 @@
+//! `nuwa launch`: runs `mpirun -np N nuwa train --dist mpi ...` and, when the job fails (a rank
+//! killed, a hang caught by the collective timeout), restarts it from the run's last checkpoint
+//! on the ranks that are left — the data cursor is in the checkpoint, so no sample is skipped
+//! or seen twice.
+
+use anyhow::{anyhow, bail, Result};
+use nuwa_train::checkpoint::list_checkpoints;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct LaunchOptions {
+    pub np: usize,
+    /// Never restart on fewer ranks than this.
+    pub min_np: usize,
+    pub max_restarts: usize,
+    /// Restart on as many ranks as before (the failed device came back) instead of one fewer.
+    pub keep_size: bool,
+    /// The `nuwa` executable the ranks run.
+    pub exe: PathBuf,
+    /// `nuwa train` arguments; must contain `--run-dir DIR` (or `--resume DIR`).
+    pub train_args: Vec<String>,
+    /// Extra arguments for mpirun (before `-np`).
+    pub mpirun_args: Vec<String>,
+}
+
+/// The run folder named by `--run-dir` or `--resume`.
+fn run_dir(args: &[String]) -> Option<PathBuf> {
+    args.windows(2)
+        .find(|w| w[0] == "--run-dir" || w[0] == "--resume")
+        .map(|w| PathBuf::from(&w[1]))
+}
+
+/// Arguments for a restart: resume the run, and drop test-only fault injection so the fault
+/// that ended the first attempt does not fire again.
+fn restart_args(args: &[String], run: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--run-dir" | "--resume" | "--fault-kill-at" | "--fault-hang-at" => {
+                it.next();
+            }
+            _ => out.push(a.clone()),
+        }
+    }
+    if !list_checkpoints(run).is_empty() {
+        out.extend(["--resume".to_string(), run.display().to_string()]);
+    } else {
+        out.extend(["--run-dir".to_string(), run.display().to_string()]);
+    }
+    out
+}
+
+fn last_step(run: &Path) -> Option<u64> {
+    list_checkpoints(run).last().map(|c| c.0)
+}
+
+/// Runs the job, restarting it after failures; returns the number of restarts it took.
+pub fn launch(opts: &LaunchOptions) -> Result<usize> {
+    if opts.np == 0 || opts.min_np == 0 || opts.min_np > opts.np {
+        bail!(
+            "--np {} / --min-np {}: need 1 <= min-np <= np",
+            opts.np,
+            opts.min_np
+        );
+    }
+    let run = run_dir(&opts.train_args).ok_or_else(|| {
+        anyhow!("launch needs --run-dir DIR (or --resume DIR) in the train arguments")
+    })?;
+    let mut np = opts.np;
+    let mut args = opts.train_args.clone();
+    for attempt in 0..=opts.max_restarts {
+        let mut cmd = Command::new("mpirun");
+        cmd.args(&opts.mpirun_args)
+            .args(["--oversubscribe", "-np", &np.to_string()])
+            .arg(&opts.exe)
+            .args(["train", "--dist", "mpi"])
+            .args(&args)
+            // Containers and CI often run as root, which Open MPI refuses without these.
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        eprintln!("launch: attempt {} on {np} rank(s)", attempt + 1);
+        let status = cmd
+            .status()
+            .map_err(|e| anyhow!("cannot run mpirun ({e}); install Open MPI (openmpi-bin)"))?;
+        if status.success() {
+            return Ok(attempt);
+        }
+        if attempt == opts.max_restarts {
+            break;
+        }
+        let next = if opts.keep_size {
+            np
+        } else {
+            (np - 1).max(opts.min_np)
+        };
+        eprintln!(
+            "launch: the job failed ({status}); restarting from checkpoint step {} on {next} rank(s)",
+            last_step(&run).map_or("none (from scratch)".into(), |s| s.to_string())
+        );
+        np = next;
+        args = restart_args(&opts.train_args, &run);
+    }
+    bail!(
+        "the job still failed after {} restart(s); the last good checkpoint is kept in {}",
+        opts.max_restarts,
+        run.display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_resume_and_drop_the_fault() {
+        let args: Vec<String> = [
+            "--steps",
+            "9",
+            "--run-dir",
+            "/nowhere/run",
+            "--fault-kill-at",
+            "3:1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(run_dir(&args), Some(PathBuf::from("/nowhere/run")));
+        let again = restart_args(&args, Path::new("/nowhere/run"));
+        assert_eq!(again, ["--steps", "9", "--run-dir", "/nowhere/run"]);
+    }
+}

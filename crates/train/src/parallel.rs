@@ -1,0 +1,360 @@
+//! Data parallelism over unequal devices: the collective interface the trainer needs, the
+//! host-memory gradient all-reduce, the throughput balancer and the straggler detector.
+//!
+//! The communicator itself (MPI) lives in `nuwa-dist`; the trainer only sees [`Collective`], so
+//! the single-process path and every test of the math run without MPI.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor, TensorData};
+use std::time::Duration;
+
+/// What data-parallel training needs from a communicator. Every rank calls the same
+/// collectives in the same order.
+pub trait Collective {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// Element-wise sum across ranks, in place.
+    fn all_reduce_sum(&self, buf: &mut [f32]);
+    /// Every rank's `values` (all the same length), concatenated in rank order.
+    fn all_gather(&self, values: &[f64]) -> Vec<f64>;
+    /// Waits for every rank.
+    fn barrier(&self);
+}
+
+/// How one rank takes part in a data-parallel run.
+pub struct DistOptions {
+    pub comm: Box<dyn Collective>,
+    /// Test-only: this rank sleeps so it runs `throttle`× slower than it could.
+    pub throttle: f64,
+    /// Re-balance the shares of the global batch every this many steps (after a first
+    /// profiling step); 0 keeps the equal split.
+    pub rebalance_every: u64,
+    /// Most sequences per micro-batch each rank may take (its memory bound), by rank.
+    pub max_seqs: Vec<Option<usize>>,
+    /// A rank whose compute time exceeds `straggler_factor` × its predicted time for
+    /// `straggler_patience` steps in a row is reported.
+    pub straggler_factor: f64,
+    pub straggler_patience: u32,
+    /// A collective that waits longer than this is taken as a hung or dead peer: the rank
+    /// reports it and exits, so the supervisor can restart the job.
+    pub collective_timeout: Duration,
+    /// Test-only fault injection: (step, rank) where that rank kills itself with SIGKILL
+    /// halfway through the step.
+    pub kill_at: Option<(u64, usize)>,
+    /// Test-only: (step, rank) where that rank stops answering (sleeps before the
+    /// collectives), as a hung device would.
+    pub hang_at: Option<(u64, usize)>,
+    /// Test-only: the throttle applies from this step on (a device that slows down mid-run).
+    pub throttle_from: u64,
+    /// Record a hash of every rank's parameters after each step (costs a host copy).
+    pub hash_params: bool,
+}
+
+/// Splits `total` sequences in proportion to `speeds`, respecting per-rank caps, with the
+/// largest-remainder rule so the parts sum to `total` exactly. Deterministic, so every rank
+/// computes the same split from the same gathered speeds.
+pub fn proportional_shares(total: usize, speeds: &[f64], caps: &[Option<usize>]) -> Vec<usize> {
+    let n = speeds.len();
+    let cap = |r: usize| caps.get(r).copied().flatten().unwrap_or(usize::MAX);
+    let mut shares = vec![0usize; n];
+    let mut open: Vec<usize> = (0..n).collect();
+    let mut left = total;
+    // Water-filling: ranks that hit their cap keep it; the rest share what remains.
+    while left > 0 && !open.is_empty() {
+        let sum: f64 = open.iter().map(|&r| speeds[r].max(1e-12)).sum();
+        let ideal: Vec<f64> = open
+            .iter()
+            .map(|&r| left as f64 * speeds[r].max(1e-12) / sum)
+            .collect();
+        let capped: Vec<usize> = open
+            .iter()
+            .zip(&ideal)
+            .filter(|(&r, &x)| x >= (cap(r) - shares[r]) as f64)
+            .map(|(&r, _)| r)
+            .collect();
+        if !capped.is_empty() {
+            for r in capped {
+                left -= cap(r) - shares[r];
+                shares[r] = cap(r);
+                open.retain(|&o| o != r);
+            }
+            continue;
+        }
+        let mut floors: Vec<(usize, f64)> = open
+            .iter()
+            .zip(&ideal)
+            .map(|(&r, &x)| (r, x - x.floor()))
+            .collect();
+        let mut given = 0;
+        for (&r, &x) in open.iter().zip(&ideal) {
+            shares[r] += x.floor() as usize;
+            given += x.floor() as usize;
+        }
+        floors.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        for (r, _) in floors.into_iter().take(left - given) {
+            shares[r] += 1;
+        }
+        left = 0;
+    }
+    shares
+}
+
+/// Keeps each rank's measured speed (sequences per second of compute) and its share.
+pub struct Balancer {
+    pub speeds: Vec<Option<f64>>,
+    pub shares: Vec<usize>,
+}
+
+impl Balancer {
+    /// Starts with an equal split (the first step is the profile).
+    pub fn new(total: usize, ranks: usize, caps: &[Option<usize>]) -> Self {
+        Self {
+            speeds: vec![None; ranks],
+            shares: proportional_shares(total, &vec![1.0; ranks], caps),
+        }
+    }
+
+    /// Folds in one step's measurements (sequences done and compute seconds, per rank).
+    pub fn observe(&mut self, seqs: &[f64], seconds: &[f64]) {
+        for r in 0..self.speeds.len() {
+            if seqs[r] > 0.0 && seconds[r] > 0.0 {
+                let now = seqs[r] / seconds[r];
+                self.speeds[r] = Some(match self.speeds[r] {
+                    Some(old) => 0.5 * old + 0.5 * now,
+                    None => now,
+                });
+            }
+        }
+    }
+
+    /// Predicted compute seconds for `seqs` sequences on rank `r`.
+    pub fn predict(&self, r: usize, seqs: usize) -> Option<f64> {
+        self.speeds[r].map(|s| seqs as f64 / s)
+    }
+
+    pub fn rebalance(&mut self, total: usize, caps: &[Option<usize>]) {
+        let known: Vec<f64> = self.speeds.iter().flatten().copied().collect();
+        let fallback = known.iter().sum::<f64>() / known.len().max(1) as f64;
+        let speeds: Vec<f64> = self
+            .speeds
+            .iter()
+            .map(|s| s.unwrap_or(fallback.max(1e-9)))
+            .collect();
+        self.shares = proportional_shares(total, &speeds, caps);
+    }
+}
+
+struct Flatten<'a> {
+    grads: &'a mut GradientsParams,
+    flat: Vec<f32>,
+    /// (offset, shape) of each parameter in `flat`, in visiting order.
+    layout: Vec<(usize, Vec<usize>)>,
+}
+
+impl ModuleVisitor for Flatten<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let shape = param.lazy_shape().to_vec();
+        let n: usize = shape.iter().product();
+        let offset = self.flat.len();
+        match self.grads.remove::<D>(param.id) {
+            Some(g) => self.flat.extend(
+                g.into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .unwrap_or_else(|_| vec![0.0; n]),
+            ),
+            // A parameter this rank did not touch (an expert no token reached, or no share
+            // of the batch) contributes zeros.
+            None => self.flat.resize(offset + n, 0.0),
+        }
+        self.layout.push((offset, shape));
+    }
+}
+
+struct Unflatten<'a> {
+    flat: &'a [f32],
+    layout: std::slice::Iter<'a, (usize, Vec<usize>)>,
+    grads: GradientsParams,
+    device: Device,
+}
+
+impl ModuleVisitor for Unflatten<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some((offset, shape)) = self.layout.next() {
+            let n: usize = shape.iter().product();
+            let data = TensorData::new(self.flat[*offset..offset + n].to_vec(), shape.clone());
+            self.grads
+                .register::<D>(param.id, Tensor::from_data(data, &self.device));
+        }
+    }
+}
+
+/// Elements per all-reduce: big enough to amortise latency, small enough to bound the
+/// extra host memory the MPI library may use.
+pub const BUCKET_ELEMENTS: usize = 1 << 22;
+
+/// Sums gradients across ranks through host memory, in fp32 and in fixed-size buckets, so
+/// devices of any vendor can take part. Returns the seconds spent in the collectives.
+pub fn all_reduce_gradients<M: Module>(
+    model: &M,
+    grads: GradientsParams,
+    comm: &dyn Collective,
+    device: &Device,
+) -> (GradientsParams, f64) {
+    let mut grads = grads;
+    let mut f = Flatten {
+        grads: &mut grads,
+        flat: Vec::new(),
+        layout: Vec::new(),
+    };
+    model.visit(&mut f);
+    let (mut flat, layout) = (f.flat, f.layout);
+    let started = std::time::Instant::now();
+    for bucket in flat.chunks_mut(BUCKET_ELEMENTS) {
+        comm.all_reduce_sum(bucket);
+    }
+    let comm_s = started.elapsed().as_secs_f64();
+    let mut u = Unflatten {
+        flat: &flat,
+        layout: layout.iter(),
+        grads: GradientsParams::new(),
+        device: device.clone(),
+    };
+    model.visit(&mut u);
+    (u.grads, comm_s)
+}
+
+struct Hasher {
+    hash: u64,
+}
+
+impl ModuleVisitor for Hasher {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let values = param
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap_or_default();
+        for v in values {
+            self.hash = (self.hash ^ v.to_bits() as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// FNV-1a over the bits of every parameter, in module order.
+pub fn parameter_hash<M: Module>(model: &M) -> u64 {
+    let mut h = Hasher {
+        hash: 0xcbf2_9ce4_8422_2325,
+    };
+    model.visit(&mut h);
+    h.hash
+}
+
+/// Every rank's 64-bit hash, gathered exactly (as two 32-bit halves per f64).
+pub fn gather_hashes(comm: &dyn Collective, hash: u64) -> Vec<u64> {
+    let parts = comm.all_gather(&[(hash >> 32) as f64, (hash & 0xffff_ffff) as f64]);
+    parts
+        .chunks(2)
+        .map(|p| ((p[0] as u64) << 32) | p[1] as u64)
+        .collect()
+}
+
+/// Exits the process when a collective has waited past its timeout: a peer is hung or dead,
+/// and the supervisor (`nuwa launch`) restarts the job from the last checkpoint.
+pub struct Watchdog {
+    /// Milliseconds since `origin` when the current collective began; 0 when none is running.
+    entered_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    step: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    origin: std::time::Instant,
+}
+
+impl Watchdog {
+    pub fn start(rank: usize, timeout: Duration) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let entered_ms = Arc::new(AtomicU64::new(0));
+        let step = Arc::new(AtomicU64::new(0));
+        let origin = std::time::Instant::now();
+        let (e, s) = (entered_ms.clone(), step.clone());
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let began = e.load(Ordering::SeqCst);
+            if began == 0 {
+                continue;
+            }
+            let waited = origin.elapsed().as_millis() as u64
+                - began.min(origin.elapsed().as_millis() as u64);
+            if waited > timeout.as_millis() as u64 {
+                eprintln!(
+                    "error: rank {rank}: step {}: waited {:.1} s in a collective (timeout {:.1} s): \
+                     a peer rank is hung or dead; exiting so the job can restart",
+                    s.load(Ordering::SeqCst),
+                    waited as f64 / 1000.0,
+                    timeout.as_secs_f64()
+                );
+                std::process::exit(3);
+            }
+        });
+        Self {
+            entered_ms,
+            step,
+            origin,
+        }
+    }
+
+    /// Marks the start of a collective at `step`.
+    pub fn enter(&self, step: u64) {
+        use std::sync::atomic::Ordering;
+        self.step.store(step, Ordering::SeqCst);
+        let now = self.origin.elapsed().as_millis() as u64;
+        self.entered_ms.store(now.max(1), Ordering::SeqCst);
+    }
+
+    pub fn leave(&self) {
+        self.entered_ms
+            .store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The single-process "communicator": sums and gathers over one rank.
+pub struct SoloCollective;
+
+impl Collective for SoloCollective {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _: &mut [f32]) {}
+    fn all_gather(&self, values: &[f64]) -> Vec<f64> {
+        values.to_vec()
+    }
+    fn barrier(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_follow_speed_and_sum_to_the_batch() {
+        assert_eq!(proportional_shares(12, &[1.0, 0.5], &[]), [8, 4]);
+        assert_eq!(proportional_shares(10, &[1.0, 1.0, 1.0], &[]), [4, 3, 3]);
+        let s = proportional_shares(16, &[3.0, 1.0, 1.0], &[Some(6), None, None]);
+        assert_eq!(s, [6, 5, 5]);
+        assert_eq!(s.iter().sum::<usize>(), 16);
+    }
+
+    #[test]
+    fn balancer_moves_work_to_the_faster_rank() {
+        let mut b = Balancer::new(12, 2, &[]);
+        assert_eq!(b.shares, [6, 6]);
+        b.observe(&[6.0, 6.0], &[1.0, 2.0]);
+        b.rebalance(12, &[]);
+        assert_eq!(b.shares, [8, 4]);
+        assert!((b.predict(1, 4).unwrap() - 4.0 / 3.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,297 @@
+//! Data-parallel training over MPI (built with `--features mpi`; needs Open MPI's `mpirun`):
+//! the same math on 1, 2 and 3 ranks as in one process, throughput balancing of a throttled
+//! rank, and recovery from a rank killed with SIGKILL with no sample lost or repeated.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use common::TempDir;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+const NUWA: &str = env!("CARGO_BIN_EXE_nuwa");
+
+/// One MPI job at a time: the timing-based tests (balancing, stragglers) need the cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn tiny_args(run: &Path, steps: &str) -> Vec<String> {
+    sized_args(run, steps, "6", "32")
+}
+
+fn sized_args(run: &Path, steps: &str, batch: &str, hidden: &str) -> Vec<String> {
+    [
+        "--preset",
+        "tiny-dense",
+        "--hidden-size",
+        hidden,
+        "--layers",
+        "2",
+        "--steps",
+        steps,
+        "--batch-size",
+        batch,
+        "--seq-len",
+        "16",
+        "--lr",
+        "3e-3",
+        "--quiet",
+        "--sample-tokens",
+        "0",
+        "--eval-every",
+        "1000",
+        "--run-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([run.display().to_string()])
+    .collect()
+}
+
+fn mpirun(np: usize, args: &[String]) {
+    let out = Command::new("mpirun")
+        .args([
+            "--oversubscribe",
+            "-np",
+            &np.to_string(),
+            "-x",
+            "RAYON_NUM_THREADS",
+            NUWA,
+        ])
+        .args(["train", "--dist", "mpi"])
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .expect("running mpirun (install openmpi-bin)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The metrics of a run, one record per step (the last one written for a step wins, as a
+/// restarted run logs again the steps after its checkpoint).
+fn metrics(run: &Path) -> BTreeMap<u64, Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|v| (v["step"].as_u64().unwrap(), v))
+        .collect()
+}
+
+#[test]
+fn one_two_and_three_ranks_compute_the_same_steps_as_one_process() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-same");
+    let single = tmp.path().join("single");
+    let out = Command::new(NUWA)
+        .arg("train")
+        .args(tiny_args(&single, "8"))
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference = metrics(&single);
+    // Uneven shares on purpose: rank 1 throttled, re-balanced every 2 steps.
+    for (np, throttle) in [(1, "1"), (2, "1,3"), (3, "1,2,1")] {
+        let run = tmp.path().join(format!("np{np}"));
+        let mut args = tiny_args(&run, "8");
+        args.extend(
+            [
+                "--hash-params",
+                "--rebalance-every",
+                "2",
+                "--throttle",
+                throttle,
+            ]
+            .map(String::from),
+        );
+        mpirun(np, &args);
+        let got = metrics(&run);
+        assert_eq!(got.len(), reference.len());
+        for (step, rec) in &got {
+            let (a, b) = (
+                rec["loss"].as_f64().unwrap(),
+                reference[step]["loss"].as_f64().unwrap(),
+            );
+            assert!(
+                (a - b).abs() < 1e-5,
+                "np {np} step {step}: loss {a} vs one process {b}"
+            );
+            let hashes = rec["param_hashes"].as_array().unwrap();
+            assert_eq!(hashes.len(), np);
+            assert!(
+                hashes.iter().all(|h| h == &hashes[0]),
+                "np {np} step {step}: {hashes:?}"
+            );
+            let seqs: f64 = rec["ranks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["seqs"].as_f64().unwrap())
+                .sum();
+            assert_eq!(seqs, 6.0, "the global batch is fixed");
+        }
+    }
+}
+
+#[test]
+fn a_slower_rank_gets_a_smaller_share() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-balance");
+    let run = tmp.path().join("run");
+    let mut args = sized_args(&run, "8", "12", "64");
+    args.extend(["--rebalance-every", "2", "--throttle", "1,3"].map(String::from));
+    mpirun(2, &args);
+    let last = metrics(&run).into_values().last().unwrap();
+    let ranks = last["ranks"].as_array().unwrap();
+    let (fast, slow) = (
+        ranks[0]["seqs"].as_f64().unwrap(),
+        ranks[1]["seqs"].as_f64().unwrap(),
+    );
+    assert!(
+        fast >= 2.0 * slow,
+        "rank 0 (3x faster) should take most of the batch: {fast} vs {slow}"
+    );
+    assert_eq!(fast + slow, 12.0);
+}
+
+#[test]
+fn a_killed_rank_is_recovered_without_losing_or_repeating_samples() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-kill");
+    let run = tmp.path().join("run");
+    let mut args = tiny_args(&run, "10");
+    args.extend(["--checkpoint-every", "2", "--fault-kill-at", "5:1"].map(String::from));
+    let out = Command::new(NUWA)
+        .args([
+            "launch",
+            "--np",
+            "3",
+            "--mpirun-arg=-x",
+            "--mpirun-arg=RAYON_NUM_THREADS",
+            "--",
+        ])
+        .args(&args)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("restarting from checkpoint step 4 on 2 rank(s)"),
+        "{stderr}"
+    );
+    let steps = metrics(&run);
+    assert_eq!(
+        steps.keys().copied().collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<_>>()
+    );
+    // Every sample id of the 10 global batches of 6, exactly once.
+    let mut ids: Vec<u64> = steps
+        .values()
+        .flat_map(|r| {
+            let start = r["sample_start"].as_u64().unwrap();
+            start..start + r["sample_count"].as_u64().unwrap()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, (0..60).collect::<Vec<_>>());
+    assert_eq!(steps[&4]["ranks"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        steps[&5]["ranks"].as_array().unwrap().len(),
+        2,
+        "steps after the restart run on 2 ranks"
+    );
+}
+
+#[test]
+fn a_rank_that_slows_down_is_named_a_straggler() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-straggler");
+    let run = tmp.path().join("run");
+    let mut args = sized_args(&run, "10", "12", "64");
+    // Rank 1 becomes 4x slower at step 5; no re-balancing after the first step hides it.
+    args.extend(
+        [
+            "--rebalance-every",
+            "1000",
+            "--throttle",
+            "1,4",
+            "--throttle-from",
+            "5",
+        ]
+        .map(String::from),
+    );
+    mpirun(2, &args);
+    let steps = metrics(&run);
+    assert!(
+        steps[&3]["stragglers"].as_array().unwrap().is_empty(),
+        "{}",
+        steps[&3]
+    );
+    let flagged: Vec<u64> = steps
+        .iter()
+        .filter(|(_, r)| r["stragglers"].as_array().unwrap().iter().any(|s| s == 1))
+        .map(|(s, _)| *s)
+        .collect();
+    assert!(
+        flagged.first().is_some_and(|&s| (7..=8).contains(&s)),
+        "flagged at {flagged:?}"
+    );
+    let rank1 = &steps[&10]["ranks"][1];
+    assert!(
+        rank1["compute_s"].as_f64().unwrap()
+            > 2.0 * steps[&10]["ranks"][0]["compute_s"].as_f64().unwrap()
+    );
+}
+
+#[test]
+fn a_hung_rank_times_out_and_the_job_restarts() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-hang");
+    let run = tmp.path().join("run");
+    let mut args = tiny_args(&run, "6");
+    args.extend(
+        [
+            "--checkpoint-every",
+            "2",
+            "--fault-hang-at",
+            "3:1",
+            "--collective-timeout",
+            "2",
+        ]
+        .map(String::from),
+    );
+    let out = Command::new(NUWA)
+        .args([
+            "launch",
+            "--np",
+            "2",
+            "--mpirun-arg=-x",
+            "--mpirun-arg=RAYON_NUM_THREADS",
+            "--",
+        ])
+        .args(&args)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("rank 0: step 3: waited"), "{stderr}");
+    assert!(stderr.contains("a peer rank is hung or dead"), "{stderr}");
+    assert_eq!(metrics(&run).len(), 6);
+}
