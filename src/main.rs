@@ -2,6 +2,7 @@
 //! accelerator Burn supports.
 
 mod device;
+mod plan;
 
 /// Tensor buffers are large and short-lived; mimalloc keeps freed pages for reuse instead of
 /// returning them to the kernel, which otherwise costs a page fault and a page clear per reuse.
@@ -47,6 +48,8 @@ enum Command {
     Launch(LaunchArgs),
     /// Write a run's newest checkpoint as a Hugging Face folder that transformers loads.
     Export(ExportArgs),
+    /// Plan a training run: the cheapest (or fastest) mix of accelerators for N tokens.
+    Plan(Box<plan::PlanArgs>),
     /// Print a model's parameter counts and training FLOPs per token.
     Inspect(InspectArgs),
     /// Time training steps or decoding on the benchmark shapes (see bench/).
@@ -304,6 +307,7 @@ fn main() {
         Command::Launch(a) => launch(a),
         Command::Export(a) => export(a),
         Command::Inspect(a) => inspect(a),
+        Command::Plan(a) => plan::run(*a),
         Command::Bench(a) => bench(a),
     };
     if let Err(e) = result {

@@ -1,0 +1,271 @@
+//! The cost model: memory per device and time per step of one parallel layout on one or more
+//! kinds of device.
+//!
+//! Memory: bf16 weights and gradients (4 B/param) on every device holding a parameter, fp32
+//! master weights and AdamW moments (12 B/param) sharded over data-parallel replicas (ZeRO-1),
+//! activations per layer and micro-batch from Korthikanti et al. (2022), `s·b·h·(34 + 5·a·s/h)`
+//! bytes split over tensor parallelism, or `2·s·b·h` with full recomputation, times the
+//! micro-batches a 1F1B pipeline keeps in flight, plus the MoE dispatch buffers.
+//!
+//! Time: model FLOPs at the device's peak times a calibrated efficiency (×4/3 with
+//! recomputation), plus the pipeline bubble, tensor-parallel all-reduces and expert all-to-alls
+//! (not overlapped), plus the data-parallel gradient all-reduce, half of which hides behind the
+//! backward pass.
+
+use crate::catalogue::Available;
+use nuwa_model::ModelConfig;
+use serde::Serialize;
+
+/// How a model is laid out over devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Layout {
+    pub tp: usize,
+    pub pp: usize,
+    pub ep: usize,
+    pub micro_batch: usize,
+    pub recompute: bool,
+}
+
+/// The run being planned.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub model: ModelConfig,
+    pub seq_len: usize,
+    /// Sequences per optimiser step.
+    pub global_batch: usize,
+    pub tokens: f64,
+}
+
+impl Workload {
+    pub fn flops_per_token(&self) -> f64 {
+        self.model.counts(self.seq_len).train_flops_per_token
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Memory {
+    pub weights_and_grads: f64,
+    pub optimizer: f64,
+    pub activations: f64,
+    pub moe_buffers: f64,
+    pub total: f64,
+    pub capacity: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTime {
+    pub compute: f64,
+    pub bubble: f64,
+    pub tensor_parallel: f64,
+    pub expert_all_to_all: f64,
+    pub data_parallel_exposed: f64,
+    pub total: f64,
+}
+
+/// One device kind's part of a plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct Part {
+    pub device: String,
+    pub count: usize,
+    pub replicas: usize,
+    /// Sequences per step this kind's replicas take, in total.
+    pub sequences: usize,
+    pub memory: Memory,
+    pub step: StepTime,
+}
+
+/// Parameters held per device: (dense, expert).
+fn params_per_device(cfg: &ModelConfig, l: &Layout) -> (f64, f64) {
+    let counts = cfg.counts(1);
+    let expert_total = if cfg.is_moe() {
+        let layers = (0..cfg.num_hidden_layers)
+            .filter(|&i| cfg.layer_is_moe(i))
+            .count();
+        (layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size) as f64
+    } else {
+        0.0
+    };
+    let dense = counts.total_params as f64 - expert_total;
+    let shard = (l.tp * l.pp) as f64;
+    (dense / shard, expert_total / shard / l.ep as f64)
+}
+
+pub fn memory(w: &Workload, d: &Available, l: &Layout, dp: usize) -> Memory {
+    let cfg = &w.model;
+    let (dense, expert) = params_per_device(cfg, l);
+    let weights_and_grads = 4.0 * (dense + expert);
+    let expert_dp = (dp / l.ep).max(1) as f64;
+    let optimizer = 12.0 * (dense / dp as f64 + expert / expert_dp);
+    let (s, b, h) = (
+        w.seq_len as f64,
+        l.micro_batch as f64,
+        cfg.hidden_size as f64,
+    );
+    let a = cfg.num_attention_heads as f64;
+    let per_layer = if l.recompute {
+        2.0 * s * b * h
+    } else {
+        s * b * h * (34.0 + 5.0 * a * s / h) / l.tp as f64
+    };
+    let layers = (cfg.num_hidden_layers / l.pp) as f64;
+    let micro = (w.global_batch / dp / l.micro_batch).max(1);
+    let in_flight = l.pp.min(micro) as f64;
+    let activations = per_layer * layers * in_flight;
+    let moe_buffers = if cfg.is_moe() {
+        4.0 * s * b * cfg.num_experts_per_tok as f64 * h * 2.0
+    } else {
+        0.0
+    };
+    let total = weights_and_grads + optimizer + activations + moe_buffers;
+    Memory {
+        weights_and_grads,
+        optimizer,
+        activations,
+        moe_buffers,
+        total,
+        capacity: d.memory_bytes,
+    }
+}
+
+/// Time for one replica (tp·pp devices) to process `sequences` of the step, and its
+/// exposed share of the data-parallel all-reduce over `dp` replicas linked at `dp_bw`.
+pub fn step_time(
+    w: &Workload,
+    d: &Available,
+    l: &Layout,
+    efficiency: f64,
+    sequences: usize,
+    dp: usize,
+    dp_bw: f64,
+) -> StepTime {
+    let cfg = &w.model;
+    let tokens = (sequences * w.seq_len) as f64;
+    let recompute = if l.recompute { 4.0 / 3.0 } else { 1.0 };
+    let devices = (l.tp * l.pp) as f64;
+    let compute = tokens * w.flops_per_token() * recompute / (devices * d.peak_flops * efficiency);
+    let micro = (sequences / l.micro_batch).max(1) as f64;
+    let bubble = compute * (l.pp as f64 - 1.0) / micro;
+    let (s, b, h) = (
+        w.seq_len as f64,
+        l.micro_batch as f64,
+        cfg.hidden_size as f64,
+    );
+    let layers_per_stage = (cfg.num_hidden_layers / l.pp) as f64;
+    let tensor_parallel = if l.tp > 1 {
+        let bytes = 4.0 * 2.0 * (l.tp as f64 - 1.0) / l.tp as f64 * s * b * h * 2.0;
+        bytes / d.intra_node_bytes_s * layers_per_stage * micro
+    } else {
+        0.0
+    };
+    let moe_layers_per_stage = (0..cfg.num_hidden_layers)
+        .filter(|&i| cfg.layer_is_moe(i))
+        .count() as f64
+        / l.pp as f64;
+    let expert_all_to_all = if cfg.is_moe() && l.ep > 1 {
+        let bw = if l.ep * l.tp <= d.per_node {
+            d.intra_node_bytes_s
+        } else {
+            d.inter_node_bytes_s
+        };
+        let bytes = 4.0 * s * b * cfg.num_experts_per_tok as f64 * h * 2.0 * (l.ep as f64 - 1.0)
+            / l.ep as f64;
+        bytes / bw * moe_layers_per_stage * micro
+    } else {
+        0.0
+    };
+    let (dense, expert) = params_per_device(cfg, l);
+    let data_parallel_exposed = if dp > 1 {
+        let bytes = 2.0 * (dense + expert) * 2.0 * (dp as f64 - 1.0) / dp as f64;
+        (bytes / dp_bw - 0.5 * compute).max(0.0)
+    } else {
+        0.0
+    };
+    let total = compute + bubble + tensor_parallel + expert_all_to_all + data_parallel_exposed;
+    StepTime {
+        compute,
+        bubble,
+        tensor_parallel,
+        expert_all_to_all,
+        data_parallel_exposed,
+        total,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device() -> Available {
+        Available {
+            name: "X".into(),
+            count: 64,
+            peak_flops: 1e15,
+            memory_bytes: 80e9,
+            price_per_hour: 1.0,
+            domestic: true,
+            intra_node_bytes_s: 900e9,
+            inter_node_bytes_s: 50e9,
+            per_node: 8,
+            assumed: vec![],
+        }
+    }
+
+    #[test]
+    fn compute_time_is_flops_over_peak_times_efficiency() {
+        let w = Workload {
+            model: ModelConfig::preset("tiny-dense").unwrap(),
+            seq_len: 64,
+            global_batch: 8,
+            tokens: 1e6,
+        };
+        let l = Layout {
+            tp: 1,
+            pp: 1,
+            ep: 1,
+            micro_batch: 8,
+            recompute: false,
+        };
+        let t = step_time(&w, &device(), &l, 0.5, 8, 1, 50e9);
+        let want = 8.0 * 64.0 * w.flops_per_token() / (1e15 * 0.5);
+        assert!((t.total - want).abs() / want < 1e-12);
+        let r = step_time(
+            &w,
+            &device(),
+            &Layout {
+                recompute: true,
+                ..l
+            },
+            0.5,
+            8,
+            1,
+            50e9,
+        );
+        assert!((r.total / t.total - 4.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn sharding_divides_the_weights() {
+        let w = Workload {
+            model: ModelConfig::preset("ling-lite").unwrap(),
+            seq_len: 4096,
+            global_batch: 512,
+            tokens: 1e12,
+        };
+        let base = Layout {
+            tp: 1,
+            pp: 1,
+            ep: 1,
+            micro_batch: 1,
+            recompute: true,
+        };
+        let one = memory(&w, &device(), &base, 8);
+        let four = memory(&w, &device(), &Layout { pp: 4, ..base }, 8);
+        assert!((one.weights_and_grads / four.weights_and_grads - 4.0).abs() < 1e-9);
+        // 16.8B params × 4 B = 67 GB of bf16 weights and gradients on one device.
+        assert!(
+            (one.weights_and_grads / 1e9 - 67.2).abs() < 0.5,
+            "{}",
+            one.weights_and_grads
+        );
+    }
+}

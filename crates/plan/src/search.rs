@@ -1,0 +1,385 @@
+//! Enumerates plans (one or two device kinds, their counts, one parallel layout), prices them,
+//! checks the constraints and ranks the feasible ones.
+
+use crate::catalogue::Available;
+use crate::cost::{memory, step_time, Layout, Part, Workload};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    Cost,
+    Time,
+}
+
+#[derive(Debug, Clone)]
+pub struct Constraints {
+    pub deadline_days: Option<f64>,
+    pub budget: Option<f64>,
+    /// Least fraction of the plan's devices that must be domestic.
+    pub domestic_share: Option<f64>,
+}
+
+/// Memory kept free for the framework, fragmentation and workspace.
+pub const MEMORY_RESERVE: f64 = 0.10;
+/// Throughput lost to balancing when replicas of different speeds share a step.
+pub const MIXED_BALANCE_EFFICIENCY: f64 = 0.95;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub parts: Vec<Part>,
+    pub layout: Layout,
+    pub step_seconds: f64,
+    pub days: f64,
+    pub total_cost: f64,
+    pub cost_per_trillion: f64,
+    pub mfu: f64,
+    /// Smallest fraction of memory left free on any device.
+    pub memory_headroom: f64,
+    pub domestic_share: f64,
+    pub devices: usize,
+    /// Constraints this plan breaks, with by how much (empty when feasible).
+    pub violations: Vec<String>,
+}
+
+impl Plan {
+    pub fn describe(&self) -> String {
+        self.parts
+            .iter()
+            .map(|p| format!("{}×{}", p.count, p.device))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
+
+    pub fn layout_text(&self) -> String {
+        let l = &self.layout;
+        format!(
+            "tp{} pp{} ep{} mb{}{}",
+            l.tp,
+            l.pp,
+            l.ep,
+            l.micro_batch,
+            if l.recompute { " rc" } else { "" }
+        )
+    }
+}
+
+fn powers_of_two_up_to(max: usize) -> Vec<usize> {
+    std::iter::successors(Some(1usize), |x| x.checked_mul(2))
+        .take_while(|&x| x <= max)
+        .collect()
+}
+
+/// Device counts to try for one kind: multiples of the layout's group size, doubling, and the
+/// whole inventory.
+fn counts(group: usize, available: usize) -> Vec<usize> {
+    let mut out: Vec<usize> = powers_of_two_up_to(available / group.max(1))
+        .into_iter()
+        .map(|k| k * group)
+        .collect();
+    let all = available / group * group;
+    if all > 0 && !out.contains(&all) {
+        out.push(all);
+    }
+    out
+}
+
+fn layouts(w: &Workload, per_node: usize) -> Vec<Layout> {
+    let cfg = &w.model;
+    let mut out = Vec::new();
+    for tp in powers_of_two_up_to(per_node.min(8)) {
+        if !cfg.num_attention_heads.is_multiple_of(tp)
+            || !cfg.num_key_value_heads.is_multiple_of(tp) && tp > cfg.num_key_value_heads
+        {
+            continue;
+        }
+        for pp in powers_of_two_up_to(16) {
+            if !cfg.num_hidden_layers.is_multiple_of(pp) {
+                continue;
+            }
+            let eps = if cfg.is_moe() {
+                powers_of_two_up_to(cfg.num_experts.min(64))
+                    .into_iter()
+                    .filter(|e| cfg.num_experts.is_multiple_of(*e))
+                    .collect()
+            } else {
+                vec![1]
+            };
+            for &ep in &eps {
+                for micro_batch in [1, 2, 4] {
+                    for recompute in [false, true] {
+                        out.push(Layout {
+                            tp,
+                            pp,
+                            ep,
+                            micro_batch,
+                            recompute,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Prices one candidate: `kinds` with their counts, all on `layout`.
+fn evaluate(
+    w: &Workload,
+    kinds: &[(&Available, usize, f64)],
+    layout: Layout,
+    c: &Constraints,
+) -> Option<Plan> {
+    let group = layout.tp * layout.pp;
+    let replicas: Vec<usize> = kinds.iter().map(|(_, n, _)| n / group).collect();
+    let dp: usize = replicas.iter().sum();
+    if dp == 0 || !dp.is_multiple_of(layout.ep) || w.global_batch < dp * layout.micro_batch {
+        return None;
+    }
+    // Throughput-balanced split of the global batch across replicas (by per-sequence speed).
+    let dp_bw = kinds
+        .iter()
+        .map(|(d, _, _)| d.inter_node_bytes_s)
+        .fold(f64::INFINITY, f64::min);
+    let speeds: Vec<f64> = kinds
+        .iter()
+        .map(|(d, _, eff)| {
+            let one = step_time(w, d, &layout, *eff, layout.micro_batch, dp, dp_bw);
+            layout.micro_batch as f64
+                / (one.compute + one.bubble + one.tensor_parallel + one.expert_all_to_all)
+        })
+        .collect();
+    let total_speed: f64 = speeds
+        .iter()
+        .zip(&replicas)
+        .map(|(s, r)| s * *r as f64)
+        .sum();
+    let mut parts = Vec::new();
+    let mut step_seconds: f64 = 0.0;
+    let mut headroom = f64::INFINITY;
+    let mut assigned = 0;
+    for (i, ((d, n, eff), r)) in kinds.iter().zip(&replicas).enumerate() {
+        let share = if i + 1 == kinds.len() {
+            w.global_batch - assigned
+        } else {
+            ((w.global_batch as f64 * speeds[i] * *r as f64 / total_speed).round() as usize)
+                .min(w.global_batch - assigned)
+        };
+        assigned += share;
+        let per_replica = share.div_ceil((*r).max(1));
+        if per_replica < layout.micro_batch {
+            return None;
+        }
+        let mem = memory(w, d, &layout, dp);
+        headroom = headroom.min(1.0 - mem.total / mem.capacity);
+        let st = step_time(w, d, &layout, *eff, per_replica, dp, dp_bw);
+        step_seconds = step_seconds.max(st.total);
+        parts.push(Part {
+            device: d.name.clone(),
+            count: *n,
+            replicas: *r,
+            sequences: share,
+            memory: mem,
+            step: st,
+        });
+    }
+    if kinds.len() > 1 {
+        step_seconds /= MIXED_BALANCE_EFFICIENCY;
+    }
+    let steps = w.tokens / (w.global_batch * w.seq_len) as f64;
+    let seconds = steps * step_seconds;
+    let hours = seconds / 3600.0;
+    let price_per_hour: f64 = kinds
+        .iter()
+        .map(|(d, n, _)| d.price_per_hour * *n as f64)
+        .sum();
+    let total_cost = hours * price_per_hour;
+    let devices: usize = kinds.iter().map(|(_, n, _)| n).sum();
+    let domestic: usize = kinds
+        .iter()
+        .filter(|(d, _, _)| d.domestic)
+        .map(|(_, n, _)| n)
+        .sum();
+    let peak: f64 = kinds.iter().map(|(d, n, _)| d.peak_flops * *n as f64).sum();
+    let tokens_per_s = (w.global_batch * w.seq_len) as f64 / step_seconds;
+    let mut plan = Plan {
+        parts,
+        layout,
+        step_seconds,
+        days: hours / 24.0,
+        total_cost,
+        cost_per_trillion: total_cost / w.tokens * 1e12,
+        mfu: tokens_per_s * w.flops_per_token() / peak,
+        memory_headroom: headroom,
+        domestic_share: domestic as f64 / devices as f64,
+        devices,
+        violations: Vec::new(),
+    };
+    if headroom < MEMORY_RESERVE {
+        let worst = plan
+            .parts
+            .iter()
+            .max_by(|a, b| {
+                (a.memory.total / a.memory.capacity)
+                    .total_cmp(&(b.memory.total / b.memory.capacity))
+            })
+            .map(|p| {
+                format!(
+                    "memory: {} needs {:.1} GB per device, has {:.1} GB ({:.0}% kept free)",
+                    p.device,
+                    p.memory.total / 1e9,
+                    p.memory.capacity / 1e9,
+                    MEMORY_RESERVE * 100.0
+                )
+            })
+            .unwrap_or_default();
+        plan.violations.push(worst);
+    }
+    if let Some(days) = c.deadline_days {
+        if plan.days > days {
+            plan.violations.push(format!(
+                "deadline: takes {:.1} days, {:.1} over {days} d",
+                plan.days,
+                plan.days - days
+            ));
+        }
+    }
+    if let Some(b) = c.budget {
+        if total_cost > b {
+            plan.violations.push(format!(
+                "budget: costs {total_cost:.3e}, {:.3e} over {b:.3e}",
+                total_cost - b
+            ));
+        }
+    }
+    if let Some(share) = c.domestic_share {
+        if plan.domestic_share < share {
+            plan.violations.push(format!(
+                "domestic share: {:.0}% of devices, below {:.0}%",
+                plan.domestic_share * 100.0,
+                share * 100.0
+            ));
+        }
+    }
+    Some(plan)
+}
+
+/// All candidate plans, feasible or not.
+pub fn enumerate(
+    w: &Workload,
+    inventory: &[Available],
+    efficiency: &dyn Fn(&str) -> f64,
+    c: &Constraints,
+) -> Vec<Plan> {
+    let mut out = Vec::new();
+    let per_node = inventory.iter().map(|d| d.per_node).min().unwrap_or(8);
+    let layouts = layouts(w, per_node);
+    for i in 0..inventory.len() {
+        for j in i..inventory.len() {
+            let a = &inventory[i];
+            for &layout in &layouts {
+                let group = layout.tp * layout.pp;
+                for na in counts(group, a.count) {
+                    if i == j {
+                        out.extend(evaluate(w, &[(a, na, efficiency(&a.name))], layout, c));
+                        continue;
+                    }
+                    let b = &inventory[j];
+                    for nb in counts(group, b.count) {
+                        let kinds = [(a, na, efficiency(&a.name)), (b, nb, efficiency(&b.name))];
+                        out.extend(evaluate(w, &kinds, layout, c));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Sorts by the objective (ties: the other one).
+pub fn rank(plans: &mut [Plan], objective: Objective) {
+    plans.sort_by(|a, b| match objective {
+        Objective::Cost => a
+            .total_cost
+            .total_cmp(&b.total_cost)
+            .then(a.days.total_cmp(&b.days)),
+        Objective::Time => a
+            .days
+            .total_cmp(&b.days)
+            .then(a.total_cost.total_cmp(&b.total_cost)),
+    });
+}
+
+/// The cost-vs-time Pareto frontier of `plans` (sorted by time).
+pub fn frontier(plans: &[Plan]) -> Vec<&Plan> {
+    let mut sorted: Vec<&Plan> = plans.iter().collect();
+    sorted.sort_by(|a, b| {
+        a.days
+            .total_cmp(&b.days)
+            .then(a.total_cost.total_cmp(&b.total_cost))
+    });
+    let mut out: Vec<&Plan> = Vec::new();
+    for p in sorted {
+        if out.last().is_none_or(|last| p.total_cost < last.total_cost) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Why no plan is feasible: for each constraint, the best any plan does on it.
+pub fn explain_infeasible(plans: &[Plan], c: &Constraints) -> String {
+    let mut reasons = Vec::new();
+    let fits: Vec<&Plan> = plans
+        .iter()
+        .filter(|p| p.memory_headroom >= MEMORY_RESERVE)
+        .collect();
+    if fits.is_empty() {
+        let best = plans
+            .iter()
+            .map(|p| p.memory_headroom)
+            .fold(f64::NEG_INFINITY, f64::max);
+        reasons.push(format!(
+            "no layout fits in memory: the best leaves {:.0}% free (need {:.0}%); add devices \
+             with more memory or allow more parallelism",
+            best * 100.0,
+            MEMORY_RESERVE * 100.0
+        ));
+    } else {
+        if let Some(d) = c.deadline_days {
+            let fastest = fits.iter().map(|p| p.days).fold(f64::INFINITY, f64::min);
+            if fastest > d {
+                reasons.push(format!(
+                    "deadline {d} d: the fastest plan that fits takes {fastest:.1} days ({:.1} over)",
+                    fastest - d
+                ));
+            }
+        }
+        if let Some(b) = c.budget {
+            let cheapest = fits
+                .iter()
+                .map(|p| p.total_cost)
+                .fold(f64::INFINITY, f64::min);
+            if cheapest > b {
+                reasons.push(format!(
+                    "budget {b:.3e}: the cheapest plan that fits costs {cheapest:.3e} ({:.3e} over)",
+                    cheapest - b
+                ));
+            }
+        }
+        if let Some(s) = c.domestic_share {
+            let best = fits.iter().map(|p| p.domestic_share).fold(0.0, f64::max);
+            if best < s {
+                reasons.push(format!(
+                    "domestic share {:.0}%: at most {:.0}% of a plan's devices can be domestic \
+                     with this inventory",
+                    s * 100.0,
+                    best * 100.0
+                ));
+            }
+        }
+        if reasons.is_empty() {
+            reasons.push("the constraints cannot all be met by the same plan".into());
+        }
+    }
+    reasons.join("; ")
+}

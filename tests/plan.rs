@@ -1,0 +1,189 @@
+//! The cost planner through the binary: search under constraints, reasons for infeasibility,
+//! bad inventories, Ant's worked example, and predicted vs measured step time on this machine.
+
+mod common;
+
+use common::{assert_clean_error, nuwa, TempDir};
+use serde_json::Value;
+use std::path::Path;
+
+fn inventory(dir: &Path, body: &str) -> String {
+    let path = dir.join("inv.toml");
+    std::fs::write(&path, body).unwrap();
+    path.display().to_string()
+}
+
+const MIX: &str = "currency = \"CNY\"\n\
+    [[device]]\nname = \"D\"\ncount = 2048\ndomestic = false\n\
+    [[device]]\nname = \"A\"\ncount = 4096\ndomestic = true\n\
+    [[device]]\nname = \"E\"\ncount = 1024\ndomestic = true\n";
+
+#[test]
+fn the_search_meets_every_constraint_and_ranks_by_cost() {
+    let tmp = TempDir::new("plan-search");
+    let inv = inventory(tmp.path(), MIX);
+    let json = tmp.path().join("plans.json");
+    let svg = tmp.path().join("frontier.svg");
+    let out = nuwa(&[
+        "plan",
+        "--model",
+        "ling-plus",
+        "--tokens",
+        "1T",
+        "--inventory",
+        &inv,
+        "--deadline",
+        "40d",
+        "--domestic-share",
+        "0.5",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let plans = report["feasible"].as_array().unwrap();
+    assert!(!plans.is_empty());
+    let mut last = 0.0;
+    for p in plans {
+        assert!(p["days"].as_f64().unwrap() <= 40.0);
+        assert!(p["domestic_share"].as_f64().unwrap() >= 0.5);
+        assert!(p["memory_headroom"].as_f64().unwrap() >= 0.1);
+        let cost = p["total_cost"].as_f64().unwrap();
+        assert!(cost >= last, "not sorted by cost");
+        last = cost;
+        // The cost is the device-hours times the prices.
+        let hours = p["days"].as_f64().unwrap() * 24.0;
+        let per_hour: f64 = p["parts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|part| {
+                let price = match part["device"].as_str().unwrap() {
+                    "A" => 7.0,
+                    "D" => 27.5,
+                    "E" => 5.64,
+                    other => panic!("{other}"),
+                };
+                price * part["count"].as_f64().unwrap()
+            })
+            .sum();
+        assert!((hours * per_hour - cost).abs() / cost < 1e-9);
+    }
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+    // The 4th-cheapest feasible plan is not cheaper than the best.
+    assert!(
+        plans[0]["cost_per_trillion"].as_f64().unwrap()
+            <= plans[3]["cost_per_trillion"].as_f64().unwrap()
+    );
+}
+
+#[test]
+fn impossible_constraints_say_which_and_by_how_much() {
+    let tmp = TempDir::new("plan-infeasible");
+    let inv = inventory(tmp.path(), MIX);
+    let out = nuwa(&["plan", "--inventory", &inv, "--deadline", "1d"]);
+    assert_clean_error(&out, "deadline 1 d: the fastest plan that fits takes");
+    assert_clean_error(&out, "over)");
+    let only_d = inventory(
+        tmp.path(),
+        "currency = \"CNY\"\n[[device]]\nname = \"D\"\ncount = 512\ndomestic = false\n",
+    );
+    let out = nuwa(&["plan", "--inventory", &only_d, "--domestic-share", "0.5"]);
+    assert_clean_error(&out, "at most 0% of a plan's devices can be domestic");
+    let out = nuwa(&["plan", "--inventory", &only_d, "--budget", "1000"]);
+    assert_clean_error(&out, "budget 1.000e3: the cheapest plan that fits costs");
+}
+
+#[test]
+fn bad_inventories_list_every_problem() {
+    let tmp = TempDir::new("plan-bad");
+    let inv = inventory(
+        tmp.path(),
+        "currency = \"USD\"\n[[device]]\nname = \"H900\"\ncount = 8\n\
+         [[device]]\nname = \"H100-SXM\"\ncount = 8\n[[device]]\nname = \"A\"\ncount = 0\n",
+    );
+    let out = nuwa(&["plan", "--inventory", &inv]);
+    for needle in [
+        "4 problem(s)",
+        "unknown device `H900`",
+        "`H100-SXM`: price unknown",
+        "`A`: count must be positive",
+        "the catalogue price is in CNY, the inventory in USD",
+    ] {
+        assert_clean_error(&out, needle);
+    }
+    let garbled = inventory(
+        tmp.path(),
+        "currency = \"CNY\"\n[[device]]\nname = \"A\"\ncuont = 3\n",
+    );
+    assert_clean_error(
+        &nuwa(&["plan", "--inventory", &garbled]),
+        "unknown field `cuont`",
+    );
+}
+
+#[test]
+fn ant_example_reproduces_the_reported_arithmetic() {
+    let out = nuwa(&["plan", "ant-example"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    // ¥6.35M at ¥27.5 per device-hour is 230,909 device-hours.
+    assert!(
+        text.contains("| implied device-hours (cost ÷ price) | 230909 |"),
+        "{text}"
+    );
+    let mfu: f64 = text
+        .lines()
+        .find(|l| l.contains("implied MFU"))
+        .and_then(|l| l.split('|').nth(2))
+        .and_then(|v| v.trim().trim_end_matches('%').parse().ok())
+        .unwrap();
+    assert!((15.0..30.0).contains(&mfu), "{mfu}");
+    // Device D at that MFU costs what the report says.
+    assert!(
+        text.contains("| D | 989 | 27.5 | 230909 | 6.35M |"),
+        "{text}"
+    );
+}
+
+#[test]
+fn predicted_step_time_is_within_15_percent_of_measured() {
+    let tmp = TempDir::new("plan-verify");
+    let cal = tmp.path().join("cal.json");
+    let out = nuwa(&[
+        "plan",
+        "calibrate",
+        "--out",
+        cal.to_str().unwrap(),
+        "--steps",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = nuwa(&[
+        "plan",
+        "verify",
+        "--shape",
+        "C-dense",
+        "--calibration",
+        cal.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    let err = r["relative_error"].as_f64().unwrap();
+    assert!(err.abs() < 0.15, "predicted vs measured: {r}");
+}
