@@ -87,9 +87,11 @@ fn layouts(w: &Workload, per_node: usize) -> Vec<Layout> {
     let cfg = &w.model;
     let mut out = Vec::new();
     for tp in powers_of_two_up_to(per_node.min(8)) {
-        if !cfg.num_attention_heads.is_multiple_of(tp)
-            || !cfg.num_key_value_heads.is_multiple_of(tp) && tp > cfg.num_key_value_heads
-        {
+        // Heads split over tensor-parallel ranks; KV heads split too, or are replicated when
+        // there are fewer of them than ranks.
+        let kv = cfg.num_key_value_heads;
+        let kv_ok = kv.is_multiple_of(tp) || (tp > kv && tp.is_multiple_of(kv));
+        if !cfg.num_attention_heads.is_multiple_of(tp) || !kv_ok {
             continue;
         }
         for pp in powers_of_two_up_to(16) {
