@@ -115,3 +115,69 @@ fn same_seed_same_sample_and_greedy_is_cache_consistent() {
         seq.push(last);
     }
 }
+
+/// Rows of a [`DecodeBatch`] joining and leaving at different times decode exactly what each
+/// would alone (logits within float tolerance, hence the same greedy tokens).
+#[test]
+fn batched_rows_decode_like_single_sequences() {
+    use nuwa_model::batch::DecodeBatch;
+    for preset in ["tiny-dense", "tiny-moe"] {
+        let (model, device) = model(preset);
+        let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3], vec![9, 8, 7, 6, 5, 4, 3], vec![42]];
+        let greedy = |l: &[f32]| {
+            l.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i as u32)
+                .unwrap()
+        };
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                let opts = SamplingOptions {
+                    max_tokens: 10,
+                    temperature: 0.0,
+                    ..Default::default()
+                };
+                generate(&model, p, &opts, &device, |_| {})
+            })
+            .collect();
+        // Row 0 starts alone; row 1 joins after 3 steps, row 2 after 5; row 0 leaves at 10.
+        let mut batch = DecodeBatch::new(&model, &device);
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); 3];
+        let mut live: Vec<usize> = Vec::new();
+        let mut next: Vec<u32> = Vec::new();
+        for step in 0..16 {
+            for (who, at) in [(0, 0), (1, 3), (2, 5)] {
+                if step == at {
+                    let logits = batch.join(&model, &prompts[who]);
+                    live.push(who);
+                    next.push(greedy(&logits));
+                }
+            }
+            for (slot, &who) in live.iter().enumerate() {
+                out[who].push(next[slot]);
+            }
+            let keep: Vec<bool> = live.iter().map(|&w| out[w].len() < 10).collect();
+            batch.retain(&keep);
+            let kept: Vec<(usize, u32)> = live
+                .iter()
+                .zip(&next)
+                .zip(&keep)
+                .filter(|(_, k)| **k)
+                .map(|((w, n), _)| (*w, *n))
+                .collect();
+            live = kept.iter().map(|k| k.0).collect();
+            if live.is_empty() {
+                break;
+            }
+            let tokens: Vec<u32> = kept.iter().map(|k| k.1).collect();
+            next = batch
+                .step(&model, &tokens)
+                .iter()
+                .map(|l| greedy(l))
+                .collect();
+        }
+        assert_eq!(out, alone, "{preset}");
+    }
+}

@@ -50,22 +50,12 @@ pub fn rope_tables(
     len: usize,
     device: &Device,
 ) -> (Tensor<2>, Tensor<2>) {
-    let half = head_dim / 2;
-    // Computed in f32 on purpose: it is what the PyTorch reference (and HF) does.
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-        .collect();
     let mut cos = Vec::with_capacity(len * head_dim);
     let mut sin = Vec::with_capacity(len * head_dim);
     for pos in start..start + len {
-        for rep in 0..2 {
-            let _ = rep;
-            for f in &inv_freq {
-                let angle = pos as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
+        let (c, s) = rope_row(theta, head_dim, pos);
+        cos.extend(c);
+        sin.extend(s);
     }
     let shape = [len, head_dim];
     (
@@ -74,7 +64,17 @@ pub fn rope_tables(
     )
 }
 
-/// Applies RoPE to `x` of shape `[batch, heads, seq, head_dim]` with tables `[seq, head_dim]`.
+/// cos and sin of one position, for both halves of a head (rotate-half layout).
+pub fn rope_row(theta: f64, head_dim: usize, pos: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let angles: Vec<f32> = (0..half)
+        .map(|i| pos as f32 * (1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)))
+        .collect();
+    let cos: Vec<f32> = angles.iter().chain(&angles).map(|a| a.cos()).collect();
+    let sin: Vec<f32> = angles.iter().chain(&angles).map(|a| a.sin()).collect();
+    (cos, sin)
+}
+
 pub fn apply_rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
     let [b, h, t, d] = x.dims();
     let half = d / 2;
@@ -87,6 +87,27 @@ pub fn apply_rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
 }
 
 /// Keys and values of the positions already seen, per layer, for incremental decoding.
+/// [`apply_rope`] with one position per row: `cos`/`sin` are `[batch, 1, 1, head_dim]`.
+pub fn apply_rope_rows(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let [b, h, t, d] = x.dims();
+    let half = d / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone().expand([b, h, t, d]) + rotated * sin.clone().expand([b, h, t, d])
+}
+
+/// What one decode step of a batch of rows needs besides the tokens: per-row RoPE values, the
+/// one-hot slot each row writes its new key/value into, and the mask of filled slots.
+pub struct RowState {
+    pub cos: Tensor<4>,
+    pub sin: Tensor<4>,
+    /// `[batch, 1, capacity, 1]`: 1 at each row's current position.
+    pub write: Tensor<4>,
+    /// `[batch, 1, 1, capacity]`: 0 where a row may attend, a large negative number elsewhere.
+    pub mask: Tensor<4>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
     /// `[batch, kv_heads, seen, head_dim]` each.
@@ -186,6 +207,57 @@ impl Attention {
 
 /// Expands `[batch, kv_heads, seq, d]` to `[batch, kv_heads * groups, seq, d]`, head `i`
 /// reading kv head `i / groups` (as HF's `repeat_kv`).
+impl Attention {
+    /// One new token per row, each row at its own position, against padded per-row caches
+    /// `[batch, kv_heads, capacity, head_dim]`; returns the output and the updated caches.
+    pub fn decode_rows(
+        &self,
+        x: Tensor<3>,
+        rows: &RowState,
+        keys: Tensor<4>,
+        values: Tensor<4>,
+    ) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
+        let [b, _, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let capacity = keys.dims()[2];
+        let qkv = self.query_key_value.forward(x);
+        let heads = |start: usize, n: usize| {
+            qkv.clone()
+                .narrow(2, start * d, n * d)
+                .reshape([b, 1, n, d])
+                .swap_dims(1, 2)
+        };
+        let norm = |x: Tensor<4>, n: &Option<RmsNorm>| match n {
+            Some(n) => n.forward(x),
+            None => x,
+        };
+        let q = apply_rope_rows(
+            norm(heads(0, h), &self.query_layernorm),
+            &rows.cos,
+            &rows.sin,
+        );
+        let k = apply_rope_rows(
+            norm(heads(h, kvh), &self.key_layernorm),
+            &rows.cos,
+            &rows.sin,
+        );
+        let v = heads(h + kvh, kvh);
+        let shape = [b, kvh, capacity, d];
+        let write = rows.write.clone().expand(shape);
+        let keep = write.clone().neg() + 1.0;
+        let keys = keys * keep.clone() + k.expand(shape) * write.clone();
+        let values = values * keep + v.expand(shape) * write;
+        let scores = q.matmul(repeat_kv(keys.clone(), h / kvh).swap_dims(2, 3)) / (d as f64).sqrt()
+            + rows.mask.clone().expand([b, h, 1, capacity]);
+        let probs = burn::tensor::activation::softmax(scores, 3);
+        let out = probs
+            .matmul(repeat_kv(values.clone(), h / kvh))
+            .swap_dims(1, 2)
+            .reshape([b, 1, h * d]);
+        (self.dense.forward(out), keys, values)
+    }
+}
+
 fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
     if groups == 1 {
         return x;

@@ -1,6 +1,7 @@
 //! nuwa's model: one configurable decoder language model, dense or mixture-of-experts, in the
 //! shape of Ling (`bailing_moe`), written once against Burn so it runs on any backend.
 
+pub mod batch;
 pub mod config;
 pub mod layers;
 pub mod model;

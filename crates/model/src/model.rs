@@ -179,7 +179,7 @@ impl LanguageModel {
         }
     }
 
-    fn head(&self, x: Tensor<3>) -> Tensor<3> {
+    pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, h] = x.dims();
         let w = self.head_weight();
         let vocab = w.dims()[1];
