@@ -48,6 +48,8 @@ enum Command {
     Launch(LaunchArgs),
     /// Write a run's newest checkpoint as a Hugging Face folder that transformers loads.
     Export(ExportArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API with continuous batching.
+    Serve(ServeArgs),
     /// Plan a training run: the cheapest (or fastest) mix of accelerators for N tokens.
     Plan(Box<plan::PlanArgs>),
     /// Print a model's parameter counts and training FLOPs per token.
@@ -257,6 +259,35 @@ struct LaunchArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    /// A run folder to serve (its newest checkpoint).
+    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    run: Option<PathBuf>,
+    /// A Hugging Face checkpoint folder to serve.
+    #[arg(long, value_name = "HF_DIR")]
+    model: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port (printed at start).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// The model id clients use (default: the folder's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Most sequences decoded together (bounds the KV cache).
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+    /// Most requests waiting for a slot; more get 503.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+}
+
+#[derive(Args)]
 struct ImportArgs {
     /// The Hugging Face folder: config.json, *.safetensors (or shards + index), tokenizer.json.
     hf_dir: PathBuf,
@@ -308,6 +339,7 @@ fn main() {
         Command::Export(a) => export(a),
         Command::Inspect(a) => inspect(a),
         Command::Plan(a) => plan::run(*a),
+        Command::Serve(a) => serve(a),
         Command::Bench(a) => bench(a),
     };
     if let Err(e) = result {
@@ -681,6 +713,31 @@ fn sample_run(
     });
     println!();
     Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let device = device::parse_device(&a.device)?;
+    let source = match (a.run, a.model) {
+        (Some(run), _) => ModelSource::Run(run),
+        (None, Some(dir)) => ModelSource::Hf(dir),
+        (None, None) => bail!("pass --run RUN_DIR or --model HF_DIR"),
+    };
+    if a.max_batch == 0 || a.max_queue == 0 {
+        bail!("--max-batch and --max-queue must be positive");
+    }
+    let model = InferenceModel::load(&source, &device)?;
+    nuwa_serve::serve(
+        model,
+        device,
+        nuwa_serve::ServeConfig {
+            host: a.host,
+            port: a.port,
+            model_name: a.name.unwrap_or_else(|| source.name()),
+            max_batch: a.max_batch,
+            max_queue: a.max_queue,
+            max_body_bytes: a.max_body_bytes,
+        },
+    )
 }
 
 fn import(a: ImportArgs) -> Result<()> {

@@ -1,0 +1,295 @@
+//! The engine: one thread owns the model and runs continuous batching. Requests wait in a
+//! bounded queue; between decode steps, waiting requests are prefilled and join the batch and
+//! finished (or abandoned) ones leave it. Each request gets its tokens back on its own channel,
+//! so a slow reader never holds up the batch.
+
+use crate::metrics::Metrics;
+use nuwa_hf::{InferenceModel, Message};
+use nuwa_model::batch::DecodeBatch;
+use nuwa_model::generate::pick_token;
+use nuwa_model::SamplingOptions;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What to generate from.
+pub enum Prompt {
+    Text(String),
+    Chat(Vec<Message>),
+}
+
+pub struct Job {
+    pub prompt: Prompt,
+    pub max_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    pub seed: u64,
+    pub stop: Vec<String>,
+    pub events: UnboundedSender<Event>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The prompt was accepted: its length in tokens.
+    Started { prompt_tokens: usize },
+    /// New text (may be empty while a stop string might be forming).
+    Text(String),
+    Done {
+        finish_reason: &'static str,
+        completion_tokens: usize,
+    },
+    /// The request cannot be served: an HTTP status and a message.
+    Rejected { status: u16, message: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most sequences decoded together (bounds the KV cache: rows × context).
+    pub max_batch: usize,
+    /// Most requests waiting for a slot; beyond it requests get 503.
+    pub max_queue: usize,
+}
+
+/// The handle HTTP handlers submit jobs through.
+#[derive(Clone)]
+pub struct EngineHandle {
+    queue: SyncSender<Job>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl EngineHandle {
+    /// Queues a job; `Err` (with the job) when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), Job> {
+        match self.queue.try_send(job) {
+            Ok(()) => {
+                self.metrics.queued(1);
+                Ok(())
+            }
+            Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => Err(job),
+        }
+    }
+}
+
+struct Active {
+    job: Job,
+    /// Generated token ids.
+    tokens: Vec<u32>,
+    /// Characters of the decoded text already sent.
+    sent: usize,
+    rng: u64,
+    next: u32,
+    started: Instant,
+    first_token: bool,
+}
+
+pub fn start(
+    model: InferenceModel,
+    device: burn::tensor::Device,
+    cfg: EngineConfig,
+) -> EngineHandle {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(cfg.max_queue.max(1));
+    let metrics = Arc::new(Metrics::default());
+    let m = metrics.clone();
+    std::thread::spawn(move || run(model, device, cfg, rx, m));
+    EngineHandle { queue: tx, metrics }
+}
+
+fn options(job: &Job) -> SamplingOptions {
+    SamplingOptions {
+        max_tokens: job.max_tokens,
+        temperature: job.temperature,
+        top_k: job.top_k,
+        top_p: job.top_p,
+        seed: job.seed,
+        window: 0,
+    }
+}
+
+fn run(
+    model: InferenceModel,
+    device: burn::tensor::Device,
+    cfg: EngineConfig,
+    rx: Receiver<Job>,
+    metrics: Arc<Metrics>,
+) {
+    let mut batch = DecodeBatch::new(&model.model, &device);
+    let mut active: Vec<Active> = Vec::new();
+    loop {
+        // Admit waiting jobs while there is room; block only when there is nothing to do.
+        while active.len() < cfg.max_batch {
+            let job = if active.is_empty() {
+                match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => return, // the server is gone
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                }
+            };
+            metrics.queued(-1);
+            if let Some(a) = admit(&model, &mut batch, job, &metrics) {
+                active.push(a);
+            }
+        }
+        if active.is_empty() {
+            continue;
+        }
+        // Hand out each row's pending token, then retire the rows that are finished.
+        let mut keep = Vec::with_capacity(active.len());
+        for a in active.iter_mut() {
+            keep.push(emit(&model, a, &metrics));
+        }
+        let mut row = 0;
+        active.retain(|_| {
+            row += 1;
+            keep[row - 1]
+        });
+        batch.retain(&keep);
+        metrics.set_batch(active.len());
+        if active.is_empty() {
+            continue;
+        }
+        let tokens: Vec<u32> = active.iter().map(|a| a.next).collect();
+        let started = Instant::now();
+        let logits = batch.step(&model.model, &tokens);
+        metrics.step(active.len(), started.elapsed().as_secs_f64());
+        for (a, l) in active.iter_mut().zip(&logits) {
+            a.next = pick_token(l, &options(&a.job), &mut a.rng);
+        }
+    }
+}
+
+/// Encodes and checks a job, prefills it and samples its first token; `None` if rejected.
+fn admit(
+    model: &InferenceModel,
+    batch: &mut DecodeBatch,
+    job: Job,
+    metrics: &Metrics,
+) -> Option<Active> {
+    if job.events.is_closed() {
+        return None; // the client left while queued
+    }
+    let encoded = match &job.prompt {
+        Prompt::Text(t) => model.encode(t),
+        Prompt::Chat(m) => model.encode_chat(m),
+    };
+    let reject = |status: u16, message: String| {
+        let _ = job.events.send(Event::Rejected { status, message });
+    };
+    let ids = match encoded {
+        Ok(ids) if ids.is_empty() => {
+            reject(400, "the prompt encodes to no tokens".into());
+            return None;
+        }
+        Ok(ids) => ids,
+        Err(e) => {
+            reject(400, format!("{e:#}"));
+            return None;
+        }
+    };
+    if ids.len() + job.max_tokens > batch.capacity {
+        reject(
+            400,
+            format!(
+                "this model's context is {} tokens; the prompt has {} and max_tokens asks for {}",
+                batch.capacity,
+                ids.len(),
+                job.max_tokens
+            ),
+        );
+        return None;
+    }
+    let _ = job.events.send(Event::Started {
+        prompt_tokens: ids.len(),
+    });
+    metrics.request();
+    let started = Instant::now();
+    let logits = batch.join(&model.model, &ids);
+    let mut rng = job.seed;
+    let next = pick_token(&logits, &options(&job), &mut rng);
+    Some(Active {
+        job,
+        tokens: Vec::new(),
+        sent: 0,
+        rng,
+        next,
+        started,
+        first_token: true,
+    })
+}
+
+/// Sends the row's pending token as text; false when the row is finished.
+/// Admission checked that prompt + max_tokens fits the context, so a row never overflows.
+fn emit(model: &InferenceModel, a: &mut Active, metrics: &Metrics) -> bool {
+    if a.job.events.is_closed() {
+        metrics.cancelled();
+        return false; // client disconnected: free the slot
+    }
+    if a.first_token {
+        metrics.first_token(a.started.elapsed().as_secs_f64());
+        a.first_token = false;
+    }
+    let is_eos = model.eos.contains(&a.next);
+    if !is_eos {
+        a.tokens.push(a.next);
+        metrics.token();
+    }
+    let text = model.tokenizer.decode(&a.tokens);
+    let stop_at = a
+        .job
+        .stop
+        .iter()
+        .filter_map(|s| text.find(s.as_str()))
+        .min();
+    let finish = if stop_at.is_some() || is_eos {
+        Some("stop")
+    } else if a.tokens.len() >= a.job.max_tokens {
+        Some("length")
+    } else {
+        None
+    };
+    // Send what is certain: up to a stop string, and never a prefix of one that may still
+    // complete, nor a partial UTF-8 character.
+    let end = match (stop_at, finish) {
+        (Some(i), _) => i,
+        (None, Some(_)) => text.len(),
+        (None, None) => {
+            let hold = a
+                .job
+                .stop
+                .iter()
+                .map(|s| s.len().saturating_sub(1))
+                .max()
+                .unwrap_or(0);
+            let mut e = text.len().saturating_sub(hold);
+            if text.ends_with('\u{FFFD}') {
+                e = e.min(text.len() - '\u{FFFD}'.len_utf8());
+            }
+            while !text.is_char_boundary(e) {
+                e -= 1;
+            }
+            e
+        }
+    };
+    if end > a.sent && text.is_char_boundary(a.sent) {
+        let _ = a
+            .job
+            .events
+            .send(Event::Text(text[a.sent..end].to_string()));
+        a.sent = end;
+    }
+    match finish {
+        Some(reason) => {
+            let _ = a.job.events.send(Event::Done {
+                finish_reason: reason,
+                completion_tokens: a.tokens.len(),
+            });
+            false
+        }
+        None => true,
+    }
+}

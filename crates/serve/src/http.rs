@@ -1,0 +1,414 @@
+//! The OpenAI-compatible HTTP API over the engine: `/v1/completions`, `/v1/chat/completions`
+//! (with `stream: true` as server-sent events), `/v1/models`, `/health`, `/metrics`.
+//! Every bad request gets a 4xx with an OpenAI-style error object; nothing a client sends can
+//! take the server down.
+
+use crate::engine::{EngineHandle, Event, Job, Prompt};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use nuwa_hf::Message;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
+
+pub struct AppState {
+    pub engine: EngineHandle,
+    /// The model id clients address.
+    pub model: String,
+    pub created: u64,
+    pub context: usize,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    pub fn new(engine: EngineHandle, model: String, context: usize) -> Self {
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self {
+            engine,
+            model,
+            created,
+            context,
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                None,
+                "no such endpoint",
+            )
+        })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// An OpenAI-style error response.
+fn error(
+    status: StatusCode,
+    kind: &str,
+    param: Option<&str>,
+    message: impl Into<String>,
+) -> Response {
+    let code = match status {
+        StatusCode::NOT_FOUND => json!("model_not_found"),
+        StatusCode::SERVICE_UNAVAILABLE => json!("overloaded"),
+        _ => Value::Null,
+    };
+    let body =
+        json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}});
+    (status, Json(body)).into_response()
+}
+
+fn bad(param: &str, message: impl Into<String>) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        Some(param),
+        message,
+    )
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Response {
+    Json(json!({"object": "list", "data": [
+        {"id": s.model, "object": "model", "created": s.created, "owned_by": "nuwa"}
+    ]}))
+    .into_response()
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        s.engine.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Sampling fields shared by both endpoints, validated.
+struct Sampling {
+    max_tokens: usize,
+    temperature: f64,
+    top_p: f64,
+    top_k: usize,
+    seed: u64,
+    stop: Vec<String>,
+    stream: bool,
+}
+
+// A rejected request returns its finished error response; it is built once per bad request,
+// so the size of `Response` in the `Err` variant costs nothing worth boxing.
+#[allow(clippy::result_large_err)]
+fn parse_body(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<serde_json::Map<String, Value>, Response> {
+    let body = body.map_err(|r| {
+        let status = r.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "request body too large".to_string()
+        } else {
+            r.body_text()
+        };
+        error(status, "invalid_request_error", None, message)
+    })?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| bad("body", format!("the body is not valid JSON: {e}")))?;
+    match value {
+        Value::Object(m) => Ok(m),
+        _ => Err(bad("body", "the body must be a JSON object")),
+    }
+}
+
+#[allow(clippy::result_large_err)]
+fn sampling(
+    s: &AppState,
+    b: &serde_json::Map<String, Value>,
+    default_max: usize,
+) -> Result<Sampling, Response> {
+    if let Some(m) = b.get("model") {
+        let m = m
+            .as_str()
+            .ok_or_else(|| bad("model", "`model` must be a string"))?;
+        if m != s.model {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model"),
+                format!(
+                    "the model `{m}` does not exist; this server serves `{}`",
+                    s.model
+                ),
+            ));
+        }
+    }
+    let number = |k: &str, default: f64, lo: f64, hi: f64| -> Result<f64, Response> {
+        match b.get(k) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_f64().filter(|x| *x >= lo && *x <= hi).ok_or_else(|| {
+                bad(
+                    k,
+                    format!("`{k}` must be a number in [{lo}, {hi}], got {v}"),
+                )
+            }),
+        }
+    };
+    let integer = |k: &str, default: u64, lo: u64, hi: u64| -> Result<u64, Response> {
+        match b.get(k) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_u64().filter(|x| *x >= lo && *x <= hi).ok_or_else(|| {
+                bad(
+                    k,
+                    format!("`{k}` must be an integer in [{lo}, {hi}], got {v}"),
+                )
+            }),
+        }
+    };
+    let max_tokens = integer("max_tokens", default_max as u64, 1, s.context as u64)? as usize;
+    let temperature = number("temperature", 1.0, 0.0, 2.0)?;
+    let top_p = number("top_p", 1.0, 0.0, 1.0)?;
+    if top_p == 0.0 {
+        return Err(bad("top_p", "`top_p` must be greater than 0"));
+    }
+    let top_k = integer("top_k", 0, 0, 1 << 20)? as usize;
+    let seed = integer("seed", 0, 0, u64::MAX)?;
+    if integer("n", 1, 1, 1).is_err() {
+        return Err(bad("n", "only n = 1 is supported"));
+    }
+    let stop = match b.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.len() <= 4 && a.iter().all(Value::is_string) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        Some(_) => return Err(bad("stop", "`stop` must be a string or up to 4 strings")),
+    };
+    if stop.iter().any(String::is_empty) {
+        return Err(bad("stop", "stop strings must not be empty"));
+    }
+    let stream = match b.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(x)) => *x,
+        Some(_) => return Err(bad("stream", "`stream` must be true or false")),
+    };
+    Ok(Sampling {
+        max_tokens,
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        stop,
+        stream,
+    })
+}
+
+async fn completions(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let b = match parse_body(body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let prompt = match b.get("prompt") {
+        Some(Value::String(p)) => p.clone(),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        Some(_) => {
+            return bad(
+                "prompt",
+                "`prompt` must be a string (batches of prompts are not supported)",
+            )
+        }
+        None => return bad("prompt", "`prompt` is required"),
+    };
+    match sampling(&s, &b, 16) {
+        Ok(opts) => run(s, Prompt::Text(prompt), opts, false).await,
+        Err(r) => r,
+    }
+}
+
+async fn chat_completions(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let b = match parse_body(body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let Some(Value::Array(list)) = b.get("messages") else {
+        return bad("messages", "`messages` must be a list of {role, content}");
+    };
+    let mut messages = Vec::new();
+    for (i, m) in list.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str);
+        let content = m.get("content").and_then(Value::as_str);
+        match (role, content) {
+            (Some(r), Some(c)) => messages.push(Message {
+                role: r.to_string(),
+                content: c.to_string(),
+            }),
+            _ => {
+                return bad(
+                    "messages",
+                    format!("messages[{i}] needs a string `role` and `content`"),
+                )
+            }
+        }
+    }
+    if messages.is_empty() {
+        return bad("messages", "`messages` must not be empty");
+    }
+    match sampling(&s, &b, 128) {
+        Ok(opts) => run(s, Prompt::Chat(messages), opts, true).await,
+        Err(r) => r,
+    }
+}
+
+/// Submits a job and answers with its completion, whole or streamed.
+async fn run(s: Arc<AppState>, prompt: Prompt, o: Sampling, chat: bool) -> Response {
+    let (tx, mut rx) = unbounded_channel();
+    let job = Job {
+        prompt,
+        max_tokens: o.max_tokens,
+        temperature: o.temperature,
+        top_p: o.top_p,
+        top_k: o.top_k,
+        seed: o.seed,
+        stop: o.stop,
+        events: tx,
+    };
+    if s.engine.submit(job).is_err() {
+        s.engine.metrics.rejected();
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            None,
+            "the server is at capacity; retry later",
+        );
+    }
+    let prompt_tokens = match rx.recv().await {
+        Some(Event::Started { prompt_tokens }) => prompt_tokens,
+        Some(Event::Rejected { status, message }) => {
+            s.engine.metrics.rejected();
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+            return error(status, "invalid_request_error", None, message);
+        }
+        _ => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                None,
+                "the engine stopped",
+            )
+        }
+    };
+    let id = format!(
+        "{}-{}",
+        if chat { "chatcmpl" } else { "cmpl" },
+        s.next_id.fetch_add(1, Ordering::Relaxed)
+    );
+    if o.stream {
+        stream(s, rx, id, chat)
+    } else {
+        whole(s, rx, id, chat, prompt_tokens).await
+    }
+}
+
+async fn whole(
+    s: Arc<AppState>,
+    mut rx: UnboundedReceiver<Event>,
+    id: String,
+    chat: bool,
+    prompt_tokens: usize,
+) -> Response {
+    let mut text = String::new();
+    let (mut reason, mut completion) = ("stop", 0);
+    while let Some(e) = rx.recv().await {
+        match e {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done {
+                finish_reason,
+                completion_tokens,
+            } => {
+                reason = finish_reason;
+                completion = completion_tokens;
+                break;
+            }
+            _ => {}
+        }
+    }
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                       "total_tokens": prompt_tokens + completion});
+    let body = if chat {
+        json!({"id": id, "object": "chat.completion", "created": s.created, "model": s.model,
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                            "finish_reason": reason, "logprobs": null}],
+               "usage": usage})
+    } else {
+        json!({"id": id, "object": "text_completion", "created": s.created, "model": s.model,
+               "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": null}],
+               "usage": usage})
+    };
+    Json(body).into_response()
+}
+
+fn stream(s: Arc<AppState>, rx: UnboundedReceiver<Event>, id: String, chat: bool) -> Response {
+    let (object, created, model) = (
+        if chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        },
+        s.created,
+        s.model.clone(),
+    );
+    let chunk = move |delta: Option<&str>, reason: Option<&str>| -> Value {
+        let choice = if chat {
+            let d = match delta {
+                Some(t) => json!({"content": t}),
+                None => json!({}),
+            };
+            json!({"index": 0, "delta": d, "finish_reason": reason, "logprobs": null})
+        } else {
+            json!({"index": 0, "text": delta.unwrap_or(""), "finish_reason": reason, "logprobs": null})
+        };
+        json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]})
+    };
+    let first = chat.then(|| {
+        let mut c = chunk(None, None);
+        c["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
+        c
+    });
+    let events = UnboundedReceiverStream::new(rx).filter_map(move |e| match e {
+        Event::Text(t) if !t.is_empty() => Some(chunk(Some(&t), None)),
+        Event::Done { finish_reason, .. } => Some(chunk(None, Some(finish_reason))),
+        _ => None,
+    });
+    let data = tokio_stream::iter(first)
+        .chain(events)
+        .map(|v| Ok::<_, Infallible>(SseEvent::default().data(v.to_string())))
+        .chain(tokio_stream::once(Ok(SseEvent::default().data("[DONE]"))));
+    Sse::new(data).into_response()
+}

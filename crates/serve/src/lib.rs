@@ -1,0 +1,54 @@
+//! `nuwa serve`: an OpenAI-compatible HTTP server with continuous batching over any backend.
+
+pub mod engine;
+pub mod http;
+pub mod metrics;
+
+use anyhow::{Context, Result};
+use nuwa_hf::InferenceModel;
+use std::sync::Arc;
+
+pub struct ServeConfig {
+    pub host: String,
+    pub port: u16,
+    /// The model id clients use.
+    pub model_name: String,
+    pub max_batch: usize,
+    pub max_queue: usize,
+    pub max_body_bytes: usize,
+}
+
+/// Serves until Ctrl-C. Prints `listening on http://ADDR` once the socket is bound.
+pub fn serve(model: InferenceModel, device: burn::tensor::Device, cfg: ServeConfig) -> Result<()> {
+    let context = model.model.max_positions;
+    let engine = engine::start(
+        model,
+        device,
+        engine::EngineConfig {
+            max_batch: cfg.max_batch.max(1),
+            max_queue: cfg.max_queue.max(1),
+        },
+    );
+    let state = Arc::new(http::AppState::new(engine, cfg.model_name.clone(), context));
+    let app = http::router(state, cfg.max_body_bytes);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let addr = format!("{}:{}", cfg.host, cfg.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("--host/--port: cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        println!("listening on http://{local} (model `{}`)", cfg.model_name);
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .context("serving HTTP")
+    })
+}

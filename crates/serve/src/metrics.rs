@@ -1,0 +1,151 @@
+//! Server counters, exposed at `GET /metrics` in the Prometheus text format.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Instant;
+
+pub struct Metrics {
+    started: Instant,
+    requests: AtomicU64,
+    cancelled: AtomicU64,
+    rejected: AtomicU64,
+    tokens: AtomicU64,
+    queue: AtomicI64,
+    batch: AtomicU64,
+    steps: AtomicU64,
+    /// Sum of rows over decode steps, for the mean batch size.
+    rows: AtomicU64,
+    /// Microseconds, summed.
+    step_us: AtomicU64,
+    ttft_us: AtomicU64,
+    ttft_count: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            requests: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            tokens: AtomicU64::new(0),
+            queue: AtomicI64::new(0),
+            batch: AtomicU64::new(0),
+            steps: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+            step_us: AtomicU64::new(0),
+            ttft_us: AtomicU64::new(0),
+            ttft_count: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn queued(&self, delta: i64) {
+        self.queue.fetch_add(delta, Ordering::Relaxed);
+    }
+    pub fn request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn cancelled(&self) {
+        self.cancelled.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn token(&self) {
+        self.tokens.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn set_batch(&self, rows: usize) {
+        self.batch.store(rows as u64, Ordering::Relaxed);
+    }
+    pub fn step(&self, rows: usize, seconds: f64) {
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        self.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        self.step_us
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+    pub fn first_token(&self, seconds: f64) {
+        self.ttft_us
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        self.ttft_count.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn batch_size(&self) -> u64 {
+        self.batch.load(Ordering::Relaxed)
+    }
+
+    pub fn render(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let uptime = self.started.elapsed().as_secs_f64().max(1e-9);
+        let steps = g(&self.steps).max(1) as f64;
+        let ttft_n = g(&self.ttft_count).max(1) as f64;
+        let lines = [
+            (
+                "nuwa_requests_total",
+                "counter",
+                "Requests admitted",
+                g(&self.requests) as f64,
+            ),
+            (
+                "nuwa_requests_rejected_total",
+                "counter",
+                "Requests refused (queue full or invalid)",
+                g(&self.rejected) as f64,
+            ),
+            (
+                "nuwa_requests_cancelled_total",
+                "counter",
+                "Requests whose client went away",
+                g(&self.cancelled) as f64,
+            ),
+            (
+                "nuwa_generated_tokens_total",
+                "counter",
+                "Tokens generated",
+                g(&self.tokens) as f64,
+            ),
+            (
+                "nuwa_tokens_per_second",
+                "gauge",
+                "Generated tokens per second since start",
+                g(&self.tokens) as f64 / uptime,
+            ),
+            (
+                "nuwa_queue_depth",
+                "gauge",
+                "Requests waiting for a batch slot",
+                self.queue.load(Ordering::Relaxed).max(0) as f64,
+            ),
+            (
+                "nuwa_batch_size",
+                "gauge",
+                "Sequences in the running batch",
+                g(&self.batch) as f64,
+            ),
+            (
+                "nuwa_batch_size_mean",
+                "gauge",
+                "Mean sequences per decode step",
+                g(&self.rows) as f64 / steps,
+            ),
+            (
+                "nuwa_decode_step_seconds_mean",
+                "gauge",
+                "Mean seconds per decode step",
+                g(&self.step_us) as f64 / 1e6 / steps,
+            ),
+            (
+                "nuwa_time_to_first_token_seconds_mean",
+                "gauge",
+                "Mean seconds from admission to first token",
+                g(&self.ttft_us) as f64 / 1e6 / ttft_n,
+            ),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, value) in lines {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        }
+        out
+    }
+}

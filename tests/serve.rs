@@ -1,0 +1,412 @@
+//! The OpenAI-compatible server, driven over loopback HTTP: answers equal to single-sequence
+//! greedy decoding (batched or not), 32 parallel streams, bad requests, overload, client
+//! disconnects, a bounded load test, and (where installed) the official `openai` package.
+
+mod common;
+
+use burn::tensor::Device;
+use nuwa_hf::{InferenceModel, ModelSource};
+use nuwa_model::SamplingOptions;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama")
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn server(extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nuwa"))
+        .args([
+            "serve",
+            "--model",
+            fixture().to_str().unwrap(),
+            "--port",
+            "0",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    Server { child, url }
+}
+
+fn post(url: &str, body: &Value) -> (u16, Value) {
+    match ureq::post(url).send_json(body.clone()) {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn post_raw(url: &str, body: &[u8]) -> (u16, Value) {
+    match ureq::post(url)
+        .set("content-type", "application/json")
+        .send_bytes(body)
+    {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The text of an SSE completion stream, and whether it ended with [DONE].
+fn stream_text(url: &str, body: &Value) -> (String, bool) {
+    let r = ureq::post(url).send_json(body.clone()).unwrap();
+    let mut text = String::new();
+    let mut done = false;
+    for line in BufReader::new(r.into_reader()).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+            break;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        let c = &v["choices"][0];
+        text.push_str(
+            c["text"]
+                .as_str()
+                .or(c["delta"]["content"].as_str())
+                .unwrap_or(""),
+        );
+    }
+    (text, done)
+}
+
+/// What one sequence decodes alone, greedily (the library, no server, no batching).
+fn alone(prompt: &str, max_tokens: usize) -> String {
+    let device = Device::default();
+    let m = InferenceModel::load(&ModelSource::Hf(fixture()), &device).unwrap();
+    let ids = m.encode(prompt).unwrap();
+    let opts = SamplingOptions {
+        max_tokens,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    m.tokenizer
+        .decode(&m.generate(&ids, &opts, &device, |_| {}))
+}
+
+fn prompt(i: usize) -> String {
+    (0..1 + i % 7)
+        .map(|j| format!("w{}", (i * 13 + j * 5) % 80))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn completions_chat_and_streams_answer_like_single_sequence_greedy() {
+    let s = server(&[]);
+    let want = alone("w5 w6 w7", 10);
+    let (code, r) = post(
+        &format!("{}/v1/completions", s.url),
+        &json!({"model": "llama", "prompt": "w5 w6 w7", "max_tokens": 10, "temperature": 0}),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], want);
+    assert_eq!(r["usage"]["completion_tokens"], 10);
+    assert_eq!(r["usage"]["prompt_tokens"], 3);
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    let (text, done) = stream_text(
+        &format!("{}/v1/completions", s.url),
+        &json!({"prompt": "w5 w6 w7", "max_tokens": 10, "temperature": 0, "stream": true}),
+    );
+    assert!(done);
+    assert_eq!(text, want);
+    // A stop string ends the text before it.
+    let cut = want.split(' ').nth(2).unwrap();
+    let (_, r) = post(
+        &format!("{}/v1/completions", s.url),
+        &json!({"prompt": "w5 w6 w7", "max_tokens": 10, "temperature": 0, "stop": [format!(" {cut}")]}),
+    );
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    assert!(
+        want.starts_with(r["choices"][0]["text"].as_str().unwrap()),
+        "{r}"
+    );
+    let (code, r) = post(
+        &format!("{}/v1/chat/completions", s.url),
+        &json!({"messages": [{"role": "user", "content": "w5 w6"}], "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["object"], "chat.completion");
+    assert_eq!(r["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(r["usage"]["prompt_tokens"], 7, "the chat template's tokens");
+    let models: Value = ureq::get(&format!("{}/v1/models", s.url))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "llama");
+    let metrics = ureq::get(&format!("{}/metrics", s.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(metrics.contains("nuwa_requests_total 4"), "{metrics}");
+    assert!(metrics.contains("# TYPE nuwa_time_to_first_token_seconds_mean gauge"));
+}
+
+#[test]
+fn thirty_two_parallel_streams_complete_and_match_unbatched_greedy() {
+    let s = server(&[]);
+    let url = format!("{}/v1/completions", s.url);
+    let handles: Vec<_> = (0..32)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                stream_text(&url, &json!({"prompt": prompt(i), "max_tokens": 12, "temperature": 0, "stream": true}))
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (text, done) = h.join().unwrap();
+        assert!(done, "stream {i} did not finish");
+        assert_eq!(text, alone(&prompt(i), 12), "stream {i}");
+    }
+    let metrics = ureq::get(&format!("{}/metrics", s.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let mean: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("nuwa_batch_size_mean "))
+        .and_then(|l| l.split(' ').nth(1)?.parse().ok())
+        .unwrap();
+    assert!(mean > 2.0, "requests were not batched: mean batch {mean}");
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
+    let s = server(&["--max-body-bytes", "4096"]);
+    let url = format!("{}/v1/completions", s.url);
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"{not json".to_vec(), 400, "not valid JSON"),
+        (b"[1, 2]".to_vec(), 400, "JSON object"),
+        (
+            json!({"prompt": "w1", "model": "gpt-4"})
+                .to_string()
+                .into_bytes(),
+            404,
+            "does not exist",
+        ),
+        (
+            json!({"max_tokens": 3}).to_string().into_bytes(),
+            400,
+            "`prompt` is required",
+        ),
+        (
+            json!({"prompt": "w1", "temperature": -1})
+                .to_string()
+                .into_bytes(),
+            400,
+            "`temperature`",
+        ),
+        (
+            json!({"prompt": "w1", "max_tokens": 100000})
+                .to_string()
+                .into_bytes(),
+            400,
+            "`max_tokens`",
+        ),
+        (
+            json!({"prompt": "w1", "n": 2}).to_string().into_bytes(),
+            400,
+            "n = 1",
+        ),
+        (
+            json!({"prompt": "w1", "top_p": 0}).to_string().into_bytes(),
+            400,
+            "top_p",
+        ),
+        (
+            json!({"prompt": "w1", "stop": 7}).to_string().into_bytes(),
+            400,
+            "`stop`",
+        ),
+        (
+            json!({"prompt": vec!["w1"; 120].join(" "), "max_tokens": 20})
+                .to_string()
+                .into_bytes(),
+            400,
+            "context is 128 tokens",
+        ),
+        (
+            json!({"prompt": "w1 ".repeat(3000)})
+                .to_string()
+                .into_bytes(),
+            413,
+            "too large",
+        ),
+    ];
+    for (body, status, needle) in cases {
+        let (code, r) = post_raw(&url, &body);
+        assert_eq!(
+            code,
+            status,
+            "{} -> {r}",
+            String::from_utf8_lossy(&body[..body.len().min(60)])
+        );
+        let msg = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{needle:?} not in {r}");
+        assert!(r["error"]["type"].is_string(), "{r}");
+    }
+    let (code, r) = post(
+        &format!("{}/v1/chat/completions", s.url),
+        &json!({"messages": [{"role": "user"}]}),
+    );
+    assert_eq!(code, 400, "{r}");
+    let (code, _) = post_raw(&format!("{}/v1/nothing", s.url), b"{}");
+    assert_eq!(code, 404);
+    let health: Value = ureq::get(&format!("{}/health", s.url))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    let (code, _) = post(&url, &json!({"prompt": "w1", "max_tokens": 2}));
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn overload_is_refused_and_a_disconnect_frees_its_slot() {
+    let s = server(&["--max-batch", "1", "--max-queue", "1"]);
+    let url = format!("{}/v1/completions", s.url);
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                post(
+                    &url,
+                    &json!({"prompt": prompt(i), "max_tokens": 100, "temperature": 0}),
+                )
+                .0
+            })
+        })
+        .collect();
+    let codes: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(codes.contains(&503), "{codes:?}");
+    assert!(codes.contains(&200), "{codes:?}");
+    // A client that leaves mid-stream frees its slot for the next request.
+    let r = ureq::post(&url)
+        .send_json(json!({"prompt": "w1", "max_tokens": 120, "stream": true}))
+        .unwrap();
+    let mut reader = r.into_reader();
+    let mut first = [0u8; 64];
+    let _ = reader.read(&mut first).unwrap();
+    drop(reader);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = ureq::get(&format!("{}/metrics", s.url))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        if m.contains("nuwa_requests_cancelled_total 1") && m.contains("nuwa_batch_size 0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was not freed: {m}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, _) = post(&url, &json!({"prompt": "w1", "max_tokens": 2}));
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn bounded_load_test_reports_throughput_and_latency() {
+    let s = server(&[]);
+    let url = format!("{}/v1/completions", s.url);
+    let started = Instant::now();
+    let handles: Vec<_> = (0..8)
+        .map(|t| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                (0..8)
+                    .map(|i| {
+                        let t0 = Instant::now();
+                        let (code, r) = post(&url, &json!({"prompt": prompt(t * 8 + i), "max_tokens": 16, "temperature": 0.7, "seed": i}));
+                        assert_eq!(code, 200, "{r}");
+                        (t0.elapsed().as_secs_f64(), r["usage"]["completion_tokens"].as_u64().unwrap())
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let results: Vec<(f64, u64)> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    let wall = started.elapsed().as_secs_f64();
+    let mut lat: Vec<f64> = results.iter().map(|r| r.0).collect();
+    lat.sort_by(f64::total_cmp);
+    let tokens: u64 = results.iter().map(|r| r.1).sum();
+    let (p50, p99) = (
+        lat[lat.len() / 2],
+        lat[(lat.len() * 99 / 100).min(lat.len() - 1)],
+    );
+    println!(
+        "load: 64 requests, 8 concurrent: {:.0} tokens/s, p50 {:.1} ms, p99 {:.1} ms",
+        tokens as f64 / wall,
+        p50 * 1e3,
+        p99 * 1e3
+    );
+    assert_eq!(results.len(), 64);
+    assert!(tokens > 0 && p50 > 0.0 && p99 >= p50);
+}
+
+#[test]
+fn the_official_openai_client_works() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let has_openai = Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_openai {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must install the openai package (pip install openai)"
+        );
+        eprintln!("skipped: the openai Python package is not installed");
+        return;
+    }
+    let s = server(&[]);
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(format!("{}/v1", s.url))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
