@@ -100,9 +100,16 @@ pub fn proportional_shares(total: usize, speeds: &[f64], caps: &[Option<usize>])
     shares
 }
 
-/// Keeps each rank's measured speed (sequences per second of compute) and its share.
+/// Keeps each rank's expected speed (sequences per second of compute) and its share.
+///
+/// The expected speed is what the current split was planned with: a moving average of the
+/// steps in which the rank ran as predicted. A step far slower than predicted is a straggler
+/// symptom and does not move the expectation, so a rank that stays slow stays reported; the
+/// next re-balance plans with its latest speed instead, and the slowdown is absorbed.
 pub struct Balancer {
     pub speeds: Vec<Option<f64>>,
+    /// The last measurement of ranks whose last step was flagged slow.
+    slow_latest: Vec<Option<f64>>,
     pub shares: Vec<usize>,
 }
 
@@ -111,15 +118,22 @@ impl Balancer {
     pub fn new(total: usize, ranks: usize, caps: &[Option<usize>]) -> Self {
         Self {
             speeds: vec![None; ranks],
+            slow_latest: vec![None; ranks],
             shares: proportional_shares(total, &vec![1.0; ranks], caps),
         }
     }
 
-    /// Folds in one step's measurements (sequences done and compute seconds, per rank).
-    pub fn observe(&mut self, seqs: &[f64], seconds: &[f64]) {
+    /// Folds in one step's measurements (sequences done and compute seconds, per rank);
+    /// `slow` marks ranks that ran far slower than predicted this step.
+    pub fn observe(&mut self, seqs: &[f64], seconds: &[f64], slow: &[bool]) {
         for r in 0..self.speeds.len() {
             if seqs[r] > 0.0 && seconds[r] > 0.0 {
                 let now = seqs[r] / seconds[r];
+                if slow.get(r).copied().unwrap_or(false) {
+                    self.slow_latest[r] = Some(now);
+                    continue;
+                }
+                self.slow_latest[r] = None;
                 self.speeds[r] = Some(match self.speeds[r] {
                     Some(old) => 0.5 * old + 0.5 * now,
                     None => now,
@@ -133,7 +147,13 @@ impl Balancer {
         self.speeds[r].map(|s| seqs as f64 / s)
     }
 
+    /// Re-plans the split: the expected speeds, or the latest for ranks now running slow.
     pub fn rebalance(&mut self, total: usize, caps: &[Option<usize>]) {
+        for (s, l) in self.speeds.iter_mut().zip(self.slow_latest.iter_mut()) {
+            if let Some(v) = l.take() {
+                *s = Some(v);
+            }
+        }
         let known: Vec<f64> = self.speeds.iter().flatten().copied().collect();
         let fallback = known.iter().sum::<f64>() / known.len().max(1) as f64;
         let speeds: Vec<f64> = self
@@ -352,9 +372,14 @@ mod tests {
     fn balancer_moves_work_to_the_faster_rank() {
         let mut b = Balancer::new(12, 2, &[]);
         assert_eq!(b.shares, [6, 6]);
-        b.observe(&[6.0, 6.0], &[1.0, 2.0]);
+        b.observe(&[6.0, 6.0], &[1.0, 2.0], &[false, false]);
         b.rebalance(12, &[]);
         assert_eq!(b.shares, [8, 4]);
         assert!((b.predict(1, 4).unwrap() - 4.0 / 3.0).abs() < 1e-9);
+        // A step flagged slow leaves the expectation alone until the next re-balance.
+        b.observe(&[8.0, 4.0], &[1.0, 8.0], &[false, true]);
+        assert!((b.predict(1, 4).unwrap() - 4.0 / 3.0).abs() < 1e-9);
+        b.rebalance(12, &[]);
+        assert_eq!(b.shares, [11, 1]);
     }
 }

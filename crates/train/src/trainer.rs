@@ -374,9 +374,11 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
             }
             stop_requested = col(7).iter().any(|&f| f > 0.0);
             let (computes, seqs) = (col(3), col(6));
+            let mut slow_now = vec![false; ranks];
             for r in 0..ranks {
                 let predicted = balancer.predict(r, shares[r]);
                 let slow = predicted.is_some_and(|p| computes[r] > d.straggler_factor * p);
+                slow_now[r] = slow;
                 slow_steps[r] = if slow { slow_steps[r] + 1 } else { 0 };
                 if slow_steps[r] >= d.straggler_patience {
                     stragglers.push(r);
@@ -395,7 +397,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
                     "wait_s": col(4)[r], "comm_s": col(5)[r],
                 }));
             }
-            balancer.observe(&seqs, &computes);
+            balancer.observe(&seqs, &computes, &slow_now);
             // `rebalance_every` 0 keeps the equal split (the naive baseline).
             let due = step == start_step || (step + 1) % d.rebalance_every.max(1) == 0;
             if d.rebalance_every > 0 && due {
