@@ -697,20 +697,12 @@ fn sample_run(
         print!("{prompt}");
     }
     let mut out = std::io::stdout();
-    let mut generated: Vec<u32> = Vec::new();
-    let mut printed = 0;
+    let mut stream = nuwa_data::TextStream::default();
     m.generate(&ids, opts, device, |tok| {
-        // Decode everything generated so far and print what is new: token-by-token decoding
-        // loses the spaces some decoders (SentencePiece, word-level) put between tokens, and
-        // holds back bytes that do not form a whole character yet.
-        generated.push(tok);
-        let text = m.tokenizer.decode(&generated);
-        if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
-            let _ = write!(out, "{}", &text[printed..]);
-            let _ = out.flush();
-            printed = text.len();
-        }
+        let _ = write!(out, "{}", stream.push(&m.tokenizer, tok));
+        let _ = out.flush();
     });
+    let _ = write!(out, "{}", stream.finish(&m.tokenizer));
     println!();
     Ok(())
 }

@@ -10,7 +10,7 @@ pub mod tokenizer;
 pub use prepare::{prepare, PrepareOptions, Source};
 pub use sampler::{eval_batches, Batch, BatchSampler};
 pub use shards::{Dataset, Manifest, TokenShard};
-pub use tokenizer::{Tokenizer, TokenizerSpec};
+pub use tokenizer::{TextStream, Tokenizer, TokenizerSpec};
 
 use anyhow::{Context, Result};
 use std::io::Write;

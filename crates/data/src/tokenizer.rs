@@ -51,6 +51,46 @@ pub enum Tokenizer {
     Hf(Box<HfTokenizer>),
 }
 
+/// Turns generated token ids into text as they arrive. Decoding token by token loses the
+/// spaces some decoders put between tokens (SentencePiece, word-level) and splits multi-byte
+/// characters; decoding everything each time costs O(n²). This decodes a short window instead:
+/// the tokens since the last piece of text it returned, with the one before as context.
+#[derive(Debug, Clone, Default)]
+pub struct TextStream {
+    ids: Vec<u32>,
+    /// Start of the decoding window.
+    prefix: usize,
+    /// End of what has been returned.
+    read: usize,
+}
+
+impl TextStream {
+    /// Adds a token; returns the new text it completes (empty while a character is partial).
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> String {
+        self.ids.push(id);
+        self.next_text(tokenizer, false)
+    }
+
+    /// Whatever is still held back, at the end of generation.
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> String {
+        self.next_text(tokenizer, true)
+    }
+
+    fn next_text(&mut self, tokenizer: &Tokenizer, last: bool) -> String {
+        let before = tokenizer.decode(&self.ids[self.prefix..self.read]);
+        let now = tokenizer.decode(&self.ids[self.prefix..]);
+        let complete = last || !now.ends_with('\u{FFFD}');
+        if complete && now.len() > before.len() && now.is_char_boundary(before.len()) {
+            let text = now[before.len()..].to_string();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            text
+        } else {
+            String::new()
+        }
+    }
+}
+
 /// The small JSON form of byte/char tokenizers (`tokenizer.nuwa.json`).
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -224,6 +264,19 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_stream_matches_whole_decoding_and_never_splits_characters() {
+        let t = Tokenizer::Byte;
+        let ids = t.encode("héllo, 世界!").unwrap();
+        let mut stream = TextStream::default();
+        let mut pieces: Vec<String> = ids.iter().map(|&id| stream.push(&t, id)).collect();
+        pieces.push(stream.finish(&t));
+        assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+        assert_eq!(pieces.concat(), "héllo, 世界!");
+        // The three bytes of 世 come out as one piece, with the third.
+        assert!(pieces.contains(&"世".to_string()), "{pieces:?}");
+    }
 
     #[test]
     fn char_round_trip() {

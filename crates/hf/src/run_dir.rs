@@ -58,8 +58,6 @@ pub fn import_to_run(hf_dir: &Path, run: &Path, device: &Device) -> Result<PathB
     let ckpt = HfCheckpoint::open(hf_dir)?;
     check_fits_in_memory(&ckpt.config, 3)?;
     let model = ckpt.load_model(device)?;
-    std::fs::create_dir_all(run.join(HF_SUBDIR))
-        .with_context(|| format!("{}: cannot create", run.display()))?;
     keep_side_files(hf_dir, run)?;
     let train = TrainConfig {
         seq_len: TrainConfig::default()

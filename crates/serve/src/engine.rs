@@ -4,6 +4,7 @@
 //! so a slow reader never holds up the batch.
 
 use crate::metrics::Metrics;
+use nuwa_data::TextStream;
 use nuwa_hf::{InferenceModel, Message};
 use nuwa_model::batch::DecodeBatch;
 use nuwa_model::generate::pick_token;
@@ -74,9 +75,11 @@ impl EngineHandle {
 
 struct Active {
     job: Job,
-    /// Generated token ids.
-    tokens: Vec<u32>,
-    /// Characters of the decoded text already sent.
+    /// Tokens generated so far.
+    generated: usize,
+    /// Their text, as far as it is decoded, and how many bytes of it were sent.
+    stream: TextStream,
+    text: String,
     sent: usize,
     rng: u64,
     next: u32,
@@ -213,7 +216,9 @@ fn admit(
     let next = pick_token(&logits, &options(&job), &mut rng);
     Some(Active {
         job,
-        tokens: Vec::new(),
+        generated: 0,
+        stream: TextStream::default(),
+        text: String::new(),
         sent: 0,
         rng,
         next,
@@ -235,40 +240,42 @@ fn emit(model: &InferenceModel, a: &mut Active, metrics: &Metrics) -> bool {
     }
     let is_eos = model.eos.contains(&a.next);
     if !is_eos {
-        a.tokens.push(a.next);
+        a.generated += 1;
+        let piece = a.stream.push(&model.tokenizer, a.next);
+        a.text.push_str(&piece);
         metrics.token();
     }
-    let text = model.tokenizer.decode(&a.tokens);
+    if is_eos || a.generated >= a.job.max_tokens {
+        let rest = a.stream.finish(&model.tokenizer);
+        a.text.push_str(&rest);
+    }
+    let text = &a.text;
+    // A stop string can only newly appear around the text added since the last send.
+    let longest = a.job.stop.iter().map(String::len).max().unwrap_or(0);
+    let mut from = a.sent.saturating_sub(longest);
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
     let stop_at = a
         .job
         .stop
         .iter()
-        .filter_map(|s| text.find(s.as_str()))
+        .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
         .min();
     let finish = if stop_at.is_some() || is_eos {
         Some("stop")
-    } else if a.tokens.len() >= a.job.max_tokens {
+    } else if a.generated >= a.job.max_tokens {
         Some("length")
     } else {
         None
     };
     // Send what is certain: up to a stop string, and never a prefix of one that may still
-    // complete, nor a partial UTF-8 character.
+    // complete (the stream already holds back partial characters).
     let end = match (stop_at, finish) {
         (Some(i), _) => i,
         (None, Some(_)) => text.len(),
         (None, None) => {
-            let hold = a
-                .job
-                .stop
-                .iter()
-                .map(|s| s.len().saturating_sub(1))
-                .max()
-                .unwrap_or(0);
-            let mut e = text.len().saturating_sub(hold);
-            if text.ends_with('\u{FFFD}') {
-                e = e.min(text.len() - '\u{FFFD}'.len_utf8());
-            }
+            let mut e = text.len().saturating_sub(longest.saturating_sub(1));
             while !text.is_char_boundary(e) {
                 e -= 1;
             }
@@ -286,7 +293,7 @@ fn emit(model: &InferenceModel, a: &mut Active, metrics: &Metrics) -> bool {
         Some(reason) => {
             let _ = a.job.events.send(Event::Done {
                 finish_reason: reason,
-                completion_tokens: a.tokens.len(),
+                completion_tokens: a.generated,
             });
             false
         }
