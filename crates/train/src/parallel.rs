@@ -304,8 +304,7 @@ impl Watchdog {
             if began == 0 {
                 continue;
             }
-            let waited = origin.elapsed().as_millis() as u64
-                - began.min(origin.elapsed().as_millis() as u64);
+            let waited = (origin.elapsed().as_millis() as u64).saturating_sub(began);
             if waited > timeout.as_millis() as u64 {
                 eprintln!(
                     "error: rank {rank}: step {}: waited {:.1} s in a collective (timeout {:.1} s): \

@@ -373,7 +373,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
                 z_sum = Some(col(2).iter().sum());
             }
             stop_requested = col(7).iter().any(|&f| f > 0.0);
-            let (computes, seqs) = (col(3), col(6));
+            let (computes, waits, comms, seqs) = (col(3), col(4), col(5), col(6));
             let mut slow_now = vec![false; ranks];
             for r in 0..ranks {
                 let predicted = balancer.predict(r, shares[r]);
@@ -394,7 +394,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
                 }
                 rank_stats.push(json!({
                     "rank": r, "seqs": seqs[r], "compute_s": computes[r],
-                    "wait_s": col(4)[r], "comm_s": col(5)[r],
+                    "wait_s": waits[r], "comm_s": comms[r],
                 }));
             }
             balancer.observe(&seqs, &computes, &slow_now);
