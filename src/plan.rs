@@ -90,6 +90,7 @@ struct CalibrateArgs {
     /// Where to store the measurements.
     #[arg(long, default_value = DEFAULT_CALIBRATION)]
     out: PathBuf,
+    /// Timed steps per shape (the fastest counts).
     #[arg(long, default_value_t = 3)]
     steps: usize,
 }
@@ -101,6 +102,11 @@ struct VerifyArgs {
     shape: String,
     #[arg(long, default_value = DEFAULT_CALIBRATION)]
     calibration: PathBuf,
+    /// Calibrate in the same run (saved to --calibration), timing the calibration shapes and
+    /// this one in turn so that both see the same machine.
+    #[arg(long)]
+    calibrate: bool,
+    /// Timed steps per shape (the fastest counts).
     #[arg(long, default_value_t = 3)]
     steps: usize,
     /// Price of this machine per hour, to show predicted and measured cost.
@@ -325,43 +331,94 @@ fn plan_search(a: SearchArgs) -> Result<()> {
     Ok(())
 }
 
-fn calibrate(a: CalibrateArgs) -> Result<()> {
-    use nuwa_train::bench::{bench_shape, bench_train};
+/// The shapes `calibrate` measures: a small and a large step, bracketing the others.
+const CALIBRATION_SHAPES: [&str; 2] = ["A", "B"];
+
+/// The fastest step of each shape, measured round-robin (one untimed round, then `rounds`
+/// timed ones) so that the machine's slow drifts reach every shape alike. The fastest rather
+/// than the median step: other work on a shared machine only ever slows a step down.
+fn fastest_steps(names: &[&str], rounds: usize) -> Result<Vec<(f64, f64)>> {
+    use nuwa_train::bench::{bench_shape, TrainBench};
     let device = burn::tensor::Device::default();
-    let mut cal = if a.out.exists() {
-        Calibration::load(&a.out)?
-    } else {
-        Calibration::default()
-    };
+    let mut benches = names
+        .iter()
+        .map(|n| TrainBench::new(&bench_shape(n)?, &device))
+        .collect::<Result<Vec<_>>>()?;
+    let mut fastest = vec![f64::INFINITY; names.len()];
+    let bar = indicatif::ProgressBar::new(((rounds + 1) * names.len()) as u64)
+        .with_message("timing training steps");
+    for round in 0..=rounds {
+        for (bench, best) in benches.iter_mut().zip(&mut fastest) {
+            let seconds: f64 = bench.step()?.iter().sum();
+            if round > 0 {
+                *best = best.min(seconds);
+            }
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(benches
+        .iter()
+        .zip(fastest)
+        .map(|(b, s)| (b.flops_per_step, s))
+        .collect())
+}
+
+/// Replaces this machine's calibration points with the measured (FLOPs, seconds) steps.
+fn record_calibration(cal: &mut Calibration, steps: &[(f64, f64)], quiet: bool) {
+    let peak = nuwa_train::hardware::cpu_peak_flops();
     cal.devices.remove(LOCAL_CPU);
-    for name in ["A", "B"] {
-        let shape = bench_shape(name)?;
-        let r = bench_train(&shape, &device, 1, a.steps.max(1))?;
-        let flops = (shape.batch_size * shape.seq_len) as f64
-            * shape.model.counts(shape.seq_len).train_flops_per_token;
-        println!(
-            "shape {name}: {:.2e} FLOPs per step, {:.3} s, MFU {:.1}%",
-            flops,
-            r.median_step_s,
-            r.mfu * 100.0
-        );
+    for (name, &(flops, seconds)) in CALIBRATION_SHAPES.iter().zip(steps) {
+        let mfu = flops / seconds / peak;
+        if !quiet {
+            println!(
+                "shape {name}: {flops:.2e} FLOPs per step, fastest step {seconds:.3} s, MFU {:.1}%",
+                mfu * 100.0
+            );
+        }
         cal.add(
             LOCAL_CPU,
             Point {
                 flops_per_step: flops,
-                mfu: r.mfu,
+                mfu,
             },
         );
     }
+}
+
+fn load_or_new(path: &Path) -> Result<Calibration> {
+    if path.exists() {
+        Calibration::load(path)
+    } else {
+        Ok(Calibration::default())
+    }
+}
+
+fn calibrate(a: CalibrateArgs) -> Result<()> {
+    let mut cal = load_or_new(&a.out)?;
+    let steps = fastest_steps(&CALIBRATION_SHAPES, a.steps.max(1))?;
+    record_calibration(&mut cal, &steps, false);
     cal.save(&a.out)?;
     println!("calibration saved in {}", a.out.display());
     Ok(())
 }
 
 fn verify(a: VerifyArgs) -> Result<()> {
-    use nuwa_train::bench::{bench_shape, bench_train};
-    let cal = Calibration::load(&a.calibration)?;
+    use nuwa_train::bench::bench_shape;
     let shape = bench_shape(&a.shape)?;
+    // With --calibrate the calibration shapes and this one are timed in turn, in one run.
+    let (cal, measured) = if a.calibrate {
+        let mut names = CALIBRATION_SHAPES.to_vec();
+        names.push(&a.shape);
+        let steps = fastest_steps(&names, a.steps.max(1))?;
+        let mut cal = load_or_new(&a.calibration)?;
+        record_calibration(&mut cal, &steps, a.json);
+        cal.save(&a.calibration)?;
+        (cal, steps[CALIBRATION_SHAPES.len()].1)
+    } else {
+        let cal = Calibration::load(&a.calibration)?;
+        (cal, fastest_steps(&[&a.shape], a.steps.max(1))?[0].1)
+    };
     let w = Workload {
         model: shape.model.clone(),
         seq_len: shape.seq_len,
@@ -396,8 +453,6 @@ fn verify(a: VerifyArgs) -> Result<()> {
         recompute: false,
     };
     let predicted = cost::step_time(&w, &available, &layout, eff, shape.batch_size, 1, 1e11).total;
-    let measured =
-        bench_train(&shape, &burn::tensor::Device::default(), 1, a.steps.max(1))?.median_step_s;
     let error = (predicted - measured) / measured;
     let hour = |s: f64| s / 3600.0 * a.price_per_hour;
     if a.json {

@@ -84,6 +84,9 @@ pub struct BenchResult {
     pub kind: String,
     pub tokens_per_s: f64,
     pub median_step_s: f64,
+    /// The fastest timed step: the machine's speed with the least interference from whatever
+    /// else runs on it (the cost planner calibrates with it).
+    pub fastest_step_s: f64,
     pub steps: usize,
     pub mfu: f64,
     pub threads: usize,
@@ -97,6 +100,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+pub fn fastest(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
 fn threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
@@ -104,34 +111,55 @@ fn threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// Times `steps` AdamW training steps after `warmup` untimed ones; the median is reported.
-pub fn bench_train(
-    shape: &BenchShape,
-    device: &Device,
-    warmup: usize,
-    steps: usize,
-) -> Result<BenchResult> {
-    let cfg = &shape.model;
-    cfg.validate()?;
-    let ad = device.clone().autodiff();
-    let mut model = LanguageModel::new(cfg, &ad, 0);
-    let mut opt = AdamW::new(AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    });
-    let (b, t) = (shape.batch_size, shape.seq_len);
-    let ids = random_tokens(b * (t + 1), cfg.vocab_size, 1);
-    let rows: Vec<&[i64]> = ids.chunks(t + 1).collect();
-    let inputs: Vec<i64> = rows.iter().flat_map(|r| r[..t].iter().copied()).collect();
-    let targets: Vec<i64> = rows.iter().flat_map(|r| r[1..].iter().copied()).collect();
-    let mut times = Vec::new();
-    let mut phases: [Vec<f64>; 3] = Default::default();
-    for i in 0..warmup + steps {
+/// One benchmark shape ready to train: model, optimizer and a fixed batch of random tokens.
+/// Several can be stepped in turn, so that their timings share the machine's slow drifts.
+pub struct TrainBench {
+    /// Always `Some` between steps; the optimizer consumes and returns it.
+    model: Option<LanguageModel>,
+    opt: AdamW,
+    device: Device,
+    inputs: Vec<i64>,
+    targets: Vec<i64>,
+    batch: [usize; 2],
+    /// Training FLOPs in one step (model FLOPs, the MFU numerator).
+    pub flops_per_step: f64,
+}
+
+impl TrainBench {
+    pub fn new(shape: &BenchShape, device: &Device) -> Result<Self> {
+        let cfg = &shape.model;
+        cfg.validate()?;
+        let ad = device.clone().autodiff();
+        let model = LanguageModel::new(cfg, &ad, 0);
+        let opt = AdamW::new(AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        });
+        let (b, t) = (shape.batch_size, shape.seq_len);
+        let ids = random_tokens(b * (t + 1), cfg.vocab_size, 1);
+        let rows: Vec<&[i64]> = ids.chunks(t + 1).collect();
+        Ok(Self {
+            model: Some(model),
+            opt,
+            device: ad,
+            inputs: rows.iter().flat_map(|r| r[..t].iter().copied()).collect(),
+            targets: rows.iter().flat_map(|r| r[1..].iter().copied()).collect(),
+            batch: [b, t],
+            flops_per_step: (b * t) as f64 * cfg.counts(t).train_flops_per_token,
+        })
+    }
+
+    /// One AdamW step; seconds spent in forward (with the loss), backward and the optimizer.
+    pub fn step(&mut self) -> Result<[f64; 3]> {
+        let Some(model) = self.model.take() else {
+            bail!("a previous benchmark step failed");
+        };
         let started = Instant::now();
-        let x = Tensor::<2, Int>::from_data(TensorData::new(inputs.clone(), [b, t]), &ad);
-        let y = Tensor::<2, Int>::from_data(TensorData::new(targets.clone(), [b, t]), &ad);
+        let ad = &self.device;
+        let x = Tensor::<2, Int>::from_data(TensorData::new(self.inputs.clone(), self.batch), ad);
+        let y = Tensor::<2, Int>::from_data(TensorData::new(self.targets.clone(), self.batch), ad);
         let out = model.forward(x, None);
         let mut loss = cross_entropy(out.logits, y);
         if !out.router.is_empty() {
@@ -149,26 +177,49 @@ pub fn bench_train(
         let forward_done = started.elapsed().as_secs_f64();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let backward_done = started.elapsed().as_secs_f64();
-        model = opt.step(model, grads, 1e-4, 1.0);
+        self.model = Some(self.opt.step(model, grads, 1e-4, 1.0));
         let _: f32 = loss.into_scalar();
         let total = started.elapsed().as_secs_f64();
+        Ok([
+            forward_done,
+            backward_done - forward_done,
+            total - backward_done,
+        ])
+    }
+}
+
+/// Times `steps` AdamW training steps after `warmup` untimed ones; the median is reported.
+pub fn bench_train(
+    shape: &BenchShape,
+    device: &Device,
+    warmup: usize,
+    steps: usize,
+) -> Result<BenchResult> {
+    let mut bench = TrainBench::new(shape, device)?;
+    let mut times = Vec::new();
+    let mut phases: [Vec<f64>; 3] = Default::default();
+    for i in 0..warmup + steps {
+        let p = bench.step()?;
         if i >= warmup {
-            times.push(total);
-            phases[0].push(forward_done);
-            phases[1].push(backward_done - forward_done);
-            phases[2].push(total - backward_done);
+            times.push(p.iter().sum());
+            for (all, one) in phases.iter_mut().zip(p) {
+                all.push(one);
+            }
         }
     }
     let phases = phases.map(median);
+    let fastest_step_s = fastest(&times);
     let step = median(times);
+    let (b, t) = (shape.batch_size, shape.seq_len);
     let tokens_per_s = (b * t) as f64 / step;
     Ok(BenchResult {
         shape: shape.name.clone(),
         kind: "train".into(),
         tokens_per_s,
         median_step_s: step,
+        fastest_step_s,
         steps,
-        mfu: tokens_per_s * cfg.counts(t).train_flops_per_token / cpu_peak_flops(),
+        mfu: bench.flops_per_step / step / cpu_peak_flops(),
         threads: threads(),
         phases: Some(phases),
     })
@@ -200,12 +251,14 @@ pub fn bench_decode(
             times.push(started.elapsed().as_secs_f64() / out.len().max(1) as f64);
         }
     }
+    let fastest_step_s = fastest(&times);
     let per_token = median(times);
     Ok(BenchResult {
         shape: shape.name.clone(),
         kind: "decode".into(),
         tokens_per_s: 1.0 / per_token,
         median_step_s: per_token,
+        fastest_step_s,
         steps: new_tokens,
         // Decoding is bandwidth-bound; 2 FLOPs per active parameter per token.
         mfu: 2.0 * cfg.counts(1).active_params as f64 / per_token / cpu_peak_flops(),
