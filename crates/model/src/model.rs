@@ -3,9 +3,9 @@
 
 use crate::layers::{linear, rope_tables, Attention, LayerCache, RmsNorm, SwiGlu, INIT_STD};
 use crate::moe::{Moe, RouterStats};
+use crate::path::{by_path, ReadParam};
 use crate::ModelConfig;
-use crate::ModulePath;
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear};
 use burn::tensor::{Device, Int, Tensor};
 use std::collections::BTreeMap;
@@ -189,9 +189,7 @@ impl LanguageModel {
     /// Every parameter's path and shape for `cfg`, without allocating the weights (burn
     /// initialises parameters lazily), so a 290B-parameter layout can be checked on a laptop.
     pub fn parameter_shapes(cfg: &ModelConfig) -> BTreeMap<String, Vec<usize>> {
-        let mut shapes = Shapes::default();
-        Self::uninitialised(cfg, &Device::default()).visit(&mut shapes);
-        shapes.out
+        by_path(&Self::uninitialised(cfg, &Device::default()), LazyShape)
     }
 
     pub fn num_layers(&self) -> usize {
@@ -203,21 +201,12 @@ impl LanguageModel {
     }
 }
 
-#[derive(Default)]
-struct Shapes {
-    path: ModulePath,
-    out: BTreeMap<String, Vec<usize>>,
-}
+/// Reads a parameter's shape without initialising it.
+struct LazyShape;
 
-impl ModuleVisitor for Shapes {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.enter(name);
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.exit();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.out
-            .insert(self.path.current(), param.lazy_shape().to_vec());
+impl ReadParam for LazyShape {
+    type Out = Vec<usize>;
+    fn read<const D: usize>(&mut self, param: &Param<Tensor<D>>) -> Vec<usize> {
+        param.lazy_shape().to_vec()
     }
 }

@@ -1,6 +1,10 @@
 //! The dotted path of the parameter a module traversal is at (`layers.0.attention.dense.weight`):
 //! the one naming scheme for checkpoints, optimiser state and initialisation streams.
 
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::Tensor;
+use std::collections::BTreeMap;
+
 #[derive(Debug, Default, Clone)]
 pub struct ModulePath(Vec<String>);
 
@@ -16,4 +20,39 @@ impl ModulePath {
     pub fn current(&self) -> String {
         self.0.join(".")
     }
+}
+
+/// What to read off each float parameter in [`by_path`] (a trait rather than a closure because
+/// the parameter's rank is a const generic).
+pub trait ReadParam {
+    type Out;
+    fn read<const D: usize>(&mut self, param: &Param<Tensor<D>>) -> Self::Out;
+}
+
+/// `read` applied to every float parameter of `module`, keyed by dotted path.
+pub fn by_path<M: Module, R: ReadParam>(module: &M, read: R) -> BTreeMap<String, R::Out> {
+    struct Walk<R: ReadParam> {
+        path: ModulePath,
+        read: R,
+        out: BTreeMap<String, R::Out>,
+    }
+    impl<R: ReadParam> ModuleVisitor for Walk<R> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.enter(name);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let value = self.read.read(param);
+            self.out.insert(self.path.current(), value);
+        }
+    }
+    let mut walk = Walk {
+        path: ModulePath::default(),
+        read,
+        out: BTreeMap::new(),
+    };
+    module.visit(&mut walk);
+    walk.out
 }

@@ -161,27 +161,26 @@ fn sampling(
             ));
         }
     }
-    let number = |k: &str, default: f64, lo: f64, hi: f64| -> Result<f64, Response> {
+    // A numeric field within [lo, hi], or its default when absent; `kind` names the type.
+    #[allow(clippy::result_large_err)]
+    fn ranged<T: PartialOrd + std::fmt::Display>(
+        b: &serde_json::Map<String, Value>,
+        k: &str,
+        (default, lo, hi): (T, T, T),
+        (kind, read): (&str, fn(&Value) -> Option<T>),
+    ) -> Result<T, Response> {
         match b.get(k) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_f64().filter(|x| *x >= lo && *x <= hi).ok_or_else(|| {
-                bad(
-                    k,
-                    format!("`{k}` must be a number in [{lo}, {hi}], got {v}"),
-                )
-            }),
+            Some(v) => read(v)
+                .filter(|x| *x >= lo && *x <= hi)
+                .ok_or_else(|| bad(k, format!("`{k}` must be {kind} in [{lo}, {hi}], got {v}"))),
         }
+    }
+    let number = |k: &str, default: f64, lo: f64, hi: f64| {
+        ranged(b, k, (default, lo, hi), ("a number", Value::as_f64))
     };
-    let integer = |k: &str, default: u64, lo: u64, hi: u64| -> Result<u64, Response> {
-        match b.get(k) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_u64().filter(|x| *x >= lo && *x <= hi).ok_or_else(|| {
-                bad(
-                    k,
-                    format!("`{k}` must be an integer in [{lo}, {hi}], got {v}"),
-                )
-            }),
-        }
+    let integer = |k: &str, default: u64, lo: u64, hi: u64| {
+        ranged(b, k, (default, lo, hi), ("an integer", Value::as_u64))
     };
     let max_tokens = integer("max_tokens", default_max as u64, 1, s.context as u64)? as usize;
     let temperature = number("temperature", 1.0, 0.0, 2.0)?;

@@ -2,9 +2,10 @@
 //! and reports all missing, unexpected and mis-shaped ones together.
 
 use anyhow::{anyhow, bail, Result};
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::Tensor;
 use nuwa_model::init::host_tensor_like;
+use nuwa_model::path::{by_path, ReadParam};
 use nuwa_model::ModulePath;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -29,30 +30,19 @@ impl HostTensor {
     }
 }
 
-#[derive(Default)]
-struct Collect {
-    path: ModulePath,
-    out: BTreeMap<String, HostTensor>,
-}
+/// Copies a parameter's values to the host.
+struct ToHost;
 
-impl ModuleVisitor for Collect {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.enter(name);
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.exit();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.out
-            .insert(self.path.current(), HostTensor::from_tensor(param.val()));
+impl ReadParam for ToHost {
+    type Out = HostTensor;
+    fn read<const D: usize>(&mut self, param: &Param<Tensor<D>>) -> HostTensor {
+        HostTensor::from_tensor(param.val())
     }
 }
 
 /// Every float parameter of a module, by path.
 pub fn collect_weights<M: Module>(model: &M) -> BTreeMap<String, HostTensor> {
-    let mut c = Collect::default();
-    model.visit(&mut c);
-    c.out
+    by_path(model, ToHost)
 }
 
 /// Serialises named tensors as a safetensors file body.
