@@ -285,6 +285,9 @@ struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_body_bytes: usize,
+    /// Seconds a client may take to send its request body (then 408).
+    #[arg(long, default_value_t = 30.0, value_parser = positive_seconds)]
+    body_timeout: f64,
 }
 
 #[derive(Args)]
@@ -318,6 +321,14 @@ struct InspectArgs {
     /// Context length for the attention FLOPs.
     #[arg(long, default_value_t = 4096)]
     context: usize,
+}
+
+/// A clap parser for a duration in seconds: finite and above zero.
+fn positive_seconds(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(s) if s > 0.0 && s.is_finite() && s < 1e9 => Ok(s),
+        _ => Err(format!("`{v}` is not a positive number of seconds")),
+    }
 }
 
 /// mimalloc's `mi_option_purge_delay` (the same index in its v2 and v3 headers).
@@ -728,6 +739,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             max_batch: a.max_batch,
             max_queue: a.max_queue,
             max_body_bytes: a.max_body_bytes,
+            body_timeout: std::time::Duration::from_secs_f64(a.body_timeout),
         },
     )
 }

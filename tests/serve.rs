@@ -341,6 +341,47 @@ fn overload_is_refused_and_a_disconnect_frees_its_slot() {
 }
 
 #[test]
+fn a_slow_sender_gets_408_and_the_server_keeps_serving() {
+    use std::io::Write;
+    let s = server(&["--body-timeout", "1"]);
+    let addr = s.url.trim_start_matches("http://");
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // Headers promise 100 bytes; only 11 ever come.
+    conn.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"prompt\": ",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut head = [0u8; 12];
+    conn.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 408", "{}", String::from_utf8_lossy(&head));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "answered after {waited:?}"
+    );
+    let (code, r) = post(
+        &format!("{}/v1/completions", s.url),
+        &json!({"prompt": "w1", "max_tokens": 2}),
+    );
+    assert_eq!(code, 200, "{r}");
+    let out = Command::new(env!("CARGO_BIN_EXE_nuwa"))
+        .args([
+            "serve",
+            "--model",
+            fixture().to_str().unwrap(),
+            "--body-timeout",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    common::assert_clean_error(&out, "--body-timeout");
+}
+
+#[test]
 fn bounded_load_test_reports_throughput_and_latency() {
     let s = server(&[]);
     let url = format!("{}/v1/completions", s.url);

@@ -6,7 +6,7 @@
 use crate::engine::{EngineHandle, Event, Job, Prompt};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
@@ -27,11 +28,18 @@ pub struct AppState {
     pub model: String,
     pub created: u64,
     pub context: usize,
+    /// A body slower than this is answered 408, so a slow sender cannot hold a task forever.
+    pub body_timeout: Duration,
     next_id: AtomicU64,
 }
 
 impl AppState {
-    pub fn new(engine: EngineHandle, model: String, context: usize) -> Self {
+    pub fn new(
+        engine: EngineHandle,
+        model: String,
+        context: usize,
+        body_timeout: Duration,
+    ) -> Self {
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -40,6 +48,7 @@ impl AppState {
             model,
             created,
             context,
+            body_timeout,
             next_id: AtomicU64::new(1),
         }
     }
@@ -118,6 +127,22 @@ struct Sampling {
 
 // A rejected request returns its finished error response; it is built once per bad request,
 // so the size of `Response` in the `Err` variant costs nothing worth boxing.
+async fn read_body(s: &AppState, req: Request) -> Result<serde_json::Map<String, Value>, Response> {
+    // The size limit is `DefaultBodyLimit`'s, applied by the `Bytes` extractor.
+    match tokio::time::timeout(s.body_timeout, Bytes::from_request(req, &())).await {
+        Ok(body) => parse_body(body),
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            None,
+            format!(
+                "the request body did not arrive within {} s",
+                s.body_timeout.as_secs_f64()
+            ),
+        )),
+    }
+}
+
 #[allow(clippy::result_large_err)]
 fn parse_body(
     body: Result<Bytes, BytesRejection>,
@@ -221,11 +246,8 @@ fn sampling(
     })
 }
 
-async fn completions(
-    State(s): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let b = match parse_body(body) {
+async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
+    let b = match read_body(&s, req).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -248,11 +270,8 @@ async fn completions(
     }
 }
 
-async fn chat_completions(
-    State(s): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let b = match parse_body(body) {
+async fn chat_completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
+    let b = match read_body(&s, req).await {
         Ok(b) => b,
         Err(r) => return r,
     };

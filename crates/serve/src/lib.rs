@@ -16,6 +16,8 @@ pub struct ServeConfig {
     pub max_batch: usize,
     pub max_queue: usize,
     pub max_body_bytes: usize,
+    /// How long a client may take to send its request body once the headers are in.
+    pub body_timeout: std::time::Duration,
 }
 
 /// Serves until Ctrl-C. Prints `listening on http://ADDR` once the socket is bound.
@@ -29,7 +31,12 @@ pub fn serve(model: InferenceModel, device: burn::tensor::Device, cfg: ServeConf
             max_queue: cfg.max_queue.max(1),
         },
     );
-    let state = Arc::new(http::AppState::new(engine, cfg.model_name.clone(), context));
+    let state = Arc::new(http::AppState::new(
+        engine,
+        cfg.model_name.clone(),
+        context,
+        cfg.body_timeout,
+    ));
     let app = http::router(state, cfg.max_body_bytes);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
