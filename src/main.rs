@@ -309,6 +309,9 @@ struct ExportArgs {
     /// f32 (exact) | bf16 | f16
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Largest safetensors file before the weights are sharded: 5GB, 500MB, 2000000.
+    #[arg(long, default_value = "5GB", value_parser = byte_size)]
+    max_shard_size: u64,
 }
 
 #[derive(Args)]
@@ -321,6 +324,27 @@ struct InspectArgs {
     /// Context length for the attention FLOPs.
     #[arg(long, default_value_t = 4096)]
     context: usize,
+}
+
+/// A clap parser for a size in bytes: a plain number or one with KB, MB or GB (powers of 1000,
+/// as `save_pretrained`'s `max_shard_size` reads them).
+fn byte_size(v: &str) -> Result<u64, String> {
+    let t = v.trim().to_ascii_uppercase();
+    let (number, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => t.split_at(i),
+        None => (t.as_str(), ""),
+    };
+    let scale = match unit {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        _ => return Err(format!("`{v}`: the unit must be B, KB, MB or GB")),
+    };
+    match number.trim().parse::<f64>() {
+        Ok(n) if n >= 1.0 / scale && (n * scale).is_finite() => Ok((n * scale) as u64),
+        _ => Err(format!("`{v}` is not a positive size")),
+    }
 }
 
 /// A clap parser for a duration in seconds: finite and above zero.
@@ -758,7 +782,11 @@ fn import(a: ImportArgs) -> Result<()> {
 
 fn export(a: ExportArgs) -> Result<()> {
     let dtype: nuwa_hf::ExportDtype = a.dtype.parse()?;
-    nuwa_hf::export_run(&a.run_dir, &a.out, dtype)?;
+    let options = nuwa_hf::ExportOptions {
+        dtype,
+        max_shard_bytes: a.max_shard_size,
+    };
+    nuwa_hf::export_run(&a.run_dir, &a.out, &options)?;
     println!("exported {} to {}", a.run_dir.display(), a.out.display());
     Ok(())
 }

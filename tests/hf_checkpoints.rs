@@ -9,7 +9,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use common::{assert_clean_error, nuwa, TempDir};
 use nuwa_hf::safetensors_dir::SafetensorsDir;
 use nuwa_hf::{
-    export_run, import_to_run, ExportDtype, HfCheckpoint, InferenceModel, Message, ModelSource,
+    export_run, import_to_run, ExportDtype, ExportOptions, HfCheckpoint, InferenceModel, Message,
+    ModelSource,
 };
 use nuwa_model::SamplingOptions;
 use safetensors::tensor::{Dtype, TensorView};
@@ -109,7 +110,7 @@ fn import_then_export_round_trips_bit_exact() {
         let run = tmp.path().join(format!("run-{arch}"));
         let out = tmp.path().join(format!("hf-{arch}"));
         import_to_run(&fixture(arch), &run, &device).unwrap();
-        export_run(&run, &out, ExportDtype::F32).unwrap();
+        export_run(&run, &out, &ExportOptions::default()).unwrap();
         // The exported folder holds exactly the original tensors (values upcast to f32) ...
         assert_eq!(hf_tensors(&out), hf_tensors(&fixture(arch)), "{arch}");
         // ... and re-imports to exactly the weights nuwa imported the first time.
@@ -133,7 +134,7 @@ fn import_then_export_round_trips_bit_exact() {
     let run = tmp.path().join("run-llama");
     let out = tmp.path().join("hf-llama");
     let before = std::fs::read(out.join("model.safetensors")).unwrap();
-    let err = export_run(&run, &out, ExportDtype::F32)
+    let err = export_run(&run, &out, &ExportOptions::default())
         .unwrap_err()
         .to_string();
     assert!(err.contains("already exists"), "{err}");
@@ -144,12 +145,66 @@ fn import_then_export_round_trips_bit_exact() {
 }
 
 #[test]
+fn a_large_export_is_sharded_with_an_index_and_reimports_exactly() {
+    let tmp = TempDir::new("hf-sharded");
+    let run = tmp.path().join("run");
+    let out = tmp.path().join("hf");
+    import_to_run(&fixture("qwen3_moe"), &run, &Device::default()).unwrap();
+    let args = [
+        "export",
+        run.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let bad = nuwa(&[&args[..], &["--max-shard-size", "5XB"]].concat());
+    assert_clean_error(&bad, "--max-shard-size");
+    let ok = nuwa(&[&args[..], &["--max-shard-size", "20KB"]].concat());
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let shards: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    assert!(shards.len() > 1, "{shards:?}");
+    for shard in &shards {
+        let size = std::fs::metadata(out.join(shard)).unwrap().len();
+        let st = std::fs::read(out.join(shard)).unwrap();
+        let tensors = SafeTensors::deserialize(&st).unwrap().len();
+        // Only a shard holding a single tensor larger than the limit may pass it.
+        assert!(
+            size <= 20_000 + 4096 || tensors == 1,
+            "{shard}: {size} bytes"
+        );
+    }
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let mapped = index["weight_map"].as_object().unwrap();
+    assert_eq!(mapped.len(), hf_tensors(&fixture("qwen3_moe")).len());
+    // Sharded, the export still holds exactly the original tensors.
+    assert_eq!(hf_tensors(&out), hf_tensors(&fixture("qwen3_moe")));
+}
+
+#[test]
 fn bf16_export_rounds_to_bf16() {
     let tmp = TempDir::new("hf-bf16");
     let run = tmp.path().join("run");
     let out = tmp.path().join("hf");
     import_to_run(&fixture("llama"), &run, &Device::default()).unwrap();
-    export_run(&run, &out, ExportDtype::Bf16).unwrap();
+    export_run(
+        &run,
+        &out,
+        &ExportOptions {
+            dtype: ExportDtype::Bf16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let st = SafetensorsDir::open(&out).unwrap();
     assert!(st.tensors.values().all(|e| e.dtype == Dtype::BF16));
     for (name, _, want) in hf_tensors(&fixture("llama")) {

@@ -14,4 +14,4 @@ pub use arch::Arch;
 pub use chat::{eos_token_ids, ChatTemplate, Message};
 pub use import::HfCheckpoint;
 pub use inference::{InferenceModel, ModelSource};
-pub use run_dir::{export_run, import_to_run, ExportDtype, HF_SUBDIR};
+pub use run_dir::{export_run, import_to_run, ExportDtype, ExportOptions, HF_SUBDIR};

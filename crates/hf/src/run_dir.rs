@@ -184,7 +184,86 @@ pub fn to_hf_tensors(
 }
 
 /// Writes the newest checkpoint of `run` as an HF folder `out` (config, weights, tokenizer).
-pub fn export_run(run: &Path, out: &Path, dtype: ExportDtype) -> Result<()> {
+/// How `export_run` writes: tensor dtype, and the largest safetensors file before it shards.
+#[derive(Debug, Clone, Copy)]
+pub struct ExportOptions {
+    pub dtype: ExportDtype,
+    /// Above this many bytes of tensors the weights are split into `model-0000K-of-0000N`
+    /// shards with a `model.safetensors.index.json`, as `save_pretrained` does (5 GB default).
+    pub max_shard_bytes: u64,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        Self {
+            dtype: ExportDtype::F32,
+            max_shard_bytes: 5_000_000_000,
+        }
+    }
+}
+
+/// Tensors in order, split greedily so that no shard passes `max` bytes (a tensor larger than
+/// `max` gets a shard of its own).
+fn shard_groups(sizes: &[u64], max: u64) -> Vec<std::ops::Range<usize>> {
+    let mut groups = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, &size) in sizes.iter().enumerate() {
+        if i > start && bytes + size > max {
+            groups.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < sizes.len() {
+        groups.push(start..sizes.len());
+    }
+    groups
+}
+
+/// The weight files of an export as `(file name, body)`: one `model.safetensors`, or shards
+/// and their `model.safetensors.index.json`.
+fn safetensors_files(
+    encoded: &[(String, Vec<usize>, Dtype, Vec<u8>)],
+    max_shard_bytes: u64,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let sizes: Vec<u64> = encoded.iter().map(|t| t.3.len() as u64).collect();
+    let groups = shard_groups(&sizes, max_shard_bytes.max(1));
+    let n = groups.len();
+    let mut files = Vec::new();
+    let mut weight_map = serde_json::Map::new();
+    for (k, group) in groups.into_iter().enumerate() {
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", k + 1)
+        };
+        let views = encoded[group]
+            .iter()
+            .map(|(name, shape, dt, bytes)| {
+                weight_map.insert(name.clone(), serde_json::json!(file));
+                TensorView::new(*dt, shape.clone(), bytes)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| anyhow!("tensor {name}: {e}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let body = safetensors::serialize(views, Some(metadata))
+            .map_err(|e| anyhow!("serialising safetensors: {e}"))?;
+        files.push((file, body));
+    }
+    if n > 1 {
+        let index = serde_json::json!({
+            "metadata": {"total_size": sizes.iter().sum::<u64>()},
+            "weight_map": weight_map,
+        });
+        let body = serde_json::to_string_pretty(&index)?.into_bytes();
+        files.push(("model.safetensors.index.json".into(), body));
+    }
+    Ok(files)
+}
+
+pub fn export_run(run: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
+    let dtype = options.dtype;
     refuse_existing(out)?;
     let loaded = checkpoint::load_latest(run)?;
     let cfg = &loaded.state.config.model;
@@ -207,17 +286,8 @@ pub fn export_run(run: &Path, out: &Path, dtype: ExportDtype) -> Result<()> {
             (name, t.shape, dt, bytes)
         })
         .collect();
-    let views = encoded
-        .iter()
-        .map(|(name, shape, dt, bytes)| {
-            TensorView::new(*dt, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| anyhow!("tensor {name}: {e}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let body = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| anyhow!("serialising safetensors: {e}"))?;
+    let files = safetensors_files(&encoded, options.max_shard_bytes)?;
+    drop(encoded);
 
     // Everything goes into a temporary sibling folder first, renamed into place at the end.
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
@@ -235,7 +305,9 @@ pub fn export_run(run: &Path, out: &Path, dtype: ExportDtype) -> Result<()> {
     let _ = std::fs::remove_dir_all(&tmp);
     let written = (|| -> Result<()> {
         std::fs::create_dir_all(&tmp)?;
-        nuwa_data::atomic_write(&tmp.join("model.safetensors"), &body)?;
+        for (file, body) in &files {
+            nuwa_data::atomic_write(&tmp.join(file), body)?;
+        }
         nuwa_data::atomic_write(
             &tmp.join("config.json"),
             serde_json::to_string_pretty(&config)?.as_bytes(),
@@ -260,4 +332,17 @@ pub fn export_run(run: &Path, out: &Path, dtype: ExportDtype) -> Result<()> {
         return Err(e.context(format!("writing {}", out.display())));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_never_pass_the_limit_unless_one_tensor_does() {
+        assert_eq!(shard_groups(&[4, 4, 4], 100), vec![0..3]);
+        assert_eq!(shard_groups(&[4, 4, 4], 8), vec![0..2, 2..3]);
+        assert_eq!(shard_groups(&[4, 20, 4], 8), vec![0..1, 1..2, 2..3]);
+        assert!(shard_groups(&[], 8).is_empty());
+    }
 }
