@@ -163,11 +163,71 @@ fn one_two_and_three_ranks_compute_the_same_steps_as_one_process() {
 }
 
 #[test]
+fn moe_load_balance_loss_is_the_global_batchs_on_uneven_shares() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-moe");
+    let moe_args = |run: &Path| -> Vec<String> {
+        let mut args = tiny_args(run, "6");
+        args[1] = "tiny-moe".into();
+        args
+    };
+    let single = tmp.path().join("single");
+    let out = Command::new(NUWA)
+        .arg("train")
+        .args(moe_args(&single))
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference = metrics(&single);
+    let run = tmp.path().join("np2");
+    let mut args = moe_args(&run);
+    args.extend(
+        [
+            "--hash-params",
+            "--rebalance-every",
+            "2",
+            "--throttle",
+            "1,3",
+        ]
+        .map(String::from),
+    );
+    mpirun(2, &args);
+    let got = metrics(&run);
+    assert_eq!(got.len(), reference.len());
+    let mut uneven = false;
+    for (step, rec) in &got {
+        // The load-balance loss is nonlinear in the batch: averaged per rank it would differ.
+        for key in ["loss", "load_balance_loss", "z_loss"] {
+            let (a, b) = (
+                rec[key].as_f64().unwrap(),
+                reference[step][key].as_f64().unwrap(),
+            );
+            assert!(
+                (a - b).abs() < 1e-5,
+                "step {step}: {key} {a} vs one process {b}"
+            );
+        }
+        let hashes = rec["param_hashes"].as_array().unwrap();
+        assert!(
+            hashes.iter().all(|h| h == &hashes[0]),
+            "step {step}: {hashes:?}"
+        );
+        uneven |= rec["ranks"][0]["seqs"] != rec["ranks"][1]["seqs"];
+    }
+    assert!(uneven, "the shares never became uneven");
+}
+
+#[test]
 fn a_slower_rank_gets_a_smaller_share() {
     let _serial = serial();
     let tmp = TempDir::new("dist-balance");
     let run = tmp.path().join("run");
-    let mut args = sized_args(&run, "8", "12", "64");
+    let mut args = sized_args(&run, "8", "12", "128");
     args.extend(["--rebalance-every", "2", "--throttle", "1,3"].map(String::from));
     mpirun(2, &args);
     let last = metrics(&run).into_values().last().unwrap();

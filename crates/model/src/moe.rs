@@ -16,6 +16,9 @@ pub struct RouterStats {
     pub z_loss: Tensor<1>,
     /// Tokens (top-k assignments) each expert received.
     pub tokens_per_expert: Vec<usize>,
+    /// Each expert's router probability averaged over the tokens, `P_e` (differentiable): with
+    /// the global `f_e` it rebuilds the load-balance loss of a batch split across ranks.
+    pub mean_prob: Tensor<1>,
 }
 
 #[derive(Module, Debug)]
@@ -126,7 +129,7 @@ impl Moe {
         let fraction =
             Tensor::<1>::from_data(TensorData::new(fraction, [num_experts]), &probs.device());
         let mean_prob = probs.mean_dim(0).reshape([num_experts]);
-        let load_balance = (fraction * mean_prob).sum() * num_experts as f32;
+        let load_balance = (fraction * mean_prob.clone()).sum() * num_experts as f32;
         // logsumexp(l) = l - log_softmax(l), for any column; take column 0.
         let lse = (logits.clone() - log_softmax(logits, 1)).narrow(1, 0, 1);
         let z_loss = lse.powi_scalar(2).mean();
@@ -134,6 +137,7 @@ impl Moe {
             load_balance,
             z_loss,
             tokens_per_expert: tokens_per_expert.to_vec(),
+            mean_prob,
         }
     }
 }

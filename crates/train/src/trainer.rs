@@ -19,7 +19,7 @@ use nuwa_data::sampler::splitmix64;
 use nuwa_data::{
     eval_batches, Batch, BatchSampler, Dataset, PrepareOptions, Source, Tokenizer, TokenizerSpec,
 };
-use nuwa_model::{cross_entropy, LanguageModel, RouterStats};
+use nuwa_model::{cross_entropy, LanguageModel};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -103,23 +103,70 @@ struct Losses {
     tokens_per_expert: Vec<Vec<usize>>,
 }
 
-fn forward_losses(model: &LanguageModel, batch: &Batch, device: &Device) -> Losses {
+/// The ranks sharing one global micro-batch, for the load-balance loss: its expert fractions
+/// `f_e` must be the whole batch's, not one rank's, or the loss (nonlinear in the batch) and
+/// its gradient would differ from one process's.
+struct GlobalBatch<'a> {
+    comm: &'a dyn Collective,
+    watchdog: &'a Watchdog,
+    step: u64,
+    /// Top-k assignments in the global micro-batch (tokens × k).
+    assignments: usize,
+    /// Values each rank contributes: MoE layers × experts.
+    counts_len: usize,
+}
+
+impl GlobalBatch<'_> {
+    /// Every rank's tokens per expert, summed (`local` is this rank's, layer after layer).
+    fn sum_counts(&self, local: &[Vec<usize>]) -> Vec<f32> {
+        let mut counts: Vec<f32> = local.iter().flatten().map(|&c| c as f32).collect();
+        counts.resize(self.counts_len, 0.0); // a rank with no rows has nothing to add
+        self.watchdog.enter(self.step);
+        self.comm.all_reduce_sum(&mut counts);
+        self.watchdog.leave();
+        counts
+    }
+}
+
+fn forward_losses(
+    model: &LanguageModel,
+    batch: &Batch,
+    device: &Device,
+    global: Option<&GlobalBatch>,
+) -> Losses {
     let (inputs, targets) = batch_tensors(batch, device);
     let out = model.forward(inputs, None);
     let ce = cross_entropy(out.logits, targets);
-    let mean = |f: fn(&RouterStats) -> Tensor<1>| {
-        let n = out.router.len();
-        (n > 0).then(|| Tensor::cat(out.router.iter().map(f).collect(), 0).sum() / n as f32)
+    let tokens_per_expert: Vec<Vec<usize>> = out
+        .router
+        .iter()
+        .map(|s| s.tokens_per_expert.clone())
+        .collect();
+    let load_balance: Vec<Tensor<1>> = match global {
+        None => out.router.iter().map(|s| s.load_balance.clone()).collect(),
+        // E · Σ_e f_e(global) · P_e(this rank): weighted by this rank's token share and summed
+        // over ranks, as the gradients are, it is exactly one process's E · Σ_e f_e · P_e.
+        Some(g) => {
+            let counts = g.sum_counts(&tokens_per_expert);
+            let experts = counts.len() / out.router.len().max(1);
+            out.router
+                .iter()
+                .zip(counts.chunks(experts.max(1)))
+                .map(|(s, c)| {
+                    let f: Vec<f32> = c.iter().map(|&n| n / g.assignments as f32).collect();
+                    let f = Tensor::<1>::from_data(TensorData::new(f, [experts]), device);
+                    (f * s.mean_prob.clone()).sum() * experts as f32
+                })
+                .collect()
+        }
     };
+    let n = out.router.len();
+    let mean = |v: Vec<Tensor<1>>| (n > 0).then(|| Tensor::cat(v, 0).sum() / n as f32);
     Losses {
         ce,
-        load_balance: mean(|s| s.load_balance.clone()),
-        z_loss: mean(|s| s.z_loss.clone()),
-        tokens_per_expert: out
-            .router
-            .iter()
-            .map(|s| s.tokens_per_expert.clone())
-            .collect(),
+        load_balance: mean(load_balance),
+        z_loss: mean(out.router.iter().map(|s| s.z_loss.clone()).collect()),
+        tokens_per_expert,
     }
 }
 
@@ -127,7 +174,11 @@ fn forward_losses(model: &LanguageModel, batch: &Batch, device: &Device) -> Loss
 pub fn evaluate(model: &LanguageModel, batches: &[Batch], device: &Device) -> f64 {
     let total: f64 = batches
         .iter()
-        .map(|b| forward_losses(model, b, device).ce.into_scalar::<f32>() as f64)
+        .map(|b| {
+            forward_losses(model, b, device, None)
+                .ce
+                .into_scalar::<f32>() as f64
+        })
         .sum();
     total / batches.len().max(1) as f64
 }
@@ -249,6 +300,9 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
         .as_ref()
         .map(|d| Watchdog::start(rank, d.collective_timeout));
     let counts = cfg.model.counts(t.seq_len);
+    let moe_layers = (0..cfg.model.num_hidden_layers)
+        .filter(|&l| cfg.model.layer_is_moe(l))
+        .count();
     let peak = opts.peak_flops.unwrap_or_else(cpu_peak_flops);
     let tokens_per_step = (t.batch_size * t.grad_accum * t.seq_len) as u64;
 
@@ -307,7 +361,20 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
                     kill_self();
                 }
             }
+            let global = match (&watchdog, ranks > 1 && cfg.model.is_moe()) {
+                (Some(dog), true) => Some(GlobalBatch {
+                    comm,
+                    watchdog: dog,
+                    step: step + 1,
+                    assignments: t.batch_size * t.seq_len * cfg.model.num_experts_per_tok,
+                    counts_len: moe_layers * cfg.model.num_experts,
+                }),
+                _ => None,
+            };
             if my_rows == 0 {
+                if let Some(g) = &global {
+                    g.sum_counts(&[]); // the other ranks' load-balance losses need this one
+                }
                 continue;
             }
             let batch = if ranks > 1 {
@@ -315,7 +382,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
             } else {
                 batch
             };
-            let losses = forward_losses(&model, &batch, &device);
+            let losses = forward_losses(&model, &batch, &device, global.as_ref());
             let mut total = losses.ce.clone();
             if let (Some(lb), Some(z)) = (&losses.load_balance, &losses.z_loss) {
                 total = total + lb.clone() * t.aux_loss_coef + z.clone() * t.z_loss_coef;
