@@ -1,7 +1,9 @@
 //! Decoding many sequences at once, each at its own position: the batch a serving engine runs
 //! one step at a time, with sequences joining (after a prefill of their own) and leaving
-//! between steps. Every row keeps its keys and values in a cache padded to the model's
-//! context, so rows of any length share one batched forward pass.
+//! between steps. Every row keeps its keys and values in a cache padded to a shared length, so
+//! rows of any length share one batched forward pass. That length follows the longest row
+//! (grown in blocks of `GROW` positions, up to the model's context) rather than being the whole
+//! context from the start: each step's cache update and attention cost what the rows use.
 
 use crate::layers::{rope_row, RowState};
 use crate::model::{Ffn, LanguageModel};
@@ -11,12 +13,18 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 /// Masked-out attention score: large enough to vanish in the softmax, finite so nothing NaNs.
 const MASKED: f32 = -1e30;
 
+/// The caches grow by this many positions at a time (fewer re-allocations than one by one).
+const GROW: usize = 64;
+
 pub struct DecodeBatch {
-    /// Per layer: keys and values of every row, `[rows, kv_heads, capacity, head_dim]`.
+    /// Per layer: keys and values of every row, `[rows, kv_heads, allocated, head_dim]`.
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
     /// Positions filled in each row.
     pub lengths: Vec<usize>,
+    /// The most positions a row may hold: the model's context.
     pub capacity: usize,
+    /// Positions every row's cache holds now (filled or padding), at most `capacity`.
+    allocated: usize,
     device: Device,
 }
 
@@ -38,8 +46,31 @@ impl DecodeBatch {
             layers: vec![None; model.num_layers()],
             lengths: Vec::new(),
             capacity: model.max_positions,
+            allocated: 0,
             device: device.clone(),
         }
+    }
+
+    /// Grows every row's cache (with zero padding) so that it holds at least `needed`
+    /// positions.
+    fn reserve(&mut self, needed: usize) {
+        if needed <= self.allocated {
+            return;
+        }
+        let grown = needed.div_ceil(GROW) * GROW;
+        let target = grown.min(self.capacity).max(needed);
+        let extra = target - self.allocated;
+        for slot in &mut self.layers {
+            if let Some((k, v)) = slot.take() {
+                let pad = |x: Tensor<4>| {
+                    let [b, kvh, _, d] = x.dims();
+                    let zeros = Tensor::zeros([b, kvh, extra, d], &self.device);
+                    Tensor::cat(vec![x, zeros], 2)
+                };
+                *slot = Some((pad(k), pad(v)));
+            }
+        }
+        self.allocated = target;
     }
 
     pub fn rows(&self) -> usize {
@@ -54,11 +85,16 @@ impl DecodeBatch {
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, t]), &self.device);
         let mut cache = KvCache::new(model.num_layers());
         let logits = model.forward(tokens, Some(&mut cache)).logits;
+        self.reserve(t + 1);
+        let allocated = self.allocated;
         for (slot, layer) in self.layers.iter_mut().zip(cache.layers) {
             let Some((k, v)) = layer.kv else { continue };
             let [_, kvh, _, d] = k.dims();
             let pad = |x: Tensor<4>| {
-                let zeros = Tensor::zeros([1, kvh, self.capacity - t, d], &self.device);
+                if allocated == t {
+                    return x;
+                }
+                let zeros = Tensor::zeros([1, kvh, allocated - t, d], &self.device);
                 Tensor::cat(vec![x, zeros], 2)
             };
             let (k, v) = (pad(k), pad(v));
@@ -83,6 +119,7 @@ impl DecodeBatch {
         self.lengths = idx.iter().map(|&r| self.lengths[r as usize]).collect();
         if idx.is_empty() {
             self.layers.iter_mut().for_each(|l| *l = None);
+            self.allocated = 0;
             return;
         }
         let n = idx.len();
@@ -98,7 +135,9 @@ impl DecodeBatch {
     /// room (`lengths[r] < capacity`).
     pub fn step(&mut self, model: &LanguageModel, tokens: &[u32]) -> Vec<Vec<f32>> {
         let b = self.rows();
-        let (cap, d) = (self.capacity, model.head_dim);
+        let longest = self.lengths.iter().copied().max().unwrap_or(0);
+        self.reserve(longest + 1);
+        let (cap, d) = (self.allocated, model.head_dim);
         let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, 1]), &self.device);
         let rows = self.row_state(model, b, cap, d);
