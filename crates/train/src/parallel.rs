@@ -27,8 +27,8 @@ pub struct DistOptions {
     pub comm: Box<dyn Collective>,
     /// Test-only: this rank sleeps so it runs `throttle`× slower than it could.
     pub throttle: f64,
-    /// Re-balance the shares of the global batch every this many steps (after a first
-    /// profiling step); 0 keeps the equal split.
+    /// Re-balance the shares of the global batch every this many steps (and after the
+    /// profiling step, the second: the first is warm-up); 0 keeps the equal split.
     pub rebalance_every: u64,
     /// Most sequences per micro-batch each rank may take (its memory bound), by rank.
     pub max_seqs: Vec<Option<usize>>,

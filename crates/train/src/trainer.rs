@@ -464,9 +464,13 @@ pub fn train(opts: TrainOptions) -> Result<TrainReport> {
                     "wait_s": waits[r], "comm_s": comms[r],
                 }));
             }
-            balancer.observe(&seqs, &computes, &slow_now);
+            // A process's first step is warm-up (first allocations, page faults) and says
+            // little about its speed: the profile is the second step, planned on at once.
+            if step > start_step {
+                balancer.observe(&seqs, &computes, &slow_now);
+            }
             // `rebalance_every` 0 keeps the equal split (the naive baseline).
-            let due = step == start_step || (step + 1) % d.rebalance_every.max(1) == 0;
+            let due = step == start_step + 1 || (step + 1) % d.rebalance_every.max(1) == 0;
             if d.rebalance_every > 0 && due {
                 balancer.rebalance(t.batch_size, &caps);
             }
