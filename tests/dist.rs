@@ -102,14 +102,11 @@ fn metrics(run: &Path) -> BTreeMap<u64, Value> {
         .collect()
 }
 
-#[test]
-fn one_two_and_three_ranks_compute_the_same_steps_as_one_process() {
-    let _serial = serial();
-    let tmp = TempDir::new("dist-same");
-    let single = tmp.path().join("single");
+/// Trains without MPI (the reference run) and returns its per-step metrics.
+fn one_process(args: &[String], run: &Path) -> BTreeMap<u64, Value> {
     let out = Command::new(NUWA)
         .arg("train")
-        .args(tiny_args(&single, "8"))
+        .args(args)
         .env("RAYON_NUM_THREADS", "1")
         .output()
         .unwrap();
@@ -118,7 +115,15 @@ fn one_two_and_three_ranks_compute_the_same_steps_as_one_process() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let reference = metrics(&single);
+    metrics(run)
+}
+
+#[test]
+fn one_two_and_three_ranks_compute_the_same_steps_as_one_process() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-same");
+    let single = tmp.path().join("single");
+    let reference = one_process(&tiny_args(&single, "8"), &single);
     // Uneven shares on purpose: rank 1 throttled, re-balanced every 2 steps.
     for (np, throttle) in [(1, "1"), (2, "1,3"), (3, "1,2,1")] {
         let run = tmp.path().join(format!("np{np}"));
@@ -172,18 +177,7 @@ fn moe_load_balance_loss_is_the_global_batchs_on_uneven_shares() {
         args
     };
     let single = tmp.path().join("single");
-    let out = Command::new(NUWA)
-        .arg("train")
-        .args(moe_args(&single))
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let reference = metrics(&single);
+    let reference = one_process(&moe_args(&single), &single);
     let run = tmp.path().join("np2");
     let mut args = moe_args(&run);
     args.extend(
