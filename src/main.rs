@@ -329,22 +329,10 @@ struct InspectArgs {
 /// A clap parser for a size in bytes: a plain number or one with KB, MB or GB (powers of 1000,
 /// as `save_pretrained`'s `max_shard_size` reads them).
 fn byte_size(v: &str) -> Result<u64, String> {
-    let t = v.trim().to_ascii_uppercase();
-    let (number, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => t.split_at(i),
-        None => (t.as_str(), ""),
-    };
-    let scale = match unit {
-        "" | "B" => 1.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        _ => return Err(format!("`{v}`: the unit must be B, KB, MB or GB")),
-    };
-    match number.trim().parse::<f64>() {
-        Ok(n) if n >= 1.0 / scale && (n * scale).is_finite() => Ok((n * scale) as u64),
-        _ => Err(format!("`{v}` is not a positive size")),
-    }
+    let units = [("B", 1.0), ("KB", 1e3), ("MB", 1e6), ("GB", 1e9)];
+    nuwa_plan::parse_with_unit(v, &units, "5GB, 500MB, 2000000")
+        .map(|bytes| bytes.ceil() as u64)
+        .map_err(|e| e.to_string())
 }
 
 /// A clap parser for a duration in seconds: finite and above zero.

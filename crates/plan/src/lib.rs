@@ -16,41 +16,41 @@ pub use search::{Constraints, Objective, Plan};
 
 use anyhow::{anyhow, bail, Result};
 
-/// `1T`, `500B`, `2e12`: a token count.
-pub fn parse_count(s: &str) -> Result<f64> {
+/// A positive number with an optional unit suffix (matched case-insensitively, longest
+/// first), scaled by the unit's factor: `1T` tokens, `12h`, `5GB`. `example` shows the format
+/// in the error.
+pub fn parse_with_unit(s: &str, units: &[(&str, f64)], example: &str) -> Result<f64> {
     let t = s.trim();
-    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 1e3),
-        Some('M') => (&t[..t.len() - 1], 1e6),
-        Some('B') | Some('G') => (&t[..t.len() - 1], 1e9),
-        Some('T') => (&t[..t.len() - 1], 1e12),
-        _ => (t, 1.0),
-    };
+    let upper = t.to_ascii_uppercase();
+    let mut by_length: Vec<&(&str, f64)> = units.iter().collect();
+    by_length.sort_by_key(|(u, _)| std::cmp::Reverse(u.len()));
+    let (num, scale) = by_length
+        .iter()
+        .find(|(u, _)| upper.ends_with(&u.to_ascii_uppercase()))
+        .map_or((t, 1.0), |(u, f)| (&t[..t.len() - u.len()], *f));
     let v: f64 = num
+        .trim()
         .parse()
-        .map_err(|_| anyhow!("`{s}` is not a count (e.g. 1T, 500B, 2e12)"))?;
-    if !(v > 0.0 && v.is_finite()) {
+        .map_err(|_| anyhow!("`{s}` is not a number with a unit (e.g. {example})"))?;
+    if !(v > 0.0 && (v * scale).is_finite()) {
         bail!("`{s}` must be positive");
     }
-    Ok(v * mult)
+    Ok(v * scale)
+}
+
+/// `1T`, `500B`, `2e12`: a count (tokens).
+pub fn parse_count(s: &str) -> Result<f64> {
+    let units = [("K", 1e3), ("M", 1e6), ("B", 1e9), ("G", 1e9), ("T", 1e12)];
+    parse_with_unit(s, &units, "1T, 500B, 2e12")
 }
 
 /// `30d`, `12h`, `6w`: a duration in days.
 pub fn parse_days(s: &str) -> Result<f64> {
-    let t = s.trim();
-    let (num, per_day) = match t.chars().last() {
-        Some('d') => (&t[..t.len() - 1], 1.0),
-        Some('h') => (&t[..t.len() - 1], 1.0 / 24.0),
-        Some('w') => (&t[..t.len() - 1], 7.0),
-        _ => (t, 1.0),
-    };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| anyhow!("`{s}` is not a duration (e.g. 30d, 12h, 6w)"))?;
-    if !(v > 0.0 && v.is_finite()) {
-        bail!("`{s}` must be positive");
-    }
-    Ok(v * per_day)
+    parse_with_unit(
+        s,
+        &[("d", 1.0), ("h", 1.0 / 24.0), ("w", 7.0)],
+        "30d, 12h, 6w",
+    )
 }
 
 /// The arithmetic behind Ant's published figure (Ling technical report: 1T tokens of Ling-Plus
@@ -128,5 +128,10 @@ mod tests {
         assert_eq!(parse_days("2w").unwrap(), 14.0);
         assert_eq!(parse_days("12h").unwrap(), 0.5);
         assert!(parse_days("-3d").is_err());
+        let bytes = [("B", 1.0), ("KB", 1e3), ("GB", 1e9)];
+        assert_eq!(parse_with_unit("5GB", &bytes, "").unwrap(), 5e9);
+        assert_eq!(parse_with_unit("20kb", &bytes, "").unwrap(), 2e4);
+        assert_eq!(parse_with_unit("7", &bytes, "").unwrap(), 7.0);
+        assert!(parse_with_unit("5XB", &bytes, "").is_err());
     }
 }
