@@ -187,7 +187,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 10)]
     rebalance_every: u64,
     /// Seconds a collective may wait before its rank declares a peer hung and exits.
-    #[arg(long, default_value_t = 300.0)]
+    #[arg(long, default_value_t = 300.0, value_parser = positive_seconds)]
     collective_timeout: f64,
     /// Record every rank's parameter hash after each step in metrics.jsonl.
     #[arg(long)]
@@ -543,12 +543,6 @@ fn dist_options(a: &TrainArgs) -> Result<Option<nuwa_train::parallel::DistOption
     };
     let kill_at = step_rank("--fault-kill-at", &a.fault_kill_at)?;
     let hang_at = step_rank("--fault-hang-at", &a.fault_hang_at)?;
-    if !(a.collective_timeout > 0.0 && a.collective_timeout.is_finite()) {
-        bail!(
-            "--collective-timeout {}: must be positive",
-            a.collective_timeout
-        );
-    }
     let comm = mpi_comm()?;
     let (rank, ranks) = (comm.rank(), comm.size());
     let throttle = throttles

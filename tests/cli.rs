@@ -228,6 +228,11 @@ fn devices_and_presets_are_checked() {
         "unknown preset",
     );
     assert_clean_error(&nuwa(&["sample", "--run", ".", "--top-p", "0"]), "--top-p");
+    // Too large for a duration: refused, not a panic in Duration::from_secs_f64.
+    assert_clean_error(
+        &nuwa(&["train", "--collective-timeout", "1e30"]),
+        "--collective-timeout",
+    );
 }
 
 #[test]
