@@ -77,8 +77,10 @@ pub fn parse_throttles(s: &str) -> Result<Vec<f64>> {
                 .trim()
                 .parse()
                 .map_err(|_| anyhow!("--throttle {s}: `{p}` is not a number"))?;
-            if !(v >= 1.0 && v.is_finite()) {
-                bail!("--throttle {s}: factors must be >= 1 (a rank that many times slower)");
+            if !(1.0..=1000.0).contains(&v) {
+                bail!(
+                    "--throttle {s}: factors must be in [1, 1000] (a rank that many times slower)"
+                );
             }
             Ok(v)
         })
@@ -93,6 +95,7 @@ mod tests {
     fn throttles_and_specs() {
         assert_eq!(parse_throttles("1, 2").unwrap(), [1.0, 2.0]);
         assert!(parse_throttles("0.5").is_err());
+        assert!(parse_throttles("1e300").is_err());
         let f: ClusterFile =
             toml::from_str("[[rank]]\ndevice = \"cpu\"\n[[rank]]\nmax_seqs = 3\n").unwrap();
         assert_eq!(f.spec(1).max_seqs, Some(3));
