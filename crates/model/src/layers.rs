@@ -75,19 +75,14 @@ pub fn rope_row(theta: f64, head_dim: usize, pos: usize) -> (Vec<f32>, Vec<f32>)
     (cos, sin)
 }
 
+/// Rotates `x` `[batch, heads, seq, head_dim]` by the positions' angles; `cos`/`sin` are
+/// `[seq, head_dim]`, the same for every row.
 pub fn apply_rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
-    let [b, h, t, d] = x.dims();
-    let half = d / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    let cos = cos.clone().unsqueeze::<4>().expand([b, h, t, d]);
-    let sin = sin.clone().unsqueeze::<4>().expand([b, h, t, d]);
-    x * cos + rotated * sin
+    apply_rope_rows(x, &cos.clone().unsqueeze(), &sin.clone().unsqueeze())
 }
 
-/// Keys and values of the positions already seen, per layer, for incremental decoding.
-/// [`apply_rope`] with one position per row: `cos`/`sin` are `[batch, 1, 1, head_dim]`.
+/// [`apply_rope`] with angles that broadcast to `x`: `[1, 1, seq, head_dim]` for shared
+/// positions, `[batch, 1, 1, head_dim]` for one position per row.
 pub fn apply_rope_rows(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let [b, h, t, d] = x.dims();
     let half = d / 2;
@@ -108,6 +103,7 @@ pub struct RowState {
     pub mask: Tensor<4>,
 }
 
+/// One layer's keys and values of the positions already seen, for incremental decoding.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
     /// `[batch, kv_heads, seen, head_dim]` each.
