@@ -22,11 +22,7 @@ pub enum Prompt {
 
 pub struct Job {
     pub prompt: Prompt,
-    pub max_tokens: usize,
-    pub temperature: f64,
-    pub top_p: f64,
-    pub top_k: usize,
-    pub seed: u64,
+    pub options: SamplingOptions,
     pub stop: Vec<String>,
     pub events: UnboundedSender<Event>,
 }
@@ -99,17 +95,6 @@ pub fn start(
     EngineHandle { queue: tx, metrics }
 }
 
-fn options(job: &Job) -> SamplingOptions {
-    SamplingOptions {
-        max_tokens: job.max_tokens,
-        temperature: job.temperature,
-        top_k: job.top_k,
-        top_p: job.top_p,
-        seed: job.seed,
-        window: 0,
-    }
-}
-
 fn run(
     model: InferenceModel,
     device: burn::tensor::Device,
@@ -161,7 +146,7 @@ fn run(
         let logits = batch.step(&model.model, &tokens);
         metrics.step(active.len(), started.elapsed().as_secs_f64());
         for (a, l) in active.iter_mut().zip(&logits) {
-            a.next = pick_token(l, &options(&a.job), &mut a.rng);
+            a.next = pick_token(l, &a.job.options, &mut a.rng);
         }
     }
 }
@@ -194,14 +179,14 @@ fn admit(
             return None;
         }
     };
-    if ids.len() + job.max_tokens > batch.capacity {
+    if ids.len() + job.options.max_tokens > batch.capacity {
         reject(
             400,
             format!(
                 "this model's context is {} tokens; the prompt has {} and max_tokens asks for {}",
                 batch.capacity,
                 ids.len(),
-                job.max_tokens
+                job.options.max_tokens
             ),
         );
         return None;
@@ -212,8 +197,8 @@ fn admit(
     metrics.request();
     let started = Instant::now();
     let logits = batch.join(&model.model, &ids);
-    let mut rng = job.seed;
-    let next = pick_token(&logits, &options(&job), &mut rng);
+    let mut rng = job.options.seed;
+    let next = pick_token(&logits, &job.options, &mut rng);
     Some(Active {
         job,
         generated: 0,
@@ -245,7 +230,7 @@ fn emit(model: &InferenceModel, a: &mut Active, metrics: &Metrics) -> bool {
         a.text.push_str(&piece);
         metrics.token();
     }
-    if is_eos || a.generated >= a.job.max_tokens {
+    if is_eos || a.generated >= a.job.options.max_tokens {
         let rest = a.stream.finish(&model.tokenizer);
         a.text.push_str(&rest);
     }
@@ -264,7 +249,7 @@ fn emit(model: &InferenceModel, a: &mut Active, metrics: &Metrics) -> bool {
         .min();
     let finish = if stop_at.is_some() || is_eos {
         Some("stop")
-    } else if a.generated >= a.job.max_tokens {
+    } else if a.generated >= a.job.options.max_tokens {
         Some("length")
     } else {
         None

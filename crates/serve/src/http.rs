@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use nuwa_hf::Message;
+use nuwa_model::SamplingOptions;
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -116,11 +117,7 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
 
 /// Sampling fields shared by both endpoints, validated.
 struct Sampling {
-    max_tokens: usize,
-    temperature: f64,
-    top_p: f64,
-    top_k: usize,
-    seed: u64,
+    options: SamplingOptions,
     stop: Vec<String>,
     stream: bool,
 }
@@ -236,11 +233,14 @@ fn sampling(
         Some(_) => return Err(bad("stream", "`stream` must be true or false")),
     };
     Ok(Sampling {
-        max_tokens,
-        temperature,
-        top_p,
-        top_k,
-        seed,
+        options: SamplingOptions {
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            window: 0,
+        },
         stop,
         stream,
     })
@@ -309,11 +309,7 @@ async fn run(s: Arc<AppState>, prompt: Prompt, o: Sampling, chat: bool) -> Respo
     let (tx, mut rx) = unbounded_channel();
     let job = Job {
         prompt,
-        max_tokens: o.max_tokens,
-        temperature: o.temperature,
-        top_p: o.top_p,
-        top_k: o.top_k,
-        seed: o.seed,
+        options: o.options,
         stop: o.stop,
         events: tx,
     };
