@@ -3,6 +3,7 @@
 
 use crate::catalogue::Available;
 use crate::cost::{memory, step_time, Layout, Part, Workload};
+use nuwa_train::parallel::proportional_shares;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,23 +151,17 @@ fn evaluate(
                 / (one.compute + one.bubble + one.tensor_parallel + one.expert_all_to_all)
         })
         .collect();
-    let total_speed: f64 = speeds
+    let kind_speeds: Vec<f64> = speeds
         .iter()
         .zip(&replicas)
         .map(|(s, r)| s * *r as f64)
-        .sum();
+        .collect();
+    // The same split the data-parallel trainer makes from measured speeds.
+    let shares = proportional_shares(w.global_batch, &kind_speeds, &[]);
     let mut parts = Vec::new();
     let mut step_seconds: f64 = 0.0;
     let mut headroom = f64::INFINITY;
-    let mut assigned = 0;
-    for (i, ((d, n, eff), r)) in kinds.iter().zip(&replicas).enumerate() {
-        let share = if i + 1 == kinds.len() {
-            w.global_batch - assigned
-        } else {
-            ((w.global_batch as f64 * speeds[i] * *r as f64 / total_speed).round() as usize)
-                .min(w.global_batch - assigned)
-        };
-        assigned += share;
+    for (((d, n, eff), r), &share) in kinds.iter().zip(&replicas).zip(&shares) {
         let per_replica = share.div_ceil((*r).max(1));
         if per_replica < layout.micro_batch {
             return None;
