@@ -14,7 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use nuwa_data::{PrepareOptions, Source, TokenizerSpec};
 use nuwa_hf::{InferenceModel, Message, ModelSource};
 use nuwa_model::{ModelConfig, SamplingOptions};
-use nuwa_train::{RunConfig, RunFile, TrainConfig, TrainOptions};
+use nuwa_run::{RunConfig, RunFile, TrainConfig};
+use nuwa_train::TrainOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -129,6 +130,10 @@ struct TrainArgs {
     /// cpu | cuda:N | rocm:N | vulkan:N | wgpu:N | metal:N
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The accelerator model behind --device, for MFU: a name (H100, 910B, P800, …; see
+    /// nuwa_core::hardware) or its peak dense TFLOP/s. Without it MFU is reported on the CPU only.
+    #[arg(long)]
+    accelerator: Option<String>,
     #[arg(long)]
     steps: Option<u64>,
     #[arg(long)]
@@ -330,7 +335,7 @@ struct InspectArgs {
 /// as `save_pretrained`'s `max_shard_size` reads them).
 fn byte_size(v: &str) -> Result<u64, String> {
     let units = [("B", 1.0), ("KB", 1e3), ("MB", 1e6), ("GB", 1e9)];
-    nuwa_plan::parse_with_unit(v, &units, "5GB, 500MB, 2000000")
+    nuwa_core::parse_with_unit(v, &units, "5GB, 500MB, 2000000")
         .map(|bytes| bytes.ceil() as u64)
         .map_err(|e| e.to_string())
 }
@@ -500,8 +505,8 @@ fn apply_overrides(t: &mut TrainConfig, a: &TrainArgs) -> Result<()> {
     }
     if let Some(s) = &a.schedule {
         t.schedule = match s.as_str() {
-            "cosine" => nuwa_train::Schedule::Cosine,
-            "wsd" => nuwa_train::Schedule::Wsd,
+            "cosine" => nuwa_run::Schedule::Cosine,
+            "wsd" => nuwa_run::Schedule::Wsd,
             other => bail!("--schedule {other}: expected cosine or wsd"),
         };
     }
@@ -550,19 +555,29 @@ fn dist_options(a: &TrainArgs) -> Result<Option<nuwa_train::parallel::DistOption
         .copied()
         .or(cluster.rank.get(rank).and_then(|r| r.throttle))
         .unwrap_or(1.0);
+    let injected = throttle != 1.0 || kill_at.is_some() || hang_at.is_some();
+    if injected && !cfg!(feature = "fault-injection") {
+        bail!(
+            "--throttle / --fault-kill-at / --fault-hang-at (or a cluster file's `throttle`) are \
+             test-only fault injection: rebuild with `--features fault-injection`"
+        );
+    }
     Ok(Some(nuwa_train::parallel::DistOptions {
         max_seqs: (0..ranks)
             .map(|r| a.cluster.as_ref().and(cluster.spec(r).max_seqs))
             .collect(),
         comm,
-        throttle,
         rebalance_every: a.rebalance_every,
         straggler_factor: 1.5,
         straggler_patience: 3,
         collective_timeout: std::time::Duration::from_secs_f64(a.collective_timeout),
-        kill_at,
-        hang_at,
-        throttle_from: a.throttle_from,
+        #[cfg(feature = "fault-injection")]
+        faults: nuwa_train::faults::Faults {
+            kill_at,
+            hang_at,
+            throttle,
+            throttle_from: a.throttle_from,
+        },
         hash_params: a.hash_params,
     }))
 }
@@ -636,7 +651,7 @@ fn train(a: TrainArgs) -> Result<()> {
         device: device.clone(),
         show_progress: !a.quiet && rank == 0,
         stop,
-        peak_flops: None,
+        peak_flops: nuwa_core::hardware::peak_flops(&device_name, a.accelerator.as_deref())?,
         stop_at: a.stop_at,
         init_weights,
         dist,
@@ -809,26 +824,25 @@ fn sample(a: SampleArgs) -> Result<()> {
 fn bench(a: BenchArgs) -> Result<()> {
     use nuwa_train::bench::{bench_decode, bench_shape, bench_train};
     let device = device::parse_device(&a.device)?;
+    let peak = nuwa_core::hardware::peak_flops(&a.device, None)?;
     let shape = bench_shape(&a.shape)?;
     if a.steps == 0 {
         bail!("--steps: must be positive");
     }
     let result = match a.what.as_str() {
-        "train" => bench_train(&shape, &device, a.warmup, a.steps)?,
-        "decode" => bench_decode(&shape, &device, a.new_tokens, a.steps)?,
+        "train" => bench_train(&shape, &device, a.warmup, a.steps, peak)?,
+        "decode" => bench_decode(&shape, &device, a.new_tokens, a.steps, peak)?,
         other => bail!("nuwa bench {other}: expected train or decode"),
     };
     if a.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
+        let mfu = result
+            .mfu
+            .map_or(String::new(), |m| format!(", MFU {:.2}%", m * 100.0));
         println!(
-            "{} {}: {:.0} tokens/s (median step {:.4} s, MFU {:.2}%, {} threads)",
-            result.kind,
-            result.shape,
-            result.tokens_per_s,
-            result.median_step_s,
-            result.mfu * 100.0,
-            result.threads
+            "{} {}: {:.0} tokens/s (median step {:.4} s{mfu}, {} threads)",
+            result.kind, result.shape, result.tokens_per_s, result.median_step_s, result.threads
         );
     }
     Ok(())

@@ -145,7 +145,7 @@ fn local_cpu() -> Device {
         name: LOCAL_CPU.into(),
         vendor: Some("this machine".into()),
         domestic: None,
-        bf16_tflops: Some(nuwa_train::hardware::cpu_peak_flops() / 1e12),
+        bf16_tflops: Some(nuwa_core::hardware::cpu_peak_flops() / 1e12),
         fp8_tflops: None,
         memory_gb: mem_gb,
         memory_bw_tbs: None,
@@ -325,7 +325,7 @@ fn plan_search(a: SearchArgs) -> Result<()> {
             "feasible": feasible.iter().take(1000).collect::<Vec<_>>(),
             "tempting_infeasible": tempting,
         });
-        nuwa_data::atomic_write(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+        nuwa_core::atomic_write(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
         println!("plans as JSON: {}", path.display());
     }
     Ok(())
@@ -366,7 +366,7 @@ fn fastest_steps(names: &[&str], rounds: usize) -> Result<Vec<(f64, f64)>> {
 
 /// Replaces this machine's calibration points with the measured (FLOPs, seconds) steps.
 fn record_calibration(cal: &mut Calibration, steps: &[(f64, f64)], quiet: bool) {
-    let peak = nuwa_train::hardware::cpu_peak_flops();
+    let peak = nuwa_core::hardware::cpu_peak_flops();
     cal.devices.remove(LOCAL_CPU);
     for (name, &(flops, seconds)) in CALIBRATION_SHAPES.iter().zip(steps) {
         let mfu = flops / seconds / peak;

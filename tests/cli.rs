@@ -141,7 +141,7 @@ fn broken_data_is_reported() {
     let manifest_path = data.join("manifest.json");
     let manifest = std::fs::read_to_string(&manifest_path).unwrap();
     let mut m: serde_json::Value = serde_json::from_str(&manifest).unwrap();
-    m["train"]["sha256"] = serde_json::json!(nuwa_data::shards::sha256_hex(&bad_id));
+    m["train"]["sha256"] = serde_json::json!(nuwa_core::sha256_hex(&bad_id));
     std::fs::write(&manifest_path, m.to_string()).unwrap();
     assert_clean_error(
         &tiny_train(&data, &tmp.path().join("r3"), "2"),
@@ -341,7 +341,7 @@ fn ctrl_c_saves_a_checkpoint_and_exits() {
         String::from_utf8_lossy(&out.stderr)
     );
     let steps = std::fs::read_to_string(&metrics).unwrap().lines().count() as u64;
-    let checkpoints = nuwa_train::checkpoint::list_checkpoints(&run);
+    let checkpoints = nuwa_run::checkpoint::list_checkpoints(&run);
     assert_eq!(
         checkpoints.last().map(|c| c.0),
         Some(steps),

@@ -3,7 +3,7 @@
 //! small grammar, interleaved with addition facts, so a model has both word statistics and an
 //! exact rule to learn.
 
-use crate::sampler::splitmix64;
+use nuwa_core::rng::splitmix64;
 
 const SUBJECTS: &[&str] = &[
     "the cat",

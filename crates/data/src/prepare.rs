@@ -138,7 +138,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest> {
         val: write_shard(&opts.out_dir, "val.bin", val, dtype)?,
         sources,
     };
-    crate::atomic_write(
+    nuwa_core::atomic_write(
         &opts.out_dir.join(MANIFEST_FILE),
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;

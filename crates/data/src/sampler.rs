@@ -3,6 +3,7 @@
 
 use crate::shards::TokenShard;
 use anyhow::{bail, Result};
+use nuwa_core::rng::splitmix64;
 use serde::{Deserialize, Serialize};
 
 /// One batch: `inputs[b][t]` predicts `targets[b][t]`, flattened row-major.
@@ -36,14 +37,6 @@ pub struct BatchSampler {
     pub seed: u64,
     /// Batches drawn so far.
     pub cursor: u64,
-}
-
-/// SplitMix64: a tiny, well-mixed hash; the same numbers on every platform.
-pub fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 impl BatchSampler {

@@ -4,8 +4,8 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use memmap2::Mmap;
+use nuwa_core::sha256_hex;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -56,11 +56,6 @@ pub struct Manifest {
     pub sources: Vec<String>,
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Encodes token ids in the shard dtype.
 pub fn encode_tokens(ids: &[u32], dtype: TokenDtype) -> Vec<u8> {
     let mut out = Vec::with_capacity(ids.len() * dtype.bytes());
@@ -76,7 +71,7 @@ pub fn encode_tokens(ids: &[u32], dtype: TokenDtype) -> Vec<u8> {
 /// Writes one shard atomically and returns its manifest entry.
 pub fn write_shard(dir: &Path, name: &str, ids: &[u32], dtype: TokenDtype) -> Result<ShardInfo> {
     let bytes = encode_tokens(ids, dtype);
-    crate::atomic_write(&dir.join(name), &bytes)?;
+    nuwa_core::atomic_write(&dir.join(name), &bytes)?;
     Ok(ShardInfo {
         file: name.to_string(),
         tokens: ids.len() as u64,

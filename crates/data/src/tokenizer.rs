@@ -189,7 +189,7 @@ impl Tokenizer {
                     },
                     _ => SavedTokenizer::Byte,
                 };
-                crate::atomic_write(
+                nuwa_core::atomic_write(
                     &dir.join(NUWA_TOKENIZER_FILE),
                     serde_json::to_string(&saved)?.as_bytes(),
                 )

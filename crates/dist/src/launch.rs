@@ -4,7 +4,7 @@
 //! or seen twice.
 
 use anyhow::{anyhow, bail, Result};
-use nuwa_train::checkpoint::list_checkpoints;
+use nuwa_run::checkpoint::list_checkpoints;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -6,8 +6,8 @@ use crate::safetensors_dir::{is_supported_dtype, SafetensorsDir};
 use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::Device;
 use nuwa_data::Tokenizer;
+use nuwa_model::weights::{assign_weights, HostTensor};
 use nuwa_model::{LanguageModel, ModelConfig};
-use nuwa_train::weights::{assign_weights, HostTensor};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -105,15 +105,12 @@ impl HfCheckpoint {
         }
         let mut out = BTreeMap::new();
         for m in maps {
-            let mut stacked = Vec::with_capacity(m.shape.iter().product());
-            for (name, _) in &m.parts {
-                stacked.extend(self.weights.read_f32(name)?);
-            }
-            let data = if m.transpose {
-                transpose(&stacked, m.shape[1], m.shape[0])
-            } else {
-                stacked
-            };
+            let parts = m
+                .parts
+                .iter()
+                .map(|(name, _)| self.weights.read_f32(name))
+                .collect::<Result<Vec<_>>>()?;
+            let data = m.join(parts);
             out.insert(
                 m.internal.clone(),
                 HostTensor {
@@ -140,17 +137,6 @@ impl HfCheckpoint {
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         Tokenizer::load(&self.dir)
     }
-}
-
-/// `[rows, cols]` row-major → `[cols, rows]`.
-pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = data[r * cols + c];
-        }
-    }
-    out
 }
 
 /// Refuses, before reading anything, a model whose f32 weights (times `copies` in flight)
@@ -182,7 +168,7 @@ fn available_memory() -> Option<u64> {
 mod tests {
     #[test]
     fn transpose_swaps_axes() {
-        let t = super::transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3);
+        let t = crate::names::transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3);
         assert_eq!(t, [1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
     }
 }

@@ -47,7 +47,7 @@ impl InferenceModel {
     pub fn load(source: &ModelSource, device: &Device) -> Result<Self> {
         match source {
             ModelSource::Run(run) => {
-                let (model, tokenizer, cfg) = nuwa_train::load_for_inference(run, device)?;
+                let (model, tokenizer, cfg) = nuwa_run::load_for_inference(run, device)?;
                 let hf = run.join(HF_SUBDIR);
                 let imported = hf.is_dir();
                 Ok(Self {

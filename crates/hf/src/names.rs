@@ -4,8 +4,11 @@
 //! linear weights as `[in, out]`; HF keeps them as `[out, in]`. Llama-family checkpoints store
 //! q, k and v separately; nuwa runs them as one fused projection (Ling's `query_key_value`), so
 //! those three HF tensors are stacked (import) or split (export) along the output dimension.
+//! nuwa stacks each layer's routed experts into one `[experts, in, out]` tensor per
+//! projection; HF keeps one `[out, in]` tensor per expert.
 
 use crate::arch::Arch;
+use nuwa_model::weights::HostTensor;
 use nuwa_model::{LanguageModel, ModelConfig};
 
 /// One nuwa parameter and the HF tensor(s) that hold it.
@@ -19,6 +22,62 @@ pub struct TensorMap {
     pub parts: Vec<(String, Vec<usize>)>,
     /// A linear weight: HF's `[out, in]` is the transpose of nuwa's `[in, out]`.
     pub transpose: bool,
+    /// Stacked experts: nuwa's tensor is the parts one after another along a new first
+    /// dimension, each transposed on its own (otherwise the parts are concatenated along HF's
+    /// first dimension and the whole transposed).
+    pub stacked: bool,
+}
+
+impl TensorMap {
+    /// nuwa's tensor data from the HF parts' data, given in `parts` order.
+    pub fn join(&self, parts: Vec<Vec<f32>>) -> Vec<f32> {
+        let flip = |data: &[f32], (rows, cols): (usize, usize)| transpose(data, rows, cols);
+        match (self.stacked, self.transpose) {
+            (true, true) => self
+                .parts
+                .iter()
+                .zip(&parts)
+                .flat_map(|((_, shape), data)| flip(data, (shape[0], shape[1])))
+                .collect(),
+            (false, true) => flip(&parts.concat(), (self.shape[1], self.shape[0])),
+            (_, false) => parts.concat(),
+        }
+    }
+
+    /// The HF parts, by name, from nuwa's tensor data.
+    pub fn split(&self, data: &[f32]) -> Vec<(String, HostTensor)> {
+        let whole = match (self.stacked, self.transpose) {
+            (false, true) => transpose(data, self.shape[0], self.shape[1]),
+            _ => data.to_vec(),
+        };
+        let mut offset = 0;
+        let mut out = Vec::with_capacity(self.parts.len());
+        for (name, shape) in &self.parts {
+            let n: usize = shape.iter().product();
+            let chunk = &whole[offset..offset + n];
+            offset += n;
+            let data = if self.stacked && self.transpose {
+                // nuwa's slice is `[in, out]`, HF's `[out, in]`.
+                transpose(chunk, shape[1], shape[0])
+            } else {
+                chunk.to_vec()
+            };
+            let shape = shape.clone();
+            out.push((name.clone(), HostTensor { shape, data }));
+        }
+        out
+    }
+}
+
+/// `[rows, cols]` row-major → `[cols, rows]`.
+pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    out
 }
 
 /// The full mapping for a model of `arch` with config `cfg`.
@@ -30,7 +89,8 @@ pub fn tensor_maps(arch: Arch, cfg: &ModelConfig) -> Vec<TensorMap> {
 }
 
 fn map_one(arch: Arch, cfg: &ModelConfig, internal: String, shape: Vec<usize>) -> TensorMap {
-    let is_linear = shape.len() == 2 && internal != "word_embeddings.weight";
+    let stacked = internal.contains(".moe.experts.");
+    let is_linear = (shape.len() == 2 && internal != "word_embeddings.weight") || stacked;
     let hf_shape = |s: &[usize]| -> Vec<usize> {
         if is_linear {
             vec![s[1], s[0]]
@@ -44,9 +104,21 @@ fn map_one(arch: Arch, cfg: &ModelConfig, internal: String, shape: Vec<usize>) -
         Some(rest) => {
             let (layer, rest) = rest.split_once('.').unwrap_or((rest, ""));
             let prefix = format!("model.layers.{layer}.");
-            let fused_qkv =
-                arch != Arch::BailingMoe && rest.starts_with("attention.query_key_value.");
-            if fused_qkv {
+            let split_qkv =
+                !arch.spec().fused_qkv() && rest.starts_with("attention.query_key_value.");
+            if stacked {
+                // `[experts, in, out]` ← one `[out, in]` tensor per expert.
+                (0..shape[0])
+                    .map(|e| {
+                        let proj = rest.rsplit('.').next().unwrap_or_default();
+                        let one = format!("moe.experts.{e}.{proj}.weight");
+                        (
+                            format!("{prefix}{}", layer_name(arch, &one)),
+                            vec![shape[2], shape[1]],
+                        )
+                    })
+                    .collect()
+            } else if split_qkv {
                 let suffix = rest.rsplit('.').next().unwrap_or("weight");
                 let d = cfg.head_dim();
                 let rows = [
@@ -76,15 +148,13 @@ fn map_one(arch: Arch, cfg: &ModelConfig, internal: String, shape: Vec<usize>) -
         shape,
         parts,
         transpose: is_linear,
+        stacked,
     }
 }
 
 fn global_name(arch: Arch, internal: &str) -> String {
     match internal {
-        "word_embeddings.weight" if arch == Arch::BailingMoe => {
-            "model.word_embeddings.weight".into()
-        }
-        "word_embeddings.weight" => "model.embed_tokens.weight".into(),
+        "word_embeddings.weight" => arch.spec().embeddings_name().into(),
         "norm.weight" => "model.norm.weight".into(),
         other => other.to_string(), // lm_head.weight
     }
@@ -92,27 +162,8 @@ fn global_name(arch: Arch, internal: &str) -> String {
 
 /// The HF name of a parameter inside decoder layer N (after `model.layers.N.`).
 fn layer_name(arch: Arch, rest: &str) -> String {
-    // nuwa's FFN is an enum; its variant appears in the path and not in HF's.
-    let rest = rest
-        .replacen("mlp.Dense.", "mlp.", 1)
-        .replacen("mlp.Moe.", "mlp.", 1);
-    if arch == Arch::BailingMoe {
-        return rest;
-    }
-    let rest = rest
-        .replacen("attention.dense.", "self_attn.o_proj.", 1)
-        .replacen("attention.query_layernorm.", "self_attn.q_norm.", 1)
-        .replacen("attention.key_layernorm.", "self_attn.k_norm.", 1);
-    if arch == Arch::Mixtral {
-        if let Some(moe) = rest.strip_prefix("mlp.") {
-            let moe = moe
-                .replacen(".gate_proj.", ".w1.", 1)
-                .replacen(".up_proj.", ".w3.", 1)
-                .replacen(".down_proj.", ".w2.", 1);
-            return format!("block_sparse_moe.{moe}");
-        }
-    }
-    rest
+    // A MoE layer's FFN is `moe` in nuwa, `mlp` in HF like a dense one.
+    arch.spec().layer_name(&rest.replacen("moe.", "mlp.", 1))
 }
 
 #[cfg(test)]
@@ -155,12 +206,12 @@ mod tests {
         cfg.first_k_dense_replace = 0;
         cfg.num_shared_experts = 0;
         let maps = tensor_maps(Arch::Mixtral, &cfg);
-        let up = find(&maps, "layers.0.mlp.Moe.experts.3.up_proj.weight");
+        let up = find(&maps, "layers.0.moe.experts.up_proj");
         assert_eq!(
-            up.parts[0].0,
+            up.parts[3].0,
             "model.layers.0.block_sparse_moe.experts.3.w3.weight"
         );
-        let gate = find(&maps, "layers.0.mlp.Moe.gate.weight");
+        let gate = find(&maps, "layers.0.moe.gate.weight");
         assert_eq!(
             gate.parts[0].0,
             "model.layers.0.block_sparse_moe.gate.weight"
@@ -171,12 +222,12 @@ mod tests {
     fn bailing_names_are_nuwas_own() {
         let cfg = ModelConfig::preset("tiny-moe").unwrap();
         let maps = tensor_maps(Arch::BailingMoe, &cfg);
-        let shared = find(&maps, "layers.1.mlp.Moe.shared_experts.down_proj.weight");
+        let shared = find(&maps, "layers.1.moe.shared_experts.down_proj.weight");
         assert_eq!(
             shared.parts[0].0,
             "model.layers.1.mlp.shared_experts.down_proj.weight"
         );
-        let dense = find(&maps, "layers.0.mlp.Dense.gate_proj.weight");
+        let dense = find(&maps, "layers.0.mlp.gate_proj.weight");
         assert_eq!(dense.parts[0].0, "model.layers.0.mlp.gate_proj.weight");
         assert_eq!(
             find(&maps, "word_embeddings.weight").parts[0].0,

@@ -5,16 +5,15 @@
 //! chat template, generation config), so `sample`, `train --resume` and `export` all work on it.
 
 use crate::arch::{config_to_hf, Arch};
-use crate::import::{check_fits_in_memory, transpose, HfCheckpoint, SIDE_FILES};
+use crate::import::{check_fits_in_memory, HfCheckpoint, SIDE_FILES};
 use crate::names::tensor_maps;
 use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::Device;
 use half::{bf16, f16};
 use nuwa_data::BatchSampler;
-use nuwa_train::checkpoint::{self, TrainerState};
-use nuwa_train::optim::{AdamW, AdamWConfig};
-use nuwa_train::weights::HostTensor;
-use nuwa_train::{DataConfig, RunConfig, TrainConfig};
+use nuwa_model::weights::HostTensor;
+use nuwa_run::checkpoint::{self, TrainerState};
+use nuwa_run::{DataConfig, RunConfig, TrainConfig};
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -43,9 +42,9 @@ pub fn keep_side_files(hf_dir: &Path, run: &Path) -> Result<()> {
         if from.exists() {
             let bytes =
                 std::fs::read(&from).with_context(|| format!("{}: cannot read", from.display()))?;
-            nuwa_data::atomic_write(&run.join(HF_SUBDIR).join(file), &bytes)?;
+            nuwa_core::atomic_write(&run.join(HF_SUBDIR).join(file), &bytes)?;
             if file == "tokenizer.json" {
-                nuwa_data::atomic_write(&run.join(file), &bytes)?;
+                nuwa_core::atomic_write(&run.join(file), &bytes)?;
             }
         }
     }
@@ -70,7 +69,7 @@ pub fn import_to_run(hf_dir: &Path, run: &Path, device: &Device) -> Result<PathB
         train,
         data: DataConfig::default(),
     };
-    nuwa_data::atomic_write(
+    nuwa_core::atomic_write(
         &run.join("config.toml"),
         toml::to_string_pretty(&config)?.as_bytes(),
     )?;
@@ -81,13 +80,8 @@ pub fn import_to_run(hf_dir: &Path, run: &Path, device: &Device) -> Result<PathB
         config,
         checksums: BTreeMap::new(),
     };
-    let opt = AdamW::new(AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    });
-    checkpoint::save(run, &model, &opt, state, 1)
+    // A fresh optimiser: no moments yet.
+    checkpoint::save(run, &model, &BTreeMap::new(), state, 1)
 }
 
 /// Element type of exported weights.
@@ -162,23 +156,7 @@ pub fn to_hf_tensors(
                 m.shape
             );
         }
-        let data = if m.transpose {
-            transpose(&t.data, m.shape[0], m.shape[1])
-        } else {
-            t.data.clone()
-        };
-        let mut offset = 0;
-        for (name, shape) in m.parts {
-            let n: usize = shape.iter().product();
-            out.insert(
-                name,
-                HostTensor {
-                    shape,
-                    data: data[offset..offset + n].to_vec(),
-                },
-            );
-            offset += n;
-        }
+        out.extend(m.split(&t.data));
     }
     Ok(out)
 }
@@ -306,9 +284,9 @@ pub fn export_run(run: &Path, out: &Path, options: &ExportOptions) -> Result<()>
     let written = (|| -> Result<()> {
         std::fs::create_dir_all(&tmp)?;
         for (file, body) in &files {
-            nuwa_data::atomic_write(&tmp.join(file), body)?;
+            nuwa_core::atomic_write(&tmp.join(file), body)?;
         }
-        nuwa_data::atomic_write(
+        nuwa_core::atomic_write(
             &tmp.join("config.json"),
             serde_json::to_string_pretty(&config)?.as_bytes(),
         )?;

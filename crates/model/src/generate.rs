@@ -1,8 +1,10 @@
 //! Autoregressive sampling with a KV cache: temperature, top-k and top-p (nucleus), seeded.
 
-use crate::rng::SplitMix;
+use crate::batch::token_rows;
+use crate::model::Logits;
 use crate::{KvCache, LanguageModel};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
+use nuwa_core::rng::SplitMix;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingOptions {
@@ -88,22 +90,6 @@ pub fn pick_token(logits: &[f32], opts: &SamplingOptions, rng_state: &mut u64) -
     order[order.len() - 1] as u32
 }
 
-fn row_tensor(ids: &[u32], device: &Device) -> Tensor<2, Int> {
-    let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    Tensor::from_data(TensorData::new(data, [1, ids.len()]), device)
-}
-
-fn last_logits(logits: Tensor<3>) -> Vec<f32> {
-    let [_, t, v] = logits.dims();
-    logits
-        .narrow(1, t - 1, 1)
-        .reshape([v])
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .unwrap_or_default()
-}
-
 /// Continues `prompt` by `opts.max_tokens` tokens. The model attends to at most `opts.window`
 /// positions (0: `max_position_embeddings`): when the cache is full it is rebuilt from the
 /// last half-window of tokens, so a model trained on short contexts never sees positions it
@@ -140,12 +126,10 @@ pub fn generate_until(
     }
     let mut all: Vec<u32> = prompt.to_vec();
     let mut cache = KvCache::new(model.num_layers());
-    let prefill = |cache: &mut KvCache, tokens: &[u32]| {
-        last_logits(
-            model
-                .forward(row_tensor(tokens, device), Some(cache))
-                .logits,
-        )
+    let prefill = |cache: &mut KvCache, tokens: &[u32]| -> Vec<f32> {
+        let tokens = token_rows(tokens, 1, device);
+        let out = model.forward_with(tokens, Some(cache), Logits::Last);
+        out.logits.into_data().iter::<f32>().collect()
     };
     let mut logits = prefill(&mut cache, &all[all.len().saturating_sub(window)..]);
     for i in 0..opts.max_tokens {

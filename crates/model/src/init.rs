@@ -2,10 +2,10 @@
 //! path: the same seed gives bit-identical initial weights on every backend and device, and no
 //! dependence on a backend's global RNG or on other threads using it.
 
-use crate::rng::{splitmix64, SplitMix};
 use crate::ModulePath;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Tensor, TensorData};
+use nuwa_core::rng::{splitmix64, SplitMix};
 
 /// FNV-1a of a path, to give each parameter its own stream.
 fn hash_path(path: &str) -> u64 {

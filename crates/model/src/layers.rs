@@ -1,12 +1,15 @@
 //! The decoder's building blocks: RMSNorm, rotary position embedding, causal grouped-query
-//! attention and the SwiGLU feed-forward network. The MoE layer lives in `moe.rs`.
+//! attention and the SwiGLU feed-forward network. The MoE layer lives in `moe.rs`, the
+//! key/value stores attention reads and writes in `cache.rs`.
 
+use crate::cache::{Attend, KvStore, Positions};
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use std::sync::{Arc, Mutex};
 
 /// Standard deviation of the normal initialiser for every weight matrix (GPT-2 / nanoGPT).
 pub const INIT_STD: f64 = 0.02;
@@ -43,6 +46,7 @@ impl RmsNorm {
 
 /// Rotary position embedding in the "rotate half" convention used by Llama and bailing_moe:
 /// the first and second halves of each head are the two coordinates of each rotated pair.
+/// Returns `[len, head_dim]` cos and sin tables for positions `start..start + len`.
 pub fn rope_tables(
     theta: f64,
     head_dim: usize,
@@ -52,38 +56,26 @@ pub fn rope_tables(
 ) -> (Tensor<2>, Tensor<2>) {
     let mut cos = Vec::with_capacity(len * head_dim);
     let mut sin = Vec::with_capacity(len * head_dim);
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
     for pos in start..start + len {
-        let (c, s) = rope_row(theta, head_dim, pos);
-        cos.extend(c);
-        sin.extend(s);
+        let angles: Vec<f32> = inv_freq.iter().map(|f| pos as f32 * f).collect();
+        cos.extend(angles.iter().chain(&angles).map(|a| a.cos()));
+        sin.extend(angles.iter().chain(&angles).map(|a| a.sin()));
     }
     let shape = [len, head_dim];
     (
-        Tensor::from_data(burn::tensor::TensorData::new(cos, shape), device),
-        Tensor::from_data(burn::tensor::TensorData::new(sin, shape), device),
+        Tensor::from_data(TensorData::new(cos, shape), device),
+        Tensor::from_data(TensorData::new(sin, shape), device),
     )
 }
 
-/// cos and sin of one position, for both halves of a head (rotate-half layout).
-pub fn rope_row(theta: f64, head_dim: usize, pos: usize) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
-    let angles: Vec<f32> = (0..half)
-        .map(|i| pos as f32 * (1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)))
-        .collect();
-    let cos: Vec<f32> = angles.iter().chain(&angles).map(|a| a.cos()).collect();
-    let sin: Vec<f32> = angles.iter().chain(&angles).map(|a| a.sin()).collect();
-    (cos, sin)
-}
-
-/// Rotates `x` `[batch, heads, seq, head_dim]` by the positions' angles; `cos`/`sin` are
-/// `[seq, head_dim]`, the same for every row.
-pub fn apply_rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
-    apply_rope_rows(x, &cos.clone().unsqueeze(), &sin.clone().unsqueeze())
-}
-
-/// [`apply_rope`] with angles that broadcast to `x`: `[1, 1, seq, head_dim]` for shared
-/// positions, `[batch, 1, 1, head_dim]` for one position per row.
-pub fn apply_rope_rows(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+/// Rotates `x` `[batch, heads, seq, head_dim]` by angles that broadcast to it: `[1, 1, seq,
+/// head_dim]` for positions shared by every row, `[batch, 1, 1, head_dim]` for one position
+/// per row.
+pub fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let [b, h, t, d] = x.dims();
     let half = d / 2;
     let x1 = x.clone().narrow(3, 0, half);
@@ -92,30 +84,83 @@ pub fn apply_rope_rows(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor
     x * cos.clone().expand([b, h, t, d]) + rotated * sin.clone().expand([b, h, t, d])
 }
 
-/// What one decode step of a batch of rows needs besides the tokens: per-row RoPE values, the
-/// one-hot slot each row writes its new key/value into, and the mask of filled slots.
-pub struct RowState {
-    pub cos: Tensor<4>,
-    pub sin: Tensor<4>,
-    /// `[batch, 1, capacity, 1]`: 1 at each row's current position.
-    pub write: Tensor<4>,
-    /// `[batch, 1, 1, capacity]`: 0 where a row may attend, a large negative number elsewhere.
-    pub mask: Tensor<4>,
+/// cos and sin tables of one model, built once per device (and again only if a longer run of
+/// positions is asked for) instead of on the host every step.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    theta: f64,
+    head_dim: usize,
+    /// Positions the first build covers (the model's context).
+    initial_len: usize,
+    built: Arc<Mutex<Vec<BuiltTables>>>,
 }
 
-/// One layer's keys and values of the positions already seen, for incremental decoding.
-#[derive(Debug, Clone, Default)]
-pub struct LayerCache {
-    /// `[batch, kv_heads, seen, head_dim]` each.
-    pub kv: Option<(Tensor<4>, Tensor<4>)>,
+#[derive(Debug, Clone)]
+struct BuiltTables {
+    device: Device,
+    autodiff: bool,
+    cos: Tensor<2>,
+    sin: Tensor<2>,
 }
 
-impl LayerCache {
-    pub fn len(&self) -> usize {
-        self.kv.as_ref().map_or(0, |(k, _)| k.dims()[2])
+impl Rope {
+    pub fn new(theta: f64, head_dim: usize, initial_len: usize) -> Self {
+        Self {
+            theta,
+            head_dim,
+            initial_len,
+            built: Arc::default(),
+        }
     }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+
+    /// `[positions, head_dim]` tables covering at least `needed` positions on `device`.
+    fn tables(&self, needed: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        let autodiff = device.is_autodiff();
+        let found = built
+            .iter()
+            .position(|b| b.autodiff == autodiff && &b.device == device);
+        if let Some(i) = found {
+            if built[i].cos.dims()[0] >= needed {
+                return (built[i].cos.clone(), built[i].sin.clone());
+            }
+            built.remove(i);
+        }
+        let len = needed.max(self.initial_len);
+        let (cos, sin) = rope_tables(self.theta, self.head_dim, 0, len, device);
+        built.push(BuiltTables {
+            device: device.clone(),
+            autodiff,
+            cos: cos.clone(),
+            sin: sin.clone(),
+        });
+        (cos, sin)
+    }
+
+    /// cos and sin for a chunk of `len` tokens per row at `positions`, shaped to broadcast
+    /// over `[batch, heads, len, head_dim]`.
+    pub fn angles(
+        &self,
+        positions: &Positions,
+        len: usize,
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let d = self.head_dim;
+        match positions {
+            Positions::Span(start) => {
+                let (cos, sin) = self.tables(start + len, device);
+                let take = |t: Tensor<2>| t.narrow(0, *start, len).reshape([1, 1, len, d]);
+                (take(cos), take(sin))
+            }
+            Positions::Rows(rows) => {
+                let needed = rows.iter().max().map_or(0, |p| p + 1);
+                let (cos, sin) = self.tables(needed, device);
+                let ids: Vec<i64> = rows.iter().map(|&p| p as i64).collect();
+                let index = Tensor::<1, Int>::from_data(TensorData::new(ids, [rows.len()]), device);
+                let take = |t: Tensor<2>| t.select(0, index.clone()).reshape([rows.len(), 1, 1, d]);
+                (take(cos), take(sin))
+            }
+        }
     }
 }
 
@@ -157,14 +202,16 @@ impl Attention {
         }
     }
 
-    /// `x`: `[batch, seq, hidden]`; `cos`/`sin`: RoPE tables for this chunk's positions.
-    /// With a cache, keys and values of earlier positions are reused and this chunk's appended.
+    /// `x`: `[batch, len, hidden]`, new tokens at the positions `cos`/`sin` were made for
+    /// (see [`Rope::angles`]). With a store, this chunk's keys and values go into it as layer
+    /// `layer`'s and the chunk attends to everything the store holds; without, to itself.
     pub fn forward(
         &self,
         x: Tensor<3>,
-        cos: &Tensor<2>,
-        sin: &Tensor<2>,
-        cache: Option<&mut LayerCache>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        layer: usize,
+        store: Option<&mut dyn KvStore>,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -180,80 +227,43 @@ impl Attention {
             None => x,
         };
         let q = apply_rope(norm(heads(0, h), &self.query_layernorm), cos, sin);
-        let mut k = apply_rope(norm(heads(h, kvh), &self.key_layernorm), cos, sin);
-        let mut v = heads(h + kvh, kvh);
-        if let Some(cache) = cache {
-            if let Some((k_past, v_past)) = cache.kv.take() {
-                k = Tensor::cat(vec![k_past, k], 2);
-                v = Tensor::cat(vec![v_past, v], 2);
-            }
-            cache.kv = Some((k.clone(), v.clone()));
-        }
-        let k = repeat_kv(k, h / kvh);
-        let v = repeat_kv(v, h / kvh);
-        let options = AttentionModuleOptions {
-            is_causal: t > 1,
-            ..Default::default()
+        let k = apply_rope(norm(heads(h, kvh), &self.key_layernorm), cos, sin);
+        let v = heads(h + kvh, kvh);
+        let attend = match store {
+            Some(store) => store.store(layer, k, v),
+            None => Attend {
+                keys: k,
+                values: v,
+                mask: None,
+            },
         };
-        let out = attention(q, k, v, None, None, options);
-        let out = out.swap_dims(1, 2).reshape([b, t, h * d]);
-        self.dense.forward(out)
+        let groups = h / kvh;
+        let (keys, values) = (
+            repeat_kv(attend.keys, groups),
+            repeat_kv(attend.values, groups),
+        );
+        let out = match attend.mask {
+            None => {
+                let options = AttentionModuleOptions {
+                    is_causal: t > 1,
+                    ..Default::default()
+                };
+                attention(q, keys, values, None, None, options)
+            }
+            Some(mask) => {
+                let positions = keys.dims()[2];
+                let scores = q.matmul(keys.swap_dims(2, 3)) / (d as f64).sqrt()
+                    + mask.expand([b, h, t, positions]);
+                softmax(scores, 3).matmul(values)
+            }
+        };
+        self.dense
+            .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
     }
 }
 
 /// Expands `[batch, kv_heads, seq, d]` to `[batch, kv_heads * groups, seq, d]`, head `i`
 /// reading kv head `i / groups` (as HF's `repeat_kv`).
-impl Attention {
-    /// One new token per row, each row at its own position, against padded per-row caches
-    /// `[batch, kv_heads, capacity, head_dim]`; returns the output and the updated caches.
-    pub fn decode_rows(
-        &self,
-        x: Tensor<3>,
-        rows: &RowState,
-        keys: Tensor<4>,
-        values: Tensor<4>,
-    ) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
-        let [b, _, _] = x.dims();
-        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let capacity = keys.dims()[2];
-        let qkv = self.query_key_value.forward(x);
-        let heads = |start: usize, n: usize| {
-            qkv.clone()
-                .narrow(2, start * d, n * d)
-                .reshape([b, 1, n, d])
-                .swap_dims(1, 2)
-        };
-        let norm = |x: Tensor<4>, n: &Option<RmsNorm>| match n {
-            Some(n) => n.forward(x),
-            None => x,
-        };
-        let q = apply_rope_rows(
-            norm(heads(0, h), &self.query_layernorm),
-            &rows.cos,
-            &rows.sin,
-        );
-        let k = apply_rope_rows(
-            norm(heads(h, kvh), &self.key_layernorm),
-            &rows.cos,
-            &rows.sin,
-        );
-        let v = heads(h + kvh, kvh);
-        let shape = [b, kvh, capacity, d];
-        let write = rows.write.clone().expand(shape);
-        let keep = write.clone().neg() + 1.0;
-        let keys = keys * keep.clone() + k.expand(shape) * write.clone();
-        let values = values * keep + v.expand(shape) * write;
-        let scores = q.matmul(repeat_kv(keys.clone(), h / kvh).swap_dims(2, 3)) / (d as f64).sqrt()
-            + rows.mask.clone().expand([b, h, 1, capacity]);
-        let probs = burn::tensor::activation::softmax(scores, 3);
-        let out = probs
-            .matmul(repeat_kv(values.clone(), h / kvh))
-            .swap_dims(1, 2)
-            .reshape([b, 1, h * d]);
-        (self.dense.forward(out), keys, values)
-    }
-}
-
 fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
     if groups == 1 {
         return x;

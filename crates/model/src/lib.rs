@@ -2,15 +2,18 @@
 //! shape of Ling (`bailing_moe`), written once against Burn so it runs on any backend.
 
 pub mod batch;
+pub mod cache;
 pub mod config;
 pub mod layers;
 pub mod model;
 pub mod moe;
+pub mod names;
 pub mod path;
-pub mod rng;
+pub mod weights;
 
+pub use cache::{KvCache, KvStore, Positions};
 pub use config::{ConfigError, ModelConfig, ModelCounts};
-pub use model::{ForwardOutput, KvCache, LanguageModel};
+pub use model::{ForwardOutput, LanguageModel, Logits};
 pub use moe::RouterStats;
 pub use path::ModulePath;
 pub mod generate;

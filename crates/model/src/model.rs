@@ -1,7 +1,20 @@
 //! The decoder-only language model: embeddings, a stack of pre-norm decoder layers
-//! (attention + dense or MoE FFN), a final norm and the LM head.
+//! (attention + dense or MoE FFN), a final norm and the LM head. One forward path serves
+//! training (no key/value store), `sample` (a contiguous [`KvCache`]) and the batched server
+//! (per-row caches): see `cache.rs`.
+//!
+//! Parameter names (the keys of `model.safetensors`) are the module paths below and are part
+//! of the run-folder format (docs/ARCHITECTURE.md): `word_embeddings.weight`,
+//! `layers.N.{input_layernorm,post_attention_layernorm}.weight`,
+//! `layers.N.attention.{query_key_value,dense}.{weight,bias}`,
+//! `layers.N.attention.{query,key}_layernorm.weight`, dense layers'
+//! `layers.N.mlp.{gate,up,down}_proj.{weight,bias}`, MoE layers' `layers.N.moe.gate.weight`,
+//! `layers.N.moe.experts.{gate,up,down}_proj` (stacked) and
+//! `layers.N.moe.shared_experts.{gate,up,down}_proj.{weight,bias}`, `norm.weight`,
+//! `lm_head.weight`. Renaming a field here changes the format: see `names::migrate`.
 
-use crate::layers::{linear, rope_tables, Attention, LayerCache, RmsNorm, SwiGlu, INIT_STD};
+use crate::cache::{KvCache, KvStore, Positions};
+use crate::layers::{linear, Attention, RmsNorm, Rope, SwiGlu, INIT_STD};
 use crate::moe::{Moe, RouterStats};
 use crate::path::{by_path, ReadParam};
 use crate::ModelConfig;
@@ -10,61 +23,52 @@ use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, 
 use burn::tensor::{Device, Int, Tensor};
 use std::collections::BTreeMap;
 
-/// The FFN of a decoder layer: dense SwiGLU or mixture of experts.
-#[derive(Module, Debug)]
-pub enum Ffn {
-    Dense(SwiGlu),
-    Moe(Moe),
-}
-
 #[derive(Module, Debug)]
 pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     pub attention: Attention,
     pub post_attention_layernorm: RmsNorm,
-    pub mlp: Ffn,
+    /// The dense SwiGLU FFN (dense layers only).
+    pub mlp: Option<SwiGlu>,
+    /// The mixture-of-experts FFN (MoE layers only).
+    pub moe: Option<Moe>,
     pub dropout: Dropout,
 }
 
 impl DecoderLayer {
     fn new(cfg: &ModelConfig, layer: usize, device: &Device) -> Self {
-        let mlp = if cfg.layer_is_moe(layer) {
-            Ffn::Moe(Moe::new(cfg, device))
-        } else {
-            Ffn::Dense(SwiGlu::new(
-                cfg.hidden_size,
-                cfg.intermediate_size,
-                cfg.use_bias,
-                device,
-            ))
-        };
+        let is_moe = cfg.layer_is_moe(layer);
         Self {
             input_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, device),
             attention: Attention::new(cfg, device),
             post_attention_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, device),
-            mlp,
+            mlp: (!is_moe)
+                .then(|| SwiGlu::new(cfg.hidden_size, cfg.intermediate_size, cfg.use_bias, device)),
+            moe: is_moe.then(|| Moe::new(cfg, device)),
             dropout: DropoutConfig::new(cfg.output_dropout).init(),
         }
     }
 
+    /// One layer over a chunk of new tokens; `cos`/`sin` are the chunk's rotary angles.
     fn forward(
         &self,
         x: Tensor<3>,
-        cos: &Tensor<2>,
-        sin: &Tensor<2>,
-        cache: Option<&mut LayerCache>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        index: usize,
+        store: Option<&mut dyn KvStore>,
     ) -> (Tensor<3>, Option<RouterStats>) {
-        let attn = self
-            .attention
-            .forward(self.input_layernorm.forward(x.clone()), cos, sin, cache);
+        let h = self.input_layernorm.forward(x.clone());
+        let attn = self.attention.forward(h, cos, sin, index, store);
         let x = x + self.dropout.forward(attn);
         let normed = self.post_attention_layernorm.forward(x.clone());
-        let (ffn, stats) = match &self.mlp {
-            Ffn::Dense(mlp) => (mlp.forward(normed), None),
-            Ffn::Moe(moe) => {
+        let (ffn, stats) = match (&self.mlp, &self.moe) {
+            (_, Some(moe)) => {
                 let (y, stats) = moe.forward(normed);
                 (y, Some(stats))
             }
+            (Some(mlp), None) => (mlp.forward(normed), None),
+            (None, None) => (Tensor::zeros(normed.dims(), &normed.device()), None),
         };
         (x + self.dropout.forward(ffn), stats)
     }
@@ -73,31 +77,20 @@ impl DecoderLayer {
 /// Output of a forward pass.
 #[derive(Debug)]
 pub struct ForwardOutput {
-    /// `[batch, seq, vocab]`.
+    /// `[batch, seq, vocab]` (`seq` is 1 when only the last position was asked for).
     pub logits: Tensor<3>,
     /// One entry per MoE layer.
     pub router: Vec<RouterStats>,
 }
 
-/// Per-layer KV cache for incremental decoding.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    pub layers: Vec<LayerCache>,
-}
-
-impl KvCache {
-    pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: vec![LayerCache::default(); num_layers],
-        }
-    }
-    /// Positions already in the cache.
-    pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, LayerCache::len)
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+/// Which positions go through the LM head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position (training, evaluation).
+    All,
+    /// The last position of each row (decoding: a 4K-token prompt needs one row of logits,
+    /// not 4K × vocabulary).
+    Last,
 }
 
 #[derive(Module, Debug)]
@@ -109,9 +102,11 @@ pub struct LanguageModel {
     pub lm_head: Option<Linear>,
     pub embedding_dropout: Dropout,
     pub norm_head: bool,
-    pub rope_theta: f64,
     pub head_dim: usize,
     pub max_positions: usize,
+    /// cos/sin tables, built once per device.
+    #[module(skip)]
+    pub rope: Rope,
 }
 
 impl LanguageModel {
@@ -135,32 +130,52 @@ impl LanguageModel {
                 .then(|| linear(cfg.hidden_size, cfg.vocab_size, false, device)),
             embedding_dropout: DropoutConfig::new(cfg.embedding_dropout).init(),
             norm_head: cfg.norm_head,
-            rope_theta: cfg.rope_theta,
             head_dim: cfg.head_dim(),
             max_positions: cfg.max_position_embeddings,
+            rope: Rope::new(cfg.rope_theta, cfg.head_dim(), cfg.max_position_embeddings),
         }
     }
 
-    /// `tokens`: `[batch, seq]`. With a cache, `tokens` continue the cached positions.
+    /// `tokens`: `[batch, seq]`; logits at every position. With a cache, `tokens` continue the
+    /// cached positions.
     pub fn forward(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> ForwardOutput {
+        self.forward_with(tokens, cache.map(|c| c as &mut dyn KvStore), Logits::All)
+    }
+
+    /// The one forward pass: `tokens` `[batch, len]` are new positions of the rows `store`
+    /// holds (or a whole sequence without a store); `logits` says which positions go through
+    /// the LM head.
+    pub fn forward_with(
+        &self,
+        tokens: Tensor<2, Int>,
+        mut store: Option<&mut dyn KvStore>,
+        logits: Logits,
+    ) -> ForwardOutput {
         let device = tokens.device();
-        let [_, t] = tokens.dims();
-        let start = cache.as_ref().map_or(0, |c| c.len());
-        let (cos, sin) = rope_tables(self.rope_theta, self.head_dim, start, t, &device);
+        let [_, len] = tokens.dims();
+        let positions = store
+            .as_ref()
+            .map_or(Positions::Span(0), |s| s.positions(len));
+        let (cos, sin) = self.rope.angles(&positions, len, &device);
         let mut x = self
             .embedding_dropout
             .forward(self.word_embeddings.forward(tokens));
         let mut router = Vec::new();
-        let mut caches = cache.map(|c| c.layers.iter_mut());
-        for layer in &self.layers {
-            let layer_cache = caches.as_mut().and_then(|it| it.next());
-            let (y, stats) = layer.forward(x, &cos, &sin, layer_cache);
+        for (index, layer) in self.layers.iter().enumerate() {
+            let layer_store = store.as_mut().map(|s| &mut **s as &mut dyn KvStore);
+            let (y, stats) = layer.forward(x, &cos, &sin, index, layer_store);
             x = y;
             router.extend(stats);
         }
-        let x = self.norm.forward(x);
+        if let Some(store) = store {
+            store.advance(len);
+        }
+        let x = match logits {
+            Logits::All => x,
+            Logits::Last => x.narrow(1, len - 1, 1),
+        };
         ForwardOutput {
-            logits: self.head(x),
+            logits: self.head(self.norm.forward(x)),
             router,
         }
     }

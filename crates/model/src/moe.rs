@@ -1,10 +1,12 @@
 //! Mixture-of-experts FFN with dropless dispatch: every token goes to its top-k experts, no
-//! capacity limit, and each expert runs only on the tokens routed to it.
+//! capacity limit, and each expert runs only on the tokens routed to it. The routed experts
+//! are stacked tensors (`[experts, hidden, width]` and `[experts, width, hidden]`, as llama.cpp
+//! and vLLM store them): the layout a grouped GEMM and expert-parallel slicing both need.
 
 use crate::layers::{linear, SwiGlu};
-use burn::module::Module;
-use burn::nn::Linear;
-use burn::tensor::activation::{log_softmax, softmax};
+use burn::module::{Module, Param};
+use burn::nn::{Initializer, Linear};
+use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 /// Router statistics of one MoE layer, for the auxiliary losses and the logs.
@@ -21,11 +23,54 @@ pub struct RouterStats {
     pub mean_prob: Tensor<1>,
 }
 
+/// The routed experts' SwiGLU weights, one slice per expert (no biases: Ling's, Qwen's and
+/// Mixtral's experts have none).
+#[derive(Module, Debug)]
+pub struct Experts {
+    /// `[experts, hidden, width]`.
+    pub gate_proj: Param<Tensor<3>>,
+    /// `[experts, hidden, width]`.
+    pub up_proj: Param<Tensor<3>>,
+    /// `[experts, width, hidden]`.
+    pub down_proj: Param<Tensor<3>>,
+}
+
+impl Experts {
+    pub fn new(experts: usize, hidden: usize, width: usize, device: &Device) -> Self {
+        // Placeholders: weights are set by `init::init_weights` or loaded from a checkpoint.
+        // Lazy, so a 290B-parameter layout can be inspected without allocating it.
+        let zeros = |shape: [usize; 3]| Initializer::Zeros.init(shape, device);
+        Self {
+            gate_proj: zeros([experts, hidden, width]),
+            up_proj: zeros([experts, hidden, width]),
+            down_proj: zeros([experts, width, hidden]),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.gate_proj.lazy_shape()[0]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Expert `e` applied to `x` `[tokens, hidden]`.
+    pub fn forward(&self, e: usize, x: Tensor<2>) -> Tensor<2> {
+        let slice = |w: &Param<Tensor<3>>| {
+            let [_, rows, cols] = w.val().dims();
+            w.val().narrow(0, e, 1).reshape([rows, cols])
+        };
+        let gate = silu(x.clone().matmul(slice(&self.gate_proj)));
+        (gate * x.matmul(slice(&self.up_proj))).matmul(slice(&self.down_proj))
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct Moe {
     /// Router: hidden → one logit per routed expert.
     pub gate: Linear,
-    pub experts: Vec<SwiGlu>,
+    pub experts: Experts,
     /// All shared experts as one SwiGLU of width `moe_intermediate_size × num_shared_experts`.
     pub shared_experts: Option<SwiGlu>,
     pub top_k: usize,
@@ -38,9 +83,7 @@ impl Moe {
         let w = cfg.moe_intermediate_size;
         Self {
             gate: linear(h, cfg.num_experts, false, device),
-            experts: (0..cfg.num_experts)
-                .map(|_| SwiGlu::new(h, w, cfg.use_bias, device))
-                .collect(),
+            experts: Experts::new(cfg.num_experts, h, w, device),
             shared_experts: (cfg.num_shared_experts > 0)
                 .then(|| SwiGlu::new(h, w * cfg.num_shared_experts, cfg.use_bias, device)),
             top_k: cfg.num_experts_per_tok,
@@ -71,11 +114,7 @@ impl Moe {
 
         // Group the (token, slot) assignments by expert on the host: this is the one sync
         // per MoE layer, and what lets each expert see only its own tokens.
-        let assignments: Vec<i64> = top_i
-            .into_data()
-            .convert::<i64>()
-            .try_to_vec()
-            .unwrap_or_default();
+        let assignments: Vec<i64> = top_i.into_data().iter::<i64>().collect();
         let mut tokens: Vec<Vec<i64>> = vec![Vec::new(); num_experts];
         let mut slots: Vec<Vec<i64>> = vec![Vec::new(); num_experts];
         for (slot, &expert) in assignments.iter().enumerate() {
@@ -86,7 +125,7 @@ impl Moe {
         let flat_w = top_w.reshape([n * self.top_k]);
         let mut all_tokens = Vec::with_capacity(n * self.top_k);
         let mut outputs = Vec::new();
-        for (e, expert) in self.experts.iter().enumerate() {
+        for e in 0..num_experts {
             if tokens[e].is_empty() {
                 continue;
             }
@@ -94,7 +133,7 @@ impl Moe {
             let tok = int_tensor(&tokens[e], &device);
             let slot = int_tensor(&slots[e], &device);
             let weight = flat_w.clone().select(0, slot).reshape([count, 1]);
-            let y = expert.forward(x.clone().select(0, tok)) * weight;
+            let y = self.experts.forward(e, x.clone().select(0, tok)) * weight;
             outputs.push(y);
             all_tokens.extend_from_slice(&tokens[e]);
         }

@@ -3,7 +3,7 @@
 
 use crate::catalogue::Available;
 use crate::cost::{memory, step_time, Layout, Part, Workload};
-use nuwa_train::parallel::proportional_shares;
+use nuwa_core::proportional_shares;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,12 +1,11 @@
 //! Training and decoding benchmarks on fixed shapes, matched one for one by the PyTorch
 //! reference in `bench/torch_bench.py` (same shapes, fp32, same batch, AdamW, random tokens).
 
-use crate::hardware::cpu_peak_flops;
 use crate::optim::{AdamW, AdamWConfig};
 use anyhow::{bail, Result};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use nuwa_data::sampler::splitmix64;
+use nuwa_core::rng::splitmix64;
 use nuwa_model::{cross_entropy, generate, LanguageModel, ModelConfig, SamplingOptions};
 use serde::Serialize;
 use std::time::Instant;
@@ -88,7 +87,8 @@ pub struct BenchResult {
     /// else runs on it (the cost planner calibrates with it).
     pub fastest_step_s: f64,
     pub steps: usize,
-    pub mfu: f64,
+    /// Model-FLOPs utilisation against `peak_flops` (absent when the peak is not known).
+    pub mfu: Option<f64>,
     pub threads: usize,
     /// Median seconds per phase of a training step: forward (with the loss), backward, optimizer.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -194,6 +194,7 @@ pub fn bench_train(
     device: &Device,
     warmup: usize,
     steps: usize,
+    peak_flops: Option<f64>,
 ) -> Result<BenchResult> {
     let mut bench = TrainBench::new(shape, device)?;
     let mut times = Vec::new();
@@ -219,7 +220,7 @@ pub fn bench_train(
         median_step_s: step,
         fastest_step_s,
         steps,
-        mfu: bench.flops_per_step / step / cpu_peak_flops(),
+        mfu: peak_flops.map(|p| bench.flops_per_step / step / p),
         threads: threads(),
         phases: Some(phases),
     })
@@ -231,6 +232,7 @@ pub fn bench_decode(
     device: &Device,
     new_tokens: usize,
     repeats: usize,
+    peak_flops: Option<f64>,
 ) -> Result<BenchResult> {
     let cfg = &shape.model;
     let model = LanguageModel::new(cfg, device, 0);
@@ -261,7 +263,7 @@ pub fn bench_decode(
         fastest_step_s,
         steps: new_tokens,
         // Decoding is bandwidth-bound; 2 FLOPs per active parameter per token.
-        mfu: 2.0 * cfg.counts(1).active_params as f64 / per_token / cpu_peak_flops(),
+        mfu: peak_flops.map(|p| 2.0 * cfg.counts(1).active_params as f64 / per_token / p),
         threads: threads(),
         phases: None,
     })

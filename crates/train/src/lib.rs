@@ -2,14 +2,14 @@
 //! checkpoints that resume exactly.
 
 pub mod bench;
-pub mod checkpoint;
-pub mod config;
-pub mod hardware;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;
+pub mod setup;
+pub mod step;
+pub mod strategy;
 pub mod trainer;
-pub mod weights;
 
-pub use config::{DataConfig, RunConfig, RunFile, Schedule, TrainConfig};
-pub use trainer::{load_for_inference, train, StepRecord, TrainOptions, TrainReport};
+pub use trainer::{train, StepRecord, TrainOptions, TrainReport};

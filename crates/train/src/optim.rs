@@ -2,9 +2,11 @@
 //! and biases), global-norm gradient clipping, and state keyed by parameter path so it
 //! checkpoints and resumes exactly.
 
+use anyhow::{anyhow, Result};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor, TensorData};
+use nuwa_model::weights::HostTensor;
 use nuwa_model::ModulePath;
 use std::collections::BTreeMap;
 
@@ -30,6 +32,48 @@ pub struct AdamW {
     pub step: u64,
     /// Keyed by the parameter's module path, e.g. `layers.0.attention.dense.weight`.
     pub state: BTreeMap<String, Moments>,
+}
+
+impl AdamW {
+    /// The moments by name (`PARAM.exp_avg`, `PARAM.exp_avg_sq`), for a checkpoint.
+    pub fn to_host(&self) -> BTreeMap<String, HostTensor> {
+        let mut out = BTreeMap::new();
+        for (name, m) in &self.state {
+            let avg = HostTensor::from_tensor(m.exp_avg.clone());
+            let sq = HostTensor::from_tensor(m.exp_avg_sq.clone());
+            out.insert(format!("{name}.exp_avg"), avg);
+            out.insert(format!("{name}.exp_avg_sq"), sq);
+        }
+        out
+    }
+
+    /// Rebuilds the moments from a checkpoint's tensors, as after `step` updates.
+    pub fn restore(
+        &mut self,
+        step: u64,
+        tensors: &BTreeMap<String, HostTensor>,
+        device: &Device,
+    ) -> Result<()> {
+        self.step = step;
+        self.state.clear();
+        let to_tensor = |t: &HostTensor| {
+            Tensor::<1>::from_data(TensorData::new(t.data.clone(), [t.data.len()]), device)
+        };
+        for (key, avg) in tensors {
+            let Some(name) = key.strip_suffix(".exp_avg") else {
+                continue;
+            };
+            let sq = tensors
+                .get(&format!("{name}.exp_avg_sq"))
+                .ok_or_else(|| anyhow!("optimizer state: {name}.exp_avg_sq is missing"))?;
+            let moments = Moments {
+                exp_avg: to_tensor(avg),
+                exp_avg_sq: to_tensor(sq),
+            };
+            self.state.insert(name.to_string(), moments);
+        }
+        Ok(())
+    }
 }
 
 struct GradNorm<'a> {

@@ -7,6 +7,7 @@
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
+use nuwa_core::proportional_shares;
 use std::time::Duration;
 
 /// What data-parallel training needs from a communicator. Every rank calls the same
@@ -25,8 +26,6 @@ pub trait Collective {
 /// How one rank takes part in a data-parallel run.
 pub struct DistOptions {
     pub comm: Box<dyn Collective>,
-    /// Test-only: this rank sleeps so it runs `throttle`× slower than it could.
-    pub throttle: f64,
     /// Re-balance the shares of the global batch every this many steps (and after the
     /// profiling step, the second: the first is warm-up); 0 keeps the equal split.
     pub rebalance_every: u64,
@@ -39,65 +38,11 @@ pub struct DistOptions {
     /// A collective that waits longer than this is taken as a hung or dead peer: the rank
     /// reports it and exits, so the supervisor can restart the job.
     pub collective_timeout: Duration,
-    /// Test-only fault injection: (step, rank) where that rank kills itself with SIGKILL
-    /// halfway through the step.
-    pub kill_at: Option<(u64, usize)>,
-    /// Test-only: (step, rank) where that rank stops answering (sleeps before the
-    /// collectives), as a hung device would.
-    pub hang_at: Option<(u64, usize)>,
-    /// Test-only: the throttle applies from this step on (a device that slows down mid-run).
-    pub throttle_from: u64,
+    /// Test-only fault injection.
+    #[cfg(feature = "fault-injection")]
+    pub faults: crate::faults::Faults,
     /// Record a hash of every rank's parameters after each step (costs a host copy).
     pub hash_params: bool,
-}
-
-/// Splits `total` sequences in proportion to `speeds`, respecting per-rank caps, with the
-/// largest-remainder rule so the parts sum to `total` exactly. Deterministic, so every rank
-/// computes the same split from the same gathered speeds.
-pub fn proportional_shares(total: usize, speeds: &[f64], caps: &[Option<usize>]) -> Vec<usize> {
-    let n = speeds.len();
-    let cap = |r: usize| caps.get(r).copied().flatten().unwrap_or(usize::MAX);
-    let mut shares = vec![0usize; n];
-    let mut open: Vec<usize> = (0..n).collect();
-    let mut left = total;
-    // Water-filling: ranks that hit their cap keep it; the rest share what remains.
-    while left > 0 && !open.is_empty() {
-        let sum: f64 = open.iter().map(|&r| speeds[r].max(1e-12)).sum();
-        let ideal: Vec<f64> = open
-            .iter()
-            .map(|&r| left as f64 * speeds[r].max(1e-12) / sum)
-            .collect();
-        let capped: Vec<usize> = open
-            .iter()
-            .zip(&ideal)
-            .filter(|(&r, &x)| x >= (cap(r) - shares[r]) as f64)
-            .map(|(&r, _)| r)
-            .collect();
-        if !capped.is_empty() {
-            for r in capped {
-                left -= cap(r) - shares[r];
-                shares[r] = cap(r);
-                open.retain(|&o| o != r);
-            }
-            continue;
-        }
-        let mut floors: Vec<(usize, f64)> = open
-            .iter()
-            .zip(&ideal)
-            .map(|(&r, &x)| (r, x - x.floor()))
-            .collect();
-        let mut given = 0;
-        for (&r, &x) in open.iter().zip(&ideal) {
-            shares[r] += x.floor() as usize;
-            given += x.floor() as usize;
-        }
-        floors.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        for (r, _) in floors.into_iter().take(left - given) {
-            shares[r] += 1;
-        }
-        left = 0;
-    }
-    shares
 }
 
 /// Keeps each rank's expected speed (sequences per second of compute) and its share.
@@ -178,12 +123,8 @@ impl ModuleVisitor for Flatten<'_> {
         let n: usize = shape.iter().product();
         let offset = self.flat.len();
         match self.grads.remove::<D>(param.id) {
-            Some(g) => self.flat.extend(
-                g.into_data()
-                    .convert::<f32>()
-                    .try_to_vec::<f32>()
-                    .unwrap_or_else(|_| vec![0.0; n]),
-            ),
+            // `iter` converts any element type, so a gradient is never silently zeroed.
+            Some(g) => self.flat.extend(g.into_data().iter::<f32>()),
             // A parameter this rank did not touch (an expert no token reached, or no share
             // of the batch) contributes zeros.
             None => self.flat.resize(offset + n, 0.0),
@@ -251,13 +192,7 @@ struct Hasher {
 
 impl ModuleVisitor for Hasher {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let values = param
-            .val()
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .unwrap_or_default();
-        for v in values {
+        for v in param.val().into_data().iter::<f32>() {
             self.hash = (self.hash ^ v.to_bits() as u64).wrapping_mul(0x0100_0000_01b3);
         }
     }
@@ -357,15 +292,6 @@ impl Collective for SoloCollective {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shares_follow_speed_and_sum_to_the_batch() {
-        assert_eq!(proportional_shares(12, &[1.0, 0.5], &[]), [8, 4]);
-        assert_eq!(proportional_shares(10, &[1.0, 1.0, 1.0], &[]), [4, 3, 3]);
-        let s = proportional_shares(16, &[3.0, 1.0, 1.0], &[Some(6), None, None]);
-        assert_eq!(s, [6, 5, 5]);
-        assert_eq!(s.iter().sum::<usize>(), 16);
-    }
 
     #[test]
     fn balancer_moves_work_to_the_faster_rank() {

@@ -1,12 +1,12 @@
 //! Module weights to and from safetensors, by dotted module path. Loading checks every tensor
 //! and reports all missing, unexpected and mis-shaped ones together.
 
+use crate::init::host_tensor_like;
+use crate::path::{by_path, ReadParam};
+use crate::ModulePath;
 use anyhow::{anyhow, bail, Result};
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::Tensor;
-use nuwa_model::init::host_tensor_like;
-use nuwa_model::path::{by_path, ReadParam};
-use nuwa_model::ModulePath;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,11 +21,8 @@ pub struct HostTensor {
 impl HostTensor {
     pub fn from_tensor<const D: usize>(t: Tensor<D>) -> Self {
         let shape = t.dims().to_vec();
-        let data = t
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .unwrap_or_default();
+        // `iter` converts any element type to f32, so no copy can come back short or empty.
+        let data = t.into_data().iter::<f32>().collect();
         Self { shape, data }
     }
 }

@@ -4,16 +4,18 @@
 //! place, so a failed or interrupted save never touches the last good one.
 
 use crate::config::RunConfig;
-use crate::optim::{AdamW, Moments};
-use crate::weights::{collect_weights, from_safetensors, to_safetensors, HostTensor};
 use anyhow::{anyhow, bail, Context, Result};
 use burn::module::Module;
-use burn::tensor::{Device, Tensor, TensorData};
-use nuwa_data::shards::sha256_hex;
-use nuwa_data::BatchSampler;
+use burn::tensor::Device;
+use nuwa_core::{sha256_hex, write_synced};
+use nuwa_data::{BatchSampler, Tokenizer};
+use nuwa_model::names::upgrade_names;
+use nuwa_model::weights::{
+    assign_weights, collect_weights, from_safetensors, to_safetensors, HostTensor,
+};
+use nuwa_model::LanguageModel;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -55,36 +57,12 @@ pub fn list_checkpoints(run: &Path) -> Vec<(u64, PathBuf)> {
     out
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = std::fs::File::create(path)
-        .with_context(|| format!("{}: cannot create", path.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("{}: write failed", path.display()))?;
-    f.sync_all()
-        .with_context(|| format!("{}: fsync failed", path.display()))?;
-    Ok(())
-}
-
-fn optimizer_tensors(opt: &AdamW) -> BTreeMap<String, HostTensor> {
-    let mut out = BTreeMap::new();
-    for (name, m) in &opt.state {
-        out.insert(
-            format!("{name}.exp_avg"),
-            HostTensor::from_tensor(m.exp_avg.clone()),
-        );
-        out.insert(
-            format!("{name}.exp_avg_sq"),
-            HostTensor::from_tensor(m.exp_avg_sq.clone()),
-        );
-    }
-    out
-}
-
-/// Saves a checkpoint atomically and prunes old ones beyond `keep`.
+/// Saves a checkpoint atomically and prunes old ones beyond `keep`. `optimizer` holds the
+/// optimiser's state by name (`PARAM.exp_avg`, `PARAM.exp_avg_sq`).
 pub fn save<M: Module>(
     run: &Path,
     model: &M,
-    opt: &AdamW,
+    optimizer: &BTreeMap<String, HostTensor>,
     mut state: TrainerState,
     keep: usize,
 ) -> Result<PathBuf> {
@@ -100,7 +78,7 @@ pub fn save<M: Module>(
         let _ = std::fs::remove_dir_all(&tmp_dir);
         std::fs::create_dir_all(&tmp_dir)?;
         let model_bytes = to_safetensors(&collect_weights(model))?;
-        let opt_bytes = to_safetensors(&optimizer_tensors(opt))?;
+        let opt_bytes = to_safetensors(optimizer)?;
         state.checksums = BTreeMap::from([
             (MODEL_FILE.to_string(), sha256_hex(&model_bytes)),
             (OPTIMIZER_FILE.to_string(), sha256_hex(&opt_bytes)),
@@ -157,7 +135,8 @@ fn read_verified(dir: &Path, file: &str, state: &TrainerState) -> Result<Vec<u8>
     Ok(bytes)
 }
 
-/// Loads the newest checkpoint of a run (or the given checkpoint folder).
+/// Loads the newest checkpoint of a run (or the given checkpoint folder). Parameter names of
+/// older versions are converted on load (`nuwa_model::names`), model and optimiser alike.
 pub fn load_latest(run: &Path) -> Result<Loaded> {
     let dir = if run.join(TRAINER_FILE).exists() {
         run.to_path_buf()
@@ -175,14 +154,12 @@ pub fn load_latest(run: &Path) -> Result<Loaded> {
         .with_context(|| format!("{}: cannot read", trainer_path.display()))?;
     let state: TrainerState = serde_json::from_str(&text)
         .map_err(|e| anyhow!("{}: garbled trainer state: {e}", trainer_path.display()))?;
-    let weights = from_safetensors(
-        &read_verified(&dir, MODEL_FILE, &state)?,
-        &dir.join(MODEL_FILE).display().to_string(),
-    )?;
-    let optimizer = from_safetensors(
-        &read_verified(&dir, OPTIMIZER_FILE, &state)?,
-        &dir.join(OPTIMIZER_FILE).display().to_string(),
-    )?;
+    let model_path = dir.join(MODEL_FILE).display().to_string();
+    let weights = from_safetensors(&read_verified(&dir, MODEL_FILE, &state)?, &model_path)?;
+    let weights = upgrade_names(weights).map_err(|e| anyhow!("{model_path}: {e}"))?;
+    let opt_path = dir.join(OPTIMIZER_FILE).display().to_string();
+    let optimizer = from_safetensors(&read_verified(&dir, OPTIMIZER_FILE, &state)?, &opt_path)?;
+    let optimizer = upgrade_names(optimizer).map_err(|e| anyhow!("{opt_path}: {e}"))?;
     Ok(Loaded {
         dir,
         state,
@@ -191,32 +168,16 @@ pub fn load_latest(run: &Path) -> Result<Loaded> {
     })
 }
 
-/// Rebuilds optimiser moments from a checkpoint's tensors.
-pub fn restore_optimizer(
-    opt: &mut AdamW,
-    step: u64,
-    tensors: &BTreeMap<String, HostTensor>,
+/// Loads a trained run for inference on a plain device: its config, tokenizer and newest weights.
+pub fn load_for_inference(
+    run: &Path,
     device: &Device,
-) -> Result<()> {
-    opt.step = step;
-    opt.state.clear();
-    let to_tensor = |t: &HostTensor| {
-        Tensor::<1>::from_data(TensorData::new(t.data.clone(), [t.data.len()]), device)
-    };
-    for (key, avg) in tensors {
-        let Some(name) = key.strip_suffix(".exp_avg") else {
-            continue;
-        };
-        let sq = tensors
-            .get(&format!("{name}.exp_avg_sq"))
-            .ok_or_else(|| anyhow!("optimizer state: {name}.exp_avg_sq is missing"))?;
-        opt.state.insert(
-            name.to_string(),
-            Moments {
-                exp_avg: to_tensor(avg),
-                exp_avg_sq: to_tensor(sq),
-            },
-        );
-    }
-    Ok(())
+) -> Result<(LanguageModel, Tokenizer, RunConfig)> {
+    let loaded = load_latest(run)?;
+    let cfg = loaded.state.config.clone();
+    let model = LanguageModel::uninitialised(&cfg.model, device);
+    let what = loaded.dir.join(MODEL_FILE).display().to_string();
+    let model = assign_weights(model, &loaded.weights, &what)?;
+    let tokenizer = Tokenizer::load(run)?;
+    Ok((model, tokenizer, cfg))
 }

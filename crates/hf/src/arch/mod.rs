@@ -1,14 +1,48 @@
 //! The architectures nuwa reads and writes, and their `config.json` ↔ [`ModelConfig`].
 //!
 //! nuwa's own config uses Ling's (`bailing_moe`) field names; the other formats are translated
-//! here. Every key that changes the math is checked; a setting nuwa does not implement (a RoPE
+//! here: the keys every architecture shares in this file, each architecture's own keys, what
+//! it refuses and its tensor names in one file of its own behind [`Architecture`]. A new
+//! architecture is one new file and one line in [`Arch`]. Every key that changes the math is checked; a setting nuwa does not implement (a RoPE
 //! scaling, sliding-window attention, biases on only some projections) is an error naming the
 //! key, never silently ignored. Keys that only describe the checkpoint (token ids, dtype,
 //! `architectures`, ...) are kept in the original JSON, which export writes back.
 
+mod bailing_moe;
+mod llama;
+mod mixtral;
+mod qwen2;
+mod qwen3_moe;
+
 use anyhow::{bail, Result};
 use nuwa_model::ModelConfig;
 use serde_json::{json, Map, Value};
+
+/// What nuwa needs to know of one Hugging Face architecture.
+pub trait Architecture: Sync {
+    /// `model_type` in `config.json`.
+    fn model_type(&self) -> &'static str;
+    /// The `architectures` entry transformers uses to pick the model class.
+    fn class_name(&self) -> &'static str;
+    /// Reads the architecture's own keys into `cfg` (the shared shape keys are read already),
+    /// recording every problem in `f`.
+    fn read_config(&self, f: &mut Fields, cfg: &mut ModelConfig);
+    /// What of `cfg` this architecture's checkpoints cannot hold (export refuses them).
+    fn cannot_hold(&self, cfg: &ModelConfig) -> Vec<&'static str>;
+    /// Writes the architecture's own keys of `cfg`.
+    fn write_config(&self, cfg: &ModelConfig, set: &mut dyn FnMut(&str, Value));
+    /// The HF name of a parameter of decoder layer N, after `model.layers.N.`, from nuwa's
+    /// name after `layers.N.` (with a MoE layer's `moe.` already written `mlp.`).
+    fn layer_name(&self, rest: &str) -> String;
+    /// The HF name of the token embeddings.
+    fn embeddings_name(&self) -> &'static str {
+        "model.embed_tokens.weight"
+    }
+    /// Whether HF keeps q, k and v as nuwa does, in one fused projection.
+    fn fused_qkv(&self) -> bool {
+        false
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
@@ -32,25 +66,24 @@ impl Arch {
         Arch::Mixtral,
     ];
 
-    pub fn model_type(self) -> &'static str {
+    /// What this architecture reads, writes and refuses.
+    pub fn spec(self) -> &'static dyn Architecture {
         match self {
-            Arch::BailingMoe => "bailing_moe",
-            Arch::Llama => "llama",
-            Arch::Qwen2 => "qwen2",
-            Arch::Qwen3Moe => "qwen3_moe",
-            Arch::Mixtral => "mixtral",
+            Arch::BailingMoe => &bailing_moe::BailingMoe,
+            Arch::Llama => &llama::Llama,
+            Arch::Qwen2 => &qwen2::Qwen2,
+            Arch::Qwen3Moe => &qwen3_moe::Qwen3Moe,
+            Arch::Mixtral => &mixtral::Mixtral,
         }
+    }
+
+    pub fn model_type(self) -> &'static str {
+        self.spec().model_type()
     }
 
     /// The `architectures` entry transformers uses to pick the model class.
     pub fn class_name(self) -> &'static str {
-        match self {
-            Arch::BailingMoe => "BailingMoeForCausalLM",
-            Arch::Llama => "LlamaForCausalLM",
-            Arch::Qwen2 => "Qwen2ForCausalLM",
-            Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
-            Arch::Mixtral => "MixtralForCausalLM",
-        }
+        self.spec().class_name()
     }
 
     pub fn from_model_type(model_type: &str) -> Option<Arch> {
@@ -72,17 +105,17 @@ fn unsupported(model_type: &str) -> anyhow::Error {
 }
 
 /// Reads fields of a `config.json`, collecting every problem instead of stopping at the first.
-struct Fields<'a> {
+pub struct Fields<'a> {
     json: &'a Map<String, Value>,
     problems: Vec<String>,
 }
 
 impl Fields<'_> {
-    fn value(&self, key: &str) -> Option<Value> {
+    pub fn value(&self, key: &str) -> Option<Value> {
         self.json.get(key).filter(|v| !v.is_null()).cloned()
     }
 
-    fn usize_or(&mut self, key: &str, default: Option<usize>) -> usize {
+    pub fn usize_or(&mut self, key: &str, default: Option<usize>) -> usize {
         match self.value(key) {
             Some(v) => match v.as_u64() {
                 Some(n) => n as usize,
@@ -99,11 +132,11 @@ impl Fields<'_> {
         }
     }
 
-    fn usize(&mut self, key: &str) -> usize {
+    pub fn usize(&mut self, key: &str) -> usize {
         self.usize_or(key, None)
     }
 
-    fn f64_or(&mut self, key: &str, default: f64) -> f64 {
+    pub fn f64_or(&mut self, key: &str, default: f64) -> f64 {
         match self.value(key) {
             Some(v) => v.as_f64().unwrap_or_else(|| {
                 self.problems
@@ -114,7 +147,7 @@ impl Fields<'_> {
         }
     }
 
-    fn bool_or(&mut self, key: &str, default: bool) -> bool {
+    pub fn bool_or(&mut self, key: &str, default: bool) -> bool {
         match self.value(key) {
             Some(v) => v.as_bool().unwrap_or_else(|| {
                 self.problems
@@ -125,7 +158,7 @@ impl Fields<'_> {
         }
     }
 
-    fn require(&mut self, ok: bool, problem: impl Into<String>) {
+    pub fn require(&mut self, ok: bool, problem: impl Into<String>) {
         if !ok {
             self.problems.push(problem.into());
         }
@@ -196,80 +229,7 @@ pub fn config_from_hf(json: &Value, what: &str) -> Result<(Arch, ModelConfig)> {
         ..ModelConfig::preset("tiny-dense").expect("built-in preset")
     };
     cfg.num_experts = 0;
-    match arch {
-        Arch::BailingMoe => {
-            cfg.num_experts = f.usize_or("num_experts", Some(0));
-            cfg.num_shared_experts = f.usize_or("num_shared_experts", Some(0));
-            cfg.num_experts_per_tok = f.usize_or("num_experts_per_tok", Some(0));
-            cfg.moe_intermediate_size = f.usize_or("moe_intermediate_size", Some(0));
-            cfg.first_k_dense_replace = f.usize_or("first_k_dense_replace", Some(0));
-            cfg.norm_topk_prob = f.bool_or("norm_topk_prob", true);
-            cfg.norm_head = f.bool_or("norm_head", false);
-            cfg.use_bias = f.bool_or("use_bias", false);
-            cfg.use_qkv_bias = f.bool_or("use_qkv_bias", false);
-            cfg.use_qk_norm = f.bool_or("use_qk_norm", false);
-            cfg.embedding_dropout = f.f64_or("embedding_dropout", 0.0);
-            cfg.output_dropout = f.f64_or("output_dropout", 0.0);
-        }
-        Arch::Llama => {
-            let attention_bias = f.bool_or("attention_bias", false);
-            let mlp_bias = f.bool_or("mlp_bias", false);
-            f.require(
-                attention_bias == mlp_bias,
-                format!(
-                    "`attention_bias` = {attention_bias} with `mlp_bias` = {mlp_bias} is not \
-                     supported (nuwa biases the attention output and the MLP together)"
-                ),
-            );
-            cfg.use_qkv_bias = attention_bias;
-            cfg.use_bias = attention_bias;
-        }
-        Arch::Qwen2 => {
-            let sliding = f.bool_or("use_sliding_window", false);
-            f.require(
-                !sliding,
-                "`use_sliding_window`: sliding-window attention is not supported",
-            );
-            cfg.use_qkv_bias = true;
-        }
-        Arch::Qwen3Moe => {
-            f.require(
-                !f.json
-                    .get("attention_bias")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
-                "`attention_bias`: biased projections are not supported for qwen3_moe",
-            );
-            cfg.use_qk_norm = true;
-            // transformers 5 writes `num_local_experts`; earlier versions `num_experts`.
-            cfg.num_experts = match f.value("num_experts") {
-                Some(_) => f.usize("num_experts"),
-                None => f.usize_or("num_local_experts", Some(0)),
-            };
-            cfg.num_experts_per_tok = f.usize_or("num_experts_per_tok", Some(0));
-            cfg.moe_intermediate_size = f.usize_or("moe_intermediate_size", Some(0));
-            cfg.norm_topk_prob = f.bool_or("norm_topk_prob", false);
-            cfg.first_k_dense_replace = qwen3_dense_prefix(&mut f, cfg.num_hidden_layers);
-        }
-        Arch::Mixtral => {
-            cfg.num_experts = f.usize_or("num_local_experts", Some(8));
-            cfg.num_experts_per_tok = f.usize_or("num_experts_per_tok", Some(2));
-            // Mixtral's experts are as wide as its `intermediate_size`, and every layer is MoE.
-            cfg.moe_intermediate_size = cfg.intermediate_size;
-            cfg.norm_topk_prob = true;
-        }
-    }
-    if let Some(window) = f.value("sliding_window").and_then(|v| v.as_u64()) {
-        // A window at least as long as the context is plain causal attention.
-        let window = window as usize;
-        if arch == Arch::Mixtral && window < cfg.max_position_embeddings {
-            f.problems.push(format!(
-                "`sliding_window` {window} < max_position_embeddings {}: sliding-window \
-                 attention is not supported",
-                cfg.max_position_embeddings
-            ));
-        }
-    }
+    arch.spec().read_config(&mut f, &mut cfg);
     if !f.problems.is_empty() {
         bail!(
             "{what}: {} problem(s): {}",
@@ -281,72 +241,16 @@ pub fn config_from_hf(json: &Value, what: &str) -> Result<(Arch, ModelConfig)> {
     Ok((arch, cfg))
 }
 
-/// qwen3_moe places MoE layers by `decoder_sparse_step` and `mlp_only_layers`; nuwa supports
-/// the layouts where the dense layers come first (the published models: all MoE).
-fn qwen3_dense_prefix(f: &mut Fields, layers: usize) -> usize {
-    let step = f.usize_or("decoder_sparse_step", Some(1)).max(1);
-    let mlp_only: Vec<u64> = f
-        .value("mlp_only_layers")
-        .and_then(|v| {
-            v.as_array()
-                .map(|a| a.iter().filter_map(Value::as_u64).collect())
-        })
-        .unwrap_or_default();
-    let is_moe = |i: usize| !mlp_only.contains(&(i as u64)) && (i + 1).is_multiple_of(step);
-    let first_moe = (0..layers).find(|&i| is_moe(i)).unwrap_or(layers);
-    if (first_moe..layers).any(|i| !is_moe(i)) {
-        f.problems.push(format!(
-            "`decoder_sparse_step` {step} / `mlp_only_layers` {mlp_only:?}: dense layers after \
-             the first MoE layer are not supported"
-        ));
-    }
-    first_moe
-}
-
 /// Writes `cfg` as a `config.json` of its architecture. `original` (the imported checkpoint's
 /// config, when there is one) keeps every descriptive key; the shape keys come from `cfg`.
 pub fn config_to_hf(arch: Arch, cfg: &ModelConfig, original: Option<&Value>) -> Result<Value> {
-    if arch != Arch::BailingMoe {
-        let problems = [
-            (cfg.num_shared_experts > 0, "shared experts"),
-            (cfg.norm_head, "norm_head"),
-            (
-                cfg.use_qk_norm != (arch == Arch::Qwen3Moe),
-                "query/key norms (use_qk_norm)",
-            ),
-            (
-                cfg.is_moe() && matches!(arch, Arch::Llama | Arch::Qwen2),
-                "experts",
-            ),
-            (
-                arch == Arch::Mixtral && cfg.first_k_dense_replace > 0,
-                "dense layers",
-            ),
-            (
-                arch == Arch::Mixtral && cfg.moe_intermediate_size != cfg.intermediate_size,
-                "expert width different from intermediate_size",
-            ),
-            (
-                arch == Arch::Qwen2 && (!cfg.use_qkv_bias || cfg.use_bias),
-                "biases other than q/k/v",
-            ),
-            (
-                arch == Arch::Llama && cfg.use_qkv_bias != cfg.use_bias,
-                "q/k/v biases without output biases",
-            ),
-            (
-                arch == Arch::Qwen3Moe && (cfg.use_bias || cfg.use_qkv_bias),
-                "biases",
-            ),
-        ];
-        let bad: Vec<&str> = problems.iter().filter(|p| p.0).map(|p| p.1).collect();
-        if !bad.is_empty() {
-            bail!(
-                "this model cannot be written as {}: it has {}",
-                arch.model_type(),
-                bad.join(", ")
-            );
-        }
+    let bad = arch.spec().cannot_hold(cfg);
+    if !bad.is_empty() {
+        bail!(
+            "this model cannot be written as {}: it has {}",
+            arch.model_type(),
+            bad.join(", ")
+        );
     }
     let mut out = original
         .and_then(Value::as_object)
@@ -385,46 +289,7 @@ pub fn config_to_hf(arch: Arch, cfg: &ModelConfig, original: Option<&Value>) -> 
     let mut set = |k: &str, v: Value| {
         out.insert(k.to_string(), v);
     };
-    match arch {
-        Arch::BailingMoe => {
-            set("num_experts", json!(cfg.num_experts));
-            set("num_shared_experts", json!(cfg.num_shared_experts));
-            set("num_experts_per_tok", json!(cfg.num_experts_per_tok));
-            set("moe_intermediate_size", json!(cfg.moe_intermediate_size));
-            set("first_k_dense_replace", json!(cfg.first_k_dense_replace));
-            set("norm_topk_prob", json!(cfg.norm_topk_prob));
-            set("norm_head", json!(cfg.norm_head));
-            set("use_bias", json!(cfg.use_bias));
-            set("use_qkv_bias", json!(cfg.use_qkv_bias));
-            set("use_qk_norm", json!(cfg.use_qk_norm));
-            set("embedding_dropout", json!(cfg.embedding_dropout));
-            set("output_dropout", json!(cfg.output_dropout));
-        }
-        Arch::Llama => {
-            set("attention_bias", json!(cfg.use_qkv_bias));
-            set("mlp_bias", json!(cfg.use_bias));
-            set("rope_scaling", Value::Null);
-        }
-        Arch::Qwen2 => {
-            set("use_sliding_window", json!(false));
-        }
-        Arch::Qwen3Moe => {
-            set("num_experts", json!(cfg.num_experts));
-            set("num_experts_per_tok", json!(cfg.num_experts_per_tok));
-            set("moe_intermediate_size", json!(cfg.moe_intermediate_size));
-            set("norm_topk_prob", json!(cfg.norm_topk_prob));
-            set("decoder_sparse_step", json!(1));
-            set(
-                "mlp_only_layers",
-                json!((0..cfg.first_k_dense_replace).collect::<Vec<_>>()),
-            );
-            set("attention_bias", json!(false));
-        }
-        Arch::Mixtral => {
-            set("num_local_experts", json!(cfg.num_experts));
-            set("num_experts_per_tok", json!(cfg.num_experts_per_tok));
-        }
-    }
+    arch.spec().write_config(cfg, &mut set);
     Ok(Value::Object(out))
 }
 

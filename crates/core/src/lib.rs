@@ -1,0 +1,13 @@
+//! The small things every nuwa crate shares and none owns: the seeded hash and RNG, atomic
+//! writes and SHA-256, numbers with unit suffixes, proportional shares of a batch, and each
+//! device kind's peak FLOP/s. No Burn, no model: everything else depends on this crate.
+
+pub mod files;
+pub mod hardware;
+pub mod rng;
+pub mod shares;
+pub mod units;
+
+pub use files::{atomic_write, sha256_hex, write_synced};
+pub use shares::proportional_shares;
+pub use units::parse_with_unit;

@@ -1,0 +1,161 @@
+//! Setting a run up: the run folder, resume, the data, the checked configuration, and the
+//! model, optimiser and sampler — fresh, from given weights, or as the checkpoint left them.
+
+use crate::metrics::MetricsLog;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::strategy::Parallelism;
+use crate::trainer::TrainOptions;
+use anyhow::{bail, Context, Result};
+use nuwa_data::TokenizerSpec;
+use nuwa_data::{eval_batches, Batch, BatchSampler, Dataset, PrepareOptions, Source, Tokenizer};
+use nuwa_model::weights::assign_weights;
+use nuwa_model::LanguageModel;
+use nuwa_run::checkpoint::{self, Loaded};
+use nuwa_run::RunConfig;
+use std::path::{Path, PathBuf};
+
+/// Everything the loop needs, as of the first step to run.
+pub struct Session {
+    pub run: PathBuf,
+    pub cfg: RunConfig,
+    pub data: Dataset,
+    pub evals: Vec<Batch>,
+    pub model: LanguageModel,
+    pub opt: AdamW,
+    pub sampler: BatchSampler,
+    pub start_step: u64,
+    pub tokens_seen: u64,
+    /// Rank 0's metrics file (the other ranks write nothing).
+    pub log: Option<MetricsLog>,
+}
+
+/// Opens the run's dataset, preparing the built-in corpus into `RUN/data` when none is given.
+fn open_dataset(run: &Path, cfg: &RunConfig) -> Result<Dataset> {
+    match &cfg.data.dir {
+        Some(dir) => Dataset::open(Path::new(dir)),
+        None => {
+            let dir = run.join("data");
+            if !dir.join(nuwa_data::shards::MANIFEST_FILE).exists() {
+                nuwa_data::prepare(&PrepareOptions {
+                    source: Source::Builtin,
+                    tokenizer: TokenizerSpec::Char,
+                    out_dir: dir.clone(),
+                    val_fraction: 0.1,
+                })?;
+            }
+            Dataset::open(&dir)
+        }
+    }
+}
+
+/// The run's configuration: the checkpoint's on resume (only `train.steps` may grow), else the
+/// given one.
+fn base_config(opts: &TrainOptions, resumed: Option<&Loaded>) -> RunConfig {
+    match resumed {
+        Some(l) => {
+            let mut c = l.state.config.clone();
+            c.train.steps = opts.config.train.steps.max(l.state.step);
+            c
+        }
+        None => opts.config.clone(),
+    }
+}
+
+/// `cfg` completed (the vocabulary from the data when unset) and checked against the data.
+fn check_config(mut cfg: RunConfig, data: &Dataset) -> Result<RunConfig> {
+    if cfg.model.vocab_size == 0 {
+        cfg.model.vocab_size = data.manifest.vocab_size;
+    }
+    cfg.model.validate()?;
+    cfg.train.validate()?;
+    if cfg.model.vocab_size < data.manifest.vocab_size {
+        bail!(
+            "config field `vocab_size`: {} is smaller than the data's vocabulary ({}, {})",
+            cfg.model.vocab_size,
+            data.manifest.vocab_size,
+            data.dir.display()
+        );
+    }
+    if cfg.train.seq_len > cfg.model.max_position_embeddings {
+        bail!(
+            "config field `train.seq_len`: {} exceeds max_position_embeddings {}",
+            cfg.train.seq_len,
+            cfg.model.max_position_embeddings
+        );
+    }
+    Ok(cfg)
+}
+
+/// Opens or resumes the run of `opts`; rank 0 writes the run's side files.
+pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<Session> {
+    let is_main = strategy.rank() == 0;
+    let run = opts.run_dir.clone();
+    std::fs::create_dir_all(&run)
+        .with_context(|| format!("{}: cannot create run folder", run.display()))?;
+    let resumed = if opts.resume {
+        Some(checkpoint::load_latest(&run)?)
+    } else {
+        if !checkpoint::list_checkpoints(&run).is_empty() {
+            bail!("{}: already holds checkpoints; pass --resume to continue it or choose another --run-dir", run.display());
+        }
+        None
+    };
+    // Rank 0 prepares the built-in corpus (if needed) before the others open it.
+    if !is_main {
+        strategy.barrier();
+    }
+    let cfg = base_config(opts, resumed.as_ref());
+    let data = open_dataset(&run, &cfg);
+    if is_main {
+        strategy.barrier();
+    }
+    let data = data?;
+    let cfg = check_config(cfg, &data)?;
+    if is_main {
+        Tokenizer::load(&data.dir)?.save(&run)?;
+        nuwa_core::atomic_write(
+            &run.join("config.toml"),
+            toml::to_string_pretty(&cfg)?.as_bytes(),
+        )?;
+    }
+    let t = &cfg.train;
+    let device = opts.device.clone().autodiff();
+    let mut model = LanguageModel::new(&cfg.model, &device, t.seed);
+    let mut opt = AdamW::new(AdamWConfig {
+        beta1: t.beta1,
+        beta2: t.beta2,
+        eps: t.eps,
+        weight_decay: t.weight_decay,
+    });
+    let mut sampler = BatchSampler::new(t.seed);
+    let (mut start_step, mut tokens_seen) = (0, 0);
+    if let (Some(weights), None) = (&opts.init_weights, &resumed) {
+        model = assign_weights(model, weights, "the initial weights")?;
+    }
+    if let Some(l) = &resumed {
+        let what = l.dir.join(checkpoint::MODEL_FILE).display().to_string();
+        model = assign_weights(model, &l.weights, &what)?;
+        opt.restore(l.state.step, &l.optimizer, &opts.device)?;
+        sampler = l.state.sampler;
+        start_step = l.state.step;
+        tokens_seen = l.state.tokens_seen;
+    }
+    let evals = eval_batches(&data.val, t.batch_size, t.seq_len, t.eval_batches)?;
+    let log = if is_main {
+        Some(MetricsLog::open(&run)?)
+    } else {
+        None
+    };
+    Ok(Session {
+        run,
+        cfg,
+        data,
+        evals,
+        model,
+        opt,
+        sampler,
+        start_step,
+        tokens_seen,
+        log,
+    })
+}
