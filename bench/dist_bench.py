@@ -3,7 +3,7 @@ throttled 2x with the test-only --throttle), balanced vs the naive equal split, 
 sum of the two ranks' throughputs alone. Writes bench/dist_results.json and
 docs/DISTRIBUTED.md (regenerated, never edited by hand).
 
-    cargo build --release --features mpi    # needs Open MPI
+    cargo build --release --features mpi,fault-injection    # needs Open MPI; --throttle is test-only
     python3 bench/dist_bench.py [--steps 16] [--rounds 3]
 
 The five runs are repeated in turn for --rounds rounds and each reports its median round, so a
@@ -67,7 +67,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
     if not os.path.exists(NUWA):
-        sys.exit("build nuwa first: cargo build --release --features mpi")
+        sys.exit("build nuwa first: cargo build --release --features mpi,fault-injection")
     configs = [lambda: run(1, "1", 0, a.steps), lambda: run(1, "2", 0, a.steps),
                lambda: run_both_alone_at_once(a.steps), lambda: run(2, "1,2", 0, a.steps),
                lambda: run(2, "1,2", 2, a.steps)]

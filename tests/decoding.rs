@@ -183,3 +183,32 @@ fn batched_rows_decode_like_single_sequences() {
         assert_eq!(out, alone, "{preset}");
     }
 }
+
+/// The one forward path through a contiguous store, projecting only the last position, gives
+/// the full forward pass's last row; the RoPE tables are built once per device.
+#[test]
+fn last_position_logits_equal_the_full_forward_and_rope_is_built_once() {
+    use nuwa_model::batch::token_rows;
+    use nuwa_model::{KvStore, Logits};
+    let (model, device) = model("tiny-moe");
+    let ids: Vec<u32> = (0..9).map(|i| (i * 5 + 1) % 50).collect();
+    let full = host(model.forward(token_rows(&ids, 1, &device), None).logits);
+    let last_row = &full[full.len() - 50..];
+
+    // Through a contiguous store, in two chunks: prefill 6, then 3 more.
+    let mut cache = KvCache::new(model.num_layers());
+    let store = Some(&mut cache as &mut dyn KvStore);
+    let first = model.forward_with(token_rows(&ids[..6], 1, &device), store, Logits::Last);
+    assert_eq!(first.logits.dims(), [1, 1, 50]);
+    let store = Some(&mut cache as &mut dyn KvStore);
+    let out = model.forward_with(token_rows(&ids[6..], 1, &device), store, Logits::Last);
+    assert_eq!(cache.len(), 9);
+    let max = host(out.logits)
+        .iter()
+        .zip(last_row)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max < 1e-5, "last-position logits differ by {max:e}");
+    // Three forward passes on one device: one set of tables.
+    assert_eq!(model.rope.devices_built(), 1);
+}

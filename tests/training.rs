@@ -6,8 +6,10 @@ mod common;
 use burn::tensor::Device;
 use common::{shakespeare, TempDir};
 use nuwa_data::{PrepareOptions, Source, TokenizerSpec};
+use nuwa_model::weights::{from_safetensors, to_safetensors, HostTensor};
 use nuwa_model::ModelConfig;
 use nuwa_run::checkpoint::{self, list_checkpoints};
+use nuwa_run::TrainerState;
 use nuwa_run::{DataConfig, RunConfig, TrainConfig};
 use nuwa_train::{train, TrainOptions, TrainReport};
 use std::path::Path;
@@ -117,6 +119,97 @@ fn resume_continues_exactly() {
     let b = checkpoint::load_latest(&split_dir).unwrap();
     assert_eq!(a.state.checksums, b.state.checksums);
     assert_eq!(a.state.sampler, b.state.sampler);
+}
+
+/// A tensor map in checkpoint format 1's names: enum variants in the path, one tensor per
+/// routed expert (what nuwa wrote before stacked experts).
+fn to_format_1(
+    tensors: std::collections::BTreeMap<String, HostTensor>,
+) -> std::collections::BTreeMap<String, HostTensor> {
+    let mut out = std::collections::BTreeMap::new();
+    for (name, t) in tensors {
+        if let Some((prefix, rest)) = name.split_once(".moe.experts.") {
+            let (proj, moment) = rest.split_once('.').map_or((rest, ""), |(p, m)| (p, m));
+            let experts = 8; // tiny-moe
+            let per = t.data.len() / experts;
+            for e in 0..experts {
+                let shape = if moment.is_empty() {
+                    t.shape[1..].to_vec()
+                } else {
+                    vec![per]
+                };
+                let dot = if moment.is_empty() { "" } else { "." };
+                let data = t.data[e * per..(e + 1) * per].to_vec();
+                let key = format!("{prefix}.mlp.Moe.experts.{e}.{proj}.weight{dot}{moment}");
+                out.insert(key, HostTensor { shape, data });
+            }
+            continue;
+        }
+        let renamed = name
+            .replacen(".moe.", ".mlp.Moe.", 1)
+            .replacen(".mlp.gate_proj", ".mlp.Dense.gate_proj", 1)
+            .replacen(".mlp.up_proj", ".mlp.Dense.up_proj", 1)
+            .replacen(".mlp.down_proj", ".mlp.Dense.down_proj", 1);
+        out.insert(renamed, t);
+    }
+    out
+}
+
+/// Rewrites a checkpoint's weights and optimiser state in format 1 (with fresh checksums).
+fn rewrite_as_format_1(dir: &Path) {
+    let mut state: TrainerState =
+        serde_json::from_slice(&std::fs::read(dir.join("trainer.json")).unwrap()).unwrap();
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let path = dir.join(file);
+        let v2 = from_safetensors(&std::fs::read(&path).unwrap(), file).unwrap();
+        assert!(v2.keys().any(|k| k.contains(".moe.experts.")), "{file}");
+        let bytes = to_safetensors(&to_format_1(v2)).unwrap();
+        state
+            .checksums
+            .insert(file.to_string(), nuwa_core::sha256_hex(&bytes));
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let json = serde_json::to_string_pretty(&state).unwrap();
+    std::fs::write(dir.join("trainer.json"), json).unwrap();
+}
+
+#[test]
+fn a_run_in_checkpoint_format_1_resumes_exactly() {
+    let _guard = serial();
+    let tmp = TempDir::new("format1");
+    let data = builtin_data(&tmp.path().join("data"));
+    let n = 3;
+    let straight_dir = tmp.path().join("straight");
+    let straight = train(options(&straight_dir, tiny_moe_run(&data, 2 * n), false)).unwrap();
+    let old_dir = tmp.path().join("old");
+    let first = train(TrainOptions {
+        stop_at: Some(n),
+        ..options(&old_dir, tiny_moe_run(&data, 2 * n), false)
+    })
+    .unwrap();
+    let (_, ckpt) = list_checkpoints(&old_dir).pop().unwrap();
+    rewrite_as_format_1(&ckpt);
+    let second = train(options(&old_dir, tiny_moe_run(&data, 2 * n), true)).unwrap();
+    let mut resumed = losses(&first);
+    resumed.extend(losses(&second));
+    assert_eq!(
+        resumed,
+        losses(&straight),
+        "weights and moments converted exactly"
+    );
+    // The new checkpoint is written in format 2.
+    let latest = checkpoint::load_latest(&old_dir).unwrap();
+    assert!(latest
+        .weights
+        .keys()
+        .all(|k| !k.contains("Moe") && !k.contains("Dense")));
+    assert_eq!(
+        latest.state.checksums,
+        checkpoint::load_latest(&straight_dir)
+            .unwrap()
+            .state
+            .checksums
+    );
 }
 
 #[test]

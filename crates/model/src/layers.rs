@@ -113,6 +113,11 @@ impl Rope {
         }
     }
 
+    /// How many devices the tables have been built for.
+    pub fn devices_built(&self) -> usize {
+        self.built.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// `[positions, head_dim]` tables covering at least `needed` positions on `device`.
     fn tables(&self, needed: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
         let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());

@@ -8,6 +8,7 @@ pub mod catalogue;
 pub mod cost;
 pub mod report;
 pub mod search;
+pub mod verify;
 
 pub use calibration::{Calibration, Point, DEFAULT_EFFICIENCY};
 pub use catalogue::{Available, Catalogue, Device, Inventory};

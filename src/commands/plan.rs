@@ -3,13 +3,15 @@
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 use nuwa_model::ModelConfig;
+use nuwa_plan::verify::{
+    load_or_new, local_cpu, record_calibration, BenchWorkload, StepTimer, CALIBRATION_SHAPES,
+};
 use nuwa_plan::{
-    cost, parse_count, parse_days, report, search, Calibration, Catalogue, Constraints, Device,
-    Inventory, Layout, Objective, Point, Workload, DEFAULT_EFFICIENCY,
+    parse_count, parse_days, report, search, Calibration, Catalogue, Constraints, Inventory,
+    Objective, Workload, DEFAULT_EFFICIENCY,
 };
 use std::path::{Path, PathBuf};
 
-pub const LOCAL_CPU: &str = "local-cpu";
 const DEFAULT_CALIBRATION: &str = "nuwa-calibration.json";
 
 #[derive(Args)]
@@ -132,42 +134,12 @@ pub fn run(a: PlanArgs) -> Result<()> {
     }
 }
 
-/// This machine as a catalogue entry (peak from its CPU features, memory from the OS).
-fn local_cpu() -> Device {
-    let mem_gb = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?.to_string();
-            line.split_whitespace().nth(1)?.parse::<f64>().ok()
-        })
-        .map(|kib| kib * 1024.0 / 1e9);
-    Device {
-        name: LOCAL_CPU.into(),
-        vendor: Some("this machine".into()),
-        domestic: None,
-        bf16_tflops: Some(nuwa_core::hardware::cpu_peak_flops() / 1e12),
-        fp8_tflops: None,
-        memory_gb: mem_gb,
-        memory_bw_tbs: None,
-        intra_node_gbs: None,
-        inter_node_gbs: None,
-        power_w: None,
-        price_per_hour: None,
-        currency: None,
-        source: "measured here: cores × clock × FMA width (fp32), /proc/meminfo".into(),
-    }
-}
-
 fn catalogue(extra: Option<&Path>) -> Result<Catalogue> {
     Catalogue::load(extra, local_cpu())
 }
 
 fn model(name: &str) -> Result<ModelConfig> {
-    match ModelConfig::preset(name) {
-        Ok(c) => Ok(c),
-        Err(_) if Path::new(name).exists() => crate::model_config_file(Path::new(name)),
-        Err(e) => Err(anyhow!("--model {name}: {e}, and no such config file")),
-    }
+    nuwa_config::model_by_name(name).map_err(|e| anyhow!("--model {e}"))
 }
 
 fn plan_search(a: SearchArgs) -> Result<()> {
@@ -331,154 +303,89 @@ fn plan_search(a: SearchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The shapes `calibrate` measures: a small and a large step, bracketing the others.
-const CALIBRATION_SHAPES: [&str; 2] = ["A", "B"];
+/// The trainer's benchmark steps, timed for the planner.
+struct TrainTimer;
 
-/// The fastest step of each shape, measured round-robin (one untimed round, then `rounds`
-/// timed ones) so that the machine's slow drifts reach every shape alike. The fastest rather
-/// than the median step: other work on a shared machine only ever slows a step down.
-fn fastest_steps(names: &[&str], rounds: usize) -> Result<Vec<(f64, f64)>> {
-    use nuwa_train::bench::{bench_shape, TrainBench};
-    let device = burn::tensor::Device::default();
-    let mut benches = names
-        .iter()
-        .map(|n| TrainBench::new(&bench_shape(n)?, &device))
-        .collect::<Result<Vec<_>>>()?;
-    let mut fastest = vec![f64::INFINITY; names.len()];
-    let bar = indicatif::ProgressBar::new(((rounds + 1) * names.len()) as u64)
-        .with_message("timing training steps");
-    for round in 0..=rounds {
-        for (bench, best) in benches.iter_mut().zip(&mut fastest) {
-            let seconds: f64 = bench.step()?.iter().sum();
-            if round > 0 {
-                *best = best.min(seconds);
+impl StepTimer for TrainTimer {
+    fn workload(&self, shape: &str) -> Result<BenchWorkload> {
+        let s = nuwa_train::bench::bench_shape(shape)?;
+        Ok(BenchWorkload {
+            model: s.model,
+            seq_len: s.seq_len,
+            batch_size: s.batch_size,
+        })
+    }
+
+    fn fastest_steps(&self, names: &[&str], rounds: usize) -> Result<Vec<(f64, f64)>> {
+        use nuwa_train::bench::{bench_shape, TrainBench};
+        let device = burn::tensor::Device::default();
+        let mut benches = names
+            .iter()
+            .map(|n| TrainBench::new(&bench_shape(n)?, &device))
+            .collect::<Result<Vec<_>>>()?;
+        let mut fastest = vec![f64::INFINITY; names.len()];
+        let bar = indicatif::ProgressBar::new(((rounds + 1) * names.len()) as u64)
+            .with_message("timing training steps");
+        for round in 0..=rounds {
+            for (bench, best) in benches.iter_mut().zip(&mut fastest) {
+                let seconds: f64 = bench.step()?.iter().sum();
+                if round > 0 {
+                    *best = best.min(seconds);
+                }
+                bar.inc(1);
             }
-            bar.inc(1);
         }
-    }
-    bar.finish_and_clear();
-    Ok(benches
-        .iter()
-        .zip(fastest)
-        .map(|(b, s)| (b.flops_per_step, s))
-        .collect())
-}
-
-/// Replaces this machine's calibration points with the measured (FLOPs, seconds) steps.
-fn record_calibration(cal: &mut Calibration, steps: &[(f64, f64)], quiet: bool) {
-    let peak = nuwa_core::hardware::cpu_peak_flops();
-    cal.devices.remove(LOCAL_CPU);
-    for (name, &(flops, seconds)) in CALIBRATION_SHAPES.iter().zip(steps) {
-        let mfu = flops / seconds / peak;
-        if !quiet {
-            println!(
-                "shape {name}: {flops:.2e} FLOPs per step, fastest step {seconds:.3} s, MFU {:.1}%",
-                mfu * 100.0
-            );
-        }
-        cal.add(
-            LOCAL_CPU,
-            Point {
-                flops_per_step: flops,
-                mfu,
-            },
-        );
-    }
-}
-
-fn load_or_new(path: &Path) -> Result<Calibration> {
-    if path.exists() {
-        Calibration::load(path)
-    } else {
-        Ok(Calibration::default())
+        bar.finish_and_clear();
+        Ok(benches
+            .iter()
+            .zip(fastest)
+            .map(|(b, s)| (b.flops_per_step, s))
+            .collect())
     }
 }
 
 fn calibrate(a: CalibrateArgs) -> Result<()> {
     let mut cal = load_or_new(&a.out)?;
-    let steps = fastest_steps(&CALIBRATION_SHAPES, a.steps.max(1))?;
-    record_calibration(&mut cal, &steps, false);
+    let steps = TrainTimer.fastest_steps(&CALIBRATION_SHAPES, a.steps.max(1))?;
+    for line in record_calibration(&mut cal, &steps) {
+        println!("{line}");
+    }
     cal.save(&a.out)?;
     println!("calibration saved in {}", a.out.display());
     Ok(())
 }
 
 fn verify(a: VerifyArgs) -> Result<()> {
-    use nuwa_train::bench::bench_shape;
-    let shape = bench_shape(&a.shape)?;
-    // With --calibrate the calibration shapes and this one are timed in turn, in one run.
-    let (cal, measured) = if a.calibrate {
-        let mut names = CALIBRATION_SHAPES.to_vec();
-        names.push(&a.shape);
-        let steps = fastest_steps(&names, a.steps.max(1))?;
-        let mut cal = load_or_new(&a.calibration)?;
-        record_calibration(&mut cal, &steps, a.json);
-        cal.save(&a.calibration)?;
-        (cal, steps[CALIBRATION_SHAPES.len()].1)
-    } else {
-        let cal = Calibration::load(&a.calibration)?;
-        (cal, fastest_steps(&[&a.shape], a.steps.max(1))?[0].1)
-    };
-    let w = Workload {
-        model: shape.model.clone(),
-        seq_len: shape.seq_len,
-        global_batch: shape.batch_size,
-        tokens: (shape.batch_size * shape.seq_len) as f64,
-    };
-    let step_flops = (shape.batch_size * shape.seq_len) as f64 * w.flops_per_token();
-    let eff = cal.efficiency(LOCAL_CPU, step_flops).ok_or_else(|| {
-        anyhow!(
-            "{}: no {LOCAL_CPU} measurements; run `nuwa plan calibrate` first",
-            a.calibration.display()
-        )
-    })?;
-    let cpu = local_cpu();
-    let available = nuwa_plan::Available {
-        name: LOCAL_CPU.into(),
-        count: 1,
-        peak_flops: cpu.bf16_tflops.unwrap_or(0.0) * 1e12,
-        memory_bytes: cpu.memory_gb.unwrap_or(0.0) * 1e9,
-        price_per_hour: a.price_per_hour,
-        domestic: false,
-        intra_node_bytes_s: 1e11,
-        inter_node_bytes_s: 1e11,
-        per_node: 1,
-        assumed: vec![],
-    };
-    let layout = Layout {
-        tp: 1,
-        pp: 1,
-        ep: 1,
-        micro_batch: shape.batch_size,
-        recompute: false,
-    };
-    let predicted = cost::step_time(&w, &available, &layout, eff, shape.batch_size, 1, 1e11).total;
-    let error = (predicted - measured) / measured;
+    let (v, lines) =
+        nuwa_plan::verify::verify(&TrainTimer, &a.shape, &a.calibration, a.calibrate, a.steps)?;
     let hour = |s: f64| s / 3600.0 * a.price_per_hour;
+    let (predicted, measured) = (v.predicted_step_s, v.measured_step_s);
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"shape": a.shape, "efficiency": eff, "predicted_step_s": predicted,
-                "measured_step_s": measured, "relative_error": error,
+            serde_json::json!({"shape": v.shape, "efficiency": v.efficiency,
+                "predicted_step_s": predicted, "measured_step_s": measured,
+                "relative_error": v.relative_error,
                 "predicted_cost_per_step": hour(predicted), "measured_cost_per_step": hour(measured)})
         );
-    } else {
+        return Ok(());
+    }
+    for line in lines {
+        println!("{line}");
+    }
+    println!(
+        "shape {}: predicted {predicted:.3} s/step (efficiency {:.1}% from calibration), measured \
+         {measured:.3} s/step: error {:+.1}%",
+        v.shape,
+        v.efficiency * 100.0,
+        v.relative_error * 100.0
+    );
+    if a.price_per_hour > 0.0 {
         println!(
-            "shape {}: predicted {:.3} s/step (efficiency {:.1}% from calibration), measured \
-             {:.3} s/step: error {:+.1}%",
-            a.shape,
-            predicted,
-            eff * 100.0,
-            measured,
-            error * 100.0
+            "cost per step: predicted {:.6}, measured {:.6}",
+            hour(predicted),
+            hour(measured)
         );
-        if a.price_per_hour > 0.0 {
-            println!(
-                "cost per step: predicted {:.6}, measured {:.6}",
-                hour(predicted),
-                hour(measured)
-            );
-        }
     }
     Ok(())
 }

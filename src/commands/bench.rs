@@ -1,0 +1,62 @@
+//! `nuwa bench`: time training steps or decoding on the benchmark shapes (see bench/).
+
+use crate::device;
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+
+/// What `nuwa bench` times.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BenchKind {
+    /// AdamW training steps.
+    Train,
+    /// Greedy decoding with the KV cache.
+    Decode,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[arg(value_enum)]
+    what: BenchKind,
+    /// A, B, C, C-dense (training) or D (decoding)
+    #[arg(long, default_value = "A")]
+    shape: String,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed steps (training) or decode repeats.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// New tokens per decode.
+    #[arg(long, default_value_t = 256)]
+    new_tokens: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print one JSON object instead of a sentence.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    use nuwa_train::bench::{bench_decode, bench_shape, bench_train};
+    let device = device::parse_device(&a.device)?;
+    let peak = nuwa_core::hardware::peak_flops(&a.device, None)?;
+    let shape = bench_shape(&a.shape)?;
+    if a.steps == 0 {
+        bail!("--steps: must be positive");
+    }
+    let result = match a.what {
+        BenchKind::Train => bench_train(&shape, &device, a.warmup, a.steps, peak)?,
+        BenchKind::Decode => bench_decode(&shape, &device, a.new_tokens, a.steps, peak)?,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        let mfu = result
+            .mfu
+            .map_or(String::new(), |m| format!(", MFU {:.2}%", m * 100.0));
+        println!(
+            "{} {}: {:.0} tokens/s (median step {:.4} s{mfu}, {} threads)",
+            result.kind, result.shape, result.tokens_per_s, result.median_step_s, result.threads
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,344 @@
+//! `nuwa train`: resolve the run configuration, start the trainer (alone or as one rank
+//! of a data-parallel job), then print a sample.
+
+use crate::args::positive_seconds;
+use crate::commands::sample::sample_run;
+use crate::device;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, ValueEnum};
+use nuwa_config::{resolve_run, ModelChoice, ModelOverrides, TrainOverrides};
+use nuwa_hf::ModelSource;
+use nuwa_model::{ModelConfig, SamplingOptions};
+use nuwa_run::{RunConfig, Schedule};
+use nuwa_train::TrainOptions;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// A run.toml: `preset = "..."` or a [model] table, plus [train] and [data].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// tiny-moe | tiny-dense | ling-lite | ling-plus (default tiny-moe).
+    #[arg(long)]
+    preset: Option<String>,
+    /// A model config file (HF config.json or TOML) instead of a preset.
+    #[arg(long)]
+    model_config: Option<PathBuf>,
+    /// Folder written by `nuwa data prepare` (default: the built-in corpus).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run folder for checkpoints, metrics and plots (default: the next free runs/run-NNN).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Continue the newest checkpoint in this run folder.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+    /// Start from a Hugging Face checkpoint's config and weights (fine-tuning); prepare the
+    /// data with its tokenizer: `nuwa data prepare --tokenizer HF_DIR/tokenizer.json`.
+    #[arg(long, value_name = "HF_DIR", conflicts_with_all = ["preset", "model_config", "resume"])]
+    init_from: Option<PathBuf>,
+    /// cpu | cuda:N | rocm:N | vulkan:N | wgpu:N | metal:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// The accelerator model behind --device, for MFU: a name (H100, 910B, P800, …; see
+    /// nuwa_core::hardware) or its peak dense TFLOP/s. Without it MFU is reported on the CPU only.
+    #[arg(long)]
+    accelerator: Option<String>,
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    min_lr: Option<f64>,
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    #[arg(long, value_enum)]
+    schedule: Option<ScheduleArg>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    /// Dropout on embeddings and on attention/FFN outputs.
+    #[arg(long)]
+    dropout: Option<f64>,
+    #[arg(long)]
+    eval_every: Option<u64>,
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Model width (hidden_size) override.
+    #[arg(long)]
+    hidden_size: Option<usize>,
+    /// Model depth (num_hidden_layers) override.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Tokens to sample after training (0: none).
+    #[arg(long, default_value_t = 200)]
+    sample_tokens: usize,
+    /// Stop after this step, saving a checkpoint, as if interrupted (resume continues the run).
+    #[arg(long)]
+    stop_at: Option<u64>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Data-parallel over processes (start with mpirun or `nuwa launch`).
+    #[arg(long, value_enum)]
+    dist: Option<DistKind>,
+    /// Cluster file mapping ranks to devices (see crates/dist/src/cluster.rs).
+    #[arg(long)]
+    cluster: Option<PathBuf>,
+    /// Test-only: per-rank slowdown factors, e.g. `1,2` makes rank 1 twice as slow.
+    #[arg(long)]
+    throttle: Option<String>,
+    /// Re-balance each rank's share of the batch every N steps (0: keep the equal split).
+    #[arg(long, default_value_t = 10)]
+    rebalance_every: u64,
+    /// Seconds a collective may wait before its rank declares a peer hung and exits.
+    #[arg(long, default_value_t = 300.0, value_parser = positive_seconds)]
+    collective_timeout: f64,
+    /// Record every rank's parameter hash after each step in metrics.jsonl.
+    #[arg(long)]
+    hash_params: bool,
+    /// Test-only fault injection: STEP:RANK kills that rank with SIGKILL during that step.
+    #[arg(long, hide = true)]
+    fault_kill_at: Option<String>,
+    /// Test-only fault injection: STEP:RANK makes that rank hang before that step's all-reduce.
+    #[arg(long, hide = true)]
+    fault_hang_at: Option<String>,
+    /// Test-only: apply --throttle from this step on.
+    #[arg(long, hide = true, default_value_t = 0)]
+    throttle_from: u64,
+}
+
+/// The run configuration: `--config`, `--preset` or `--model-config`, then the flags.
+fn run_config(a: &TrainArgs) -> Result<RunConfig> {
+    let choice = ModelChoice {
+        run_file: a.config.clone(),
+        preset: a.preset.clone(),
+        model_config: a.model_config.clone(),
+    };
+    let model = ModelOverrides {
+        hidden_size: a.hidden_size,
+        layers: a.layers,
+        dropout: a.dropout,
+    };
+    let train = TrainOverrides {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        seq_len: a.seq_len,
+        grad_accum: a.grad_accum,
+        lr: a.lr,
+        min_lr: a.min_lr,
+        warmup_steps: a.warmup_steps,
+        schedule: a.schedule.map(ScheduleArg::schedule),
+        weight_decay: a.weight_decay,
+        grad_clip: a.grad_clip,
+        eval_every: a.eval_every,
+        checkpoint_every: a.checkpoint_every,
+        seed: a.seed,
+    };
+    resolve_run(&choice, &model, &train, a.data.as_deref())
+}
+
+/// `--schedule`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ScheduleArg {
+    /// Linear warmup then cosine decay to min_lr.
+    Cosine,
+    /// Warmup, stable, then linear decay over the last decay_fraction.
+    Wsd,
+}
+
+impl ScheduleArg {
+    fn schedule(self) -> Schedule {
+        match self {
+            ScheduleArg::Cosine => Schedule::Cosine,
+            ScheduleArg::Wsd => Schedule::Wsd,
+        }
+    }
+}
+
+/// `--dist`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DistKind {
+    /// Data parallel over MPI (start with mpirun or `nuwa launch`).
+    Mpi,
+}
+
+/// The first `runs/run-NNN` that does not exist yet.
+pub fn next_run_dir() -> PathBuf {
+    (1..)
+        .map(|n| PathBuf::from(format!("runs/run-{n:03}")))
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| PathBuf::from("runs/run"))
+}
+
+/// The communicator and this rank's settings for `--dist`.
+pub fn dist_options(a: &TrainArgs) -> Result<Option<nuwa_train::parallel::DistOptions>> {
+    if a.dist != Some(DistKind::Mpi) {
+        return Ok(None);
+    }
+    let cluster = match &a.cluster {
+        Some(p) => nuwa_dist::ClusterFile::load(p)?,
+        None => nuwa_dist::ClusterFile::default(),
+    };
+    let throttles = match &a.throttle {
+        Some(s) => nuwa_dist::cluster::parse_throttles(s)?,
+        None => Vec::new(),
+    };
+    let step_rank = |flag: &str, v: &Option<String>| -> Result<Option<(u64, usize)>> {
+        v.as_ref()
+            .map(|s| {
+                s.split_once(':')
+                    .and_then(|(x, y)| Some((x.parse().ok()?, y.parse().ok()?)))
+                    .ok_or_else(|| anyhow!("{flag} {s}: expected STEP:RANK"))
+            })
+            .transpose()
+    };
+    let kill_at = step_rank("--fault-kill-at", &a.fault_kill_at)?;
+    let hang_at = step_rank("--fault-hang-at", &a.fault_hang_at)?;
+    let comm = mpi_comm()?;
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let throttle = throttles
+        .get(rank)
+        .copied()
+        .or(cluster.rank.get(rank).and_then(|r| r.throttle))
+        .unwrap_or(1.0);
+    let injected = throttle != 1.0 || kill_at.is_some() || hang_at.is_some();
+    if injected && !cfg!(feature = "fault-injection") {
+        bail!(
+            "--throttle / --fault-kill-at / --fault-hang-at (or a cluster file's `throttle`) are \
+             test-only fault injection: rebuild with `--features fault-injection`"
+        );
+    }
+    Ok(Some(nuwa_train::parallel::DistOptions {
+        max_seqs: (0..ranks)
+            .map(|r| a.cluster.as_ref().and(cluster.spec(r).max_seqs))
+            .collect(),
+        comm,
+        rebalance_every: a.rebalance_every,
+        straggler_factor: 1.5,
+        straggler_patience: 3,
+        collective_timeout: std::time::Duration::from_secs_f64(a.collective_timeout),
+        #[cfg(feature = "fault-injection")]
+        faults: nuwa_train::faults::Faults {
+            kill_at,
+            hang_at,
+            throttle,
+            throttle_from: a.throttle_from,
+        },
+        hash_params: a.hash_params,
+    }))
+}
+
+#[cfg(feature = "mpi")]
+pub fn mpi_comm() -> Result<Box<dyn nuwa_train::parallel::Collective>> {
+    Ok(Box::new(nuwa_dist::mpi_comm::MpiCollective::init()?))
+}
+
+#[cfg(not(feature = "mpi"))]
+pub fn mpi_comm() -> Result<Box<dyn nuwa_train::parallel::Collective>> {
+    bail!("--dist mpi: this nuwa was built without MPI; rebuild with `cargo build --release --features mpi` (needs Open MPI)")
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let dist = dist_options(&a)?;
+    let rank = dist.as_ref().map_or(0, |d| d.comm.rank());
+    let device_name = match (&a.cluster, &dist) {
+        (Some(p), Some(_)) => nuwa_dist::ClusterFile::load(p)?.spec(rank).device,
+        _ => a.device.clone(),
+    };
+    let device = device::parse_device(&device_name)?;
+    let mut config = run_config(&a)?;
+    let init_weights = match &a.init_from {
+        Some(dir) => {
+            let ckpt = nuwa_hf::HfCheckpoint::open(dir)?;
+            config.model = ModelConfig {
+                embedding_dropout: config.model.embedding_dropout,
+                output_dropout: config.model.output_dropout,
+                ..ckpt.config.clone()
+            };
+            if a.dropout.is_none() {
+                config.model.embedding_dropout = ckpt.config.embedding_dropout;
+                config.model.output_dropout = ckpt.config.output_dropout;
+            }
+            Some(ckpt.load_weights()?)
+        }
+        None => None,
+    };
+    let (run_dir, resume) = match &a.resume {
+        Some(dir) => (dir.clone(), true),
+        None => (a.run_dir.clone().unwrap_or_else(next_run_dir), false),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let report = nuwa_train::train(TrainOptions {
+        run_dir,
+        config,
+        resume,
+        device: device.clone(),
+        show_progress: !a.quiet && rank == 0,
+        stop,
+        peak_flops: nuwa_core::hardware::peak_flops(&device_name, a.accelerator.as_deref())?,
+        stop_at: a.stop_at,
+        init_weights,
+        dist,
+    })?;
+    if rank != 0 {
+        return Ok(());
+    }
+    if let Some(dir) = &a.init_from {
+        // Keep the checkpoint's descriptive files (token ids, chat template) with the run, as
+        // `nuwa import` does, so sampling and export treat it as that model fine-tuned.
+        nuwa_hf::run_dir::keep_side_files(dir, &report.run_dir)?;
+    }
+    let first = report.steps.first().map(|r| r.loss);
+    let last = report.steps.last().map(|r| r.loss);
+    if let (Some(f), Some(l)) = (first, last) {
+        println!(
+            "train loss {f:.4} -> {l:.4} over {} steps",
+            report.steps.len()
+        );
+    }
+    if let Some(v) = report.last_val_loss {
+        println!("val loss {v:.4}");
+    }
+    println!(
+        "run saved in {} (metrics.jsonl, loss.svg, checkpoints/)",
+        report.run_dir.display()
+    );
+    if a.sample_tokens > 0 && !report.interrupted {
+        println!("--- sample ---");
+        let sampled = sample_run(
+            &ModelSource::Run(report.run_dir.clone()),
+            "\n",
+            false,
+            &SamplingOptions {
+                max_tokens: a.sample_tokens,
+                ..Default::default()
+            },
+            &device,
+        );
+        // Training succeeded; a sample that cannot be drawn is a note, not a failure.
+        if let Err(e) = sampled {
+            println!("(no sample: {e:#})");
+        }
+    }
+    Ok(())
+}
