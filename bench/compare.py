@@ -3,6 +3,11 @@ ratios: bench/results.json and docs/PERFORMANCE.md (regenerated, never edited by
 
     bash bench/setup.sh                 # once: a virtualenv with PyTorch (CPU)
     .venv-bench/bin/python bench/compare.py [--threads 2] [--steps 10]
+    .venv-bench/bin/python bench/compare.py --baseline OLD/target/release/nuwa
+
+`--baseline` runs a second nuwa binary (say, a build of the previous commit) in the same pass,
+in turn with this one, and reports its ratio beside this one's: a change is judged against its
+baseline on the same machine at the same time, not against numbers from another day.
 
 Each side runs as its own process with the same thread count, so peak memory (max RSS) is
 measured per side.
@@ -51,6 +56,7 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--only", nargs="*", help="shapes to run (default: all)")
+    p.add_argument("--baseline", help="another nuwa binary to run beside this one")
     a = p.parse_args()
     if not os.path.exists(NUWA):
         sys.exit("build nuwa first: cargo build --release")
@@ -63,6 +69,7 @@ def main():
         common = [kind, "--shape", shape, "--warmup", str(a.warmup), "--steps", str(a.steps), "--json"]
         ours = run([NUWA, "bench", *common], a.threads)
         theirs = run([sys.executable, TORCH, *common, "--threads", str(a.threads)], a.threads)
+        base = run([a.baseline, "bench", *common], a.threads) if a.baseline else None
         row = {
             "kind": kind,
             "shape": shape,
@@ -72,6 +79,8 @@ def main():
             "nuwa_peak_rss_mib": ours["peak_rss_mib"],
             "torch_peak_rss_mib": theirs["peak_rss_mib"],
             "nuwa_mfu": ours["mfu"],
+            "baseline_tokens_per_s": base["tokens_per_s"] if base else None,
+            "baseline_ratio": base["tokens_per_s"] / theirs["tokens_per_s"] if base else None,
             "nuwa_phases_s": ours.get("phases"),
             "torch_phases_s": theirs.get("phases"),
             "threads": a.threads,
@@ -80,7 +89,8 @@ def main():
         rows.append(row)
         print(f"{kind:6} {shape:8} nuwa {row['nuwa_tokens_per_s']:9.0f} tok/s  torch "
               f"{row['torch_tokens_per_s']:9.0f} tok/s  ratio {row['ratio']:.2f}  "
-              f"RSS {row['nuwa_peak_rss_mib']:.0f}/{row['torch_peak_rss_mib']:.0f} MiB", flush=True)
+              f"RSS {row['nuwa_peak_rss_mib']:.0f}/{row['torch_peak_rss_mib']:.0f} MiB"
+              + (f"  baseline ratio {row['baseline_ratio']:.2f}" if base else ""), flush=True)
 
     moe = next((r for r in rows if r["shape"] == "C"), None)
     dense = next((r for r in rows if r["shape"] == "C-dense"), None)
@@ -88,6 +98,7 @@ def main():
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_name(),
         "threads": a.threads,
+        "baseline": a.baseline,
         "rows": rows,
         "moe_over_dense_step_time": (dense["nuwa_tokens_per_s"] / moe["nuwa_tokens_per_s"]) if moe and dense else None,
     }
@@ -106,14 +117,21 @@ def write_markdown(r):
         f"- date: {r['date']}",
         f"- CPU: {r['cpu']}, {r['threads']} threads on each side",
         "",
-        "| run | shape | nuwa tok/s | PyTorch tok/s | nuwa ÷ PyTorch | nuwa peak RSS MiB | PyTorch peak RSS MiB | nuwa MFU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    based = any(row.get("baseline_ratio") for row in r["rows"])
+    if based:
+        lines += [f"- baseline: {r['baseline']}, run in turn with this build", ""]
+    lines += [
+        "| run | shape | nuwa tok/s | PyTorch tok/s | nuwa ÷ PyTorch | nuwa peak RSS MiB | PyTorch peak RSS MiB | nuwa MFU |"
+        + (" baseline ÷ PyTorch |" if based else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if based else ""),
     ]
     for row in r["rows"]:
+        mfu = f"{100 * row['nuwa_mfu']:.1f}%" if row["nuwa_mfu"] is not None else "—"
         lines.append(
             f"| {row['kind']} | {row['shape']} | {row['nuwa_tokens_per_s']:.0f} | {row['torch_tokens_per_s']:.0f} | "
-            f"{row['ratio']:.2f} | {row['nuwa_peak_rss_mib']:.0f} | {row['torch_peak_rss_mib']:.0f} | "
-            f"{100 * row['nuwa_mfu']:.1f}% |"
+            f"{row['ratio']:.2f} | {row['nuwa_peak_rss_mib']:.0f} | {row['torch_peak_rss_mib']:.0f} | {mfu} |"
+            + (f" {row['baseline_ratio']:.2f} |" if based else "")
         )
     phased = [row for row in r["rows"] if row.get("nuwa_phases_s") and row.get("torch_phases_s")]
     if phased:

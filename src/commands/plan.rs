@@ -1,7 +1,7 @@
 //! `nuwa plan`: the cost planner's command line (search, calibrate, verify, the Ant example).
 
 use anyhow::{anyhow, bail, Result};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use nuwa_model::ModelConfig;
 use nuwa_plan::verify::{
     load_or_new, local_cpu, record_calibration, BenchWorkload, StepTimer, CALIBRATION_SHAPES,
@@ -10,6 +10,7 @@ use nuwa_plan::{
     parse_count, parse_days, report, search, Calibration, Catalogue, Constraints, Inventory,
     Objective, Workload, DEFAULT_EFFICIENCY,
 };
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 const DEFAULT_CALIBRATION: &str = "nuwa-calibration.json";
@@ -62,9 +63,9 @@ struct SearchArgs {
     /// Least fraction of the plan's devices that are domestic (e.g. 0.5).
     #[arg(long)]
     domestic_share: Option<f64>,
-    /// cost | time
-    #[arg(long, default_value = "cost")]
-    objective: String,
+    /// What the best plan minimises.
+    #[arg(long, value_enum, default_value_t = ObjectiveArg::Cost)]
+    objective: ObjectiveArg,
     #[arg(long, default_value_t = 4096)]
     seq_len: usize,
     /// Sequences per optimiser step.
@@ -85,6 +86,15 @@ struct SearchArgs {
     /// Draw the cost-vs-time frontier (SVG).
     #[arg(long, default_value = "plan.svg")]
     plot: PathBuf,
+}
+
+/// `--objective`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ObjectiveArg {
+    /// Total cost.
+    Cost,
+    /// Days to finish.
+    Time,
 }
 
 #[derive(Args)]
@@ -142,13 +152,36 @@ fn model(name: &str) -> Result<ModelConfig> {
     nuwa_config::model_by_name(name).map_err(|e| anyhow!("--model {e}"))
 }
 
-fn plan_search(a: SearchArgs) -> Result<()> {
-    let inv_path = a
-        .inventory
-        .clone()
-        .ok_or_else(|| anyhow!("--inventory FILE is required (the devices you can get)"))?;
-    let cfg = model(&a.model)?;
-    let tokens = parse_count(&a.tokens).map_err(|e| anyhow!("--tokens: {e}"))?;
+/// `--efficiency NAME=MFU`, each checked.
+fn efficiency_overrides(given: &[String]) -> Result<BTreeMap<String, f64>> {
+    let mut overrides = BTreeMap::new();
+    for e in given {
+        let (name, v) = e
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--efficiency {e}: expected NAME=MFU"))?;
+        let v: f64 = v
+            .parse()
+            .ok()
+            .filter(|v| *v > 0.0 && *v <= 1.0)
+            .ok_or_else(|| anyhow!("--efficiency {e}: MFU must be in (0, 1]"))?;
+        overrides.insert(name.to_string(), v);
+    }
+    Ok(overrides)
+}
+
+/// `--calibration`, or the default file when it exists, or none.
+fn calibration(path: Option<&Path>) -> Result<Calibration> {
+    match path {
+        Some(p) => Calibration::load(p),
+        None if Path::new(DEFAULT_CALIBRATION).exists() => {
+            Calibration::load(Path::new(DEFAULT_CALIBRATION))
+        }
+        None => Ok(Calibration::default()),
+    }
+}
+
+/// The search's constraints from the flags, each checked.
+fn constraints(a: &SearchArgs) -> Result<Constraints> {
     let deadline = a
         .deadline
         .as_deref()
@@ -163,118 +196,83 @@ fn plan_search(a: SearchArgs) -> Result<()> {
     if a.budget.is_some_and(|b| b.is_nan() || b <= 0.0) {
         bail!("--budget must be positive");
     }
-    let objective = match a.objective.as_str() {
-        "cost" => Objective::Cost,
-        "time" => Objective::Time,
-        o => bail!("--objective {o}: expected cost or time"),
-    };
+    Ok(Constraints {
+        deadline_days: deadline,
+        budget: a.budget,
+        domestic_share: a.domestic_share,
+    })
+}
+
+fn plan_search(a: SearchArgs) -> Result<()> {
+    let inv_path = a
+        .inventory
+        .clone()
+        .ok_or_else(|| anyhow!("--inventory FILE is required (the devices you can get)"))?;
+    let tokens = parse_count(&a.tokens).map_err(|e| anyhow!("--tokens: {e}"))?;
+    let constraints = constraints(&a)?;
     if a.seq_len == 0 || a.global_batch == 0 {
         bail!("--seq-len and --global-batch must be positive");
     }
-    let cat = catalogue(a.catalogue.catalogue.as_deref())?;
-    let inventory = Inventory::load(&inv_path)?;
-    let devices = inventory.resolve(&cat, &inv_path.display().to_string())?;
-    let calibration = match &a.calibration {
-        Some(p) => Calibration::load(p)?,
-        None if Path::new(DEFAULT_CALIBRATION).exists() => {
-            Calibration::load(Path::new(DEFAULT_CALIBRATION))?
-        }
-        None => Calibration::default(),
+    let objective = match a.objective {
+        ObjectiveArg::Cost => Objective::Cost,
+        ObjectiveArg::Time => Objective::Time,
     };
-    let mut overrides = std::collections::BTreeMap::new();
-    for e in &a.efficiency {
-        let (name, v) = e
-            .split_once('=')
-            .ok_or_else(|| anyhow!("--efficiency {e}: expected NAME=MFU"))?;
-        let v: f64 = v
-            .parse()
-            .ok()
-            .filter(|v| *v > 0.0 && *v <= 1.0)
-            .ok_or_else(|| anyhow!("--efficiency {e}: MFU must be in (0, 1]"))?;
-        overrides.insert(name.to_string(), v);
-    }
+    let inventory = Inventory::load(&inv_path)?;
+    let cat = catalogue(a.catalogue.catalogue.as_deref())?;
+    let devices = inventory.resolve(&cat, &inv_path.display().to_string())?;
+    let calibration = calibration(a.calibration.as_deref())?;
+    let overrides = efficiency_overrides(&a.efficiency)?;
     let w = Workload {
-        model: cfg,
+        model: model(&a.model)?,
         seq_len: a.seq_len,
         global_batch: a.global_batch,
         tokens,
     };
     let step_flops = (a.global_batch * a.seq_len) as f64 * w.flops_per_token();
-    let efficiency = |name: &str| -> f64 {
-        overrides
-            .get(name)
-            .copied()
-            .or_else(|| calibration.efficiency(name, step_flops))
-            .unwrap_or(DEFAULT_EFFICIENCY)
+    let efficiency = |name: &str| -> (f64, &str) {
+        match overrides.get(name) {
+            Some(&e) => (e, "given"),
+            None => match calibration.efficiency(name, step_flops) {
+                Some(e) => (e, "calibrated"),
+                None => (DEFAULT_EFFICIENCY, "default, uncalibrated"),
+            },
+        }
     };
-    let constraints = Constraints {
-        deadline_days: deadline,
-        budget: a.budget,
-        domestic_share: a.domestic_share,
-    };
-    let mut all = search::enumerate(&w, &devices, &efficiency, &constraints);
+    let mut all = search::enumerate(&w, &devices, &|n| efficiency(n).0, &constraints);
     search::rank(&mut all, objective);
     let (feasible, rejected): (Vec<_>, Vec<_>) =
         all.into_iter().partition(|p| p.violations.is_empty());
     for d in &devices {
-        let eff = efficiency(&d.name);
-        let how = if overrides.contains_key(&d.name) {
-            "given"
-        } else if calibration.efficiency(&d.name, step_flops).is_some() {
-            "calibrated"
-        } else {
-            "default, uncalibrated"
+        let (eff, how) = efficiency(&d.name);
+        let assumed = match d.assumed.is_empty() {
+            true => String::new(),
+            false => format!("; assumed: {}", d.assumed.join(", ")),
         };
-        let assumed = if d.assumed.is_empty() {
-            String::new()
-        } else {
-            format!("; assumed: {}", d.assumed.join(", "))
-        };
+        let count = d.count;
         println!(
-            "{}: {} available, efficiency {:.0}% ({how}){assumed}",
+            "{}: {count} available, efficiency {:.0}% ({how}){assumed}",
             d.name,
-            d.count,
             eff * 100.0
         );
     }
-    if feasible.is_empty() {
+    let Some(best) = feasible.first() else {
+        let why = search::explain_infeasible(&rejected, &constraints);
         bail!(
-            "no feasible plan for {} on {} tokens: {}",
+            "no feasible plan for {} on {} tokens: {why}",
             a.model,
-            a.tokens,
-            search::explain_infeasible(&rejected, &constraints)
+            a.tokens
         );
-    }
+    };
     let top: Vec<&nuwa_plan::Plan> = feasible.iter().take(a.top).collect();
+    let by = format!("{:?}", a.objective).to_lowercase();
     println!(
-        "\n{} feasible plans for {} on {} tokens; the best by {}:\n",
+        "\n{} feasible plans for {} on {} tokens; the best by {by}:\n",
         feasible.len(),
         a.model,
-        a.tokens,
-        a.objective
+        a.tokens
     );
     print!("{}", report::table(&top, &inventory.currency));
-    // The tempting plans: those that would beat the best feasible one but break a constraint.
-    let best = &feasible[0];
-    let mut seen = std::collections::BTreeSet::new();
-    let tempting: Vec<&nuwa_plan::Plan> = rejected
-        .iter()
-        .filter(|p| match objective {
-            Objective::Cost => p.total_cost < best.total_cost,
-            Objective::Time => p.days < best.days,
-        })
-        // One per device mix and kind of violation, so three different reasons show.
-        .filter(|p| {
-            let kind = p
-                .violations
-                .iter()
-                .map(|v| v.split(':').next().unwrap_or(""))
-                .collect::<Vec<_>>()
-                .join(",");
-            seen.insert((p.describe(), kind))
-        })
-        .take(3)
-        .collect();
+    let tempting = search::tempting(&rejected, best, objective, 3);
     if !tempting.is_empty() {
         println!("\nbetter plans that are infeasible:");
         for p in &tempting {

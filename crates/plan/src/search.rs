@@ -211,7 +211,14 @@ fn evaluate(
         devices,
         violations: Vec::new(),
     };
-    if headroom < MEMORY_RESERVE {
+    plan.violations = violations(&plan, c);
+    Some(plan)
+}
+
+/// Every constraint `plan` breaks, one line each.
+fn violations(plan: &Plan, c: &Constraints) -> Vec<String> {
+    let mut out = Vec::new();
+    if plan.memory_headroom < MEMORY_RESERVE {
         let worst = plan
             .parts
             .iter()
@@ -229,11 +236,11 @@ fn evaluate(
                 )
             })
             .unwrap_or_default();
-        plan.violations.push(worst);
+        out.push(worst);
     }
     if let Some(days) = c.deadline_days {
         if plan.days > days {
-            plan.violations.push(format!(
+            out.push(format!(
                 "deadline: takes {:.1} days, {:.1} over {days} d",
                 plan.days,
                 plan.days - days
@@ -241,23 +248,24 @@ fn evaluate(
         }
     }
     if let Some(b) = c.budget {
-        if total_cost > b {
-            plan.violations.push(format!(
-                "budget: costs {total_cost:.3e}, {:.3e} over {b:.3e}",
-                total_cost - b
+        let cost = plan.total_cost;
+        if cost > b {
+            out.push(format!(
+                "budget: costs {cost:.3e}, {:.3e} over {b:.3e}",
+                cost - b
             ));
         }
     }
     if let Some(share) = c.domestic_share {
         if plan.domestic_share < share {
-            plan.violations.push(format!(
+            out.push(format!(
                 "domestic share: {:.0}% of devices, below {:.0}%",
                 plan.domestic_share * 100.0,
                 share * 100.0
             ));
         }
     }
-    Some(plan)
+    out
 }
 
 /// All candidate plans, feasible or not.
@@ -379,4 +387,33 @@ pub fn explain_infeasible(plans: &[Plan], c: &Constraints) -> String {
         }
     }
     reasons.join("; ")
+}
+
+/// The tempting plans: rejected ones that would beat `best` by `objective` but break a
+/// constraint, at most `most`, one per device mix and kind of violation so different reasons
+/// show.
+pub fn tempting<'a>(
+    rejected: &'a [Plan],
+    best: &Plan,
+    objective: Objective,
+    most: usize,
+) -> Vec<&'a Plan> {
+    let mut seen = std::collections::BTreeSet::new();
+    rejected
+        .iter()
+        .filter(|p| match objective {
+            Objective::Cost => p.total_cost < best.total_cost,
+            Objective::Time => p.days < best.days,
+        })
+        .filter(|p| {
+            let kind = p
+                .violations
+                .iter()
+                .map(|v| v.split(':').next().unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join(",");
+            seen.insert((p.describe(), kind))
+        })
+        .take(most)
+        .collect()
 }

@@ -2,17 +2,19 @@
 //! combination across processes, the optimiser update, metrics, evaluation, checkpoints.
 
 use crate::metrics::plot_losses;
-use crate::optim::grad_norm;
+use crate::optim::{grad_norm, AdamW};
 use crate::parallel::DistOptions;
 use crate::setup::{open_session, Session};
 use crate::step::{evaluate, local_step};
 use crate::strategy::{DataParallel, Parallelism, ReducedStep, SingleProcess};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use burn::module::Module;
+use burn::optim::GradientsParams;
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use nuwa_core::rng::splitmix64;
 use nuwa_model::weights::HostTensor;
+use nuwa_model::LanguageModel;
 use nuwa_run::checkpoint::{self, TrainerState};
 use nuwa_run::RunConfig;
 use serde_json::{json, Map, Value};
@@ -98,13 +100,12 @@ fn step_metrics(
     lr: f64,
     norm: f64,
     seconds: f64,
-    mfu: Option<f64>,
 ) -> Map<String, Value> {
     let t = &s.cfg.train;
     let tokens = (t.batch_size * t.grad_accum * t.seq_len) as f64;
     let mut record = json!({
         "step": done, "loss": step.ce, "lr": lr, "grad_norm": norm,
-        "tokens_per_s": tokens / seconds, "mfu": mfu, "step_seconds": seconds,
+        "tokens_per_s": tokens / seconds, "step_seconds": seconds,
         "tokens_seen": s.tokens_seen,
         // Sample ids are positions in the sampler's stream: global batch c, row i is c·B + i.
         "sample_count": t.batch_size * t.grad_accum,
@@ -118,6 +119,50 @@ fn step_metrics(
     map
 }
 
+/// This process's part of step `done` (1-based) combined with the others': the whole
+/// batch's gradients and totals.
+fn combined_step(
+    s: &mut Session,
+    strategy: &mut dyn Parallelism,
+    done: u64,
+    stop: bool,
+    device: &Device,
+) -> Result<(GradientsParams, ReducedStep)> {
+    let t = &s.cfg.train;
+    // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
+    device.seed(splitmix64(t.seed ^ splitmix64(done - 1)));
+    strategy.begin_step(done);
+    let rows = strategy.rows();
+    let global = || strategy.global_batch(done);
+    let local = local_step(
+        &s.model,
+        &mut s.sampler,
+        &s.data.train,
+        t,
+        &rows,
+        global,
+        device,
+    )?;
+    Ok(strategy.reduce(done, &s.model, local, stop))
+}
+
+/// The AdamW update with gradients clipped to a global norm of `clip` (0: none); returns the
+/// updated model and the norm before clipping.
+fn update(
+    model: LanguageModel,
+    opt: &mut AdamW,
+    grads: GradientsParams,
+    lr: f64,
+    clip: f64,
+) -> (LanguageModel, f64) {
+    let norm = grad_norm(&model, &grads);
+    let scale = match clip > 0.0 && norm > clip {
+        true => clip / norm,
+        false => 1.0,
+    };
+    (opt.step(model, grads, lr, scale), norm)
+}
+
 pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
     let mut strategy: Box<dyn Parallelism> = match opts.dist.take() {
         Some(d) => Box::new(DataParallel::new(d, &opts.device)),
@@ -128,56 +173,36 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
     strategy.start(&s.cfg, s.start_step);
     let (t, device) = (s.cfg.train.clone(), opts.device.clone().autodiff());
     let flops_per_token = s.cfg.model.counts(t.seq_len).train_flops_per_token;
+    let tokens_per_step = (t.batch_size * t.grad_accum * t.seq_len) as f64;
     let bar = progress_bar(opts.show_progress && is_main, t.steps, s.start_step);
     let (mut records, mut last_val, mut interrupted) = (Vec::new(), None, false);
-    for step in s.start_step..t.steps {
-        let done = step + 1;
-        let stop_at = opts.stop_at.is_some_and(|at| step >= at);
-        if stop_at || (opts.stop.load(Ordering::SeqCst) && !strategy.is_distributed()) {
+    for done in s.start_step + 1..=t.steps {
+        let stop = opts.stop.load(Ordering::SeqCst);
+        if opts.stop_at.is_some_and(|at| done > at) || (stop && !strategy.is_distributed()) {
             interrupted = true;
             break;
         }
-        let started = Instant::now();
-        // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
-        device.seed(splitmix64(t.seed ^ splitmix64(step)));
-        let lr = t.lr_at(step);
+        let (started, lr) = (Instant::now(), t.lr_at(done - 1));
         let sample_start = s.sampler.cursor * t.batch_size as u64;
-        strategy.begin_step(done);
-        let rows = strategy.rows();
-        let global = || strategy.global_batch(done);
-        let local = local_step(
-            &s.model,
-            &mut s.sampler,
-            &s.data.train,
-            &t,
-            &rows,
-            global,
-            &device,
-        )?;
-        let stop = opts.stop.load(Ordering::SeqCst);
-        let (grads, reduced) = strategy.reduce(done, &s.model, local, stop);
-        let norm = grad_norm(&s.model, &grads);
-        let scale = if t.grad_clip > 0.0 && norm > t.grad_clip {
-            t.grad_clip / norm
-        } else {
-            1.0
-        };
-        s.model = s.opt.step(s.model, grads, lr, scale);
-        s.tokens_seen += (t.batch_size * t.grad_accum * t.seq_len) as u64;
-        if !reduced.ce.is_finite() {
-            anyhow::bail!(
+        let (grads, step) = combined_step(&mut s, strategy.as_mut(), done, stop, &device)?;
+        let (model, norm) = update(s.model, &mut s.opt, grads, lr, t.grad_clip);
+        s.model = model;
+        s.tokens_seen += tokens_per_step as u64;
+        if !step.ce.is_finite() {
+            let kept = checkpoint::checkpoints_dir(&s.run);
+            bail!(
                 "step {done}: loss is {}; stopping (last good checkpoint kept in {})",
-                reduced.ce,
-                checkpoint::checkpoints_dir(&s.run).display()
+                step.ce,
+                kept.display()
             );
         }
-        let seconds = started.elapsed().as_secs_f64();
-        let tok_s = (t.batch_size * t.grad_accum * t.seq_len) as f64 / seconds;
+        let tok_s = tokens_per_step / started.elapsed().as_secs_f64();
         let mfu = opts.peak_flops.map(|p| tok_s * flops_per_token / p);
-        let mut record = step_metrics(&s, done, &reduced, lr, norm, seconds, mfu);
+        let mut record = step_metrics(&s, done, &step, lr, norm, tokens_per_step / tok_s);
+        record.insert("mfu".into(), json!(mfu));
         record.insert("sample_start".into(), json!(sample_start));
         strategy.after_update(&s.model, &mut record);
-        for note in reduced.notes.iter().filter(|_| is_main) {
+        for note in step.notes.iter().filter(|_| is_main) {
             bar.println(note);
         }
         if is_main && (done % t.eval_every.max(1) == 0 || done == t.steps) {
@@ -186,30 +211,28 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
             last_val = Some(val);
             bar.println(format!(
                 "step {done:>6}  train loss {:.4}  val loss {val:.4}",
-                reduced.ce
+                step.ce
             ));
         }
         if let Some(log) = s.log.as_mut() {
             log.write(&Value::Object(record))?;
         }
+        let loss = step.ce;
         records.push(StepRecord {
             step: done,
-            loss: reduced.ce,
+            loss,
             lr,
             grad_norm: norm,
         });
         let mfu_note = mfu.map_or(String::new(), |m| format!(" | MFU {:.2}%", m * 100.0));
-        bar.set_message(format!(
-            "loss {:.4} | {tok_s:.0} tok/s{mfu_note}",
-            reduced.ce
-        ));
+        bar.set_message(format!("loss {loss:.4} | {tok_s:.0} tok/s{mfu_note}"));
         bar.inc(1);
         let checkpoint_due = done % t.checkpoint_every.max(1) == 0 || done == t.steps;
-        if is_main && (checkpoint_due || reduced.stop) {
+        if is_main && (checkpoint_due || step.stop) {
             save(&s, done)?;
         }
-        if reduced.stop {
-            // Every rank saw the same gathered flag, so all leave the loop together.
+        // Every rank saw the same gathered stop flag, so all leave the loop together.
+        if step.stop {
             interrupted = true;
             break;
         }
