@@ -260,7 +260,7 @@ impl Parallelism for DataParallel {
         }
         // `rebalance_every` 0 keeps the equal split (the naive baseline).
         let every = self.opts.rebalance_every;
-        let due = step == self.start_step + 2 || step % every.max(1) == 0;
+        let due = step == self.start_step + 2 || step.is_multiple_of(every.max(1));
         if every > 0 && due {
             self.balancer
                 .rebalance(self.batch_size, &self.opts.max_seqs);
