@@ -55,6 +55,45 @@ impl Experts {
         self.len() == 0
     }
 
+    /// Every expert on its own tokens: `tokens[e]` are the rows of `x` `[tokens, hidden]` routed
+    /// to expert `e`. Returns one output row per (expert, token) pair, expert after expert.
+    ///
+    /// The experts run as one batched matmul over groups padded to the largest (padding rows
+    /// read a zero row and are dropped after), so each stacked weight receives its gradient
+    /// from one op; slicing a weight per expert instead costs a zero-filled full-size gradient
+    /// per expert in backward. When padding would more than double the work (a very uneven
+    /// routing), the experts run one at a time instead.
+    pub fn forward_routed(&self, x: Tensor<2>, tokens: &[Vec<i64>]) -> Tensor<2> {
+        let [n, hidden] = x.dims();
+        let device = x.device();
+        let total: usize = tokens.iter().map(Vec::len).sum();
+        let capacity = tokens.iter().map(Vec::len).max().unwrap_or(0);
+        let experts = tokens.len();
+        if experts * capacity > 2 * total {
+            let outputs: Vec<Tensor<2>> = (0..experts)
+                .filter(|&e| !tokens[e].is_empty())
+                .map(|e| self.forward(e, x.clone().select(0, int_tensor(&tokens[e], &device))))
+                .collect();
+            return Tensor::cat(outputs, 0);
+        }
+        // Row `n` of the extended input is zeros: what padding slots read.
+        let mut padded = Vec::with_capacity(experts * capacity);
+        let mut kept = Vec::with_capacity(total);
+        for (e, rows) in tokens.iter().enumerate() {
+            padded.extend(rows);
+            padded.resize((e + 1) * capacity, n as i64);
+            kept.extend((0..rows.len()).map(|j| (e * capacity + j) as i64));
+        }
+        let x = Tensor::cat(vec![x, Tensor::zeros([1, hidden], &device)], 0);
+        let groups = x
+            .select(0, int_tensor(&padded, &device))
+            .reshape([experts, capacity, hidden]);
+        let gate = silu(groups.clone().matmul(self.gate_proj.val()));
+        let y = (gate * groups.matmul(self.up_proj.val())).matmul(self.down_proj.val());
+        y.reshape([experts * capacity, hidden])
+            .select(0, int_tensor(&kept, &device))
+    }
+
     /// Expert `e` applied to `x` `[tokens, hidden]`.
     pub fn forward(&self, e: usize, x: Tensor<2>) -> Tensor<2> {
         let slice = |w: &Param<Tensor<3>>| {
@@ -122,25 +161,18 @@ impl Moe {
             slots[expert as usize].push(slot as i64);
         }
 
-        let flat_w = top_w.reshape([n * self.top_k]);
-        let mut all_tokens = Vec::with_capacity(n * self.top_k);
-        let mut outputs = Vec::new();
-        for e in 0..num_experts {
-            if tokens[e].is_empty() {
-                continue;
-            }
-            let count = tokens[e].len();
-            let tok = int_tensor(&tokens[e], &device);
-            let slot = int_tensor(&slots[e], &device);
-            let weight = flat_w.clone().select(0, slot).reshape([count, 1]);
-            let y = self.experts.forward(e, x.clone().select(0, tok)) * weight;
-            outputs.push(y);
-            all_tokens.extend_from_slice(&tokens[e]);
-        }
+        // Outputs come expert after expert; each is weighted by its slot's router weight and
+        // added into its token's row.
+        let (all_tokens, all_slots) = (tokens.concat(), slots.concat());
+        let weight = top_w
+            .reshape([n * self.top_k])
+            .select(0, int_tensor(&all_slots, &device))
+            .reshape([all_slots.len(), 1]);
+        let y = self.experts.forward_routed(x.clone(), &tokens) * weight;
         let routed = Tensor::zeros([n, hidden], &device).select_assign(
             0,
             int_tensor(&all_tokens, &device),
-            Tensor::cat(outputs, 0),
+            y,
             IndexingUpdateOp::Add,
         );
         let out = match &self.shared_experts {
