@@ -1,9 +1,10 @@
 //! The small things every nuwa crate shares and none owns: the seeded hash and RNG, atomic
-//! writes and SHA-256, numbers with unit suffixes, proportional shares of a batch, and each
-//! device kind's peak FLOP/s. No Burn, no model: everything else depends on this crate.
+//! writes and SHA-256, numbers with unit suffixes, proportional shares of a batch, each device
+//! kind's peak FLOP/s, and SVG charts drawn alike. No Burn, no model: everything else depends on this crate.
 
 pub mod files;
 pub mod hardware;
+pub mod plot;
 pub mod rng;
 pub mod shares;
 pub mod units;

@@ -56,10 +56,8 @@ pub fn plot_frontier(plans: &[Plan], currency: &str, path: &Path) -> Result<()> 
     let (max_days, max_cost) = plans.iter().fold((0.0f64, 0.0f64), |(d, c), p| {
         (d.max(p.days), c.max(p.total_cost))
     });
-    let root = SVGBackend::new(path, (800, 520)).into_drawing_area();
-    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
-        root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
+    nuwa_core::plot::svg(path, (800, 520), |root| {
+        let mut chart = ChartBuilder::on(root)
             .caption(
                 "nuwa plan: cost vs time (feasible plans)",
                 ("sans-serif", 22),
@@ -85,15 +83,6 @@ pub fn plot_frontier(plans: &[Plan], currency: &str, path: &Path) -> Result<()> 
             ))?
             .label("cost-time frontier")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED));
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE)
-            .draw()?;
-        root.present()?;
-        Ok(())
-    };
-    let drawn = draw().map_err(|e| anyhow::anyhow!("{}: cannot draw plot: {e}", path.display()));
-    drop(root);
-    drawn
+        nuwa_core::plot::legend(&mut chart)
+    })
 }

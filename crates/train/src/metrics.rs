@@ -72,10 +72,8 @@ pub fn plot_losses(run: &Path) -> Result<std::path::PathBuf> {
         .filter(|v| v.is_finite())
         .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
     let pad = ((hi - lo) * 0.05).max(1e-3);
-    let root = SVGBackend::new(&path, (800, 480)).into_drawing_area();
-    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
-        root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
+    nuwa_core::plot::svg(&path, (800, 480), |root| {
+        let mut chart = ChartBuilder::on(root)
             .caption("nuwa training loss", ("sans-serif", 22))
             .margin(12)
             .x_label_area_size(36)
@@ -96,16 +94,7 @@ pub fn plot_losses(run: &Path) -> Result<std::path::PathBuf> {
                 .label("validation")
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED));
         }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE)
-            .draw()?;
-        root.present()?;
-        Ok(())
-    };
-    let drawn = draw().map_err(|e| anyhow::anyhow!("{}: cannot draw plot: {e}", path.display()));
-    drop(root);
-    drawn?;
+        nuwa_core::plot::legend(&mut chart)
+    })?;
     Ok(path)
 }
