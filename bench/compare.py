@@ -57,6 +57,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--only", nargs="*", help="shapes to run (default: all)")
     p.add_argument("--baseline", help="another nuwa binary to run beside this one")
+    p.add_argument("--baseline-label", help="what the baseline is, for the report (default: its path)")
     a = p.parse_args()
     if not os.path.exists(NUWA):
         sys.exit("build nuwa first: cargo build --release")
@@ -104,7 +105,7 @@ def main():
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_name(),
         "threads": a.threads,
-        "baseline": a.baseline,
+        "baseline": a.baseline_label or a.baseline,
         "rows": rows,
         "moe_over_dense_step_time": (dense["nuwa_tokens_per_s"] / moe["nuwa_tokens_per_s"]) if moe and dense else None,
     }

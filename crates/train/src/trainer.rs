@@ -163,6 +163,67 @@ fn update(
     (opt.step(model, grads, lr, scale), norm)
 }
 
+/// A finished optimiser step: the combined totals, what the caller keeps, the metrics line.
+struct Stepped {
+    totals: ReducedStep,
+    record: StepRecord,
+    metrics: Map<String, Value>,
+    tokens_per_s: f64,
+    mfu: Option<f64>,
+}
+
+/// Step `done` (1-based) from start to update, timed and measured. The session passes
+/// through by value so the optimiser owns the model while it updates it (in place).
+fn train_step(
+    mut s: Session,
+    strategy: &mut dyn Parallelism,
+    done: u64,
+    stop: bool,
+    peak_flops: Option<f64>,
+    device: &Device,
+) -> Result<(Session, Stepped)> {
+    let t = s.cfg.train.clone();
+    let tokens = (t.batch_size * t.grad_accum * t.seq_len) as f64;
+    let (started, lr) = (Instant::now(), t.lr_at(done - 1));
+    let sample_start = s.sampler.cursor * t.batch_size as u64;
+    let (grads, totals) = combined_step(&mut s, strategy, done, stop, device)?;
+    let (model, norm) = update(s.model, &mut s.opt, grads, lr, t.grad_clip);
+    s.model = model;
+    s.tokens_seen += tokens as u64;
+    if !totals.ce.is_finite() {
+        let kept = checkpoint::checkpoints_dir(&s.run);
+        let loss = totals.ce;
+        bail!(
+            "step {done}: loss is {loss}; stopping (last good checkpoint kept in {})",
+            kept.display()
+        );
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let flops_per_token = s.cfg.model.counts(t.seq_len).train_flops_per_token;
+    let mfu = peak_flops.map(|p| tokens / seconds * flops_per_token / p);
+    let mut metrics = step_metrics(&s, done, &totals, lr, norm, seconds);
+    metrics.insert("mfu".into(), json!(mfu));
+    metrics.insert("sample_start".into(), json!(sample_start));
+    strategy.after_update(&s.model, &mut metrics);
+    let record = StepRecord {
+        step: done,
+        loss: totals.ce,
+        lr,
+        grad_norm: norm,
+    };
+    let tokens_per_s = tokens / seconds;
+    Ok((
+        s,
+        Stepped {
+            totals,
+            record,
+            metrics,
+            tokens_per_s,
+            mfu,
+        },
+    ))
+}
+
 pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
     let mut strategy: Box<dyn Parallelism> = match opts.dist.take() {
         Some(d) => Box::new(DataParallel::new(d, &opts.device)),
@@ -172,8 +233,6 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
     let mut s = open_session(&opts, strategy.as_ref())?;
     strategy.start(&s.cfg, s.start_step);
     let (t, device) = (s.cfg.train.clone(), opts.device.clone().autodiff());
-    let flops_per_token = s.cfg.model.counts(t.seq_len).train_flops_per_token;
-    let tokens_per_step = (t.batch_size * t.grad_accum * t.seq_len) as f64;
     let bar = progress_bar(opts.show_progress && is_main, t.steps, s.start_step);
     let (mut records, mut last_val, mut interrupted) = (Vec::new(), None, false);
     for done in s.start_step + 1..=t.steps {
@@ -182,57 +241,39 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
             interrupted = true;
             break;
         }
-        let (started, lr) = (Instant::now(), t.lr_at(done - 1));
-        let sample_start = s.sampler.cursor * t.batch_size as u64;
-        let (grads, step) = combined_step(&mut s, strategy.as_mut(), done, stop, &device)?;
-        let (model, norm) = update(s.model, &mut s.opt, grads, lr, t.grad_clip);
-        s.model = model;
-        s.tokens_seen += tokens_per_step as u64;
-        if !step.ce.is_finite() {
-            let kept = checkpoint::checkpoints_dir(&s.run);
-            bail!(
-                "step {done}: loss is {}; stopping (last good checkpoint kept in {})",
-                step.ce,
-                kept.display()
-            );
-        }
-        let tok_s = tokens_per_step / started.elapsed().as_secs_f64();
-        let mfu = opts.peak_flops.map(|p| tok_s * flops_per_token / p);
-        let mut record = step_metrics(&s, done, &step, lr, norm, tokens_per_step / tok_s);
-        record.insert("mfu".into(), json!(mfu));
-        record.insert("sample_start".into(), json!(sample_start));
-        strategy.after_update(&s.model, &mut record);
-        for note in step.notes.iter().filter(|_| is_main) {
+        let (next, mut step) =
+            train_step(s, strategy.as_mut(), done, stop, opts.peak_flops, &device)?;
+        s = next;
+        let loss = step.record.loss;
+        for note in step.totals.notes.iter().filter(|_| is_main) {
             bar.println(note);
         }
         if is_main && (done % t.eval_every.max(1) == 0 || done == t.steps) {
             let val = evaluate(&s.model.valid(), &s.evals, &opts.device);
-            record.insert("val_loss".into(), json!(val));
+            step.metrics.insert("val_loss".into(), json!(val));
             last_val = Some(val);
             bar.println(format!(
-                "step {done:>6}  train loss {:.4}  val loss {val:.4}",
-                step.ce
+                "step {done:>6}  train loss {loss:.4}  val loss {val:.4}"
             ));
         }
         if let Some(log) = s.log.as_mut() {
-            log.write(&Value::Object(record))?;
+            log.write(&Value::Object(step.metrics))?;
         }
-        let loss = step.ce;
-        records.push(StepRecord {
-            step: done,
-            loss,
-            lr,
-            grad_norm: norm,
-        });
-        let mfu_note = mfu.map_or(String::new(), |m| format!(" | MFU {:.2}%", m * 100.0));
-        bar.set_message(format!("loss {loss:.4} | {tok_s:.0} tok/s{mfu_note}"));
+        records.push(step.record);
+        let mfu_note = step
+            .mfu
+            .map_or(String::new(), |m| format!(" | MFU {:.2}%", m * 100.0));
+        bar.set_message(format!(
+            "loss {loss:.4} | {:.0} tok/s{mfu_note}",
+            step.tokens_per_s
+        ));
         bar.inc(1);
         let checkpoint_due = done % t.checkpoint_every.max(1) == 0 || done == t.steps;
-        if is_main && (checkpoint_due || step.stop) {
+        if is_main && (checkpoint_due || step.totals.stop) {
             save(&s, done)?;
         }
         // Every rank saw the same gathered stop flag, so all leave the loop together.
-        if step.stop {
+        if step.totals.stop {
             interrupted = true;
             break;
         }
