@@ -243,6 +243,26 @@ fn default_tiny_moe_loss_falls_and_router_losses_are_logged() {
     assert!(last["z_loss"].as_f64().unwrap() > 0.0, "{last}");
     assert!(last["val_loss"].as_f64().is_some(), "{last}");
     assert!(last["mfu"].as_f64().unwrap() > 0.0, "{last}");
+    // Tokens per expert of every MoE layer (tiny-moe: 3 MoE layers of 8 experts, top-2).
+    let load = last["tokens_per_expert"]
+        .as_array()
+        .expect("tokens_per_expert logged");
+    let assigned: u64 = load[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.as_u64())
+        .sum();
+    assert_eq!(
+        (load.len(), load[0].as_array().unwrap().len()),
+        (3, 8),
+        "{last}"
+    );
+    assert_eq!(
+        assigned,
+        16 * 64 * 2,
+        "every token's top-2 assignments counted"
+    );
     let svg = std::fs::read_to_string(run.join("loss.svg")).unwrap();
     assert!(
         svg.contains("<svg") && svg.contains("polyline"),

@@ -21,6 +21,8 @@ pub struct ReducedStep {
     pub ce: f64,
     pub load_balance: Option<f64>,
     pub z_loss: Option<f64>,
+    /// This process's tokens per expert in its last micro-batch, per MoE layer (for the log).
+    pub tokens_per_expert: Vec<Vec<usize>>,
     /// Some process asked to stop (Ctrl-C): all stop after this step, together.
     pub stop: bool,
     /// Fields for the step's metrics record.
@@ -95,6 +97,7 @@ impl Parallelism for SingleProcess {
             ce: local.ce,
             load_balance: local.load_balance,
             z_loss: local.z_loss,
+            tokens_per_expert: local.tokens_per_expert,
             stop,
             metrics: Map::new(),
             notes: Vec::new(),
@@ -281,6 +284,7 @@ impl Parallelism for DataParallel {
             ce: col(0).iter().sum(),
             load_balance: is_moe.then(|| col(1).iter().sum()),
             z_loss: is_moe.then(|| col(2).iter().sum()),
+            tokens_per_expert: local.tokens_per_expert,
             stop: col(7).iter().any(|&f| f > 0.0),
             metrics: metrics.as_object().cloned().unwrap_or_default(),
             notes,

@@ -113,6 +113,7 @@ fn step_metrics(
     if let Some(lb) = step.load_balance {
         record["load_balance_loss"] = json!(lb);
         record["z_loss"] = json!(step.z_loss.unwrap_or(0.0));
+        record["tokens_per_expert"] = json!(step.tokens_per_expert);
     }
     let mut map = record.as_object().cloned().unwrap_or_default();
     map.extend(step.metrics.clone());
