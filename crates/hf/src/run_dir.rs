@@ -92,18 +92,6 @@ pub enum ExportDtype {
     F16,
 }
 
-impl std::str::FromStr for ExportDtype {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" | "float32" => Ok(Self::F32),
-            "bf16" | "bfloat16" => Ok(Self::Bf16),
-            "f16" | "float16" => Ok(Self::F16),
-            other => bail!("--dtype {other}: expected f32, bf16 or f16"),
-        }
-    }
-}
-
 impl ExportDtype {
     fn encode(self, values: &[f32]) -> (Dtype, Vec<u8>) {
         match self {

@@ -55,9 +55,9 @@ impl RowCaches {
         self.allocated = target;
     }
 
-    /// Builds this step's write slots and mask: each row writes at its length and attends to
-    /// every filled position up to it.
-    fn prepare_step(&mut self) {
+    /// Builds this step's write slots and mask (once per step, shared by every layer): each
+    /// row writes at its length and attends to every filled position up to it.
+    fn prepare_step(&mut self) -> (Tensor<4>, Tensor<4>) {
         let (b, cap) = (self.lengths.len(), self.allocated);
         let (mut write, mut mask) = (vec![0f32; b * cap], vec![MASKED; b * cap]);
         for (r, &pos) in self.lengths.iter().enumerate() {
@@ -67,7 +67,9 @@ impl RowCaches {
         let t = |v: Vec<f32>, shape: [usize; 4]| {
             Tensor::<4>::from_data(TensorData::new(v, shape), &self.device)
         };
-        self.step = Some((t(write, [b, 1, cap, 1]), t(mask, [b, 1, 1, cap])));
+        let step = (t(write, [b, 1, cap, 1]), t(mask, [b, 1, 1, cap]));
+        self.step = Some(step.clone());
+        step
     }
 }
 
@@ -87,14 +89,9 @@ impl KvStore for RowCaches {
     fn store(&mut self, layer: usize, keys: Tensor<4>, values: Tensor<4>) -> Attend {
         let [b, kvh, _, d] = keys.dims();
         let shape = [b, kvh, self.allocated, d];
-        let (write, mask) = match &self.step {
-            Some(step) => step.clone(),
-            None => {
-                self.prepare_step();
-                self.step
-                    .clone()
-                    .unwrap_or_else(|| unreachable!("prepared above"))
-            }
+        let (write, mask) = match self.step.clone() {
+            Some(step) => step,
+            None => self.prepare_step(),
         };
         let write = write.expand(shape);
         let keep = write.clone().neg() + 1.0;
@@ -218,7 +215,6 @@ impl DecodeBatch {
     pub fn step(&mut self, model: &LanguageModel, tokens: &[u32]) -> Vec<Vec<f32>> {
         let longest = self.cache.lengths.iter().copied().max().unwrap_or(0);
         self.reserve(longest + 1);
-        self.cache.prepare_step();
         let tokens = token_rows(tokens, tokens.len(), &self.cache.device);
         let logits = model
             .forward_with(tokens, Some(&mut self.cache), Logits::Last)

@@ -25,6 +25,8 @@ pub struct Session {
     pub sampler: BatchSampler,
     pub start_step: u64,
     pub tokens_seen: u64,
+    /// Training FLOPs per token of this model at the run's context (for MFU).
+    pub flops_per_token: f64,
     /// Rank 0's metrics file (the other ranks write nothing).
     pub log: Option<MetricsLog>,
 }
@@ -146,7 +148,9 @@ pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<S
     } else {
         None
     };
+    let flops_per_token = cfg.model.counts(t.seq_len).train_flops_per_token;
     Ok(Session {
+        flops_per_token,
         run,
         cfg,
         data,

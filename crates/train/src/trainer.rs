@@ -200,8 +200,7 @@ fn train_step(
         );
     }
     let seconds = started.elapsed().as_secs_f64();
-    let flops_per_token = s.cfg.model.counts(t.seq_len).train_flops_per_token;
-    let mfu = peak_flops.map(|p| tokens / seconds * flops_per_token / p);
+    let mfu = peak_flops.map(|p| tokens / seconds * s.flops_per_token / p);
     let mut metrics = step_metrics(&s, done, &totals, lr, norm, seconds);
     metrics.insert("mfu".into(), json!(mfu));
     metrics.insert("sample_start".into(), json!(sample_start));
