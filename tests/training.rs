@@ -159,6 +159,8 @@ fn to_format_1(
 fn rewrite_as_format_1(dir: &Path) {
     let mut state: TrainerState =
         serde_json::from_slice(&std::fs::read(dir.join("trainer.json")).unwrap()).unwrap();
+    // Format 1 had no `format` field in trainer.json.
+    state.format = 0;
     for file in ["model.safetensors", "optimizer.safetensors"] {
         let path = dir.join(file);
         let v2 = from_safetensors(&std::fs::read(&path).unwrap(), file).unwrap();
@@ -180,16 +182,22 @@ fn a_run_in_checkpoint_format_1_resumes_exactly() {
     let data = builtin_data(&tmp.path().join("data"));
     let n = 3;
     let straight_dir = tmp.path().join("straight");
-    let straight = train(options(&straight_dir, tiny_moe_run(&data, 2 * n), false)).unwrap();
+    // Without NormHead, whose meaning changed in format 3 (see the next test).
+    let run_config = || {
+        let mut c = tiny_moe_run(&data, 2 * n);
+        c.model.norm_head = false;
+        c
+    };
+    let straight = train(options(&straight_dir, run_config(), false)).unwrap();
     let old_dir = tmp.path().join("old");
     let first = train(TrainOptions {
         stop_at: Some(n),
-        ..options(&old_dir, tiny_moe_run(&data, 2 * n), false)
+        ..options(&old_dir, run_config(), false)
     })
     .unwrap();
     let (_, ckpt) = list_checkpoints(&old_dir).pop().unwrap();
     rewrite_as_format_1(&ckpt);
-    let second = train(options(&old_dir, tiny_moe_run(&data, 2 * n), true)).unwrap();
+    let second = train(options(&old_dir, run_config(), true)).unwrap();
     let mut resumed = losses(&first);
     resumed.extend(losses(&second));
     assert_eq!(
@@ -210,6 +218,60 @@ fn a_run_in_checkpoint_format_1_resumes_exactly() {
             .state
             .checksums
     );
+}
+
+#[test]
+fn a_run_with_the_old_norm_head_is_not_reinterpreted() {
+    let _guard = serial();
+    let tmp = TempDir::new("old-normhead");
+    let data = builtin_data(&tmp.path().join("data"));
+    let run = tmp.path().join("run");
+    train(options(&run, tiny_moe_run(&data, 2), false)).unwrap();
+    let (_, ckpt) = list_checkpoints(&run).pop().unwrap();
+    rewrite_as_format_1(&ckpt);
+
+    // Training on would change the model: refused in one line naming the way out.
+    let Err(err) = train(options(&run, tiny_moe_run(&data, 4), true)) else {
+        panic!("resume of an old NormHead run was accepted");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("before checkpoint format 3") && err.contains("nuwa export"),
+        "{err}"
+    );
+
+    // Inference keeps the old head exactly: a plain head whose vocab columns have unit norm.
+    let old = checkpoint::load_latest(&run).unwrap();
+    let head = &old.weights["lm_head.weight"];
+    let (model, _, cfg) = nuwa_run::load_for_inference(&run, &Device::default()).unwrap();
+    assert!(!cfg.model.norm_head);
+    let baked: Vec<f32> = model
+        .lm_head
+        .unwrap()
+        .weight
+        .val()
+        .into_data()
+        .iter::<f32>()
+        .collect();
+    let [hidden, vocab] = [head.shape[0], head.shape[1]];
+    for v in [0, vocab / 2, vocab - 1] {
+        let norm: f32 = (0..hidden)
+            .map(|i| head.data[i * vocab + v].powi(2))
+            .sum::<f32>()
+            .sqrt();
+        for i in [0, hidden - 1] {
+            let want = head.data[i * vocab + v] / norm;
+            assert!(
+                (baked[i * vocab + v] - want).abs() < 1e-6,
+                "vocab {v}, hidden {i}"
+            );
+        }
+        let col: f32 = (0..hidden).map(|i| baked[i * vocab + v].powi(2)).sum();
+        assert!(
+            (col - 1.0).abs() < 1e-4,
+            "column {v} has squared norm {col}"
+        );
+    }
 }
 
 #[test]

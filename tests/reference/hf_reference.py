@@ -11,7 +11,12 @@ grouped-query causal attention, SwiGLU) and they differ only in
   - qwen3_moe's per-head RMSNorm of queries and keys before RoPE,
   - the MoE: softmax router, top-k, top-k weights renormalised (mixtral always, the others when
     `norm_topk_prob`), Ling's shared experts and first dense layers, qwen3's `mlp_only_layers`,
-  - Ling's NormHead (LM-head rows L2-normalised before the logits).
+  - Ling's NormHead: `lm_head.weight` `[vocab, hidden]` divided by (its L2 norm over dim 0
+    + 1e-7), i.e. one norm per hidden index across the vocabulary (Ant's
+    `modeling_bailing_moe.py`),
+  - Ling's `use_bias` (the attention output projection only), its router (top-k weights
+    renormalised only when top-k > 1), its zero-wide shared experts when
+    `num_shared_experts = 0`, and the defaults of its config class for absent keys.
 
 Each fixture folder holds `config.json`, the weights (`model.safetensors`, or shards with
 `model.safetensors.index.json`; f32, bf16 or f16) and `expected.safetensors` with the prompt
@@ -60,21 +65,40 @@ def tiny_configs():
                         intermediate_size=48, rope_theta=1000000.0, num_local_experts=4,
                         num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False,
                         torch_dtype="float16"),
+        # Ling with Ant's defaults for every key left out (use_bias → a bias on the attention
+        # output, rms_norm_eps 1e-5, rope_theta 1e4, norm_topk_prob), one expert per token (not
+        # renormalised) and no shared experts (zero-wide tensors), NormHead.
+        "bailing_moe_defaults": dict(model_type="bailing_moe", architectures=["BailingMoeForCausalLM"],
+                                     vocab_size=96, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                     num_experts=4, num_experts_per_tok=1, num_shared_experts=0,
+                                     moe_intermediate_size=24, first_k_dense_replace=1, norm_head=True,
+                                     pad_token_id=0, torch_dtype="float32"),
         "bailing_moe": dict(common, model_type="bailing_moe", architectures=["BailingMoeForCausalLM"],
                             intermediate_size=64, rope_theta=600000.0, num_experts=4,
                             num_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=24,
                             first_k_dense_replace=1, norm_topk_prob=True, norm_head=True,
-                            use_bias=False, use_qkv_bias=False, tie_word_embeddings=False),
+                            use_bias=False, use_qkv_bias=False, tie_word_embeddings=False, pad_token_id=0),
     }
 
 
+# `BailingMoeConfig`'s defaults for keys a config.json leaves out (Ant's configuration class).
+BAILING_DEFAULTS = dict(vocab_size=30592, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                        use_qkv_bias=False, use_bias=True, rms_norm_eps=1e-5, norm_head=False,
+                        tie_word_embeddings=False, max_position_embeddings=16384, rope_theta=10000.0,
+                        num_experts=16, num_shared_experts=0, num_experts_per_tok=2, norm_topk_prob=True,
+                        first_k_dense_replace=0)
+
+
 def get(cfg, key, default=None):
+    if cfg.get("model_type") == "bailing_moe" and cfg.get(key) is None and key in BAILING_DEFAULTS:
+        return BAILING_DEFAULTS[key]
     value = cfg.get(key, default)
     return default if value is None else value
 
 
 def head_dim(cfg):
-    return get(cfg, "head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    return get(cfg, "head_dim", get(cfg, "hidden_size") // get(cfg, "num_attention_heads"))
 
 
 def rope_theta(cfg):
@@ -88,22 +112,22 @@ def is_moe_layer(cfg, i):
         return True
     if t == "qwen3_moe":
         step = get(cfg, "decoder_sparse_step", 1)
-        return cfg["num_experts"] > 0 and i not in get(cfg, "mlp_only_layers", []) and (i + 1) % step == 0
+        return get(cfg, "num_experts") > 0 and i not in get(cfg, "mlp_only_layers", []) and (i + 1) % step == 0
     if t == "bailing_moe":
         return get(cfg, "num_experts", 0) > 0 and i >= get(cfg, "first_k_dense_replace", 0)
     return False
 
 
 def num_experts(cfg):
-    return cfg["num_local_experts"] if cfg["model_type"] == "mixtral" else cfg["num_experts"]
+    return get(cfg, "num_local_experts") if cfg["model_type"] == "mixtral" else get(cfg, "num_experts")
 
 
 # ---------------------------------------------------------------------------------------------
 # Tensor names and shapes, per architecture ([out, in] for every linear weight).
 
 def layer_tensors(cfg, i):
-    t, h = cfg["model_type"], cfg["hidden_size"]
-    d, nh, kv = head_dim(cfg), cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    t, h = cfg["model_type"], get(cfg, "hidden_size")
+    d, nh, kv = head_dim(cfg), get(cfg, "num_attention_heads"), get(cfg, "num_key_value_heads")
     p = f"model.layers.{i}."
     out = {p + "input_layernorm.weight": [h], p + "post_attention_layernorm.weight": [h]}
     if t == "bailing_moe":
@@ -132,25 +156,25 @@ def layer_tensors(cfg, i):
         out[prefix + names[2] + ".weight"] = [h, width]
 
     if not is_moe_layer(cfg, i):
-        swiglu(p + "mlp.", cfg["intermediate_size"])
+        swiglu(p + "mlp.", get(cfg, "intermediate_size"))
     elif t == "mixtral":
         out[p + "block_sparse_moe.gate.weight"] = [num_experts(cfg), h]
         for e in range(num_experts(cfg)):
-            swiglu(p + f"block_sparse_moe.experts.{e}.", cfg["intermediate_size"], ("w1", "w3", "w2"))
+            swiglu(p + f"block_sparse_moe.experts.{e}.", get(cfg, "intermediate_size"), ("w1", "w3", "w2"))
     else:
         out[p + "mlp.gate.weight"] = [num_experts(cfg), h]
         for e in range(num_experts(cfg)):
-            swiglu(p + f"mlp.experts.{e}.", cfg["moe_intermediate_size"])
-        if t == "bailing_moe" and get(cfg, "num_shared_experts", 0):
-            swiglu(p + "mlp.shared_experts.", cfg["moe_intermediate_size"] * cfg["num_shared_experts"])
+            swiglu(p + f"mlp.experts.{e}.", get(cfg, "moe_intermediate_size"))
+        if t == "bailing_moe":  # built even with 0 shared experts: then zero wide
+            swiglu(p + "mlp.shared_experts.", get(cfg, "moe_intermediate_size") * get(cfg, "num_shared_experts"))
     return out
 
 
 def all_tensors(cfg):
-    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    h, v = get(cfg, "hidden_size"), get(cfg, "vocab_size")
     emb = "model.word_embeddings.weight" if cfg["model_type"] == "bailing_moe" else "model.embed_tokens.weight"
     out = {emb: [v, h]}
-    for i in range(cfg["num_hidden_layers"]):
+    for i in range(get(cfg, "num_hidden_layers")):
         out.update(layer_tensors(cfg, i))
     out["model.norm.weight"] = [h]
     if not get(cfg, "tie_word_embeddings", False):
@@ -197,7 +221,7 @@ def linear(x, w, b=None):
 def attention(cfg, W, p, x, cache):
     t = cfg["model_type"]
     b, n, _ = x.shape
-    d, nh, kv = head_dim(cfg), cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d, nh, kv = head_dim(cfg), get(cfg, "num_attention_heads"), get(cfg, "num_key_value_heads")
     if t == "bailing_moe":
         qkv = linear(x, W[p + "attention.query_key_value.weight"], W.get(p + "attention.query_key_value.bias"))
         q, k, v = qkv.split([nh * d, kv * d, kv * d], -1)
@@ -210,8 +234,8 @@ def attention(cfg, W, p, x, cache):
     k = k.view(b, n, kv, d).transpose(1, 2)
     v = v.view(b, n, kv, d).transpose(1, 2)
     if t == "qwen3_moe":
-        q = rms_norm(q, W[p + "self_attn.q_norm.weight"], cfg["rms_norm_eps"])
-        k = rms_norm(k, W[p + "self_attn.k_norm.weight"], cfg["rms_norm_eps"])
+        q = rms_norm(q, W[p + "self_attn.q_norm.weight"], get(cfg, "rms_norm_eps"))
+        k = rms_norm(k, W[p + "self_attn.k_norm.weight"], get(cfg, "rms_norm_eps"))
     start = 0 if cache.get(p) is None else cache[p][0].shape[2]
     q, k = rope(q, start, rope_theta(cfg)), rope(k, start, rope_theta(cfg))
     if cache.get(p) is not None:
@@ -241,8 +265,9 @@ def moe(cfg, W, p, x):
     names = ("w1", "w3", "w2") if t == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     flat = x.reshape(-1, x.shape[-1])
     probs = linear(flat, W[base + "gate.weight"]).softmax(-1)
-    weight, expert = probs.topk(cfg["num_experts_per_tok"], -1)
-    if t == "mixtral" or get(cfg, "norm_topk_prob", False):
+    weight, expert = probs.topk(get(cfg, "num_experts_per_tok"), -1)
+    k = get(cfg, "num_experts_per_tok")
+    if t == "mixtral" or (get(cfg, "norm_topk_prob", False) and (t != "bailing_moe" or k > 1)):
         weight = weight / weight.sum(-1, keepdim=True)
     out = torch.zeros_like(flat)
     for e in range(num_experts(cfg)):
@@ -258,8 +283,8 @@ def moe(cfg, W, p, x):
 def forward(cfg, W, ids, cache):
     emb = W["model.word_embeddings.weight"] if cfg["model_type"] == "bailing_moe" else W["model.embed_tokens.weight"]
     x = emb[ids]
-    eps = cfg["rms_norm_eps"]
-    for i in range(cfg["num_hidden_layers"]):
+    eps = get(cfg, "rms_norm_eps")
+    for i in range(get(cfg, "num_hidden_layers")):
         p = f"model.layers.{i}."
         x = x + attention(cfg, W, p, rms_norm(x, W[p + "input_layernorm.weight"], eps), cache)
         h = rms_norm(x, W[p + "post_attention_layernorm.weight"], eps)
@@ -267,7 +292,7 @@ def forward(cfg, W, ids, cache):
     x = rms_norm(x, W["model.norm.weight"], eps)
     head = W.get("lm_head.weight", emb) if not get(cfg, "tie_word_embeddings", False) else emb
     if get(cfg, "norm_head", False):
-        head = head / head.norm(dim=1, keepdim=True).clamp_min(1e-7)
+        head = head / (head.norm(dim=0, keepdim=True) + 1e-7)
     return x @ head.T
 
 
@@ -340,7 +365,7 @@ def make_fixture(name, cfg, seed, shards=1):
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     g = torch.Generator().manual_seed(seed + 1)
-    ids = torch.randint(3, cfg["vocab_size"], (12,), generator=g)
+    ids = torch.randint(3, get(cfg, "vocab_size"), (12,), generator=g)
     with torch.no_grad():
         logits = forward(cfg, weights, ids[None], {})[0]
         tokens = greedy(cfg, weights, ids, GREEDY_TOKENS)

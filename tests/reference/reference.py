@@ -79,7 +79,7 @@ def moe(x, w, num_experts, top_k, norm_topk, shared):
     logits = tokens @ w["gate.weight"]
     probs = torch.softmax(logits, dim=-1)
     top_w, top_i = probs.topk(top_k, dim=-1)
-    if norm_topk:
+    if norm_topk and top_k > 1:  # Ant's gate renormalises only when top-k > 1
         top_w = top_w / top_w.sum(-1, keepdim=True)
     out = torch.zeros_like(tokens)
     counts = []
@@ -211,8 +211,11 @@ def make_model():
             x = x + y
             aux.append((lb, z))
     x = rms_norm(x, w["norm.weight"], eps)
+    # NormHead as Ant's modeling_bailing_moe.py: HF's lm_head.weight [vocab, hidden] divided by
+    # (its L2 norm over dim 0 + 1e-7), the norm detached in training. Stored here as
+    # [hidden, vocab], so the norm runs along dim 1: one per hidden index, across the vocabulary.
     head = w["lm_head.weight"]
-    head = head / head.norm(dim=0, keepdim=True)  # norm_head: unit-norm row per vocab entry
+    head = head / (head.norm(dim=1, keepdim=True) + 1e-7).detach()
     logits = x @ head
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
     lb, z = aux[0]

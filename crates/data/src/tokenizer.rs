@@ -4,6 +4,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use tokenizers::decoders::fuse::Fuse;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -176,6 +177,47 @@ impl Tokenizer {
         }
     }
 
+    /// The tokenizer as a `tokenizer.json` that Hugging Face `tokenizers` / transformers load
+    /// and that encodes every text to the same ids: a BPE without merges over the characters
+    /// (char) or over the 256 byte-level symbols (byte, GPT-2's byte-to-character table).
+    pub fn hf_json(&self) -> Result<String> {
+        let tokenizer = match self {
+            Self::Hf(t) => return t.to_string(false).map_err(|e| anyhow!("tokenizer: {e}")),
+            Self::Char(chars) => {
+                let vocab: Vec<(String, u32)> = chars
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.to_string(), i as u32))
+                    .collect();
+                let mut t = HfTokenizer::new(merge_free_bpe(vocab)?);
+                // Tokens are whole characters: joined back as they are.
+                t.with_decoder(Some(Fuse::new()));
+                t
+            }
+            Self::Byte => {
+                let vocab: Vec<(String, u32)> = (0..=255u8)
+                    .map(|b| (byte_symbol(b).to_string(), u32::from(b)))
+                    .collect();
+                let mut t = HfTokenizer::new(merge_free_bpe(vocab)?);
+                // One "word" per text (no regex split), bytes mapped to symbols and back.
+                t.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
+                t.with_decoder(Some(ByteLevel::new(false, false, false)));
+                t
+            }
+        };
+        tokenizer
+            .to_string(false)
+            .map_err(|e| anyhow!("tokenizer: {e}"))
+    }
+
+    /// The id of the first of `names` that is one of the tokenizer's tokens (HF tokenizers).
+    pub fn special_token_id(&self, names: &[&str]) -> Option<u32> {
+        match self {
+            Self::Hf(t) => names.iter().find_map(|n| t.token_to_id(n)),
+            _ => None,
+        }
+    }
+
     /// Writes the tokenizer into `dir` (`tokenizer.json` for HF tokenizers).
     pub fn save(&self, dir: &Path) -> Result<()> {
         match self {
@@ -219,6 +261,29 @@ impl Tokenizer {
             )
         }
     }
+}
+
+fn merge_free_bpe(vocab: Vec<(String, u32)>) -> Result<BPE> {
+    BPE::builder()
+        .vocab_and_merges(
+            vocab
+                .into_iter()
+                .collect::<tokenizers::models::bpe::Vocab>(),
+            vec![],
+        )
+        .build()
+        .map_err(|e| anyhow!("building tokenizer.json: {e}"))
+}
+
+/// GPT-2's printable stand-in for a byte (what the ByteLevel pre-tokenizer maps bytes to):
+/// printable Latin-1 bytes stand for themselves, the others for 256, 257, ... in byte order.
+fn byte_symbol(byte: u8) -> char {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    if printable(byte) {
+        return char::from(byte);
+    }
+    let rank = (0..byte).filter(|&b| !printable(b)).count() as u32;
+    char::from_u32(256 + rank).unwrap_or('?')
 }
 
 fn train_bpe(vocab_size: usize, texts: &[String]) -> Result<HfTokenizer> {
@@ -305,5 +370,24 @@ mod tests {
         );
         assert!("bpe:x".parse::<TokenizerSpec>().is_err());
         assert!("wat".parse::<TokenizerSpec>().is_err());
+    }
+
+    #[test]
+    fn char_and_byte_tokenizers_export_as_tokenizer_json_with_the_same_ids() {
+        let text = "First Citizen:\nBefore we proceed, hear me speak — ünïcode ok?";
+        let chars: Vec<char> = {
+            let mut c: Vec<char> = text.chars().collect();
+            c.sort_unstable();
+            c.dedup();
+            c
+        };
+        for tokenizer in [Tokenizer::Char(chars), Tokenizer::Byte] {
+            let json = tokenizer.hf_json().unwrap();
+            let hf: HfTokenizer = json.parse().unwrap();
+            let ids = hf.encode(text, false).unwrap().get_ids().to_vec();
+            assert_eq!(ids, tokenizer.encode(text).unwrap());
+            assert_eq!(hf.decode(&ids, false).unwrap(), text);
+            assert_eq!(hf.get_vocab_size(true), tokenizer.vocab_size());
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Reading an HF checkpoint folder into nuwa: the model, its weights, tokenizer and chat template.
 
 use crate::arch::{config_from_hf, Arch};
-use crate::names::{tensor_maps, TensorMap};
+use crate::names::{empty_tensors, tensor_maps, TensorMap};
 use crate::safetensors_dir::{is_supported_dtype, SafetensorsDir};
 use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::Device;
@@ -76,6 +76,18 @@ impl HfCheckpoint {
                             entry.dtype
                         ));
                     }
+                }
+            }
+        }
+        let empty = empty_tensors(self.arch, &self.config);
+        for (name, shape) in &empty {
+            if let Some(entry) = self.weights.tensors.get(name) {
+                used.insert(name.as_str());
+                if &entry.shape != shape {
+                    problems.push(format!(
+                        "tensor {name} has shape {:?}, the config implies {shape:?} (no shared experts)",
+                        entry.shape
+                    ));
                 }
             }
         }

@@ -88,6 +88,28 @@ pub fn tensor_maps(arch: Arch, cfg: &ModelConfig) -> Vec<TensorMap> {
         .collect()
 }
 
+/// Tensors the architecture's own code builds that hold nothing, and so have no nuwa
+/// parameter: Ling's shared-expert MLP when `num_shared_experts = 0` is still built, zero
+/// wide (`BailingMoeSparseMoeBlock` tests `num_shared_experts is not None`). Export writes
+/// them so the folder loads in Ant's code without missing keys; import accepts them.
+pub fn empty_tensors(arch: Arch, cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    if arch != Arch::BailingMoe || cfg.num_shared_experts > 0 {
+        return Vec::new();
+    }
+    let h = cfg.hidden_size;
+    (0..cfg.num_hidden_layers)
+        .filter(|&i| cfg.layer_is_moe(i))
+        .flat_map(|i| {
+            let p = format!("model.layers.{i}.mlp.shared_experts.");
+            [
+                (format!("{p}gate_proj.weight"), vec![0, h]),
+                (format!("{p}up_proj.weight"), vec![0, h]),
+                (format!("{p}down_proj.weight"), vec![h, 0]),
+            ]
+        })
+        .collect()
+}
+
 fn map_one(arch: Arch, cfg: &ModelConfig, internal: String, shape: Vec<usize>) -> TensorMap {
     let stacked = internal.contains(".moe.experts.");
     let is_linear = (shape.len() == 2 && internal != "word_embeddings.weight") || stacked;

@@ -6,7 +6,7 @@
 
 use crate::arch::{config_to_hf, Arch};
 use crate::import::{check_fits_in_memory, HfCheckpoint, SIDE_FILES};
-use crate::names::tensor_maps;
+use crate::names::{empty_tensors, tensor_maps};
 use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::Device;
 use half::{bf16, f16};
@@ -79,9 +79,32 @@ pub fn import_to_run(hf_dir: &Path, run: &Path, device: &Device) -> Result<PathB
         tokens_seen: 0,
         config,
         checksums: BTreeMap::new(),
+        format: checkpoint::CHECKPOINT_FORMAT,
     };
     // A fresh optimiser: no moments yet.
     checkpoint::save(run, &model, &BTreeMap::new(), state, 1)
+}
+
+/// Gives the exported config a `pad_token_id` inside the vocabulary. transformers builds the
+/// embeddings with it as `padding_idx`, and Ant's `BailingMoeConfig` defaults it to 126081:
+/// absent, a small-vocabulary export would not even build. Kept when the imported config has
+/// a valid one; else the tokenizer's own padding or end-of-text token, else 0.
+fn set_pad_token(config: &mut serde_json::Value, tokenizer: &nuwa_data::Tokenizer, vocab: usize) {
+    let valid = |v: &serde_json::Value| v.as_u64().is_some_and(|id| (id as usize) < vocab);
+    if valid(&config["pad_token_id"]) {
+        return;
+    }
+    let id = tokenizer
+        .special_token_id(&["<pad>", "<|pad|>", "<|endoftext|>", "</s>", "<eos>"])
+        .filter(|&id| (id as usize) < vocab)
+        .or_else(|| {
+            config["eos_token_id"]
+                .as_u64()
+                .filter(|&id| (id as usize) < vocab)
+                .map(|id| id as u32)
+        })
+        .unwrap_or(0);
+    config["pad_token_id"] = serde_json::json!(id);
 }
 
 /// Element type of exported weights.
@@ -145,6 +168,10 @@ pub fn to_hf_tensors(
             );
         }
         out.extend(m.split(&t.data));
+    }
+    for (name, shape) in empty_tensors(arch, cfg) {
+        let data = Vec::new();
+        out.insert(name, HostTensor { shape, data });
     }
     Ok(out)
 }
@@ -231,7 +258,8 @@ fn safetensors_files(
 pub fn export_run(run: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
     let dtype = options.dtype;
     refuse_existing(out)?;
-    let loaded = checkpoint::load_latest(run)?;
+    let mut loaded = checkpoint::load_latest(run)?;
+    loaded.bake_old_norm_head()?;
     let cfg = &loaded.state.config.model;
     let arch = Arch::of(cfg)?;
     let hf = run.join(HF_SUBDIR);
@@ -244,6 +272,8 @@ pub fn export_run(run: &Path, out: &Path, options: &ExportOptions) -> Result<()>
         };
     let mut config = config_to_hf(arch, cfg, original.as_ref())?;
     config["torch_dtype"] = serde_json::json!(dtype.torch_name());
+    let tokenizer = nuwa_data::Tokenizer::load(run)?;
+    set_pad_token(&mut config, &tokenizer, cfg.vocab_size);
     let tensors = to_hf_tensors(arch, cfg, &loaded.weights)?;
     let encoded: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = tensors
         .into_iter()
@@ -286,6 +316,17 @@ pub fn export_run(run: &Path, out: &Path, options: &ExportOptions) -> Result<()>
                 std::fs::copy(&from, tmp.join(file))
                     .with_context(|| format!("{}: cannot copy", from.display()))?;
             }
+        }
+        // nuwa's own char/byte tokenizers, written as a tokenizer.json transformers loads.
+        if !tmp.join("tokenizer.json").exists() {
+            nuwa_core::atomic_write(&tmp.join("tokenizer.json"), tokenizer.hf_json()?.as_bytes())?;
+        }
+        if !tmp.join("tokenizer_config.json").exists() {
+            let side = serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast"});
+            nuwa_core::atomic_write(
+                &tmp.join("tokenizer_config.json"),
+                serde_json::to_string_pretty(&side)?.as_bytes(),
+            )?;
         }
         if out.exists() {
             std::fs::remove_dir(out)?; // empty, checked above

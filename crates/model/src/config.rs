@@ -43,8 +43,13 @@ pub struct ModelConfig {
     pub norm_head: bool,
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// A bias on the attention output projection (`dense`) only, as Ant's `use_bias` means.
     #[serde(default)]
     pub use_bias: bool,
+    /// Biases on every SwiGLU projection, dense and shared experts (Llama's `mlp_bias`; Ling
+    /// has none). Routed experts never have biases.
+    #[serde(default)]
+    pub mlp_bias: bool,
     #[serde(default)]
     pub use_qkv_bias: bool,
     /// RMSNorm over each query and key head before RoPE (Qwen3, Ling 2.0: `use_qk_norm`).
@@ -56,6 +61,9 @@ pub struct ModelConfig {
     /// Dropout on each attention / FFN output before the residual add (bailing_moe: `output_dropout`).
     #[serde(default)]
     pub output_dropout: f64,
+    /// Dropout on the attention probabilities (bailing_moe, llama: `attention_dropout`).
+    #[serde(default)]
+    pub attention_dropout: f64,
 }
 
 fn default_model_type() -> String {
@@ -195,6 +203,7 @@ impl ModelConfig {
         for (field, p) in [
             ("embedding_dropout", self.embedding_dropout),
             ("output_dropout", self.output_dropout),
+            ("attention_dropout", self.attention_dropout),
         ] {
             if !(0.0..1.0).contains(&p) {
                 return Err(invalid(field, format!("{p} is not in [0, 1)")));
@@ -233,10 +242,12 @@ impl ModelConfig {
             norm_head: false,
             tie_word_embeddings: false,
             use_bias: false,
+            mlp_bias: false,
             use_qkv_bias: false,
             use_qk_norm: false,
             embedding_dropout: 0.0,
             output_dropout: 0.0,
+            attention_dropout: 0.0,
         };
         let ling = |layers, hidden, heads, kv, experts, topk, shared, moe_width| ModelConfig {
             vocab_size: 126_464,
@@ -286,7 +297,7 @@ pub struct ModelCounts {
 
 impl ModelConfig {
     fn swiglu_params(&self, width: usize) -> u64 {
-        let b = if self.use_bias {
+        let b = if self.mlp_bias {
             2 * width + self.hidden_size
         } else {
             0

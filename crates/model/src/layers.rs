@@ -4,7 +4,7 @@
 
 use crate::cache::{Attend, KvStore, Positions};
 use burn::module::{Module, Param};
-use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -178,6 +178,8 @@ pub struct Attention {
     /// Per-head RMSNorm of queries and keys before RoPE, when `use_qk_norm`.
     pub query_layernorm: Option<RmsNorm>,
     pub key_layernorm: Option<RmsNorm>,
+    /// Dropout on the attention probabilities (training only; Ant's `attention_dropout`).
+    pub dropout: Dropout,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -201,6 +203,7 @@ impl Attention {
             key_layernorm: cfg
                 .use_qk_norm
                 .then(|| RmsNorm::new(d, cfg.rms_norm_eps, device)),
+            dropout: DropoutConfig::new(cfg.attention_dropout).init(),
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: d,
@@ -247,24 +250,47 @@ impl Attention {
             repeat_kv(attend.keys, groups),
             repeat_kv(attend.values, groups),
         );
+        let positions = keys.dims()[2];
+        let dropout = self.dropout.prob > 0.0 && q.device().is_autodiff();
         let out = match attend.mask {
-            None => {
+            // The fused kernel has no dropout: with attention dropout in training, the scores
+            // are built explicitly (causal mask for a chunk that attends to itself).
+            None if !dropout => {
                 let options = AttentionModuleOptions {
                     is_causal: t > 1,
                     ..Default::default()
                 };
                 attention(q, keys, values, None, None, options)
             }
-            Some(mask) => {
-                let positions = keys.dims()[2];
+            mask => {
+                let mask = mask.unwrap_or_else(|| causal_mask(t, positions, &q.device()));
                 let scores = q.matmul(keys.swap_dims(2, 3)) / (d as f64).sqrt()
                     + mask.expand([b, h, t, positions]);
-                softmax(scores, 3).matmul(values)
+                self.dropout.forward(softmax(scores, 3)).matmul(values)
             }
         };
         self.dense
             .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
     }
+}
+
+/// An additive mask `[1, 1, len, positions]`: query `i` (the last `len` of `positions`) sees
+/// keys up to its own position.
+fn causal_mask(len: usize, positions: usize, device: &Device) -> Tensor<4> {
+    let offset = positions - len;
+    let values: Vec<f32> = (0..len)
+        .flat_map(|i| {
+            (0..positions).map(move |j| {
+                if j <= i + offset {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::<2>::from_data(TensorData::new(values, [len, positions]), device)
+        .reshape([1, 1, len, positions])
 }
 
 /// Expands `[batch, kv_heads, seq, d]` to `[batch, kv_heads * groups, seq, d]`, head `i`

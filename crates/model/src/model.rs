@@ -43,7 +43,7 @@ impl DecoderLayer {
             attention: Attention::new(cfg, device),
             post_attention_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, device),
             mlp: (!is_moe)
-                .then(|| SwiGlu::new(cfg.hidden_size, cfg.intermediate_size, cfg.use_bias, device)),
+                .then(|| SwiGlu::new(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, device)),
             moe: is_moe.then(|| Moe::new(cfg, device)),
             dropout: DropoutConfig::new(cfg.output_dropout).init(),
         }
@@ -180,14 +180,18 @@ impl LanguageModel {
         }
     }
 
-    /// The LM head weight as `[hidden, vocab]`, rows L2-normalised per vocab entry when `norm_head`.
+    /// The LM head weight as `[hidden, vocab]`. With `norm_head` (Ling's NormHead, as Ant's
+    /// `modeling_bailing_moe.py` computes it): HF's `lm_head.weight` `[vocab, hidden]` divided
+    /// by its L2 norm over dim 0, i.e. each hidden index's vector across the whole vocabulary
+    /// has unit norm (here: each row of `[hidden, vocab]`). Ant adds 1e-7 to the norm and
+    /// detaches it in training, so the gradient flows through the numerator only.
     fn head_weight(&self) -> Tensor<2> {
         let w = match &self.lm_head {
             Some(head) => head.weight.val(),
             None => self.word_embeddings.weight.val().transpose(),
         };
         if self.norm_head {
-            let norm = w.clone().powi_scalar(2).sum_dim(0).sqrt().clamp_min(1e-7);
+            let norm = w.clone().powi_scalar(2).sum_dim(1).sqrt().detach() + 1e-7;
             w / norm
         } else {
             w

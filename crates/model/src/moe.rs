@@ -124,7 +124,7 @@ impl Moe {
             gate: linear(h, cfg.num_experts, false, device),
             experts: Experts::new(cfg.num_experts, h, w, device),
             shared_experts: (cfg.num_shared_experts > 0)
-                .then(|| SwiGlu::new(h, w * cfg.num_shared_experts, cfg.use_bias, device)),
+                .then(|| SwiGlu::new(h, w * cfg.num_shared_experts, cfg.mlp_bias, device)),
             top_k: cfg.num_experts_per_tok,
             norm_topk_prob: cfg.norm_topk_prob,
         }
@@ -147,7 +147,9 @@ impl Moe {
         let logits = self.gate.forward(x.clone());
         let probs = softmax(logits.clone(), 1);
         let (mut top_w, top_i) = probs.clone().topk_with_indices(self.top_k, 1);
-        if self.norm_topk_prob {
+        // As Ant's gate: renormalised only when more than one expert is chosen (with one, the
+        // weight stays the router probability and the router keeps its gradient).
+        if self.norm_topk_prob && self.top_k > 1 {
             top_w = top_w.clone() / top_w.sum_dim(1);
         }
 

@@ -22,6 +22,14 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const TRAINER_FILE: &str = "trainer.json";
 
+/// What the checkpoint's numbers mean, recorded in `trainer.json` as `format`:
+/// - 0 (absent; nuwa before this field): NormHead normalised each vocab row, and `use_bias`
+///   put biases on the attention output and every MLP;
+/// - 3: NormHead as Ant computes it (over dim 0 of `[vocab, hidden]`), `use_bias` on the
+///   attention output only and `mlp_bias` for MLPs. (Parameter *names* have their own versions,
+///   converted by `nuwa_model::names`.)
+pub const CHECKPOINT_FORMAT: u32 = 3;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainerState {
     /// Optimiser steps completed.
@@ -31,6 +39,9 @@ pub struct TrainerState {
     pub config: RunConfig,
     /// SHA-256 of each file in the checkpoint.
     pub checksums: BTreeMap<String, String>,
+    /// [`CHECKPOINT_FORMAT`] when written; 0 for checkpoints older than the field.
+    #[serde(default)]
+    pub format: u32,
 }
 
 pub fn checkpoints_dir(run: &Path) -> PathBuf {
@@ -74,6 +85,7 @@ pub fn save<M: Module>(
         step_dir_name(state.step),
         std::process::id()
     ));
+    state.format = CHECKPOINT_FORMAT;
     let result = (|| -> Result<()> {
         let _ = std::fs::remove_dir_all(&tmp_dir);
         std::fs::create_dir_all(&tmp_dir)?;
@@ -117,6 +129,88 @@ pub struct Loaded {
     pub optimizer: BTreeMap<String, HostTensor>,
 }
 
+impl Loaded {
+    /// Whether the model was trained with nuwa's old NormHead (per vocab row), which today's
+    /// `norm_head` (Ant's, per hidden index) would silently reinterpret.
+    pub fn has_old_norm_head(&self) -> bool {
+        self.state.format < 3 && self.state.config.model.norm_head
+    }
+
+    /// Refuses to go on training a model whose head meant something else then.
+    pub fn check_resumable(&self) -> Result<()> {
+        if self.has_old_norm_head() {
+            bail!(
+                "{}: trained with nuwa's NormHead before checkpoint format 3 (each vocab row \
+                 normalised, not each hidden index as Ant's Ling does); training on would change \
+                 the model. sample, serve and export still compute it exactly; to train on, \
+                 `nuwa export` it and `nuwa import` the export into a new run",
+                self.dir.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// For inference and export: a model trained with the old NormHead becomes a plain head
+    /// holding the old normalised weights (the same logits, exactly), with one note on stderr.
+    pub fn bake_old_norm_head(&mut self) -> Result<()> {
+        if !self.has_old_norm_head() {
+            return Ok(());
+        }
+        let model = &mut self.state.config.model;
+        let (hidden, vocab) = (model.hidden_size, model.vocab_size);
+        // nuwa keeps the head as `[hidden, vocab]`; a tied head is the embeddings transposed.
+        let mut head = match self.weights.get("lm_head.weight") {
+            Some(t) if !model.tie_word_embeddings => t.data.clone(),
+            _ => {
+                let emb = self
+                    .weights
+                    .get("word_embeddings.weight")
+                    .ok_or_else(|| anyhow!("{}: no word_embeddings.weight", self.dir.display()))?;
+                if emb.data.len() != hidden * vocab {
+                    bail!(
+                        "{}: word_embeddings.weight is not [{vocab}, {hidden}]",
+                        self.dir.display()
+                    );
+                }
+                let mut head = vec![0.0; hidden * vocab];
+                for (v, row) in emb.data.chunks(hidden).enumerate() {
+                    for (i, x) in row.iter().enumerate() {
+                        head[i * vocab + v] = *x;
+                    }
+                }
+                head
+            }
+        };
+        if head.len() != hidden * vocab {
+            bail!(
+                "{}: lm_head.weight is not [{hidden}, {vocab}]",
+                self.dir.display()
+            );
+        }
+        for v in 0..vocab {
+            let norm = (0..hidden)
+                .map(|i| head[i * vocab + v].powi(2))
+                .sum::<f32>()
+                .sqrt()
+                .max(1e-7);
+            for i in 0..hidden {
+                head[i * vocab + v] /= norm;
+            }
+        }
+        let shape = vec![hidden, vocab];
+        self.weights
+            .insert("lm_head.weight".into(), HostTensor { shape, data: head });
+        model.norm_head = false;
+        model.tie_word_embeddings = false;
+        eprintln!(
+            "note: {}: trained with nuwa's NormHead before checkpoint format 3; its normalised \
+             head is used as a plain LM head (norm_head = false), which computes the same logits",
+            self.dir.display()
+        );
+        Ok(())
+    }
+}
+
 fn read_verified(dir: &Path, file: &str, state: &TrainerState) -> Result<Vec<u8>> {
     let path = dir.join(file);
     let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
@@ -152,8 +246,12 @@ pub fn load_latest(run: &Path) -> Result<Loaded> {
     let trainer_path = dir.join(TRAINER_FILE);
     let text = std::fs::read_to_string(&trainer_path)
         .with_context(|| format!("{}: cannot read", trainer_path.display()))?;
-    let state: TrainerState = serde_json::from_str(&text)
+    let mut state: TrainerState = serde_json::from_str(&text)
         .map_err(|e| anyhow!("{}: garbled trainer state: {e}", trainer_path.display()))?;
+    if state.format < 3 && state.config.model.use_bias {
+        // Before format 3, `use_bias` also meant biases on every MLP.
+        state.config.model.mlp_bias = true;
+    }
     let model_path = dir.join(MODEL_FILE).display().to_string();
     let weights = from_safetensors(&read_verified(&dir, MODEL_FILE, &state)?, &model_path)?;
     let weights = upgrade_names(weights).map_err(|e| anyhow!("{model_path}: {e}"))?;
@@ -173,7 +271,8 @@ pub fn load_for_inference(
     run: &Path,
     device: &Device,
 ) -> Result<(LanguageModel, Tokenizer, RunConfig)> {
-    let loaded = load_latest(run)?;
+    let mut loaded = load_latest(run)?;
+    loaded.bake_old_norm_head()?;
     let cfg = loaded.state.config.clone();
     let model = LanguageModel::uninitialised(&cfg.model, device);
     let what = loaded.dir.join(MODEL_FILE).display().to_string();

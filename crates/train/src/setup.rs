@@ -95,7 +95,9 @@ pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<S
     std::fs::create_dir_all(&run)
         .with_context(|| format!("{}: cannot create run folder", run.display()))?;
     let resumed = if opts.resume {
-        Some(checkpoint::load_latest(&run)?)
+        let loaded = checkpoint::load_latest(&run)?;
+        loaded.check_resumable()?;
+        Some(loaded)
     } else {
         if !checkpoint::list_checkpoints(&run).is_empty() {
             bail!("{}: already holds checkpoints; pass --resume to continue it or choose another --run-dir", run.display());

@@ -87,6 +87,7 @@ fn save(s: &Session, step: u64) -> Result<PathBuf> {
         tokens_seen: s.tokens_seen,
         config: s.cfg.clone(),
         checksums: Default::default(),
+        format: checkpoint::CHECKPOINT_FORMAT,
     };
     let keep = s.cfg.train.keep_checkpoints;
     checkpoint::save(&s.run, &s.model, &s.opt.to_host(), state, keep)

@@ -36,17 +36,11 @@ impl Architecture for Llama {
     }
 
     fn read_config(&self, f: &mut Fields, cfg: &mut ModelConfig) {
+        // `attention_bias` biases q, k, v and o; `mlp_bias` every MLP projection.
         let attention_bias = f.bool_or("attention_bias", false);
-        let mlp_bias = f.bool_or("mlp_bias", false);
-        f.require(
-            attention_bias == mlp_bias,
-            format!(
-                "`attention_bias` = {attention_bias} with `mlp_bias` = {mlp_bias} is not \
-                 supported (nuwa biases the attention output and the MLP together)"
-            ),
-        );
         cfg.use_qkv_bias = attention_bias;
         cfg.use_bias = attention_bias;
+        cfg.mlp_bias = f.bool_or("mlp_bias", false);
     }
 
     fn cannot_hold(&self, cfg: &ModelConfig) -> Vec<&'static str> {
@@ -62,11 +56,16 @@ impl Architecture for Llama {
 
     fn write_config(&self, cfg: &ModelConfig, set: &mut dyn FnMut(&str, Value)) {
         set("attention_bias", json!(cfg.use_qkv_bias));
-        set("mlp_bias", json!(cfg.use_bias));
+        set("mlp_bias", json!(cfg.mlp_bias));
         set("rope_scaling", Value::Null);
     }
 
     fn layer_name(&self, rest: &str) -> String {
         llama_layer_name(rest)
+    }
+
+    fn harmless_keys(&self) -> &'static [&'static str] {
+        // Tensor-parallel slicing of the pretraining run: the same math.
+        &["pretraining_tp"]
     }
 }

@@ -23,6 +23,16 @@ impl Architecture for Mixtral {
         // Mixtral's experts are as wide as its `intermediate_size`, and every layer is MoE.
         cfg.moe_intermediate_size = cfg.intermediate_size;
         cfg.norm_topk_prob = true;
+        f.require(
+            cfg.num_experts_per_tok != 1,
+            "`num_experts_per_tok` = 1 is not supported for mixtral (it renormalises a single \
+             expert's weight to 1; nuwa follows Ling, which does not)",
+        );
+        let jitter = f.f64_or("router_jitter_noise", 0.0);
+        f.require(
+            jitter == 0.0,
+            format!("`router_jitter_noise` {jitter}: router jitter is not supported"),
+        );
         if let Some(window) = f.value("sliding_window").and_then(|v| v.as_u64()) {
             // A window at least as long as the context is plain causal attention.
             let window = window as usize;
@@ -41,6 +51,12 @@ impl Architecture for Mixtral {
         let mut bad = llama_family_cannot_hold(cfg, false);
         if cfg.first_k_dense_replace > 0 {
             bad.push("dense layers");
+        }
+        if cfg.num_experts_per_tok == 1 {
+            bad.push("a single expert per token (mixtral would weigh it 1)");
+        }
+        if cfg.use_bias || cfg.use_qkv_bias || cfg.mlp_bias {
+            bad.push("biases");
         }
         if cfg.moe_intermediate_size != cfg.intermediate_size {
             bad.push("expert width different from intermediate_size");

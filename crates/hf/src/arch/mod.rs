@@ -3,10 +3,15 @@
 //! nuwa's own config uses Ling's (`bailing_moe`) field names; the other formats are translated
 //! here: the keys every architecture shares in this file, each architecture's own keys, what
 //! it refuses and its tensor names in one file of its own behind [`Architecture`]. A new
-//! architecture is one new file and one line in [`Arch`]. Every key that changes the math is checked; a setting nuwa does not implement (a RoPE
-//! scaling, sliding-window attention, biases on only some projections) is an error naming the
-//! key, never silently ignored. Keys that only describe the checkpoint (token ids, dtype,
-//! `architectures`, ...) are kept in the original JSON, which export writes back.
+//! architecture is one new file and one line in [`Arch`].
+//!
+//! Every key that changes the math is checked; a setting nuwa does not implement (a RoPE
+//! scaling, sliding-window attention) is an error naming the key, never silently ignored. A key
+//! nuwa neither reads nor knows to be harmless metadata is an error too, listing every such key
+//! (a Ling 2.0 `config.json` must not train as a Ling 1 model). Absent keys take the defaults of
+//! the architecture's own config class ([`Architecture::default_of`]). Keys that only describe
+//! the checkpoint (token ids, dtype, `architectures`, ...) are kept in the original JSON, which
+//! export writes back.
 
 mod bailing_moe;
 mod llama;
@@ -17,6 +22,77 @@ mod qwen3_moe;
 use anyhow::{bail, Result};
 use nuwa_model::ModelConfig;
 use serde_json::{json, Map, Value};
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+
+/// Keys of any `config.json` that describe the checkpoint or steer transformers' generation
+/// and bookkeeping, never the model's math.
+const METADATA_KEYS: &[&str] = &[
+    "architectures",
+    "model_type",
+    "auto_map",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "_name_or_path",
+    "name_or_path",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "use_cache",
+    "initializer_range",
+    "output_router_logits",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "tokenizer_class",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "is_decoder",
+    "is_encoder_decoder",
+    "add_cross_attention",
+    "torchscript",
+    "use_bfloat16",
+    "tie_encoder_decoder",
+    "pruned_heads",
+    "chunk_size_feed_forward",
+    "finetuning_task",
+    "task_specific_params",
+    "_attn_implementation",
+    "attn_implementation",
+    "router_aux_loss_coef",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "output_scores",
+    "return_dict_in_generate",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "prefix",
+    "cross_attention_hidden_size",
+    "tf_legacy_loss",
+];
 
 /// What nuwa needs to know of one Hugging Face architecture.
 pub trait Architecture: Sync {
@@ -41,6 +117,17 @@ pub trait Architecture: Sync {
     /// Whether HF keeps q, k and v as nuwa does, in one fused projection.
     fn fused_qkv(&self) -> bool {
         false
+    }
+    /// The value the architecture's config class gives `key` when `config.json` lacks it
+    /// (transformers builds the model from those defaults, so nuwa must too). `None`: nuwa's
+    /// fallback for that key applies.
+    fn default_of(&self, _key: &str) -> Option<Value> {
+        None
+    }
+    /// This architecture's keys that nuwa does not read because they cannot change what it
+    /// computes (besides [`METADATA_KEYS`]).
+    fn harmless_keys(&self) -> &'static [&'static str] {
+        &[]
     }
 }
 
@@ -104,15 +191,44 @@ fn unsupported(model_type: &str) -> anyhow::Error {
     )
 }
 
-/// Reads fields of a `config.json`, collecting every problem instead of stopping at the first.
+/// Reads fields of a `config.json`, collecting every problem instead of stopping at the first
+/// and remembering which keys were read.
 pub struct Fields<'a> {
     json: &'a Map<String, Value>,
+    arch: &'a dyn Architecture,
+    read: RefCell<BTreeSet<String>>,
     problems: Vec<String>,
 }
 
 impl Fields<'_> {
+    /// The key's value, or the architecture's default when it is absent or null.
     pub fn value(&self, key: &str) -> Option<Value> {
-        self.json.get(key).filter(|v| !v.is_null()).cloned()
+        self.read.borrow_mut().insert(key.to_string());
+        self.json
+            .get(key)
+            .filter(|v| !v.is_null())
+            .cloned()
+            .or_else(|| self.arch.default_of(key))
+    }
+
+    /// Whether `config.json` itself sets the key.
+    pub fn is_set(&self, key: &str) -> bool {
+        self.read.borrow_mut().insert(key.to_string());
+        self.json.get(key).is_some_and(|v| !v.is_null())
+    }
+
+    /// Keys set in the file that were neither read nor are known to be harmless.
+    fn unknown_keys(&self) -> Vec<String> {
+        let read = self.read.borrow();
+        self.json
+            .iter()
+            .filter(|(k, v)| !v.is_null() && !read.contains(k.as_str()))
+            .map(|(k, _)| k.clone())
+            .filter(|k| {
+                !METADATA_KEYS.contains(&k.as_str())
+                    && !self.arch.harmless_keys().contains(&k.as_str())
+            })
+            .collect()
     }
 
     pub fn usize_or(&mut self, key: &str, default: Option<usize>) -> usize {
@@ -183,7 +299,7 @@ fn rope(f: &mut Fields, default_theta: f64) -> f64 {
         }
     }
     match params.as_ref().and_then(|p| p.get("rope_theta")) {
-        Some(theta) if f.value("rope_theta").is_none() => theta.as_f64().unwrap_or(default_theta),
+        Some(theta) if !f.is_set("rope_theta") => theta.as_f64().unwrap_or(default_theta),
         _ => f.f64_or("rope_theta", default_theta),
     }
 }
@@ -201,6 +317,8 @@ pub fn config_from_hf(json: &Value, what: &str) -> Result<(Arch, ModelConfig)> {
         .ok_or_else(|| anyhow::anyhow!("{what}: {}", unsupported(model_type)))?;
     let mut f = Fields {
         json: map,
+        arch: arch.spec(),
+        read: RefCell::new(BTreeSet::new()),
         problems: Vec::new(),
     };
     let act = f
@@ -223,6 +341,7 @@ pub fn config_from_hf(json: &Value, what: &str) -> Result<(Arch, ModelConfig)> {
         num_key_value_heads: f.usize_or("num_key_value_heads", Some(heads)),
         head_dim: f.value("head_dim").map(|_| f.usize("head_dim")),
         rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6),
+        attention_dropout: f.f64_or("attention_dropout", 0.0),
         rope_theta: rope(&mut f, 10_000.0),
         max_position_embeddings: f.usize_or("max_position_embeddings", Some(2048)),
         tie_word_embeddings: f.bool_or("tie_word_embeddings", false),
@@ -230,6 +349,16 @@ pub fn config_from_hf(json: &Value, what: &str) -> Result<(Arch, ModelConfig)> {
     };
     cfg.num_experts = 0;
     arch.spec().read_config(&mut f, &mut cfg);
+    let unknown = f.unknown_keys();
+    if !unknown.is_empty() {
+        f.problems.push(format!(
+            "{} unknown key(s) nuwa does not implement for {}: {} (they would change the \
+             model; nuwa refuses rather than compute a different one)",
+            unknown.len(),
+            arch.model_type(),
+            unknown.join(", ")
+        ));
+    }
     if !f.problems.is_empty() {
         bail!(
             "{what}: {} problem(s): {}",

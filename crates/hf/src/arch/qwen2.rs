@@ -30,7 +30,7 @@ impl Architecture for Qwen2 {
         if cfg.is_moe() {
             bad.push("experts");
         }
-        if !cfg.use_qkv_bias || cfg.use_bias {
+        if !cfg.use_qkv_bias || cfg.use_bias || cfg.mlp_bias {
             bad.push("biases other than q/k/v");
         }
         bad
@@ -42,5 +42,10 @@ impl Architecture for Qwen2 {
 
     fn layer_name(&self, rest: &str) -> String {
         llama_layer_name(rest)
+    }
+
+    fn harmless_keys(&self) -> &'static [&'static str] {
+        // Only read by sliding-window attention, which `use_sliding_window` refuses.
+        &["sliding_window", "max_window_layers"]
     }
 }

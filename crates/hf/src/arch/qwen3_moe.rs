@@ -17,9 +17,9 @@ impl Architecture for Qwen3Moe {
     }
 
     fn read_config(&self, f: &mut Fields, cfg: &mut ModelConfig) {
-        let attention_bias = f.json.get("attention_bias").and_then(Value::as_bool);
+        let attention_bias = f.bool_or("attention_bias", false);
         f.require(
-            !attention_bias.unwrap_or(false),
+            !attention_bias,
             "`attention_bias`: biased projections are not supported for qwen3_moe",
         );
         cfg.use_qk_norm = true;
@@ -32,12 +32,25 @@ impl Architecture for Qwen3Moe {
         cfg.moe_intermediate_size = f.usize_or("moe_intermediate_size", Some(0));
         cfg.norm_topk_prob = f.bool_or("norm_topk_prob", false);
         cfg.first_k_dense_replace = qwen3_dense_prefix(f, cfg.num_hidden_layers);
+        f.require(
+            !(cfg.norm_topk_prob && cfg.num_experts_per_tok == 1),
+            "`norm_topk_prob` with `num_experts_per_tok` = 1 is not supported (qwen3_moe \
+             renormalises a single expert's weight to 1; nuwa follows Ling, which does not)",
+        );
+        let sliding = f.bool_or("use_sliding_window", false);
+        f.require(
+            !sliding,
+            "`use_sliding_window`: sliding-window attention is not supported",
+        );
     }
 
     fn cannot_hold(&self, cfg: &ModelConfig) -> Vec<&'static str> {
         let mut bad = llama_family_cannot_hold(cfg, true);
-        if cfg.use_bias || cfg.use_qkv_bias {
+        if cfg.use_bias || cfg.use_qkv_bias || cfg.mlp_bias {
             bad.push("biases");
+        }
+        if cfg.norm_topk_prob && cfg.num_experts_per_tok == 1 {
+            bad.push("norm_topk_prob with a single expert per token");
         }
         bad
     }
@@ -57,6 +70,11 @@ impl Architecture for Qwen3Moe {
 
     fn layer_name(&self, rest: &str) -> String {
         llama_layer_name(rest)
+    }
+
+    fn harmless_keys(&self) -> &'static [&'static str] {
+        // Only read by sliding-window attention, which `use_sliding_window` refuses.
+        &["sliding_window", "max_window_layers"]
     }
 }
 
