@@ -474,4 +474,65 @@ mod tests {
         cfg["mlp_only_layers"] = json!([1]);
         assert!(config_from_hf(&cfg, "c").is_err());
     }
+
+    fn ling(extra: Value) -> Value {
+        let mut cfg = json!({
+            "model_type": "bailing_moe", "architectures": ["BailingMoeForCausalLM"],
+            "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+            "transformers_version": "4.51.3", "torch_dtype": "bfloat16", "pad_token_id": 0
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        cfg
+    }
+
+    #[test]
+    fn a_ling_2_config_is_not_read_as_ling_1() {
+        let v2 = ling(json!({
+            "score_function": "sigmoid", "n_group": 2, "topk_group": 1,
+            "routed_scaling_factor": 2.5, "partial_rotary_factor": 0.5,
+            "num_nextn_predict_layers": 1, "moe_router_enable_expert_bias": true
+        }));
+        let err = config_from_hf(&v2, "config.json").unwrap_err().to_string();
+        for key in [
+            "score_function",
+            "n_group",
+            "topk_group",
+            "routed_scaling_factor",
+            "partial_rotary_factor",
+            "num_nextn_predict_layers",
+            "moe_router_enable_expert_bias",
+        ] {
+            assert!(err.contains(key), "{key} not in: {err}");
+        }
+        assert!(err.contains("7 unknown key(s)"), "{err}");
+        // Metadata and keys that cannot change the model pass.
+        assert!(config_from_hf(
+            &ling(json!({"use_cache": false, "sliding_window": 4096})),
+            "c"
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn absent_ling_keys_take_ants_defaults() {
+        let (_, c) = config_from_hf(&ling(json!({})), "c").unwrap();
+        assert_eq!(c.rms_norm_eps, 1e-5);
+        assert!(c.use_bias && !c.mlp_bias && !c.norm_head && c.norm_topk_prob);
+        assert_eq!(
+            (c.embedding_dropout, c.output_dropout, c.attention_dropout),
+            (0.1, 0.1, 0.1)
+        );
+        assert_eq!(
+            (c.rope_theta, c.max_position_embeddings),
+            (10_000.0, 16_384)
+        );
+        let mut no_kv = ling(json!({}));
+        no_kv.as_object_mut().unwrap().remove("num_key_value_heads");
+        let err = config_from_hf(&no_kv, "c").unwrap_err().to_string();
+        assert!(err.contains("num_key_value_heads"), "{err}");
+    }
 }
