@@ -489,3 +489,65 @@ fn fine_tuning_from_a_checkpoint_starts_from_its_weights_and_exports_as_its_type
                 .unwrap()
     );
 }
+
+#[test]
+fn sample_prints_log_probabilities_that_match_the_reference_logits() {
+    // Greedy from the prompt: the first token's log-probability is the log-softmax of the
+    // reference's logits at the prompt's last position.
+    let want = expected("bailing_moe");
+    let prompt: Vec<String> = want.input_ids.iter().map(|i| i.to_string()).collect();
+    let vocab = want.logits.len() / want.input_ids.len();
+    let last = &want.logits[want.logits.len() - vocab..];
+    let reference = nuwa_model::token_logprobs(last, want.greedy[0], 3);
+    let tmp = TempDir::new("sample-logprobs");
+    let run = tmp.path().join("run");
+    import_to_run(&fixture("bailing_moe"), &run, &Device::default()).unwrap();
+    // The fixture has no tokenizer: a byte tokenizer over the ids < 256 stands in.
+    std::fs::write(run.join("tokenizer.nuwa.json"), r#"{"kind":"byte"}"#).unwrap();
+    let text: String = want
+        .input_ids
+        .iter()
+        .map(|&i| char::from(i as u8))
+        .collect();
+    let out = nuwa(&[
+        "sample",
+        "--run",
+        run.to_str().unwrap(),
+        "--prompt",
+        &text,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "4",
+        "--logprobs",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{prompt:?}");
+    let ids: Vec<u32> = lines
+        .iter()
+        .map(|l| l["id"].as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(ids, want.greedy[..4]);
+    let first = lines[0]["logprob"].as_f64().unwrap() as f32;
+    assert!(
+        (first - reference.logprob).abs() < 1e-4,
+        "{first} vs {}",
+        reference.logprob
+    );
+    let top: Vec<u32> = lines[0]["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(top, reference.top.iter().map(|t| t.0).collect::<Vec<_>>());
+}

@@ -451,3 +451,115 @@ fn the_official_openai_client_works() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Each generated token's log-probabilities as the library computes them alone (greedy).
+fn logprobs_alone(prompt: &str, max_tokens: usize, top: usize) -> Vec<nuwa_model::TokenLogprobs> {
+    let device = Device::default();
+    let m = InferenceModel::load(&ModelSource::Hf(fixture()), &device).unwrap();
+    let ids = m.encode(prompt).unwrap();
+    let opts = SamplingOptions {
+        max_tokens,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    m.generate_scored(&ids, &opts, &device, |t, logits| {
+        out.push(nuwa_model::token_logprobs(logits, t, top));
+    });
+    out
+}
+
+#[test]
+fn logprobs_in_completions_chat_and_streams_match_the_model() {
+    let s = server(&[]);
+    let want = logprobs_alone("w5 w6 w7", 6, 3);
+    let close = |a: &Value, b: f32| (a.as_f64().unwrap() as f32 - b).abs() < 1e-4;
+
+    // Legacy completions: parallel lists, `logprobs: N` alternatives.
+    let (code, r) = post(
+        &format!("{}/v1/completions", s.url),
+        &json!({"prompt": "w5 w6 w7", "max_tokens": 6, "temperature": 0, "logprobs": 3}),
+    );
+    assert_eq!(code, 200, "{r}");
+    let lp = &r["choices"][0]["logprobs"];
+    let got = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(got.len(), want.len(), "{lp}");
+    for (g, w) in got.iter().zip(&want) {
+        assert!(close(g, w.logprob), "{g} vs {}", w.logprob);
+        assert!(w.logprob <= 0.0);
+    }
+    let top0 = lp["top_logprobs"][0].as_object().unwrap();
+    assert_eq!(top0.len(), 3, "{lp}");
+    let text: String = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect::<Vec<_>>()
+        .join("");
+    // (This word-level tokenizer's decoder puts the spaces between tokens.)
+    let answer: String = r["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(text, answer);
+
+    // Chat: `logprobs: true` with `top_logprobs`, in the answer and in a stream.
+    let body = json!({"messages": [{"role": "user", "content": "w5 w6 w7"}], "max_tokens": 4,
+                      "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let (code, r) = post(&format!("{}/v1/chat/completions", s.url), &body);
+    assert_eq!(code, 200, "{r}");
+    let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert!(!content.is_empty(), "{r}");
+    for c in content {
+        let top = c["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["token"], c["token"], "{c}");
+        assert!(close(
+            &top[0]["logprob"],
+            c["logprob"].as_f64().unwrap() as f32
+        ));
+    }
+    let mut streamed = Vec::new();
+    let stream = ureq::post(&format!("{}/v1/chat/completions", s.url))
+        .send_json(
+            json!({"messages": [{"role": "user", "content": "w5 w6 w7"}], "max_tokens": 4,
+                          "temperature": 0, "logprobs": true, "stream": true}),
+        )
+        .unwrap();
+    for line in BufReader::new(stream.into_reader()).lines() {
+        let line = line.unwrap();
+        if let Some(v) = line
+            .strip_prefix("data: ")
+            .and_then(|d| serde_json::from_str::<Value>(d).ok())
+        {
+            if let Some(list) = v["choices"][0]["logprobs"]["content"].as_array() {
+                streamed.extend(list.iter().map(|c| c["logprob"].clone()));
+            }
+        }
+    }
+    let whole: Vec<Value> = content.iter().map(|c| c["logprob"].clone()).collect();
+    assert_eq!(streamed, whole);
+
+    // Asking wrongly is a 400 naming the field.
+    let (code, r) = post(
+        &format!("{}/v1/chat/completions", s.url),
+        &json!({"messages": [{"role": "user", "content": "w1"}], "top_logprobs": 2}),
+    );
+    assert_eq!(
+        (code, r["error"]["param"].as_str()),
+        (400, Some("top_logprobs")),
+        "{r}"
+    );
+    let (code, r) = post(
+        &format!("{}/v1/completions", s.url),
+        &json!({"prompt": "w1", "logprobs": 99}),
+    );
+    assert_eq!(
+        (code, r["error"]["param"].as_str()),
+        (400, Some("logprobs")),
+        "{r}"
+    );
+}

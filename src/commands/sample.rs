@@ -38,6 +38,11 @@ pub struct SampleArgs {
     /// Most positions attended to (default: the run's training context).
     #[arg(long, default_value_t = 0)]
     window: usize,
+    /// Print each generated token as a JSON line instead of the text: its id, text, bytes,
+    /// log-probability under the model (raw logits, before temperature/top-k/top-p) and the
+    /// N most likely tokens with theirs (N = 0: the chosen token only).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=1000))]
+    logprobs: Option<u16>,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -47,6 +52,7 @@ pub fn sample_run(
     prompt: &str,
     chat: bool,
     opts: &SamplingOptions,
+    logprobs: Option<usize>,
     device: &burn::tensor::Device,
 ) -> Result<()> {
     let m = InferenceModel::load(source, device)?;
@@ -68,10 +74,24 @@ pub fn sample_run(
             m.model.max_positions
         );
     }
+    let mut out = std::io::stdout();
+    if let Some(top) = logprobs {
+        m.generate_scored(&ids, opts, device, |tok, logits| {
+            let lp = nuwa_model::token_logprobs(logits, tok, top);
+            let entry = |id: u32, logprob: f32| {
+                let bytes = m.tokenizer.token_bytes(id);
+                serde_json::json!({"id": id, "token": String::from_utf8_lossy(&bytes),
+                                   "bytes": bytes, "logprob": logprob})
+            };
+            let mut line = entry(tok, lp.logprob);
+            line["top_logprobs"] = lp.top.iter().map(|&(id, l)| entry(id, l)).collect();
+            let _ = writeln!(out, "{line}");
+        });
+        return Ok(());
+    }
     if !chat {
         print!("{prompt}");
     }
-    let mut out = std::io::stdout();
     let mut stream = nuwa_data::TextStream::default();
     m.generate(&ids, opts, device, |tok| {
         let _ = write!(out, "{}", stream.push(&m.tokenizer, tok));
@@ -111,6 +131,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
             seed: a.seed,
             window: a.window,
         },
+        a.logprobs.map(usize::from),
         &device,
     )
 }

@@ -333,6 +333,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 max_tokens: a.sample_tokens,
                 ..Default::default()
             },
+            None,
             &device,
         );
         // Training succeeded; a sample that cannot be drawn is a note, not a failure.

@@ -210,6 +210,14 @@ impl Tokenizer {
             .map_err(|e| anyhow!("tokenizer: {e}"))
     }
 
+    /// One token's bytes (a byte tokenizer's token may be part of a UTF-8 character).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        match self {
+            Self::Byte => vec![id.min(255) as u8],
+            _ => self.decode(&[id]).into_bytes(),
+        }
+    }
+
     /// The id of the first of `names` that is one of the tokenizer's tokens (HF tokenizers).
     pub fn special_token_id(&self, names: &[&str]) -> Option<u32> {
         match self {

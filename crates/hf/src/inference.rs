@@ -8,7 +8,7 @@ use crate::run_dir::HF_SUBDIR;
 use anyhow::{bail, Result};
 use burn::tensor::Device;
 use nuwa_data::Tokenizer;
-use nuwa_model::{generate_until, LanguageModel, ModelConfig, SamplingOptions};
+use nuwa_model::{generate_scored, LanguageModel, ModelConfig, SamplingOptions};
 use std::path::{Path, PathBuf};
 
 /// Where a model comes from.
@@ -116,6 +116,17 @@ impl InferenceModel {
         device: &Device,
         mut on_token: impl FnMut(u32),
     ) -> Vec<u32> {
+        self.generate_scored(prompt, opts, device, |t, _| on_token(t))
+    }
+
+    /// [`Self::generate`], handing `on_token` each token with the logits it was picked from.
+    pub fn generate_scored(
+        &self,
+        prompt: &[u32],
+        opts: &SamplingOptions,
+        device: &Device,
+        mut on_token: impl FnMut(u32, &[f32]),
+    ) -> Vec<u32> {
         let opts = SamplingOptions {
             window: if opts.window == 0 {
                 self.window
@@ -125,9 +136,9 @@ impl InferenceModel {
             ..*opts
         };
         let eos = &self.eos;
-        let mut out = generate_until(&self.model, prompt, &opts, eos, device, |t| {
+        let mut out = generate_scored(&self.model, prompt, &opts, eos, device, |t, logits| {
             if !eos.contains(&t) {
-                on_token(t)
+                on_token(t, logits)
             }
         });
         if out.last().is_some_and(|t| eos.contains(t)) {

@@ -33,6 +33,46 @@ impl Default for SamplingOptions {
     }
 }
 
+/// A token's log-probability under the model (the log-softmax of its raw logits: before any
+/// temperature, top-k or top-p), and the `top` most likely tokens with theirs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// Most likely first (ties: lower id first).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// [`TokenLogprobs`] of `token` in one row of logits.
+pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    let logprob = |i: usize| (logits[i] as f64 - lse) as f32;
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let top = top.min(logits.len());
+    if top > 0 {
+        order.select_nth_unstable_by(top - 1, |&a, &b| {
+            logits[b].total_cmp(&logits[a]).then(a.cmp(&b))
+        });
+        order.truncate(top);
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    } else {
+        order.clear();
+    }
+    TokenLogprobs {
+        token,
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |_| logprob(token as usize)),
+        top: order.into_iter().map(|i| (i as u32, logprob(i))).collect(),
+    }
+}
+
 /// Picks the next token from one row of logits.
 pub fn pick_token(logits: &[f32], opts: &SamplingOptions, rng_state: &mut u64) -> u32 {
     let argmax = || {
@@ -114,6 +154,19 @@ pub fn generate_until(
     device: &Device,
     mut on_token: impl FnMut(u32),
 ) -> Vec<u32> {
+    generate_scored(model, prompt, opts, stop, device, |t, _| on_token(t))
+}
+
+/// [`generate_until`], handing `on_token` each new token with the row of logits it was
+/// picked from (for log-probabilities).
+pub fn generate_scored(
+    model: &LanguageModel,
+    prompt: &[u32],
+    opts: &SamplingOptions,
+    stop: &[u32],
+    device: &Device,
+    mut on_token: impl FnMut(u32, &[f32]),
+) -> Vec<u32> {
     let window = match opts.window {
         0 => model.max_positions,
         w => w.min(model.max_positions),
@@ -136,7 +189,7 @@ pub fn generate_until(
         let next = pick_token(&logits, opts, &mut rng_state);
         out.push(next);
         all.push(next);
-        on_token(next);
+        on_token(next, &logits);
         if i + 1 == opts.max_tokens || stop.contains(&next) {
             break;
         }
@@ -185,5 +238,19 @@ mod tests {
         for _ in 0..50 {
             assert!(pick_token(&logits, &opts, &mut s) < 2);
         }
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_and_top_is_sorted() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let lp = token_logprobs(&logits, 2, 3);
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        assert!((lp.logprob as f64 - (2.0 - z.ln())).abs() < 1e-6);
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 3, 2]);
+        let total: f64 = (0..4)
+            .map(|i| (token_logprobs(&logits, i, 0).logprob as f64).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-6);
     }
 }

@@ -20,5 +20,7 @@ pub mod generate;
 pub mod init;
 pub mod loss;
 
-pub use generate::{generate, generate_until, SamplingOptions};
+pub use generate::{
+    generate, generate_scored, generate_until, token_logprobs, SamplingOptions, TokenLogprobs,
+};
 pub use loss::cross_entropy;

@@ -8,7 +8,7 @@ use nuwa_data::TextStream;
 use nuwa_hf::{InferenceModel, Message};
 use nuwa_model::batch::DecodeBatch;
 use nuwa_model::generate::pick_token;
-use nuwa_model::SamplingOptions;
+use nuwa_model::{token_logprobs, SamplingOptions, TokenLogprobs};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,15 +24,52 @@ pub struct Job {
     pub prompt: Prompt,
     pub options: SamplingOptions,
     pub stop: Vec<String>,
+    /// Log-probabilities wanted: `Some(n)` with the `n` most likely alternatives per token.
+    pub logprobs: Option<usize>,
     pub events: UnboundedSender<Event>,
+}
+
+/// One generated token's log-probability (raw logits, before temperature/top-k/top-p) and
+/// the most likely tokens at its position, as clients see them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// (token, bytes, log-probability), most likely first.
+    pub top: Vec<(String, Vec<u8>, f32)>,
+}
+
+impl TokenLogprob {
+    fn new(model: &InferenceModel, lp: &TokenLogprobs) -> Self {
+        let text = |id: u32| {
+            let bytes = model.tokenizer.token_bytes(id);
+            (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+        };
+        let (token, bytes) = text(lp.token);
+        Self {
+            token,
+            bytes,
+            logprob: lp.logprob,
+            top: lp
+                .top
+                .iter()
+                .map(|&(id, l)| {
+                    let (t, b) = text(id);
+                    (t, b, l)
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The prompt was accepted: its length in tokens.
     Started { prompt_tokens: usize },
-    /// New text (may be empty while a stop string might be forming).
-    Text(String),
+    /// New text (may be empty while a stop string might be forming), with the log-probabilities
+    /// of the tokens it completes when they were asked for.
+    Text(String, Vec<TokenLogprob>),
     Done {
         finish_reason: &'static str,
         completion_tokens: usize,
@@ -79,6 +116,10 @@ struct Active {
     sent: usize,
     rng: u64,
     next: u32,
+    /// The pending token's log-probabilities (when asked for).
+    next_logprobs: Option<TokenLogprobs>,
+    /// Those of tokens whose text is not sent yet.
+    unsent_logprobs: Vec<TokenLogprob>,
     started: Instant,
     first_token: bool,
 }
@@ -147,6 +188,7 @@ fn run(
         metrics.step(active.len(), started.elapsed().as_secs_f64());
         for (a, l) in active.iter_mut().zip(&logits) {
             a.next = pick_token(l, &a.job.options, &mut a.rng);
+            a.next_logprobs = a.job.logprobs.map(|n| token_logprobs(l, a.next, n));
         }
     }
 }
@@ -199,6 +241,7 @@ fn admit(
     let logits = batch.join(&model.model, &ids);
     let mut rng = job.options.seed;
     let next = pick_token(&logits, &job.options, &mut rng);
+    let next_logprobs = job.logprobs.map(|n| token_logprobs(&logits, next, n));
     Some(Active {
         job,
         generated: 0,
@@ -207,6 +250,8 @@ fn admit(
         sent: 0,
         rng,
         next,
+        next_logprobs,
+        unsent_logprobs: Vec::new(),
         started,
         first_token: true,
     })
@@ -228,6 +273,9 @@ fn emit(model: &InferenceModel, a: &mut Active, metrics: &Metrics) -> bool {
         a.generated += 1;
         let piece = a.stream.push(&model.tokenizer, a.next);
         a.text.push_str(&piece);
+        if let Some(lp) = a.next_logprobs.take() {
+            a.unsent_logprobs.push(TokenLogprob::new(model, &lp));
+        }
         metrics.token();
     }
     if is_eos || a.generated >= a.job.options.max_tokens {
@@ -268,10 +316,11 @@ fn emit(model: &InferenceModel, a: &mut Active, metrics: &Metrics) -> bool {
         }
     };
     if end > a.sent && text.is_char_boundary(a.sent) {
+        let logprobs = std::mem::take(&mut a.unsent_logprobs);
         let _ = a
             .job
             .events
-            .send(Event::Text(text[a.sent..end].to_string()));
+            .send(Event::Text(text[a.sent..end].to_string(), logprobs));
         a.sent = end;
     }
     match finish {

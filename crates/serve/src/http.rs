@@ -3,7 +3,7 @@
 //! Every bad request gets a 4xx with an OpenAI-style error object; nothing a client sends can
 //! take the server down.
 
-use crate::engine::{EngineHandle, Event, Job, Prompt};
+use crate::engine::{EngineHandle, Event, Job, Prompt, TokenLogprob};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
@@ -120,7 +120,12 @@ struct Sampling {
     options: SamplingOptions,
     stop: Vec<String>,
     stream: bool,
+    /// `Some(n)`: answer with each token's log-probability and the `n` most likely.
+    logprobs: Option<usize>,
 }
+
+/// Most alternatives per token a client may ask for (OpenAI's limit).
+const MAX_TOP_LOGPROBS: u64 = 20;
 
 // A rejected request returns its finished error response; it is built once per bad request,
 // so the size of `Response` in the `Err` variant costs nothing worth boxing.
@@ -166,6 +171,7 @@ fn sampling(
     s: &AppState,
     b: &serde_json::Map<String, Value>,
     default_max: usize,
+    chat: bool,
 ) -> Result<Sampling, Response> {
     if let Some(m) = b.get("model") {
         let m = m
@@ -232,7 +238,26 @@ fn sampling(
         Some(Value::Bool(x)) => *x,
         Some(_) => return Err(bad("stream", "`stream` must be true or false")),
     };
+    // Chat: `logprobs: true` and `top_logprobs: N`; completions: `logprobs: N`.
+    let logprobs = if chat {
+        let wanted = match b.get("logprobs") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(x)) => *x,
+            Some(_) => return Err(bad("logprobs", "`logprobs` must be true or false")),
+        };
+        let top = integer("top_logprobs", 0, 0, MAX_TOP_LOGPROBS)? as usize;
+        if !wanted && b.get("top_logprobs").is_some_and(|v| !v.is_null()) {
+            return Err(bad("top_logprobs", "`top_logprobs` needs `logprobs: true`"));
+        }
+        wanted.then_some(top)
+    } else {
+        match b.get("logprobs") {
+            None | Some(Value::Null) => None,
+            Some(_) => Some(integer("logprobs", 0, 0, MAX_TOP_LOGPROBS)? as usize),
+        }
+    };
     Ok(Sampling {
+        logprobs,
         options: SamplingOptions {
             max_tokens,
             temperature,
@@ -264,7 +289,7 @@ async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
         }
         None => return bad("prompt", "`prompt` is required"),
     };
-    match sampling(&s, &b, 16) {
+    match sampling(&s, &b, 16, false) {
         Ok(opts) => run(s, Prompt::Text(prompt), opts, false).await,
         Err(r) => r,
     }
@@ -298,7 +323,7 @@ async fn chat_completions(State(s): State<Arc<AppState>>, req: Request) -> Respo
     if messages.is_empty() {
         return bad("messages", "`messages` must not be empty");
     }
-    match sampling(&s, &b, 128) {
+    match sampling(&s, &b, 128, true) {
         Ok(opts) => run(s, Prompt::Chat(messages), opts, true).await,
         Err(r) => r,
     }
@@ -311,6 +336,7 @@ async fn run(s: Arc<AppState>, prompt: Prompt, o: Sampling, chat: bool) -> Respo
         prompt,
         options: o.options,
         stop: o.stop,
+        logprobs: o.logprobs,
         events: tx,
     };
     if s.engine.submit(job).is_err() {
@@ -343,11 +369,56 @@ async fn run(s: Arc<AppState>, prompt: Prompt, o: Sampling, chat: bool) -> Respo
         if chat { "chatcmpl" } else { "cmpl" },
         s.next_id.fetch_add(1, Ordering::Relaxed)
     );
+    let logprobs = o.logprobs.is_some();
     if o.stream {
-        stream(s, rx, id, chat)
+        stream(s, rx, id, chat, logprobs)
     } else {
-        whole(s, rx, id, chat, prompt_tokens).await
+        whole(s, rx, id, chat, prompt_tokens, logprobs).await
     }
+}
+
+/// A chat answer's `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+fn chat_logprobs(tokens: &[TokenLogprob]) -> Value {
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let top: Vec<Value> = t
+                .top
+                .iter()
+                .map(|(tok, bytes, lp)| json!({"token": tok, "logprob": lp, "bytes": bytes}))
+                .collect();
+            json!({"token": t.token, "logprob": t.logprob, "bytes": t.bytes, "top_logprobs": top})
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// A completion's `logprobs` (the legacy format): parallel lists, `text_offset` in characters
+/// from the start of the completion (`start` for a stream's later chunks).
+fn completion_logprobs(tokens: &[TokenLogprob], start: usize) -> Value {
+    let mut offset = start;
+    let mut offsets = Vec::with_capacity(tokens.len());
+    for t in tokens {
+        offsets.push(offset);
+        offset += t.token.chars().count();
+    }
+    let top: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let m: serde_json::Map<String, Value> = t
+                .top
+                .iter()
+                .map(|(tok, _, lp)| (tok.clone(), json!(lp)))
+                .collect();
+            Value::Object(m)
+        })
+        .collect();
+    json!({
+        "tokens": tokens.iter().map(|t| t.token.clone()).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": offsets,
+    })
 }
 
 async fn whole(
@@ -356,12 +427,17 @@ async fn whole(
     id: String,
     chat: bool,
     prompt_tokens: usize,
+    want_logprobs: bool,
 ) -> Response {
     let mut text = String::new();
+    let mut tokens = Vec::new();
     let (mut reason, mut completion) = ("stop", 0);
     while let Some(e) = rx.recv().await {
         match e {
-            Event::Text(t) => text.push_str(&t),
+            Event::Text(t, lps) => {
+                text.push_str(&t);
+                tokens.extend(lps);
+            }
             Event::Done {
                 finish_reason,
                 completion_tokens,
@@ -375,20 +451,31 @@ async fn whole(
     }
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                        "total_tokens": prompt_tokens + completion});
+    let logprobs = match (want_logprobs, chat) {
+        (false, _) => Value::Null,
+        (true, true) => chat_logprobs(&tokens),
+        (true, false) => completion_logprobs(&tokens, 0),
+    };
     let body = if chat {
         json!({"id": id, "object": "chat.completion", "created": s.created, "model": s.model,
                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                            "finish_reason": reason, "logprobs": null}],
+                            "finish_reason": reason, "logprobs": logprobs}],
                "usage": usage})
     } else {
         json!({"id": id, "object": "text_completion", "created": s.created, "model": s.model,
-               "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": null}],
+               "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": logprobs}],
                "usage": usage})
     };
     Json(body).into_response()
 }
 
-fn stream(s: Arc<AppState>, rx: UnboundedReceiver<Event>, id: String, chat: bool) -> Response {
+fn stream(
+    s: Arc<AppState>,
+    rx: UnboundedReceiver<Event>,
+    id: String,
+    chat: bool,
+    want_logprobs: bool,
+) -> Response {
     let (object, created, model) = (
         if chat {
             "chat.completion.chunk"
@@ -398,26 +485,37 @@ fn stream(s: Arc<AppState>, rx: UnboundedReceiver<Event>, id: String, chat: bool
         s.created,
         s.model.clone(),
     );
-    let chunk = move |delta: Option<&str>, reason: Option<&str>| -> Value {
+    // Characters of completion text streamed so far (the legacy format's `text_offset`).
+    let mut streamed = 0;
+    let mut chunk = move |delta: Option<&str>,
+                          reason: Option<&str>,
+                          lps: &[TokenLogprob]|
+          -> Value {
+        let logprobs = match (want_logprobs && delta.is_some(), chat) {
+            (false, _) => Value::Null,
+            (true, true) => chat_logprobs(lps),
+            (true, false) => completion_logprobs(lps, streamed),
+        };
+        streamed += delta.map_or(0, |t| t.chars().count());
         let choice = if chat {
             let d = match delta {
                 Some(t) => json!({"content": t}),
                 None => json!({}),
             };
-            json!({"index": 0, "delta": d, "finish_reason": reason, "logprobs": null})
+            json!({"index": 0, "delta": d, "finish_reason": reason, "logprobs": logprobs})
         } else {
-            json!({"index": 0, "text": delta.unwrap_or(""), "finish_reason": reason, "logprobs": null})
+            json!({"index": 0, "text": delta.unwrap_or(""), "finish_reason": reason, "logprobs": logprobs})
         };
         json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]})
     };
     let first = chat.then(|| {
-        let mut c = chunk(None, None);
+        let mut c = chunk(None, None, &[]);
         c["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
         c
     });
     let events = UnboundedReceiverStream::new(rx).filter_map(move |e| match e {
-        Event::Text(t) if !t.is_empty() => Some(chunk(Some(&t), None)),
-        Event::Done { finish_reason, .. } => Some(chunk(None, Some(finish_reason))),
+        Event::Text(t, lps) if !t.is_empty() => Some(chunk(Some(&t), None, &lps)),
+        Event::Done { finish_reason, .. } => Some(chunk(None, Some(finish_reason), &[])),
         _ => None,
     });
     let data = tokio_stream::iter(first)
