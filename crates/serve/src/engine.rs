@@ -95,13 +95,15 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Queues a job; `Err` (with the job) when the queue is full.
-    pub fn submit(&self, job: Job) -> Result<(), Job> {
+    pub fn submit(&self, job: Job) -> Result<(), Box<Job>> {
         match self.queue.try_send(job) {
             Ok(()) => {
                 self.metrics.queued(1);
                 Ok(())
             }
-            Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => Err(job),
+            Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
+                Err(Box::new(job))
+            }
         }
     }
 }
