@@ -18,12 +18,14 @@ use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// One fixture folder per architecture, named after its `model_type`, and Ling again with
-/// Ant's defaults for absent keys, top-1 routing and no shared experts (zero-wide tensors).
+/// One fixture folder per architecture, named after its `model_type`, Ling again with Ant's
+/// defaults for absent keys, top-1 routing and no shared experts (zero-wide tensors), and Ling
+/// 2.0 (sigmoid group-limited routing with expert bias, QK-norm, half RoPE).
 /// The Ling fixtures also match Ant's own code (`tests/reference/check_ant.py`).
-const ARCHS: [&str; 6] = [
+const ARCHS: [&str; 7] = [
     "bailing_moe",
     "bailing_moe_defaults",
+    "bailing_moe_v2",
     "llama",
     "qwen2",
     "qwen3_moe",

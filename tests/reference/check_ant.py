@@ -1,6 +1,6 @@
 """Checks Ling folders against Ant Group's own modelling code, the outside judge of nuwa's
 `bailing_moe` semantics: each folder's config.json builds Ant's `BailingMoeForCausalLM`
-(inclusionAI/Ling, `models/`), which loads the folder's weights strictly (a missing,
+(inclusionAI/Ling, `models/`) or, for Ling 2.0, `BailingMoeV2ForCausalLM` (inclusionAI/Ling-V2), which loads the folder's weights strictly (a missing,
 unexpected or mis-shaped tensor fails) and computes the prompt's logits and greedy tokens,
 compared with the folder's `expected.safetensors` (written by hf_reference.py, or by a test
 that exported a nuwa model). Ant's code is read from a checkout given on the command line;
@@ -8,7 +8,8 @@ nothing of it is kept in this project.
 
     pip install torch safetensors "transformers==4.51.3"
     git clone https://github.com/inclusionAI/Ling /tmp/Ling
-    python3 tests/reference/check_ant.py --ling /tmp/Ling tests/fixtures/hf/bailing_moe*
+    git clone https://github.com/inclusionAI/Ling-V2 /tmp/Ling-V2
+    python3 tests/reference/check_ant.py --ling /tmp/Ling --ling-v2 /tmp/Ling-V2 tests/fixtures/hf/bailing_moe*
 """
 
 import argparse
@@ -21,17 +22,15 @@ import torch
 from safetensors.torch import load_file
 
 
-def load_ant(models_dir):
-    """Imports Ant's configuration and modelling files as one package."""
-    spec = importlib.util.spec_from_file_location(
-        "ant_ling", os.path.join(models_dir, "__init__.py"), submodule_search_locations=[models_dir])
-    if not os.path.exists(os.path.join(models_dir, "__init__.py")):
-        spec = importlib.util.spec_from_loader("ant_ling", loader=None, is_package=True)
-        spec.submodule_search_locations = [models_dir]
-    package = importlib.util.module_from_spec(spec)
-    sys.modules["ant_ling"] = package
-    config = importlib.import_module("ant_ling.configuration_bailing_moe")
-    modeling = importlib.import_module("ant_ling.modeling_bailing_moe")
+def load_ant(models_dir, package, suffix):
+    """Imports Ant's configuration and modelling files (`*_bailing_moe{suffix}.py`) as one package."""
+    spec = importlib.util.spec_from_loader(package, loader=None, is_package=True)
+    spec.submodule_search_locations = [models_dir]
+    sys.modules[package] = importlib.util.module_from_spec(spec)
+    config = importlib.import_module(f"{package}.configuration_bailing_moe{suffix}")
+    modeling = importlib.import_module(f"{package}.modeling_bailing_moe{suffix}")
+    if suffix:
+        return config.BailingMoeV2Config, modeling.BailingMoeV2ForCausalLM
     return config.BailingMoeConfig, modeling.BailingMoeForCausalLM
 
 
@@ -45,8 +44,12 @@ def weights_of(folder):
     return out
 
 
-def check(folder, Config, Model):
+def check(folder, classes):
     cfg = json.load(open(os.path.join(folder, "config.json")))
+    v2 = (cfg.get("architectures") or [""])[0] == "BailingMoeV2ForCausalLM"
+    if v2 not in classes:
+        raise SystemExit(f"{folder}: a {'Ling 2.0' if v2 else 'Ling 1'} folder needs --ling{'-v2' if v2 else ''}")
+    Config, Model = classes[v2]
     config = Config(**{k: v for k, v in cfg.items() if k not in ("architectures", "auto_map", "model_type")})
     config._attn_implementation = "eager"
     model = Model(config).float().eval()
@@ -69,12 +72,17 @@ def check(folder, Config, Model):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--ling", required=True, help="a checkout of inclusionAI/Ling (its models/ folder is used)")
+    p.add_argument("--ling", help="a checkout of inclusionAI/Ling (its models/ folder is used)")
+    p.add_argument("--ling-v2", help="a checkout of inclusionAI/Ling-V2, for Ling 2.0 folders")
     p.add_argument("folders", nargs="+")
     a = p.parse_args()
     torch.manual_seed(0)
-    Config, Model = load_ant(os.path.join(a.ling, "models"))
-    ok = all([check(f, Config, Model) for f in a.folders])
+    classes = {}
+    if a.ling:
+        classes[False] = load_ant(os.path.join(a.ling, "models"), "ant_ling", "")
+    if a.ling_v2:
+        classes[True] = load_ant(os.path.join(a.ling_v2, "models"), "ant_ling_v2", "_v2")
+    ok = all([check(f, classes) for f in a.folders])
     return 0 if ok else 1
 
 

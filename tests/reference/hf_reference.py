@@ -74,6 +74,16 @@ def tiny_configs():
                                      num_experts=4, num_experts_per_tok=1, num_shared_experts=0,
                                      moe_intermediate_size=24, first_k_dense_replace=1, norm_head=True,
                                      pad_token_id=0, torch_dtype="float32"),
+        # Ling 2.0: sigmoid router over 8 experts in 4 groups (2 chosen), top-3, expert bias,
+        # scaling 2.5, QK-norm, half RoPE, head_dim 12, one shared expert, first layer dense.
+        "bailing_moe_v2": dict(model_type="bailing_moe", architectures=["BailingMoeV2ForCausalLM"],
+                               vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=12, intermediate_size=64, num_experts=8,
+                               num_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2,
+                               moe_intermediate_size=16, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                               partial_rotary_factor=0.5, use_qk_norm=True, rope_theta=10000.0,
+                               max_position_embeddings=128, num_nextn_predict_layers=0, pad_token_id=0,
+                               eos_token_id=2, torch_dtype="float32"),
         "bailing_moe": dict(common, model_type="bailing_moe", architectures=["BailingMoeForCausalLM"],
                             intermediate_size=64, rope_theta=600000.0, num_experts=4,
                             num_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=24,
@@ -90,9 +100,24 @@ BAILING_DEFAULTS = dict(vocab_size=30592, hidden_size=1024, num_hidden_layers=24
                         first_k_dense_replace=0)
 
 
+# `BailingMoeV2Config`'s defaults (Ling 2.0, told apart from Ling 1 by its `architectures`).
+BAILING_V2_DEFAULTS = dict(vocab_size=157184, hidden_size=2048, intermediate_size=5120, num_hidden_layers=20,
+                           num_attention_heads=16, num_key_value_heads=4, use_qkv_bias=False, use_bias=False,
+                           rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=32768,
+                           rope_theta=600000.0, num_experts=256, num_shared_experts=1, num_experts_per_tok=8,
+                           n_group=8, topk_group=4, moe_intermediate_size=512, first_k_dense_replace=1,
+                           head_dim=128, use_qk_norm=True, routed_scaling_factor=1.0, partial_rotary_factor=1.0)
+
+
+def is_v2(cfg):
+    return (cfg.get("architectures") or [""])[0] == "BailingMoeV2ForCausalLM"
+
+
 def get(cfg, key, default=None):
-    if cfg.get("model_type") == "bailing_moe" and cfg.get(key) is None and key in BAILING_DEFAULTS:
-        return BAILING_DEFAULTS[key]
+    if cfg.get("model_type") == "bailing_moe" and cfg.get(key) is None:
+        defaults = BAILING_V2_DEFAULTS if is_v2(cfg) else BAILING_DEFAULTS
+        if key in defaults:
+            return defaults[key]
     value = cfg.get(key, default)
     return default if value is None else value
 
@@ -137,6 +162,9 @@ def layer_tensors(cfg, i):
         out[p + "attention.dense.weight"] = [h, nh * d]
         if get(cfg, "use_bias", False):
             out[p + "attention.dense.bias"] = [h]
+        if is_v2(cfg) and get(cfg, "use_qk_norm"):
+            out[p + "attention.query_layernorm.weight"] = [d]
+            out[p + "attention.key_layernorm.weight"] = [d]
     else:
         qkv_bias = t == "qwen2" or get(cfg, "attention_bias", False)
         for name, rows in (("q_proj", nh * d), ("k_proj", kv * d), ("v_proj", kv * d)):
@@ -163,6 +191,8 @@ def layer_tensors(cfg, i):
             swiglu(p + f"block_sparse_moe.experts.{e}.", get(cfg, "intermediate_size"), ("w1", "w3", "w2"))
     else:
         out[p + "mlp.gate.weight"] = [num_experts(cfg), h]
+        if is_v2(cfg):  # a buffer every Ling 2.0 checkpoint carries
+            out[p + "mlp.gate.expert_bias"] = [num_experts(cfg)]
         for e in range(num_experts(cfg)):
             swiglu(p + f"mlp.experts.{e}.", get(cfg, "moe_intermediate_size"))
         if t == "bailing_moe":  # built even with 0 shared experts: then zero wide
@@ -202,7 +232,10 @@ def rms_norm(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def rope(x, start, theta):
+def rope(x, start, theta, rotary=None):
+    """Rotate-half RoPE on the first `rotary` features of each head (all by default)."""
+    if rotary is not None and rotary < x.shape[-1]:
+        return torch.cat([rope(x[..., :rotary], start, theta), x[..., rotary:]], -1)
     d = x.shape[-1]
     inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     pos = torch.arange(start, start + x.shape[-2], dtype=torch.float32)
@@ -237,7 +270,11 @@ def attention(cfg, W, p, x, cache):
         q = rms_norm(q, W[p + "self_attn.q_norm.weight"], get(cfg, "rms_norm_eps"))
         k = rms_norm(k, W[p + "self_attn.k_norm.weight"], get(cfg, "rms_norm_eps"))
     start = 0 if cache.get(p) is None else cache[p][0].shape[2]
-    q, k = rope(q, start, rope_theta(cfg)), rope(k, start, rope_theta(cfg))
+    if is_v2(cfg) and get(cfg, "use_qk_norm"):
+        q = rms_norm(q, W[p + "attention.query_layernorm.weight"], get(cfg, "rms_norm_eps"))
+        k = rms_norm(k, W[p + "attention.key_layernorm.weight"], get(cfg, "rms_norm_eps"))
+    rotary = int(d * get(cfg, "partial_rotary_factor", 1.0))
+    q, k = rope(q, start, rope_theta(cfg), rotary), rope(k, start, rope_theta(cfg), rotary)
     if cache.get(p) is not None:
         k = torch.cat([cache[p][0], k], 2)
         v = torch.cat([cache[p][1], v], 2)
@@ -264,20 +301,48 @@ def moe(cfg, W, p, x):
     base = p + ("block_sparse_moe." if t == "mixtral" else "mlp.")
     names = ("w1", "w3", "w2") if t == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     flat = x.reshape(-1, x.shape[-1])
+    if is_v2(cfg):
+        weight, expert = v2_route(cfg, linear(flat, W[base + "gate.weight"]), W[base + "gate.expert_bias"])
+        return experts_and_shared(cfg, W, base, names, flat, weight, expert).view_as(x)
     probs = linear(flat, W[base + "gate.weight"]).softmax(-1)
     weight, expert = probs.topk(get(cfg, "num_experts_per_tok"), -1)
     k = get(cfg, "num_experts_per_tok")
     if t == "mixtral" or (get(cfg, "norm_topk_prob", False) and (t != "bailing_moe" or k > 1)):
         weight = weight / weight.sum(-1, keepdim=True)
+    return experts_and_shared(cfg, W, base, names, flat, weight, expert).view_as(x)
+
+
+def v2_route(cfg, logits, bias):
+    """Ling 2.0's router: sigmoid scores; experts chosen on score + bias among the `topk_group`
+    best of `n_group` groups (a group scores the sum of its two best); weighted by the unbiased
+    scores, renormalised when top-k > 1, times `routed_scaling_factor`."""
+    k, groups, keep = get(cfg, "num_experts_per_tok"), get(cfg, "n_group"), get(cfg, "topk_group")
+    scores = torch.sigmoid(logits)
+    routing = scores + bias
+    n, e = routing.shape
+    if groups > 1:
+        per_group = routing.view(n, groups, e // groups)
+        group_score = per_group.topk(2, -1).values.sum(-1)
+        best = group_score.topk(keep, -1).indices
+        allowed = torch.zeros(n, groups, dtype=torch.bool).scatter(1, best, True)
+        routing = routing.masked_fill(~allowed.repeat_interleave(e // groups, 1), float("-inf"))
+    expert = routing.topk(k, -1).indices
+    weight = scores.gather(1, expert)
+    if k > 1:
+        weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
+    return weight * get(cfg, "routed_scaling_factor"), expert
+
+
+def experts_and_shared(cfg, W, base, names, flat, weight, expert):
     out = torch.zeros_like(flat)
     for e in range(num_experts(cfg)):
         rows, slots = (expert == e).nonzero(as_tuple=True)
         if len(rows):
             y = swiglu(W, base + f"experts.{e}.", flat[rows], names)
             out.index_add_(0, rows, y * weight[rows, slots, None])
-    if t == "bailing_moe" and get(cfg, "num_shared_experts", 0):
+    if cfg["model_type"] == "bailing_moe" and get(cfg, "num_shared_experts", 0):
         out = out + swiglu(W, base + "shared_experts.", flat)
-    return out.view_as(x)
+    return out
 
 
 def forward(cfg, W, ids, cache):
@@ -291,7 +356,7 @@ def forward(cfg, W, ids, cache):
         x = x + (moe(cfg, W, p, h) if is_moe_layer(cfg, i) else swiglu(W, p + "mlp.", h))
     x = rms_norm(x, W["model.norm.weight"], eps)
     head = W.get("lm_head.weight", emb) if not get(cfg, "tie_word_embeddings", False) else emb
-    if get(cfg, "norm_head", False):
+    if get(cfg, "norm_head", False) and not is_v2(cfg):
         head = head / (head.norm(dim=0, keepdim=True) + 1e-7)
     return x @ head.T
 

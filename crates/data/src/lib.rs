@@ -10,4 +10,4 @@ pub mod tokenizer;
 pub use prepare::{prepare, PrepareOptions, Source};
 pub use sampler::{eval_batches, Batch, BatchSampler};
 pub use shards::{Dataset, Manifest, TokenShard};
-pub use tokenizer::{TextStream, Tokenizer, TokenizerSpec};
+pub use tokenizer::{TextStream, Tokenizer, TokenizerSpec, HF_TOKENIZER_FILE, NUWA_TOKENIZER_FILE};

@@ -85,17 +85,30 @@ pub fn import_to_run(hf_dir: &Path, run: &Path, device: &Device) -> Result<PathB
     checkpoint::save(run, &model, &BTreeMap::new(), state, 1)
 }
 
+/// Moves the finished temporary folder into place.
+fn finish(tmp: &Path, out: &Path) -> Result<()> {
+    if out.exists() {
+        std::fs::remove_dir(out)?; // empty, checked above
+    }
+    std::fs::rename(tmp, out)?;
+    Ok(())
+}
+
 /// Gives the exported config a `pad_token_id` inside the vocabulary. transformers builds the
 /// embeddings with it as `padding_idx`, and Ant's `BailingMoeConfig` defaults it to 126081:
 /// absent, a small-vocabulary export would not even build. Kept when the imported config has
 /// a valid one; else the tokenizer's own padding or end-of-text token, else 0.
-fn set_pad_token(config: &mut serde_json::Value, tokenizer: &nuwa_data::Tokenizer, vocab: usize) {
+fn set_pad_token(
+    config: &mut serde_json::Value,
+    tokenizer: Option<&nuwa_data::Tokenizer>,
+    vocab: usize,
+) {
     let valid = |v: &serde_json::Value| v.as_u64().is_some_and(|id| (id as usize) < vocab);
     if valid(&config["pad_token_id"]) {
         return;
     }
     let id = tokenizer
-        .special_token_id(&["<pad>", "<|pad|>", "<|endoftext|>", "</s>", "<eos>"])
+        .and_then(|t| t.special_token_id(&["<pad>", "<|pad|>", "<|endoftext|>", "</s>", "<eos>"]))
         .filter(|&id| (id as usize) < vocab)
         .or_else(|| {
             config["eos_token_id"]
@@ -272,8 +285,16 @@ pub fn export_run(run: &Path, out: &Path, options: &ExportOptions) -> Result<()>
         };
     let mut config = config_to_hf(arch, cfg, original.as_ref())?;
     config["torch_dtype"] = serde_json::json!(dtype.torch_name());
-    let tokenizer = nuwa_data::Tokenizer::load(run)?;
-    set_pad_token(&mut config, &tokenizer, cfg.vocab_size);
+    // A run imported from a folder without a tokenizer has none: export then writes none.
+    let has_tokenizer = [nuwa_data::NUWA_TOKENIZER_FILE, nuwa_data::HF_TOKENIZER_FILE]
+        .iter()
+        .any(|f| run.join(f).exists());
+    let tokenizer = if has_tokenizer {
+        Some(nuwa_data::Tokenizer::load(run)?)
+    } else {
+        None
+    };
+    set_pad_token(&mut config, tokenizer.as_ref(), cfg.vocab_size);
     let tensors = to_hf_tensors(arch, cfg, &loaded.weights)?;
     let encoded: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = tensors
         .into_iter()
@@ -318,6 +339,9 @@ pub fn export_run(run: &Path, out: &Path, options: &ExportOptions) -> Result<()>
             }
         }
         // nuwa's own char/byte tokenizers, written as a tokenizer.json transformers loads.
+        let Some(tokenizer) = &tokenizer else {
+            return finish(&tmp, out);
+        };
         if !tmp.join("tokenizer.json").exists() {
             nuwa_core::atomic_write(&tmp.join("tokenizer.json"), tokenizer.hf_json()?.as_bytes())?;
         }
@@ -328,11 +352,7 @@ pub fn export_run(run: &Path, out: &Path, options: &ExportOptions) -> Result<()>
                 serde_json::to_string_pretty(&side)?.as_bytes(),
             )?;
         }
-        if out.exists() {
-            std::fs::remove_dir(out)?; // empty, checked above
-        }
-        std::fs::rename(&tmp, out)?;
-        Ok(())
+        finish(&tmp, out)
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&tmp);

@@ -64,6 +64,35 @@ pub struct ModelConfig {
     /// Dropout on the attention probabilities (bailing_moe, llama: `attention_dropout`).
     #[serde(default)]
     pub attention_dropout: f64,
+    /// The share of each head's width that RoPE rotates (the first part; Ling 2.0: 0.5).
+    #[serde(default = "default_one")]
+    pub partial_rotary_factor: f64,
+    /// How the router turns logits into expert scores (Ling 1: softmax; Ling 2.0: sigmoid).
+    #[serde(default)]
+    pub score_function: ScoreFunction,
+    /// Group-limited routing (Ling 2.0, DeepSeek-V3): experts fall into `n_group` equal groups,
+    /// each token chooses among the experts of its `topk_group` best groups (a group's score:
+    /// the sum of its two best routing scores). 1 and 1: no groups.
+    #[serde(default = "default_one_usize")]
+    pub n_group: usize,
+    #[serde(default = "default_one_usize")]
+    pub topk_group: usize,
+    /// The routed experts' weights are multiplied by this (after renormalisation).
+    #[serde(default = "default_one")]
+    pub routed_scaling_factor: f64,
+    /// A per-expert bias added to the routing scores for the choice of experts only (not their
+    /// weights): aux-loss-free balancing. Not a gradient parameter.
+    #[serde(default)]
+    pub moe_router_enable_expert_bias: bool,
+}
+
+/// The router's score of each expert from its logit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreFunction {
+    #[default]
+    Softmax,
+    Sigmoid,
 }
 
 fn default_model_type() -> String {
@@ -77,6 +106,12 @@ fn default_rope_theta() -> f64 {
 }
 fn default_true() -> bool {
     true
+}
+fn default_one() -> f64 {
+    1.0
+}
+fn default_one_usize() -> usize {
+    1
 }
 
 /// A configuration that cannot build a model, with the field at fault.
@@ -104,6 +139,12 @@ impl ModelConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// How many leading features of each head RoPE rotates (`int(head_dim × factor)`, as
+    /// transformers computes it).
+    pub fn rotary_dim(&self) -> usize {
+        (self.head_dim() as f64 * self.partial_rotary_factor) as usize
     }
 
     pub fn is_moe(&self) -> bool {
@@ -161,6 +202,21 @@ impl ModelConfig {
                 format!("{} must be even and positive for RoPE", self.head_dim()),
             ));
         }
+        let rotary = self.rotary_dim();
+        if !(self.partial_rotary_factor > 0.0 && self.partial_rotary_factor <= 1.0)
+            || rotary == 0
+            || !rotary.is_multiple_of(2)
+        {
+            return Err(invalid(
+                "partial_rotary_factor",
+                format!(
+                    "{} of head_dim {} rotates {rotary} features; it must be in (0, 1] and rotate \
+                     an even, positive number",
+                    self.partial_rotary_factor,
+                    self.head_dim()
+                ),
+            ));
+        }
         if !self
             .num_attention_heads
             .is_multiple_of(self.num_key_value_heads)
@@ -192,6 +248,37 @@ impl ModelConfig {
             }
             if self.moe_intermediate_size == 0 {
                 return Err(invalid("moe_intermediate_size", "must be positive for MoE"));
+            }
+            if self.n_group == 0 || !self.num_experts.is_multiple_of(self.n_group) {
+                return Err(invalid(
+                    "n_group",
+                    format!(
+                        "{} does not divide num_experts {}",
+                        self.n_group, self.num_experts
+                    ),
+                ));
+            }
+            let per_group = self.num_experts / self.n_group;
+            if self.n_group > 1 && per_group < 2 {
+                return Err(invalid("n_group", "each group needs at least 2 experts"));
+            }
+            if self.topk_group == 0
+                || self.topk_group > self.n_group
+                || self.topk_group * per_group < self.num_experts_per_tok
+            {
+                return Err(invalid(
+                    "topk_group",
+                    format!(
+                        "{} of {} groups of {per_group} experts cannot hold top-{}",
+                        self.topk_group, self.n_group, self.num_experts_per_tok
+                    ),
+                ));
+            }
+            if !(self.routed_scaling_factor.is_finite() && self.routed_scaling_factor > 0.0) {
+                return Err(invalid(
+                    "routed_scaling_factor",
+                    "must be a positive number",
+                ));
             }
             if self.first_k_dense_replace > self.num_hidden_layers {
                 return Err(invalid(
@@ -248,6 +335,12 @@ impl ModelConfig {
             embedding_dropout: 0.0,
             output_dropout: 0.0,
             attention_dropout: 0.0,
+            partial_rotary_factor: 1.0,
+            score_function: ScoreFunction::Softmax,
+            n_group: 1,
+            topk_group: 1,
+            routed_scaling_factor: 1.0,
+            moe_router_enable_expert_bias: false,
         };
         let ling = |layers, hidden, heads, kv, experts, topk, shared, moe_width| ModelConfig {
             vocab_size: 126_464,

@@ -73,10 +73,16 @@ pub fn rope_tables(
 }
 
 /// Rotates `x` `[batch, heads, seq, head_dim]` by angles that broadcast to it: `[1, 1, seq,
-/// head_dim]` for positions shared by every row, `[batch, 1, 1, head_dim]` for one position
-/// per row.
+/// rotary]` for positions shared by every row, `[batch, 1, 1, rotary]` for one position per
+/// row. With `rotary < head_dim` (partial RoPE) only the first `rotary` features turn; the rest
+/// pass through.
 pub fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
-    let [b, h, t, d] = x.dims();
+    let [b, h, t, head_dim] = x.dims();
+    let d = cos.dims()[3];
+    if d < head_dim {
+        let rotated = apply_rope(x.clone().narrow(3, 0, d), cos, sin);
+        return Tensor::cat(vec![rotated, x.narrow(3, d, head_dim - d)], 3);
+    }
     let half = d / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
@@ -89,7 +95,8 @@ pub fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
 #[derive(Debug, Clone)]
 pub struct Rope {
     theta: f64,
-    head_dim: usize,
+    /// Features of each head that turn (`head_dim`, or less with partial RoPE).
+    dim: usize,
     /// Positions the first build covers (the model's context).
     initial_len: usize,
     built: Arc<Mutex<Vec<BuiltTables>>>,
@@ -104,10 +111,10 @@ struct BuiltTables {
 }
 
 impl Rope {
-    pub fn new(theta: f64, head_dim: usize, initial_len: usize) -> Self {
+    pub fn new(theta: f64, dim: usize, initial_len: usize) -> Self {
         Self {
             theta,
-            head_dim,
+            dim,
             initial_len,
             built: Arc::default(),
         }
@@ -132,7 +139,7 @@ impl Rope {
             built.remove(i);
         }
         let len = needed.max(self.initial_len);
-        let (cos, sin) = rope_tables(self.theta, self.head_dim, 0, len, device);
+        let (cos, sin) = rope_tables(self.theta, self.dim, 0, len, device);
         built.push(BuiltTables {
             device: device.clone(),
             autodiff,
@@ -150,7 +157,7 @@ impl Rope {
         len: usize,
         device: &Device,
     ) -> (Tensor<4>, Tensor<4>) {
-        let d = self.head_dim;
+        let d = self.dim;
         match positions {
             Positions::Span(start) => {
                 let (cos, sin) = self.tables(start + len, device);

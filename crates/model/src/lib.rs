@@ -12,7 +12,7 @@ pub mod path;
 pub mod weights;
 
 pub use cache::{KvCache, KvStore, Positions};
-pub use config::{ConfigError, ModelConfig, ModelCounts};
+pub use config::{ConfigError, ModelConfig, ModelCounts, ScoreFunction};
 pub use model::{ForwardOutput, LanguageModel, Logits};
 pub use moe::RouterStats;
 pub use path::ModulePath;

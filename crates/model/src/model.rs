@@ -132,7 +132,11 @@ impl LanguageModel {
             norm_head: cfg.norm_head,
             head_dim: cfg.head_dim(),
             max_positions: cfg.max_position_embeddings,
-            rope: Rope::new(cfg.rope_theta, cfg.head_dim(), cfg.max_position_embeddings),
+            rope: Rope::new(
+                cfg.rope_theta,
+                cfg.rotary_dim(),
+                cfg.max_position_embeddings,
+            ),
         }
     }
 

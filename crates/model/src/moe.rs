@@ -6,7 +6,7 @@
 use crate::layers::{linear, SwiGlu};
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear};
-use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::activation::{log_softmax, sigmoid, silu, softmax};
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 /// Router statistics of one MoE layer, for the auxiliary losses and the logs.
@@ -109,24 +109,41 @@ impl Experts {
 pub struct Moe {
     /// Router: hidden → one logit per routed expert.
     pub gate: Linear,
+    /// Added to the routing scores to choose experts, not to weigh them (aux-loss-free
+    /// balancing); moved by the trainer against each expert's load, never by a gradient.
+    pub expert_bias: Option<Param<Tensor<1>>>,
     pub experts: Experts,
     /// All shared experts as one SwiGLU of width `moe_intermediate_size × num_shared_experts`.
     pub shared_experts: Option<SwiGlu>,
     pub top_k: usize,
     pub norm_topk_prob: bool,
+    /// Sigmoid scores (Ling 2.0) instead of a softmax (Ling 1).
+    pub sigmoid: bool,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub routed_scaling_factor: f64,
 }
 
 impl Moe {
     pub fn new(cfg: &crate::ModelConfig, device: &Device) -> Self {
         let h = cfg.hidden_size;
         let w = cfg.moe_intermediate_size;
+        let expert_bias = cfg.moe_router_enable_expert_bias.then(|| {
+            let zeros: Param<Tensor<1>> = Initializer::Zeros.init([cfg.num_experts], device);
+            zeros.set_require_grad(false)
+        });
         Self {
             gate: linear(h, cfg.num_experts, false, device),
+            expert_bias,
             experts: Experts::new(cfg.num_experts, h, w, device),
             shared_experts: (cfg.num_shared_experts > 0)
                 .then(|| SwiGlu::new(h, w * cfg.num_shared_experts, cfg.mlp_bias, device)),
             top_k: cfg.num_experts_per_tok,
             norm_topk_prob: cfg.norm_topk_prob,
+            sigmoid: cfg.score_function == crate::ScoreFunction::Sigmoid,
+            n_group: cfg.n_group,
+            topk_group: cfg.topk_group,
+            routed_scaling_factor: cfg.routed_scaling_factor,
         }
     }
 
@@ -145,17 +162,22 @@ impl Moe {
         let device = x.device();
 
         let logits = self.gate.forward(x.clone());
-        let probs = softmax(logits.clone(), 1);
-        let (mut top_w, top_i) = probs.clone().topk_with_indices(self.top_k, 1);
-        // As Ant's gate: renormalised only when more than one expert is chosen (with one, the
-        // weight stays the router probability and the router keeps its gradient).
-        if self.norm_topk_prob && self.top_k > 1 {
-            top_w = top_w.clone() / top_w.sum_dim(1);
-        }
+        let (probs, top_w, assignments) = if self.sigmoid || self.n_group > 1 {
+            self.route_by_scores(logits.clone())
+        } else {
+            let probs = softmax(logits.clone(), 1);
+            let (mut top_w, top_i) = probs.clone().topk_with_indices(self.top_k, 1);
+            // As Ant's gate: renormalised only when more than one expert is chosen (with one,
+            // the weight stays the router probability and the router keeps its gradient).
+            if self.norm_topk_prob && self.top_k > 1 {
+                top_w = top_w.clone() / top_w.sum_dim(1);
+            }
+            let assignments: Vec<i64> = top_i.into_data().iter::<i64>().collect();
+            (probs, top_w, assignments)
+        };
 
         // Group the (token, slot) assignments by expert on the host: this is the one sync
         // per MoE layer, and what lets each expert see only its own tokens.
-        let assignments: Vec<i64> = top_i.into_data().iter::<i64>().collect();
         let mut tokens: Vec<Vec<i64>> = vec![Vec::new(); num_experts];
         let mut slots: Vec<Vec<i64>> = vec![Vec::new(); num_experts];
         for (slot, &expert) in assignments.iter().enumerate() {
@@ -185,6 +207,48 @@ impl Moe {
         let tokens_per_expert: Vec<usize> = tokens.iter().map(Vec::len).collect();
         let stats = self.router_stats(logits, probs, &tokens_per_expert);
         (out, stats)
+    }
+
+    /// Ling 2.0's router (`BailingMoeV2Gate`): sigmoid scores (or a softmax); experts chosen
+    /// on the scores plus the expert bias, among the `topk_group` best of `n_group` groups;
+    /// weighted by their unbiased scores, renormalised when top-k > 1, times
+    /// `routed_scaling_factor`. Returns the probabilities for the balance statistics (scores
+    /// normalised per token), the `[tokens, k]` weights and the chosen experts.
+    fn route_by_scores(&self, logits: Tensor<2>) -> (Tensor<2>, Tensor<2>, Vec<i64>) {
+        let [n, experts] = logits.dims();
+        let device = logits.device();
+        let scores = if self.sigmoid {
+            sigmoid(logits)
+        } else {
+            softmax(logits, 1)
+        };
+        let routing = match &self.expert_bias {
+            Some(bias) => scores.clone().detach() + bias.val().unsqueeze_dim(0),
+            None => scores.clone().detach(),
+        };
+        let routing: Vec<f32> = routing.into_data().iter::<f32>().collect();
+        let mut chosen = Vec::with_capacity(n * self.top_k);
+        for row in routing.chunks(experts) {
+            chosen.extend(group_limited_top_k(
+                row,
+                self.n_group,
+                self.topk_group,
+                self.top_k,
+            ));
+        }
+        let index =
+            Tensor::<2, Int>::from_data(TensorData::new(chosen.clone(), [n, self.top_k]), &device);
+        let mut top_w = scores.clone().gather(1, index);
+        if self.norm_topk_prob && self.top_k > 1 {
+            top_w = top_w.clone() / (top_w.sum_dim(1) + 1e-20);
+        }
+        let top_w = top_w * self.routed_scaling_factor;
+        let probs = if self.sigmoid {
+            scores.clone() / scores.sum_dim(1)
+        } else {
+            scores
+        };
+        (probs, top_w, chosen)
     }
 
     fn router_stats(
@@ -217,4 +281,36 @@ impl Moe {
 
 fn int_tensor(values: &[i64], device: &Device) -> Tensor<1, Int> {
     Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), device)
+}
+
+/// The `k` best experts of one token's routing scores, best first (ties: lower index), chosen
+/// among the experts of the `topk_group` best of `n_group` equal groups; a group scores the
+/// sum of its two best experts.
+pub fn group_limited_top_k(
+    scores: &[f32],
+    n_group: usize,
+    topk_group: usize,
+    k: usize,
+) -> Vec<i64> {
+    let by_score = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b));
+    let per_group = scores.len() / n_group.max(1);
+    let mut candidates: Vec<usize> = if n_group > 1 {
+        let group_score = |g: usize| {
+            let mut best: Vec<f32> = scores[g * per_group..(g + 1) * per_group].to_vec();
+            best.sort_by(|a, b| b.total_cmp(a));
+            best[0] + best[1]
+        };
+        let totals: Vec<f32> = (0..n_group).map(group_score).collect();
+        let mut groups: Vec<usize> = (0..n_group).collect();
+        groups.sort_by(|a, b| totals[*b].total_cmp(&totals[*a]).then(a.cmp(b)));
+        groups.truncate(topk_group);
+        groups
+            .into_iter()
+            .flat_map(|g| g * per_group..(g + 1) * per_group)
+            .collect()
+    } else {
+        (0..scores.len()).collect()
+    };
+    candidates.sort_by(by_score);
+    candidates.into_iter().take(k).map(|e| e as i64).collect()
 }

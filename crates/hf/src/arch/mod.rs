@@ -14,6 +14,7 @@
 //! export writes back.
 
 mod bailing_moe;
+mod bailing_moe_v2;
 mod llama;
 mod mixtral;
 mod qwen2;
@@ -96,8 +97,12 @@ const METADATA_KEYS: &[&str] = &[
 
 /// What nuwa needs to know of one Hugging Face architecture.
 pub trait Architecture: Sync {
-    /// `model_type` in `config.json`.
+    /// nuwa's name of the architecture (`model_type` of a run's model config).
     fn model_type(&self) -> &'static str;
+    /// `model_type` in its checkpoints' `config.json` (usually the same).
+    fn hf_model_type(&self) -> &'static str {
+        self.model_type()
+    }
     /// The `architectures` entry transformers uses to pick the model class.
     fn class_name(&self) -> &'static str;
     /// Reads the architecture's own keys into `cfg` (the shared shape keys are read already),
@@ -135,6 +140,8 @@ pub trait Architecture: Sync {
 pub enum Arch {
     /// Ant Group's Ling: fused `query_key_value`, shared experts, NormHead.
     BailingMoe,
+    /// Ling 2.0: sigmoid group-limited router with expert bias, QK-norm, partial RoPE.
+    BailingMoeV2,
     Llama,
     /// Llama with q/k/v biases.
     Qwen2,
@@ -145,8 +152,9 @@ pub enum Arch {
 }
 
 impl Arch {
-    pub const ALL: [Arch; 5] = [
+    pub const ALL: [Arch; 6] = [
         Arch::BailingMoe,
+        Arch::BailingMoeV2,
         Arch::Llama,
         Arch::Qwen2,
         Arch::Qwen3Moe,
@@ -157,6 +165,7 @@ impl Arch {
     pub fn spec(self) -> &'static dyn Architecture {
         match self {
             Arch::BailingMoe => &bailing_moe::BailingMoe,
+            Arch::BailingMoeV2 => &bailing_moe_v2::BailingMoeV2,
             Arch::Llama => &llama::Llama,
             Arch::Qwen2 => &qwen2::Qwen2,
             Arch::Qwen3Moe => &qwen3_moe::Qwen3Moe,
@@ -315,6 +324,15 @@ pub fn config_from_hf(json: &Value, what: &str) -> Result<(Arch, ModelConfig)> {
     }
     let arch = Arch::from_model_type(model_type)
         .ok_or_else(|| anyhow::anyhow!("{what}: {}", unsupported(model_type)))?;
+    // Ling 2.0 checkpoints say `bailing_moe` too; their class tells them apart.
+    let class = map
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Value::as_str);
+    let arch = match class {
+        Some(c) if c == Arch::BailingMoeV2.class_name() => Arch::BailingMoeV2,
+        _ => arch,
+    };
     let mut f = Fields {
         json: map,
         arch: arch.spec(),
@@ -389,7 +407,7 @@ pub fn config_to_hf(arch: Arch, cfg: &ModelConfig, original: Option<&Value>) -> 
     let mut set = |k: &str, v: Value| {
         out.insert(k.to_string(), v);
     };
-    set("model_type", json!(arch.model_type()));
+    set("model_type", json!(arch.spec().hf_model_type()));
     set("architectures", json!([arch.class_name()]));
     set("vocab_size", json!(cfg.vocab_size));
     set("hidden_size", json!(cfg.hidden_size));
