@@ -10,7 +10,7 @@ pub struct InspectArgs {
     /// A run.toml (as `nuwa train --config` reads it).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// tiny-moe | tiny-dense | ling-lite | ling-plus (default tiny-moe).
+    /// tiny-moe | tiny-dense | ling-lite | ling-plus | ling-mini-2 | ling-flash-2 (default tiny-moe).
     #[arg(long)]
     preset: Option<String>,
     /// A model config file (HF config.json or TOML) instead of a preset.

@@ -20,7 +20,7 @@ pub struct TrainArgs {
     /// A run.toml: `preset = "..."` or a [model] table, plus [train] and [data].
     #[arg(long)]
     config: Option<PathBuf>,
-    /// tiny-moe | tiny-dense | ling-lite | ling-plus (default tiny-moe).
+    /// tiny-moe | tiny-dense | ling-lite | ling-plus | ling-mini-2 | ling-flash-2 (default tiny-moe).
     #[arg(long)]
     preset: Option<String>,
     /// A model config file (HF config.json or TOML) instead of a preset.

@@ -124,7 +124,10 @@ pub enum ConfigError {
     },
     #[error("{path}: {problem}")]
     File { path: String, problem: String },
-    #[error("unknown preset `{0}` (known: tiny-moe, tiny-dense, ling-lite, ling-plus)")]
+    #[error(
+        "unknown preset `{0}` (known: tiny-moe, tiny-dense, ling-lite, ling-plus, ling-mini-2, \
+         ling-flash-2)"
+    )]
     UnknownPreset(String),
 }
 
@@ -358,6 +361,31 @@ impl ModelConfig {
             norm_head: true,
             ..tiny.clone()
         };
+        let ling2 = |layers, hidden, heads, dense_width, moe_width| ModelConfig {
+            model_type: "bailing_moe_v2".into(),
+            vocab_size: 157_184,
+            hidden_size: hidden,
+            intermediate_size: dense_width,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: 4,
+            head_dim: Some(128),
+            rope_theta: 600_000.0,
+            max_position_embeddings: 32_768,
+            num_experts: 256,
+            num_shared_experts: 1,
+            num_experts_per_tok: 8,
+            moe_intermediate_size: moe_width,
+            first_k_dense_replace: 1,
+            use_qk_norm: true,
+            partial_rotary_factor: 0.5,
+            score_function: ScoreFunction::Sigmoid,
+            n_group: 8,
+            topk_group: 4,
+            routed_scaling_factor: 2.5,
+            moe_router_enable_expert_bias: true,
+            ..tiny.clone()
+        };
         let cfg = match name {
             "tiny-dense" => tiny,
             "tiny-moe" => ModelConfig {
@@ -371,6 +399,11 @@ impl ModelConfig {
             },
             "ling-lite" => ling(28, 2048, 16, 4, 64, 6, 2, 1408),
             "ling-plus" => ling(88, 5376, 56, 8, 64, 4, 1, 3072),
+            // Ling 2.0 (inclusionAI/Ling-V2): 256 experts top-8 in 8 groups (4 chosen), one
+            // shared, sigmoid router with expert bias scaled 2.5, QK-norm, half RoPE, the first
+            // layer dense.
+            "ling-mini-2" => ling2(20, 2048, 16, 5120, 512),
+            "ling-flash-2" => ling2(32, 4096, 32, 9216, 1024),
             other => return Err(ConfigError::UnknownPreset(other.to_string())),
         };
         Ok(cfg)
@@ -416,7 +449,12 @@ impl ModelConfig {
         for layer in 0..self.num_hidden_layers {
             let attn = self.attention_params() + norms;
             if self.layer_is_moe(layer) {
-                let router = h * self.num_experts as u64;
+                let bias = if self.moe_router_enable_expert_bias {
+                    1
+                } else {
+                    0
+                };
+                let router = (h + bias) * self.num_experts as u64;
                 let expert = self.swiglu_params(self.moe_intermediate_size);
                 let shared = if self.num_shared_experts > 0 {
                     self.swiglu_params(self.moe_intermediate_size * self.num_shared_experts)
@@ -466,11 +504,57 @@ mod tests {
         let plus = ModelConfig::preset("ling-plus").unwrap().counts(4096);
         assert!(within(plus.total_params, 290e9, 0.01), "{plus:?}");
         assert!(within(plus.active_params, 28.8e9, 0.01), "{plus:?}");
+        // Ling 2.0: Ling-mini-2.0 is published as 16.26B total / 1.43B active, Ling-flash-2.0
+        // as 6.1B active ("100B" total, a round figure: its shapes count 102.9B).
+        let mini = ModelConfig::preset("ling-mini-2").unwrap().counts(4096);
+        assert!(within(mini.total_params, 16.26e9, 0.01), "{mini:?}");
+        assert!(within(mini.active_params, 1.43e9, 0.01), "{mini:?}");
+        let flash = ModelConfig::preset("ling-flash-2").unwrap().counts(4096);
+        assert!(within(flash.active_params, 6.1e9, 0.01), "{flash:?}");
+        assert!(within(flash.total_params, 100e9, 0.03), "{flash:?}");
+    }
+
+    #[test]
+    fn group_limited_routing_validates_its_groups() {
+        let base = ModelConfig::preset("ling-mini-2").unwrap();
+        for (cfg, field) in [
+            (
+                ModelConfig {
+                    n_group: 7,
+                    ..base.clone()
+                },
+                "n_group",
+            ),
+            (
+                ModelConfig {
+                    topk_group: 9,
+                    ..base.clone()
+                },
+                "topk_group",
+            ),
+            (
+                ModelConfig {
+                    partial_rotary_factor: 0.01,
+                    ..base.clone()
+                },
+                "partial_rotary_factor",
+            ),
+        ] {
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        }
     }
 
     #[test]
     fn presets_validate() {
-        for name in ["tiny-moe", "tiny-dense", "ling-lite", "ling-plus"] {
+        for name in [
+            "tiny-moe",
+            "tiny-dense",
+            "ling-lite",
+            "ling-plus",
+            "ling-mini-2",
+            "ling-flash-2",
+        ] {
             ModelConfig::preset(name).unwrap().validate().unwrap();
         }
     }
