@@ -392,3 +392,81 @@ fn failed_save_keeps_the_last_good_checkpoint() {
     assert_eq!(after.state.step, 2);
     assert_eq!(after.state.checksums, good.state.checksums);
 }
+
+/// A tiny Ling 2.0-style run: sigmoid router over 8 experts in 4 groups (2 chosen), expert
+/// bias, QK-norm, half RoPE.
+fn tiny_ling2_run(data: &str, steps: u64, rate: f64) -> RunConfig {
+    let mut run = tiny_moe_run(data, steps);
+    run.model.score_function = nuwa_model::ScoreFunction::Sigmoid;
+    run.model.n_group = 4;
+    run.model.topk_group = 2;
+    run.model.routed_scaling_factor = 2.5;
+    run.model.moe_router_enable_expert_bias = true;
+    run.model.use_qk_norm = true;
+    run.model.partial_rotary_factor = 0.5;
+    run.model.norm_head = false;
+    run.train.expert_bias_update_rate = rate;
+    run.train.grad_accum = 2;
+    run
+}
+
+fn expert_biases(run: &Path) -> Vec<Vec<f32>> {
+    let latest = checkpoint::load_latest(run).unwrap();
+    latest
+        .weights
+        .iter()
+        .filter(|(k, _)| k.ends_with("moe.expert_bias"))
+        .map(|(_, t)| t.data.clone())
+        .collect()
+}
+
+#[test]
+fn aux_loss_free_biases_move_against_the_load_and_never_by_gradient() {
+    let _guard = serial();
+    let tmp = TempDir::new("aux-free");
+    let data = builtin_data(&tmp.path().join("data"));
+
+    // Frozen (rate 0): the optimiser leaves the biases at zero while the model trains.
+    let frozen = tmp.path().join("frozen");
+    let report = train(options(&frozen, tiny_ling2_run(&data, 4, 0.0), false)).unwrap();
+    assert!(report.steps.iter().all(|s| s.loss.is_finite()));
+    let biases = expert_biases(&frozen);
+    assert_eq!(biases.len(), 1, "one MoE layer");
+    assert!(biases.iter().flatten().all(|&b| b == 0.0), "{biases:?}");
+
+    // Moving: after each step, bias += rate · sign(mean load − load), from the whole step's
+    // load (both micro-batches) logged in metrics.jsonl.
+    let rate = 0.01;
+    let moving = tmp.path().join("moving");
+    train(options(&moving, tiny_ling2_run(&data, 5, rate), false)).unwrap();
+    let metrics = std::fs::read_to_string(moving.join("metrics.jsonl")).unwrap();
+    let mut want = vec![0.0f32; 8];
+    for line in metrics.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        let load: Vec<f64> = record["expert_load"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let total: f64 = load.iter().sum();
+        // 4 sequences × 32 tokens × 2 micro-batches × top-2.
+        assert_eq!(total, (4 * 32 * 2 * 2) as f64);
+        let mean = total / load.len() as f64;
+        for (b, l) in want.iter_mut().zip(&load) {
+            *b += (rate
+                * if *l < mean {
+                    1.0
+                } else if *l > mean {
+                    -1.0
+                } else {
+                    0.0
+                }) as f32;
+        }
+    }
+    let got = &expert_biases(&moving)[0];
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+    }
+    assert!(got.iter().any(|&b| b != 0.0));
+}

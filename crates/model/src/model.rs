@@ -215,6 +215,17 @@ impl LanguageModel {
         by_path(&Self::uninitialised(cfg, &Device::default()), LazyShape)
     }
 
+    /// Moves every MoE layer's expert bias against its load (`load[i]`: tokens per expert of
+    /// the i-th MoE layer over a step; see [`Moe::update_expert_bias`]). Returns each updated
+    /// layer's largest |bias|.
+    pub fn update_expert_bias(&mut self, load: &[Vec<f64>], rate: f64) -> Vec<f32> {
+        let moes = self.layers.iter_mut().filter_map(|l| l.moe.as_mut());
+        moes.zip(load)
+            .filter_map(|(moe, load)| moe.update_expert_bias(load, rate))
+            .map(|b| b.iter().fold(0.0f32, |m, x| m.max(x.abs())))
+            .collect()
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }

@@ -147,6 +147,34 @@ impl Moe {
         }
     }
 
+    /// Aux-loss-free balancing (DeepSeek-V3's rule, as Megatron's `moe_router_bias_update_rate`
+    /// applies it): each expert's bias moves by `rate` toward balance — up when the expert got
+    /// fewer than the mean of `load` (tokens per expert over a step), down when more, not at
+    /// all when exactly the mean. Returns the new biases; `None` without an expert bias.
+    pub fn update_expert_bias(&mut self, load: &[f64], rate: f64) -> Option<Vec<f32>> {
+        let bias = self.expert_bias.take()?;
+        let mean = load.iter().sum::<f64>() / load.len().max(1) as f64;
+        let current: Vec<f32> = bias.val().into_data().iter::<f32>().collect();
+        let updated: Vec<f32> = current
+            .iter()
+            .zip(load)
+            .map(|(&b, &l)| {
+                let sign = if l < mean {
+                    1.0
+                } else if l > mean {
+                    -1.0
+                } else {
+                    0.0
+                };
+                b + (rate * sign) as f32
+            })
+            .collect();
+        let n = updated.len();
+        let values = updated.clone();
+        self.expert_bias = Some(bias.map(|t| crate::init::host_tensor_like(values, [n], &t)));
+        Some(updated)
+    }
+
     /// `x`: `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<3>) -> (Tensor<3>, RouterStats) {
         let [b, t, hidden] = x.dims();

@@ -38,6 +38,11 @@ pub struct TrainConfig {
     pub aux_loss_coef: f64,
     /// MoE router z-loss coefficient.
     pub z_loss_coef: f64,
+    /// Aux-loss-free balancing (routers with an expert bias, Ling 2.0): after each step every
+    /// expert's bias moves by this much against its load — up when it got fewer tokens than
+    /// the mean over experts, down when more (the whole step's load, over every process).
+    /// 0 freezes the biases.
+    pub expert_bias_update_rate: f64,
     pub eval_every: u64,
     pub eval_batches: usize,
     pub checkpoint_every: u64,
@@ -65,6 +70,7 @@ impl Default for TrainConfig {
             grad_clip: 1.0,
             aux_loss_coef: 0.015,
             z_loss_coef: 1e-4,
+            expert_bias_update_rate: 1e-3,
             eval_every: 100,
             eval_batches: 8,
             checkpoint_every: 100,

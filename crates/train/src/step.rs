@@ -116,6 +116,8 @@ pub struct LocalStep {
     pub z_loss: Option<f64>,
     /// Tokens per expert of the last micro-batch, per MoE layer.
     pub tokens_per_expert: Vec<Vec<usize>>,
+    /// Tokens per expert over all of this process's micro-batches, per MoE layer.
+    pub step_load: Vec<Vec<usize>>,
     pub compute_s: f64,
     /// Rows of each global micro-batch this process ran.
     pub rows: usize,
@@ -145,6 +147,7 @@ pub fn local_step<'g>(
     let mut accumulator = GradientsAccumulator::<LanguageModel>::new();
     let (mut ce, mut lb, mut z) = (0.0, None::<f64>, None::<f64>);
     let mut load = Vec::new();
+    let mut step_load: Vec<Vec<usize>> = Vec::new();
     for _ in 0..t.grad_accum {
         let batch = sampler.next_batch(data, t.batch_size, t.seq_len)?;
         let global = global();
@@ -174,6 +177,13 @@ pub fn local_step<'g>(
         if let Some(v) = scalar(&losses.z_loss) {
             *z.get_or_insert(0.0) += v * weight;
         }
+        if step_load.is_empty() {
+            step_load = losses.tokens_per_expert.clone();
+        } else {
+            for (sum, layer) in step_load.iter_mut().zip(&losses.tokens_per_expert) {
+                sum.iter_mut().zip(layer).for_each(|(s, c)| *s += c);
+            }
+        }
         load = losses.tokens_per_expert;
     }
     Ok(LocalStep {
@@ -182,6 +192,7 @@ pub fn local_step<'g>(
         load_balance: lb,
         z_loss: z,
         tokens_per_expert: load,
+        step_load,
         compute_s: started.elapsed().as_secs_f64(),
         rows: rows.count,
     })

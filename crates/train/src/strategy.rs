@@ -23,6 +23,8 @@ pub struct ReducedStep {
     pub z_loss: Option<f64>,
     /// This process's tokens per expert in its last micro-batch, per MoE layer (for the log).
     pub tokens_per_expert: Vec<Vec<usize>>,
+    /// Tokens per expert over the whole step and every process, per MoE layer.
+    pub expert_load: Vec<Vec<f64>>,
     /// Some process asked to stop (Ctrl-C): all stop after this step, together.
     pub stop: bool,
     /// Fields for the step's metrics record.
@@ -93,11 +95,17 @@ impl Parallelism for SingleProcess {
         local: LocalStep,
         stop: bool,
     ) -> (GradientsParams, ReducedStep) {
+        let expert_load = local
+            .step_load
+            .iter()
+            .map(|l| l.iter().map(|&c| c as f64).collect())
+            .collect();
         let totals = ReducedStep {
             ce: local.ce,
             load_balance: local.load_balance,
             z_loss: local.z_loss,
             tokens_per_expert: local.tokens_per_expert,
+            expert_load,
             stop,
             metrics: Map::new(),
             notes: Vec::new(),
@@ -115,6 +123,8 @@ pub struct DataParallel {
     batch_size: usize,
     /// Top-k assignments and MoE layers × experts per global micro-batch (MoE only).
     moe: Option<(usize, usize)>,
+    /// Routed experts per MoE layer.
+    experts: usize,
     start_step: u64,
     device: Device,
 }
@@ -129,10 +139,27 @@ impl DataParallel {
             slow_steps: vec![0; ranks],
             batch_size: 0,
             moe: None,
+            experts: 0,
             start_step: 0,
             device: device.clone(),
             opts,
         }
+    }
+
+    /// Every rank's tokens per expert over the step, summed, per MoE layer (a rank with no
+    /// rows adds zeros).
+    fn global_load(&self, local: &[Vec<usize>]) -> Vec<Vec<f64>> {
+        let Some((_, counts_len)) = self.moe else {
+            let as_f64 = |l: &Vec<usize>| l.iter().map(|&c| c as f64).collect();
+            return local.iter().map(as_f64).collect();
+        };
+        let mut counts: Vec<f32> = local.iter().flatten().map(|&c| c as f32).collect();
+        counts.resize(counts_len, 0.0);
+        self.comm().all_reduce_sum(&mut counts);
+        counts
+            .chunks(self.experts.max(1))
+            .map(|c| c.iter().map(|&x| x as f64).collect())
+            .collect()
     }
 
     fn comm(&self) -> &dyn Collective {
@@ -183,6 +210,7 @@ impl Parallelism for DataParallel {
         let moe_layers = (0..cfg.model.num_hidden_layers)
             .filter(|&l| cfg.model.layer_is_moe(l))
             .count();
+        self.experts = cfg.model.num_experts;
         self.moe = (ranks > 1 && cfg.model.is_moe()).then(|| {
             (
                 t.batch_size * t.seq_len * cfg.model.num_experts_per_tok,
@@ -252,6 +280,7 @@ impl Parallelism for DataParallel {
             stop as u8 as f64,
         ];
         let all = self.comm().all_gather(&mine);
+        let expert_load = self.global_load(&local.step_load);
         self.watchdog.leave();
         let col = |i: usize| -> Vec<f64> { all.chunks(mine.len()).map(|c| c[i]).collect() };
         let (computes, waits, comms, seqs) = (col(3), col(4), col(5), col(6));
@@ -285,6 +314,7 @@ impl Parallelism for DataParallel {
             load_balance: is_moe.then(|| col(1).iter().sum()),
             z_loss: is_moe.then(|| col(2).iter().sum()),
             tokens_per_expert: local.tokens_per_expert,
+            expert_load,
             stop: col(7).iter().any(|&f| f > 0.0),
             metrics: metrics.as_object().cloned().unwrap_or_default(),
             notes,

@@ -191,6 +191,13 @@ fn train_step(
     let (grads, totals) = combined_step(&mut s, strategy, done, stop, device)?;
     let (model, norm) = update(s.model, &mut s.opt, grads, lr, t.grad_clip);
     s.model = model;
+    // Aux-loss-free balancing: every rank applies the same global load, so biases stay equal.
+    let bias_max = match t.expert_bias_update_rate > 0.0 {
+        true => s
+            .model
+            .update_expert_bias(&totals.expert_load, t.expert_bias_update_rate),
+        false => Vec::new(),
+    };
     s.tokens_seen += tokens as u64;
     if !totals.ce.is_finite() {
         let kept = checkpoint::checkpoints_dir(&s.run);
@@ -204,6 +211,10 @@ fn train_step(
     let mfu = peak_flops.map(|p| tokens / seconds * s.flops_per_token / p);
     let mut metrics = step_metrics(&s, done, &totals, lr, norm, seconds);
     metrics.insert("mfu".into(), json!(mfu));
+    if !bias_max.is_empty() {
+        metrics.insert("expert_load".into(), json!(totals.expert_load));
+        metrics.insert("expert_bias_max_abs".into(), json!(bias_max));
+    }
     metrics.insert("sample_start".into(), json!(sample_start));
     strategy.after_update(&s.model, &mut metrics);
     let record = StepRecord {
