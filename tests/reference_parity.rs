@@ -275,6 +275,60 @@ fn whole_model_logits_loss_and_gradients_match_reference() {
     check_param_grads(&model, &grads, with_prefix(&f, "grad."), 0);
 }
 
+/// Ling 2.0: sigmoid group-limited router with an expert bias (no gradient), QK-norm and
+/// half RoPE — logits, loss and every gradient against the reference.
+#[test]
+fn ling_2_model_logits_loss_and_gradients_match_reference() {
+    let f = fixture("model_v2");
+    let dev = device();
+    let cfg = ModelConfig {
+        vocab_size: 24,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        num_experts: 8,
+        num_experts_per_tok: 3,
+        num_shared_experts: 1,
+        moe_intermediate_size: 16,
+        first_k_dense_replace: 1,
+        use_qk_norm: true,
+        partial_rotary_factor: 0.5,
+        score_function: nuwa_model::ScoreFunction::Sigmoid,
+        n_group: 4,
+        topk_group: 2,
+        routed_scaling_factor: 2.5,
+        moe_router_enable_expert_bias: true,
+        ..ModelConfig::preset("tiny-dense").unwrap()
+    };
+    let model = nuwa_model::LanguageModel::uninitialised(&cfg, &dev);
+    let model = assign_weights(model, &with_prefix(&f, "weight."), "model_v2").unwrap();
+    let ids = |name: &str| {
+        let t = &f[name];
+        let v: Vec<i64> = t.data.iter().map(|&x| x as i64).collect();
+        Tensor::<2, burn::tensor::Int>::from_data(TensorData::new(v, t.shape.clone()), &dev)
+    };
+    let out = model.forward(ids("output.tokens"), None);
+    assert_close(
+        "logits",
+        &HostTensor::from_tensor(out.logits.clone()),
+        &f["output.logits"],
+    );
+    let ce = nuwa_model::cross_entropy(out.logits, ids("output.targets"));
+    let stats = &out.router[0];
+    let loss = ce + stats.load_balance.clone() * 0.015 + stats.z_loss.clone() * 1e-4;
+    assert_close(
+        "loss",
+        &HostTensor::from_tensor(loss.clone()),
+        &f["output.loss"],
+    );
+    let grads = loss.backward();
+    // Every weight but the expert bias, which has no gradient.
+    let expected: BTreeMap<String, HostTensor> = with_prefix(&f, "grad.");
+    check_param_grads(&model, &grads, expected, 0);
+}
+
 /// The routed experts' two execution paths — one batched matmul over padded groups, or one
 /// expert at a time when routing is very uneven — compute what each expert computes alone.
 #[test]

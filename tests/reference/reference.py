@@ -98,13 +98,17 @@ def moe(x, w, num_experts, top_k, norm_topk, shared):
     return out.reshape(b, t, h), load_balance, z_loss
 
 
-def finish(name, inputs, weights, outputs, loss):
+def finish(name, inputs, weights, outputs, loss, buffers=None):
+    """Saves inputs, weights (and `buffers`: weights without a gradient), outputs and the
+    gradient of `loss` with respect to every input and weight."""
     leaves = {**inputs, **weights}
-    grads = torch.autograd.grad(loss, list(leaves.values()))
+    # A routed expert no token chose has a zero gradient.
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    grads = [torch.zeros_like(v) if g is None else g for v, g in zip(leaves.values(), grads)]
     tensors = {}
     for k, v in inputs.items():
         tensors[f"input.{k}"] = v
-    for k, v in weights.items():
+    for k, v in {**weights, **(buffers or {})}.items():
         tensors[f"weight.{k}"] = v
     for k, v in outputs.items():
         tensors[f"output.{k}"] = v
@@ -235,9 +239,121 @@ def make_model():
     )
 
 
+def attention_v2(x, w, heads, kv_heads, head_dim, theta, rotary, eps):
+    """Ling 2.0 attention: per-head RMSNorm of queries and keys, RoPE on the first `rotary`
+    features of each head only."""
+    b, t, _ = x.shape
+    q, k, v = (x @ w["query_key_value.weight"]).split(
+        [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = rms_norm(q.view(b, t, heads, head_dim).transpose(1, 2), w["query_layernorm.weight"], eps)
+    k = rms_norm(k.view(b, t, kv_heads, head_dim).transpose(1, 2), w["key_layernorm.weight"], eps)
+    v = v.view(b, t, kv_heads, head_dim).transpose(1, 2)
+    cos, sin = rope_tables(theta, rotary, 0, t)
+    turn = lambda z: torch.cat([apply_rope(z[..., :rotary], cos, sin), z[..., rotary:]], dim=-1)
+    q, k = turn(q), turn(k)
+    k = k.repeat_interleave(heads // kv_heads, dim=1)
+    v = v.repeat_interleave(heads // kv_heads, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    out = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, heads * head_dim)
+    return out @ w["dense.weight"]
+
+
+def moe_v2(x, w, bias, experts, top_k, groups, topk_groups, scaling):
+    """Ling 2.0's router: sigmoid scores; experts chosen (no gradient) on score + bias among
+    the `topk_groups` best groups (a group scores its two best); weights from the unbiased
+    scores, renormalised, times `scaling`. The balance statistics use each token's scores
+    normalised to sum 1 as its probabilities."""
+    b, t, h = x.shape
+    tokens = x.reshape(b * t, h)
+    logits = tokens @ w["gate.weight"]
+    scores = torch.sigmoid(logits)
+    routing = scores.detach() + bias
+    n = routing.shape[0]
+    group_score = routing.view(n, groups, -1).topk(2, dim=-1).values.sum(-1)
+    best = group_score.topk(topk_groups, dim=-1).indices
+    allowed = torch.zeros(n, groups, dtype=torch.bool).scatter(1, best, True)
+    routing = routing.masked_fill(~allowed.repeat_interleave(experts // groups, 1), float("-inf"))
+    top_i = routing.topk(top_k, dim=-1).indices
+    top_w = scores.gather(1, top_i)
+    top_w = top_w / (top_w.sum(-1, keepdim=True) + 1e-20) * scaling
+    out = torch.zeros_like(tokens)
+    counts = []
+    for e in range(experts):
+        rows, slots = (top_i == e).nonzero(as_tuple=True)
+        counts.append(len(rows))
+        if len(rows):
+            y = swiglu(tokens[rows], w, f"experts.{e}.") * top_w[rows, slots].unsqueeze(-1)
+            out = out.index_add(0, rows, y)
+    out = out + swiglu(tokens, w, "shared_experts.")
+    probs = scores / scores.sum(-1, keepdim=True)
+    fraction = torch.tensor(counts, dtype=DT) / (n * top_k)
+    load_balance = experts * (fraction * probs.mean(0)).sum()
+    z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return out.reshape(b, t, h), load_balance, z_loss
+
+
+def make_model_v2():
+    """A whole Ling 2.0-style model: layer 0 dense, layer 1 MoE with the sigmoid group-limited
+    router (8 experts in 4 groups, 2 chosen, top-3, expert bias, scaling 2.5), QK-norm, half
+    RoPE; no NormHead."""
+    vocab, hidden, heads, kv_heads, head_dim, inter = 24, 32, 4, 2, 8, 48
+    experts, top_k, width, eps, theta = 8, 3, 16, 1e-6, 10000.0
+    w = {"word_embeddings.weight": leaf(rand(vocab, hidden, scale=0.5))}
+    for layer in range(2):
+        p = f"layers.{layer}."
+        w[p + "input_layernorm.weight"] = leaf(1.0 + rand(hidden, scale=0.1))
+        w[p + "post_attention_layernorm.weight"] = leaf(1.0 + rand(hidden, scale=0.1))
+        w[p + "attention.query_key_value.weight"] = leaf(rand(hidden, (heads + 2 * kv_heads) * head_dim, scale=0.2))
+        w[p + "attention.dense.weight"] = leaf(rand(heads * head_dim, hidden, scale=0.2))
+        w[p + "attention.query_layernorm.weight"] = leaf(1.0 + rand(head_dim, scale=0.1))
+        w[p + "attention.key_layernorm.weight"] = leaf(1.0 + rand(head_dim, scale=0.1))
+        ffns = [(p + "mlp.Dense.", inter)] if layer == 0 else (
+            [(p + f"mlp.Moe.experts.{e}.", width) for e in range(experts)] + [(p + "mlp.Moe.shared_experts.", width)]
+        )
+        if layer == 1:
+            w[p + "mlp.Moe.gate.weight"] = leaf(rand(hidden, experts, scale=0.5))
+        for prefix, wide in ffns:
+            w[prefix + "gate_proj.weight"] = leaf(rand(hidden, wide, scale=0.2))
+            w[prefix + "up_proj.weight"] = leaf(rand(hidden, wide, scale=0.2))
+            w[prefix + "down_proj.weight"] = leaf(rand(wide, hidden, scale=0.2))
+    w["norm.weight"] = leaf(1.0 + rand(hidden, scale=0.1))
+    w["lm_head.weight"] = leaf(rand(hidden, vocab, scale=0.3))
+    bias = rand(experts, scale=0.05)
+
+    tokens = torch.randint(0, vocab, (2, 7))
+    targets = torch.randint(0, vocab, (2, 7))
+    x = w["word_embeddings.weight"][tokens]
+    for layer in range(2):
+        p = f"layers.{layer}."
+        sub = {k[len(p + "attention."):]: v for k, v in w.items() if k.startswith(p + "attention.")}
+        h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
+        x = x + attention_v2(h, sub, heads, kv_heads, head_dim, theta, head_dim // 2, eps)
+        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
+        if layer == 0:
+            x = x + swiglu(h, w, p + "mlp.Dense.")
+        else:
+            sub = {k[len(p + "mlp.Moe."):]: v for k, v in w.items() if k.startswith(p + "mlp.Moe.")}
+            y, lb, z = moe_v2(h, sub, bias, experts, top_k, 4, 2, 2.5)
+            x = x + y
+    logits = rms_norm(x, w["norm.weight"], eps) @ w["lm_head.weight"]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+    loss = ce + 0.015 * lb + 1e-4 * z
+    finish(
+        "model_v2",
+        {},
+        w,
+        {"logits": logits, "tokens": tokens.to(DT), "targets": targets.to(DT),
+         "ce": ce.reshape(1), "loss": loss.reshape(1)},
+        loss,
+        buffers={"layers.1.mlp.Moe.expert_bias": bias},
+    )
+
+
 if __name__ == "__main__":
     make_model()
     make_rmsnorm()
     make_rope()
     make_attention()
     make_moe()
+    make_model_v2()
