@@ -275,8 +275,9 @@ fn whole_model_logits_loss_and_gradients_match_reference() {
     check_param_grads(&model, &grads, with_prefix(&f, "grad."), 0);
 }
 
-/// Ling 2.0: sigmoid group-limited router with an expert bias (no gradient), QK-norm and
-/// half RoPE — logits, loss and every gradient against the reference.
+/// Ling 2.0: sigmoid group-limited router with an expert bias (no gradient), QK-norm, half
+/// RoPE and a multi-token-prediction layer — logits, losses and every gradient against the
+/// reference.
 #[test]
 fn ling_2_model_logits_loss_and_gradients_match_reference() {
     let f = fixture("model_v2");
@@ -300,6 +301,8 @@ fn ling_2_model_logits_loss_and_gradients_match_reference() {
         topk_group: 2,
         routed_scaling_factor: 2.5,
         moe_router_enable_expert_bias: true,
+        num_nextn_predict_layers: 1,
+        mtp_loss_scaling_factor: 0.3,
         ..ModelConfig::preset("tiny-dense").unwrap()
     };
     let model = nuwa_model::LanguageModel::uninitialised(&cfg, &dev);
@@ -309,15 +312,26 @@ fn ling_2_model_logits_loss_and_gradients_match_reference() {
         let v: Vec<i64> = t.data.iter().map(|&x| x as i64).collect();
         Tensor::<2, burn::tensor::Int>::from_data(TensorData::new(v, t.shape.clone()), &dev)
     };
-    let out = model.forward(ids("output.tokens"), None);
+    let (out, mtp_logits) = model.forward_train(ids("output.tokens"));
     assert_close(
         "logits",
         &HostTensor::from_tensor(out.logits.clone()),
         &f["output.logits"],
     );
-    let ce = nuwa_model::cross_entropy(out.logits, ids("output.targets"));
+    let targets = ids("output.targets");
+    let ce = nuwa_model::cross_entropy(out.logits, targets.clone());
+    assert_eq!(mtp_logits.len(), 1);
+    let mtp = nuwa_model::cross_entropy(mtp_logits[0].clone(), targets.narrow(1, 1, 6));
+    assert_close(
+        "mtp loss",
+        &HostTensor::from_tensor(mtp.clone()),
+        &f["output.mtp"],
+    );
     let stats = &out.router[0];
-    let loss = ce + stats.load_balance.clone() * 0.015 + stats.z_loss.clone() * 1e-4;
+    let loss = ce
+        + stats.load_balance.clone() * 0.015
+        + stats.z_loss.clone() * 1e-4
+        + mtp * model.mtp_loss_weight;
     assert_close(
         "loss",
         &HostTensor::from_tensor(loss.clone()),

@@ -394,7 +394,7 @@ fn failed_save_keeps_the_last_good_checkpoint() {
 }
 
 /// A tiny Ling 2.0-style run: sigmoid router over 8 experts in 4 groups (2 chosen), expert
-/// bias, QK-norm, half RoPE.
+/// bias, QK-norm, half RoPE, one multi-token-prediction layer.
 fn tiny_ling2_run(data: &str, steps: u64, rate: f64) -> RunConfig {
     let mut run = tiny_moe_run(data, steps);
     run.model.score_function = nuwa_model::ScoreFunction::Sigmoid;
@@ -405,6 +405,8 @@ fn tiny_ling2_run(data: &str, steps: u64, rate: f64) -> RunConfig {
     run.model.use_qk_norm = true;
     run.model.partial_rotary_factor = 0.5;
     run.model.norm_head = false;
+    run.model.num_nextn_predict_layers = 1;
+    run.model.mtp_loss_scaling_factor = 0.3;
     run.train.expert_bias_update_rate = rate;
     run.train.grad_accum = 2;
     run
@@ -431,7 +433,7 @@ fn aux_loss_free_biases_move_against_the_load_and_never_by_gradient() {
     let report = train(options(&frozen, tiny_ling2_run(&data, 4, 0.0), false)).unwrap();
     assert!(report.steps.iter().all(|s| s.loss.is_finite()));
     let biases = expert_biases(&frozen);
-    assert_eq!(biases.len(), 1, "one MoE layer");
+    assert_eq!(biases.len(), 2, "one MoE layer and the MTP layer");
     assert!(biases.iter().flatten().all(|&b| b == 0.0), "{biases:?}");
 
     // Moving: after each step, bias += rate · sign(mean load − load), from the whole step's

@@ -75,14 +75,15 @@ def tiny_configs():
                                      moe_intermediate_size=24, first_k_dense_replace=1, norm_head=True,
                                      pad_token_id=0, torch_dtype="float32"),
         # Ling 2.0: sigmoid router over 8 experts in 4 groups (2 chosen), top-3, expert bias,
-        # scaling 2.5, QK-norm, half RoPE, head_dim 12, one shared expert, first layer dense.
+        # scaling 2.5, QK-norm, half RoPE, head_dim 12, one shared expert, first layer dense,
+        # one MTP layer (its weights are imported and exported; it does not change the logits).
         "bailing_moe_v2": dict(model_type="bailing_moe", architectures=["BailingMoeV2ForCausalLM"],
                                vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                num_key_value_heads=2, head_dim=12, intermediate_size=64, num_experts=8,
                                num_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2,
                                moe_intermediate_size=16, first_k_dense_replace=1, routed_scaling_factor=2.5,
                                partial_rotary_factor=0.5, use_qk_norm=True, rope_theta=10000.0,
-                               max_position_embeddings=128, num_nextn_predict_layers=0, pad_token_id=0,
+                               max_position_embeddings=128, num_nextn_predict_layers=1, pad_token_id=0,
                                eos_token_id=2, torch_dtype="float32"),
         "bailing_moe": dict(common, model_type="bailing_moe", architectures=["BailingMoeForCausalLM"],
                             intermediate_size=64, rope_theta=600000.0, num_experts=4,
@@ -138,7 +139,7 @@ def is_moe_layer(cfg, i):
     if t == "qwen3_moe":
         step = get(cfg, "decoder_sparse_step", 1)
         return get(cfg, "num_experts") > 0 and i not in get(cfg, "mlp_only_layers", []) and (i + 1) % step == 0
-    if t == "bailing_moe":
+    if t == "bailing_moe":  # (and every MTP layer, which comes after the last)
         return get(cfg, "num_experts", 0) > 0 and i >= get(cfg, "first_k_dense_replace", 0)
     return False
 
@@ -206,6 +207,12 @@ def all_tensors(cfg):
     out = {emb: [v, h]}
     for i in range(get(cfg, "num_hidden_layers")):
         out.update(layer_tensors(cfg, i))
+    if is_v2(cfg):  # multi-token-prediction layers follow as MoE decoder layers with extras
+        for i in range(get(cfg, "num_hidden_layers"), get(cfg, "num_hidden_layers") + get(cfg, "num_nextn_predict_layers", 0)):
+            out.update(layer_tensors(cfg, i))
+            p = f"model.layers.{i}."
+            out.update({p + "enorm.weight": [h], p + "hnorm.weight": [h], p + "eh_proj.weight": [h, 2 * h],
+                        p + "final_layernorm.weight": [h]})
     out["model.norm.weight"] = [h]
     if not get(cfg, "tie_word_embeddings", False):
         out["lm_head.weight"] = [v, h]

@@ -293,60 +293,81 @@ def moe_v2(x, w, bias, experts, top_k, groups, topk_groups, scaling):
     return out.reshape(b, t, h), load_balance, z_loss
 
 
+def v2_layer_weights(w, p, hidden, heads, kv_heads, head_dim, experts, width, moe):
+    """One Ling 2.0 decoder layer's weights under `p` (format-1 names: `mlp.Dense.`/`mlp.Moe.`)."""
+    w[p + "input_layernorm.weight"] = leaf(1.0 + rand(hidden, scale=0.1))
+    w[p + "post_attention_layernorm.weight"] = leaf(1.0 + rand(hidden, scale=0.1))
+    w[p + "attention.query_key_value.weight"] = leaf(rand(hidden, (heads + 2 * kv_heads) * head_dim, scale=0.2))
+    w[p + "attention.dense.weight"] = leaf(rand(heads * head_dim, hidden, scale=0.2))
+    w[p + "attention.query_layernorm.weight"] = leaf(1.0 + rand(head_dim, scale=0.1))
+    w[p + "attention.key_layernorm.weight"] = leaf(1.0 + rand(head_dim, scale=0.1))
+    ffns = [(p + "mlp.Dense.", 48)] if not moe else (
+        [(p + f"mlp.Moe.experts.{e}.", width) for e in range(experts)] + [(p + "mlp.Moe.shared_experts.", width)])
+    if moe:
+        w[p + "mlp.Moe.gate.weight"] = leaf(rand(hidden, experts, scale=0.5))
+    for prefix, wide in ffns:
+        w[prefix + "gate_proj.weight"] = leaf(rand(hidden, wide, scale=0.2))
+        w[prefix + "up_proj.weight"] = leaf(rand(hidden, wide, scale=0.2))
+        w[prefix + "down_proj.weight"] = leaf(rand(wide, hidden, scale=0.2))
+
+
 def make_model_v2():
     """A whole Ling 2.0-style model: layer 0 dense, layer 1 MoE with the sigmoid group-limited
     router (8 experts in 4 groups, 2 chosen, top-3, expert bias, scaling 2.5), QK-norm, half
-    RoPE; no NormHead."""
-    vocab, hidden, heads, kv_heads, head_dim, inter = 24, 32, 4, 2, 8, 48
+    RoPE, no NormHead, and one multi-token-prediction layer whose loss joins with weight 0.3."""
+    vocab, hidden, heads, kv_heads, head_dim = 24, 32, 4, 2, 8
     experts, top_k, width, eps, theta = 8, 3, 16, 1e-6, 10000.0
     w = {"word_embeddings.weight": leaf(rand(vocab, hidden, scale=0.5))}
     for layer in range(2):
-        p = f"layers.{layer}."
-        w[p + "input_layernorm.weight"] = leaf(1.0 + rand(hidden, scale=0.1))
-        w[p + "post_attention_layernorm.weight"] = leaf(1.0 + rand(hidden, scale=0.1))
-        w[p + "attention.query_key_value.weight"] = leaf(rand(hidden, (heads + 2 * kv_heads) * head_dim, scale=0.2))
-        w[p + "attention.dense.weight"] = leaf(rand(heads * head_dim, hidden, scale=0.2))
-        w[p + "attention.query_layernorm.weight"] = leaf(1.0 + rand(head_dim, scale=0.1))
-        w[p + "attention.key_layernorm.weight"] = leaf(1.0 + rand(head_dim, scale=0.1))
-        ffns = [(p + "mlp.Dense.", inter)] if layer == 0 else (
-            [(p + f"mlp.Moe.experts.{e}.", width) for e in range(experts)] + [(p + "mlp.Moe.shared_experts.", width)]
-        )
-        if layer == 1:
-            w[p + "mlp.Moe.gate.weight"] = leaf(rand(hidden, experts, scale=0.5))
-        for prefix, wide in ffns:
-            w[prefix + "gate_proj.weight"] = leaf(rand(hidden, wide, scale=0.2))
-            w[prefix + "up_proj.weight"] = leaf(rand(hidden, wide, scale=0.2))
-            w[prefix + "down_proj.weight"] = leaf(rand(wide, hidden, scale=0.2))
+        v2_layer_weights(w, f"layers.{layer}.", hidden, heads, kv_heads, head_dim, experts, width, layer == 1)
     w["norm.weight"] = leaf(1.0 + rand(hidden, scale=0.1))
     w["lm_head.weight"] = leaf(rand(hidden, vocab, scale=0.3))
-    bias = rand(experts, scale=0.05)
+    m = "mtp_layers.0."
+    w[m + "enorm.weight"] = leaf(1.0 + rand(hidden, scale=0.1))
+    w[m + "hnorm.weight"] = leaf(1.0 + rand(hidden, scale=0.1))
+    w[m + "eh_proj.weight"] = leaf(rand(2 * hidden, hidden, scale=0.2))
+    v2_layer_weights(w, m + "decoder.", hidden, heads, kv_heads, head_dim, experts, width, True)
+    w[m + "final_layernorm.weight"] = leaf(1.0 + rand(hidden, scale=0.1))
+    biases = {"layers.1.mlp.Moe.expert_bias": rand(experts, scale=0.05),
+              m + "decoder.mlp.Moe.expert_bias": rand(experts, scale=0.05)}
 
-    tokens = torch.randint(0, vocab, (2, 7))
-    targets = torch.randint(0, vocab, (2, 7))
-    x = w["word_embeddings.weight"][tokens]
-    for layer in range(2):
-        p = f"layers.{layer}."
+    def layer(x, p, bias):
         sub = {k[len(p + "attention."):]: v for k, v in w.items() if k.startswith(p + "attention.")}
         h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
         x = x + attention_v2(h, sub, heads, kv_heads, head_dim, theta, head_dim // 2, eps)
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
-        if layer == 0:
-            x = x + swiglu(h, w, p + "mlp.Dense.")
-        else:
-            sub = {k[len(p + "mlp.Moe."):]: v for k, v in w.items() if k.startswith(p + "mlp.Moe.")}
-            y, lb, z = moe_v2(h, sub, bias, experts, top_k, 4, 2, 2.5)
-            x = x + y
-    logits = rms_norm(x, w["norm.weight"], eps) @ w["lm_head.weight"]
+        if bias is None:
+            return x + swiglu(h, w, p + "mlp.Dense."), None, None
+        sub = {k[len(p + "mlp.Moe."):]: v for k, v in w.items() if k.startswith(p + "mlp.Moe.")}
+        y, lb, z = moe_v2(h, sub, bias, experts, top_k, 4, 2, 2.5)
+        return x + y, lb, z
+
+    tokens = torch.randint(0, vocab, (2, 7))
+    targets = torch.randint(0, vocab, (2, 7))
+    x = w["word_embeddings.weight"][tokens]
+    x, _, _ = layer(x, "layers.0.", None)
+    x, lb, z = layer(x, "layers.1.", biases["layers.1.mlp.Moe.expert_bias"])
+    hidden_states = rms_norm(x, w["norm.weight"], eps)
+    logits = hidden_states @ w["lm_head.weight"]
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
-    loss = ce + 0.015 * lb + 1e-4 * z
+    # MTP depth 1: position t reads token t + 1 (token 0 past the end) and predicts target t + 1.
+    ahead = torch.cat([tokens[:, 1:], torch.zeros(2, 1, dtype=tokens.dtype)], dim=1)
+    e = rms_norm(w["word_embeddings.weight"][ahead], w[m + "enorm.weight"], eps)
+    h = rms_norm(hidden_states, w[m + "hnorm.weight"], eps)
+    h = torch.cat([e, h], dim=-1) @ w[m + "eh_proj.weight"]
+    h, _, _ = layer(h, m + "decoder.", biases[m + "decoder.mlp.Moe.expert_bias"])
+    h = rms_norm(h, w[m + "final_layernorm.weight"], eps)
+    mtp_logits = h[:, :-1] @ w["lm_head.weight"]
+    mtp = torch.nn.functional.cross_entropy(mtp_logits.reshape(-1, vocab), targets[:, 1:].reshape(-1))
+    loss = ce + 0.015 * lb + 1e-4 * z + 0.3 * mtp
     finish(
         "model_v2",
         {},
         w,
         {"logits": logits, "tokens": tokens.to(DT), "targets": targets.to(DT),
-         "ce": ce.reshape(1), "loss": loss.reshape(1)},
+         "ce": ce.reshape(1), "mtp": mtp.reshape(1), "loss": loss.reshape(1)},
         loss,
-        buffers={"layers.1.mlp.Moe.expert_bias": bias},
+        buffers=biases,
     )
 
 

@@ -121,8 +121,19 @@ fn map_one(arch: Arch, cfg: &ModelConfig, internal: String, shape: Vec<usize>) -
         }
     };
     let single = |name: String| vec![(name, hf_shape(&shape))];
-    let parts = match internal.strip_prefix("layers.") {
-        None => single(global_name(arch, &internal)),
+    // MTP layer K is HF's decoder layer `num_hidden_layers + K`, its decoder's parts at the
+    // layer's top level beside `enorm`, `hnorm`, `eh_proj` and `final_layernorm`.
+    let path = match internal.strip_prefix("mtp_layers.") {
+        Some(rest) => {
+            let (k, rest) = rest.split_once('.').unwrap_or((rest, ""));
+            let index = cfg.num_hidden_layers + k.parse::<usize>().unwrap_or(0);
+            let rest = rest.strip_prefix("decoder.").unwrap_or(rest);
+            format!("layers.{index}.{rest}")
+        }
+        None => internal.clone(),
+    };
+    let parts = match path.strip_prefix("layers.") {
+        None => single(global_name(arch, &path)),
         Some(rest) => {
             let (layer, rest) = rest.split_once('.').unwrap_or((rest, ""));
             let prefix = format!("model.layers.{layer}.");

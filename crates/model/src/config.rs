@@ -84,6 +84,14 @@ pub struct ModelConfig {
     /// weights): aux-loss-free balancing. Not a gradient parameter.
     #[serde(default)]
     pub moe_router_enable_expert_bias: bool,
+    /// Multi-token-prediction layers (Ling 2.0, DeepSeek-V3): layer k (1-based) predicts the
+    /// token k + 1 positions ahead from the previous depth's hidden state and the embedding of
+    /// the token k ahead. Trained with the main loss; unused when sampling.
+    #[serde(default)]
+    pub num_nextn_predict_layers: usize,
+    /// Each MTP layer's cross-entropy is added to the loss times this.
+    #[serde(default)]
+    pub mtp_loss_scaling_factor: f64,
 }
 
 /// The router's score of each expert from its logit.
@@ -290,6 +298,12 @@ impl ModelConfig {
                 ));
             }
         }
+        if self.num_nextn_predict_layers > 0 && !self.is_moe() {
+            return Err(invalid(
+                "num_nextn_predict_layers",
+                "multi-token-prediction layers are MoE layers: set num_experts",
+            ));
+        }
         for (field, p) in [
             ("embedding_dropout", self.embedding_dropout),
             ("output_dropout", self.output_dropout),
@@ -344,6 +358,8 @@ impl ModelConfig {
             topk_group: 1,
             routed_scaling_factor: 1.0,
             moe_router_enable_expert_bias: false,
+            num_nextn_predict_layers: 0,
+            mtp_loss_scaling_factor: 0.0,
         };
         let ling = |layers, hidden, heads, kv, experts, topk, shared, moe_width| ModelConfig {
             vocab_size: 126_464,
@@ -468,6 +484,18 @@ impl ModelConfig {
                 total += attn + ffn;
                 active += attn + ffn;
             }
+        }
+        // MTP layers (an MoE decoder layer, two norms on the way in, a projection from 2h and
+        // a final norm each) count in the total; decoding does not run them.
+        if self.num_nextn_predict_layers > 0 {
+            let router = (h + self.moe_router_enable_expert_bias as u64) * self.num_experts as u64;
+            let shared = match self.num_shared_experts {
+                0 => 0,
+                n => self.swiglu_params(self.moe_intermediate_size * n),
+            };
+            let experts = self.swiglu_params(self.moe_intermediate_size) * self.num_experts as u64;
+            let layer = self.attention_params() + 2 * h + router + shared + experts;
+            total += self.num_nextn_predict_layers as u64 * (layer + 3 * h + 2 * h * h);
         }
         let embed = self.vocab_size as u64 * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };

@@ -74,6 +74,49 @@ impl DecoderLayer {
     }
 }
 
+/// A multi-token-prediction layer (Ling 2.0's `BailingMoeV2MTPLayer`): the previous depth's
+/// hidden state (normed by `hnorm`) and the embedding of the token k ahead (normed by
+/// `enorm`), concatenated `[embedding, hidden]` and projected back by `eh_proj`, go through an
+/// MoE decoder layer and a final norm.
+#[derive(Module, Debug)]
+pub struct MtpLayer {
+    pub enorm: RmsNorm,
+    pub hnorm: RmsNorm,
+    /// `[2 × hidden, hidden]`.
+    pub eh_proj: Linear,
+    pub decoder: DecoderLayer,
+    pub final_layernorm: RmsNorm,
+}
+
+impl MtpLayer {
+    fn new(cfg: &ModelConfig, depth: usize, device: &Device) -> Self {
+        let h = cfg.hidden_size;
+        Self {
+            enorm: RmsNorm::new(h, cfg.rms_norm_eps, device),
+            hnorm: RmsNorm::new(h, cfg.rms_norm_eps, device),
+            eh_proj: linear(2 * h, h, false, device),
+            decoder: DecoderLayer::new(cfg, cfg.num_hidden_layers + depth, device),
+            final_layernorm: RmsNorm::new(h, cfg.rms_norm_eps, device),
+        }
+    }
+
+    fn forward(
+        &self,
+        embedded: Tensor<3>,
+        hidden: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+    ) -> (Tensor<3>, Option<RouterStats>) {
+        let joined = Tensor::cat(
+            vec![self.enorm.forward(embedded), self.hnorm.forward(hidden)],
+            2,
+        );
+        let x = self.eh_proj.forward(joined);
+        let (x, stats) = self.decoder.forward(x, cos, sin, usize::MAX, None);
+        (self.final_layernorm.forward(x), stats)
+    }
+}
+
 /// Output of a forward pass.
 #[derive(Debug)]
 pub struct ForwardOutput {
@@ -100,6 +143,10 @@ pub struct LanguageModel {
     pub norm: RmsNorm,
     /// Absent when the head is tied to the embeddings.
     pub lm_head: Option<Linear>,
+    /// Multi-token-prediction layers (training only).
+    pub mtp_layers: Vec<MtpLayer>,
+    /// The MTP cross-entropies' weight in the training loss (`mtp_loss_scaling_factor`).
+    pub mtp_loss_weight: f64,
     pub embedding_dropout: Dropout,
     pub norm_head: bool,
     pub head_dim: usize,
@@ -128,6 +175,10 @@ impl LanguageModel {
             norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, device),
             lm_head: (!cfg.tie_word_embeddings)
                 .then(|| linear(cfg.hidden_size, cfg.vocab_size, false, device)),
+            mtp_layers: (1..=cfg.num_nextn_predict_layers)
+                .map(|depth| MtpLayer::new(cfg, depth, device))
+                .collect(),
+            mtp_loss_weight: cfg.mtp_loss_scaling_factor,
             embedding_dropout: DropoutConfig::new(cfg.embedding_dropout).init(),
             norm_head: cfg.norm_head,
             head_dim: cfg.head_dim(),
@@ -152,9 +203,27 @@ impl LanguageModel {
     pub fn forward_with(
         &self,
         tokens: Tensor<2, Int>,
-        mut store: Option<&mut dyn KvStore>,
+        store: Option<&mut dyn KvStore>,
         logits: Logits,
     ) -> ForwardOutput {
+        let (hidden, router) = self.trunk(tokens, store);
+        let [_, len, _] = hidden.dims();
+        let x = match logits {
+            Logits::All => hidden,
+            Logits::Last => hidden.narrow(1, len - 1, 1),
+        };
+        ForwardOutput {
+            logits: self.head(x),
+            router,
+        }
+    }
+
+    /// Embeddings, decoder layers and the final norm: the hidden states the LM head reads.
+    fn trunk(
+        &self,
+        tokens: Tensor<2, Int>,
+        mut store: Option<&mut dyn KvStore>,
+    ) -> (Tensor<3>, Vec<RouterStats>) {
         let device = tokens.device();
         let [_, len] = tokens.dims();
         let positions = store
@@ -174,14 +243,42 @@ impl LanguageModel {
         if let Some(store) = store {
             store.advance(len);
         }
-        let x = match logits {
-            Logits::All => x,
-            Logits::Last => x.narrow(1, len - 1, 1),
-        };
-        ForwardOutput {
-            logits: self.head(self.norm.forward(x)),
-            router,
+        (self.norm.forward(x), router)
+    }
+
+    /// Training's forward pass: the logits at every position and, per MTP layer k (1-based),
+    /// logits at positions `0..len - k` predicting the token k + 1 ahead (position t reads the
+    /// embedding of token t + k; Ling 2.0's rolled inputs, whose last k positions have no
+    /// target). The MTP layers' router statistics follow the main ones.
+    pub fn forward_train(&self, tokens: Tensor<2, Int>) -> (ForwardOutput, Vec<Tensor<3>>) {
+        let device = tokens.device();
+        let [b, len] = tokens.dims();
+        let (mut hidden, mut router) = self.trunk(tokens.clone(), None);
+        let logits = self.head(hidden.clone());
+        let (cos, sin) = self.rope.angles(&Positions::Span(0), len, &device);
+        let mut mtp_logits = Vec::with_capacity(self.mtp_layers.len());
+        for (i, mtp) in self.mtp_layers.iter().enumerate() {
+            let k = i + 1;
+            if k >= len {
+                break;
+            }
+            // Token t + k at position t; the last k positions read token 0 (no target there).
+            let ahead = Tensor::cat(
+                vec![
+                    tokens.clone().narrow(1, k, len - k),
+                    Tensor::zeros([b, k], &device),
+                ],
+                1,
+            );
+            let embedded = self
+                .embedding_dropout
+                .forward(self.word_embeddings.forward(ahead));
+            let (h, stats) = mtp.forward(embedded, hidden, &cos, &sin);
+            router.extend(stats);
+            mtp_logits.push(self.head(h.clone().narrow(1, 0, len - k)));
+            hidden = h;
         }
+        (ForwardOutput { logits, router }, mtp_logits)
     }
 
     /// The LM head weight as `[hidden, vocab]`. With `norm_head` (Ling's NormHead, as Ant's
@@ -216,10 +313,15 @@ impl LanguageModel {
     }
 
     /// Moves every MoE layer's expert bias against its load (`load[i]`: tokens per expert of
-    /// the i-th MoE layer over a step; see [`Moe::update_expert_bias`]). Returns each updated
+    /// the i-th MoE layer over a step, MTP layers last, as the router statistics come; see [`Moe::update_expert_bias`]). Returns each updated
     /// layer's largest |bias|.
     pub fn update_expert_bias(&mut self, load: &[Vec<f64>], rate: f64) -> Vec<f32> {
-        let moes = self.layers.iter_mut().filter_map(|l| l.moe.as_mut());
+        let mtp = self.mtp_layers.iter_mut().map(|m| &mut m.decoder);
+        let moes = self
+            .layers
+            .iter_mut()
+            .chain(mtp)
+            .filter_map(|l| l.moe.as_mut());
         moes.zip(load)
             .filter_map(|(moe, load)| moe.update_expert_bias(load, rate))
             .map(|b| b.iter().fold(0.0f32, |m, x| m.max(x.abs())))

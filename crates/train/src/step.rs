@@ -24,6 +24,8 @@ pub struct Losses {
     pub ce: Tensor<1>,
     pub load_balance: Option<Tensor<1>>,
     pub z_loss: Option<Tensor<1>>,
+    /// The multi-token-prediction layers' cross-entropies, summed over layers.
+    pub mtp: Option<Tensor<1>>,
     pub tokens_per_expert: Vec<Vec<usize>>,
 }
 
@@ -59,7 +61,14 @@ pub fn forward_losses(
     global: Option<&GlobalBatch>,
 ) -> Losses {
     let (inputs, targets) = batch_tensors(batch, device);
-    let out = model.forward(inputs, None);
+    let (out, mtp_logits) = model.forward_train(inputs);
+    let len = targets.dims()[1];
+    // MTP layer k's position t predicts target t + k (the token k + 1 ahead of the input).
+    let mtp = mtp_logits
+        .into_iter()
+        .enumerate()
+        .map(|(i, logits)| cross_entropy(logits, targets.clone().narrow(1, i + 1, len - i - 1)))
+        .reduce(|a, b| a + b);
     let ce = cross_entropy(out.logits, targets);
     let tokens_per_expert: Vec<Vec<usize>> = out
         .router
@@ -90,6 +99,7 @@ pub fn forward_losses(
         ce,
         load_balance: mean(load_balance),
         z_loss: mean(out.router.iter().map(|s| s.z_loss.clone()).collect()),
+        mtp,
         tokens_per_expert,
     }
 }
@@ -114,6 +124,8 @@ pub struct LocalStep {
     pub ce: f64,
     pub load_balance: Option<f64>,
     pub z_loss: Option<f64>,
+    /// The MTP layers' summed cross-entropy (weighted like the losses above).
+    pub mtp_loss: Option<f64>,
     /// Tokens per expert of the last micro-batch, per MoE layer.
     pub tokens_per_expert: Vec<Vec<usize>>,
     /// Tokens per expert over all of this process's micro-batches, per MoE layer.
@@ -145,7 +157,7 @@ pub fn local_step<'g>(
     let started = Instant::now();
     let weight = rows.count as f64 / t.batch_size as f64 / t.grad_accum as f64;
     let mut accumulator = GradientsAccumulator::<LanguageModel>::new();
-    let (mut ce, mut lb, mut z) = (0.0, None::<f64>, None::<f64>);
+    let (mut ce, mut lb, mut z, mut mtp) = (0.0, None::<f64>, None::<f64>, None::<f64>);
     let mut load = Vec::new();
     let mut step_load: Vec<Vec<usize>> = Vec::new();
     for _ in 0..t.grad_accum {
@@ -166,6 +178,9 @@ pub fn local_step<'g>(
         if let (Some(lb), Some(z)) = (&losses.load_balance, &losses.z_loss) {
             total = total + lb.clone() * t.aux_loss_coef + z.clone() * t.z_loss_coef;
         }
+        if let Some(mtp) = &losses.mtp {
+            total = total + mtp.clone() * model.mtp_loss_weight;
+        }
         let grads = GradientsParams::from_grads((total * weight as f32).backward(), model);
         accumulator.accumulate(model, grads);
         let scalar =
@@ -176,6 +191,9 @@ pub fn local_step<'g>(
         }
         if let Some(v) = scalar(&losses.z_loss) {
             *z.get_or_insert(0.0) += v * weight;
+        }
+        if let Some(v) = scalar(&losses.mtp) {
+            *mtp.get_or_insert(0.0) += v * weight;
         }
         if step_load.is_empty() {
             step_load = losses.tokens_per_expert.clone();
@@ -191,6 +209,7 @@ pub fn local_step<'g>(
         ce,
         load_balance: lb,
         z_loss: z,
+        mtp_loss: mtp,
         tokens_per_expert: load,
         step_load,
         compute_s: started.elapsed().as_secs_f64(),

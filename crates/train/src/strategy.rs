@@ -21,6 +21,8 @@ pub struct ReducedStep {
     pub ce: f64,
     pub load_balance: Option<f64>,
     pub z_loss: Option<f64>,
+    /// The MTP layers' summed cross-entropy over the whole batch.
+    pub mtp_loss: Option<f64>,
     /// This process's tokens per expert in its last micro-batch, per MoE layer (for the log).
     pub tokens_per_expert: Vec<Vec<usize>>,
     /// Tokens per expert over the whole step and every process, per MoE layer.
@@ -104,6 +106,7 @@ impl Parallelism for SingleProcess {
             ce: local.ce,
             load_balance: local.load_balance,
             z_loss: local.z_loss,
+            mtp_loss: local.mtp_loss,
             tokens_per_expert: local.tokens_per_expert,
             expert_load,
             stop,
@@ -125,6 +128,7 @@ pub struct DataParallel {
     moe: Option<(usize, usize)>,
     /// Routed experts per MoE layer.
     experts: usize,
+    mtp_layers: usize,
     start_step: u64,
     device: Device,
 }
@@ -140,6 +144,7 @@ impl DataParallel {
             batch_size: 0,
             moe: None,
             experts: 0,
+            mtp_layers: 0,
             start_step: 0,
             device: device.clone(),
             opts,
@@ -209,8 +214,10 @@ impl Parallelism for DataParallel {
         let ranks = self.comm().size();
         let moe_layers = (0..cfg.model.num_hidden_layers)
             .filter(|&l| cfg.model.layer_is_moe(l))
-            .count();
+            .count()
+            + cfg.model.num_nextn_predict_layers;
         self.experts = cfg.model.num_experts;
+        self.mtp_layers = cfg.model.num_nextn_predict_layers;
         self.moe = (ranks > 1 && cfg.model.is_moe()).then(|| {
             (
                 t.batch_size * t.seq_len * cfg.model.num_experts_per_tok,
@@ -278,6 +285,7 @@ impl Parallelism for DataParallel {
             comm_s,
             local.rows as f64,
             stop as u8 as f64,
+            local.mtp_loss.unwrap_or(0.0),
         ];
         let all = self.comm().all_gather(&mine);
         let expert_load = self.global_load(&local.step_load);
@@ -313,6 +321,7 @@ impl Parallelism for DataParallel {
             ce: col(0).iter().sum(),
             load_balance: is_moe.then(|| col(1).iter().sum()),
             z_loss: is_moe.then(|| col(2).iter().sum()),
+            mtp_loss: (self.mtp_layers > 0).then(|| col(8).iter().sum()),
             tokens_per_expert: local.tokens_per_expert,
             expert_load,
             stop: col(7).iter().any(|&f| f > 0.0),

@@ -111,6 +111,9 @@ fn step_metrics(
         // Sample ids are positions in the sampler's stream: global batch c, row i is c·B + i.
         "sample_count": t.batch_size * t.grad_accum,
     });
+    if let Some(mtp) = step.mtp_loss {
+        record["mtp_loss"] = json!(mtp);
+    }
     if let Some(lb) = step.load_balance {
         record["load_balance_loss"] = json!(lb);
         record["z_loss"] = json!(step.z_loss.unwrap_or(0.0));

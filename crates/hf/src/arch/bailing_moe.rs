@@ -63,6 +63,18 @@ impl Architecture for BailingMoe {
         let problems = [
             (cfg.mlp_bias, "MLP biases (mlp_bias)"),
             (cfg.use_qk_norm, "query/key norms (use_qk_norm)"),
+            (
+                cfg.num_nextn_predict_layers > 0,
+                "multi-token-prediction layers",
+            ),
+            (
+                cfg.score_function != nuwa_model::ScoreFunction::Softmax,
+                "a sigmoid router",
+            ),
+            (cfg.moe_router_enable_expert_bias, "an expert bias"),
+            (cfg.n_group > 1, "group-limited routing"),
+            (cfg.routed_scaling_factor != 1.0, "routed_scaling_factor"),
+            (cfg.partial_rotary_factor != 1.0, "partial RoPE"),
         ];
         problems.iter().filter(|p| p.0).map(|p| p.1).collect()
     }

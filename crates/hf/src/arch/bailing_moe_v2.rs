@@ -11,7 +11,9 @@
 //!
 //! Checkpoints call themselves `model_type: "bailing_moe"` and are told apart by their
 //! `architectures` entry; nuwa names the model type `bailing_moe_v2` inside a run.
-//! Multi-token-prediction layers (`num_nextn_predict_layers` > 0) are refused for now.
+//! Multi-token-prediction layers (`num_nextn_predict_layers`) are HF's decoder layers after
+//! the last one (`enorm`, `hnorm`, `eh_proj`, the decoder layer's own tensors and
+//! `final_layernorm`); their loss joins training's times `mtp_loss_scaling_factor`.
 
 use super::{Architecture, Fields};
 use nuwa_model::{ModelConfig, ScoreFunction};
@@ -60,15 +62,8 @@ impl Architecture for BailingMoeV2 {
         cfg.use_qk_norm = f.bool_or("use_qk_norm", true);
         cfg.embedding_dropout = f.f64_or("embedding_dropout", 0.0);
         cfg.output_dropout = f.f64_or("output_dropout", 0.0);
-        let mtp = f.usize_or("num_nextn_predict_layers", Some(0));
-        f.require(
-            mtp == 0,
-            format!(
-                "`num_nextn_predict_layers` = {mtp}: multi-token-prediction layers are not \
-                 supported yet (release checkpoints with 0 are)"
-            ),
-        );
-        let _ = f.f64_or("mtp_loss_scaling_factor", 0.0);
+        cfg.num_nextn_predict_layers = f.usize_or("num_nextn_predict_layers", Some(0));
+        cfg.mtp_loss_scaling_factor = f.f64_or("mtp_loss_scaling_factor", 0.0);
         let sliding = f.bool_or("use_sliding_window", false);
         f.require(
             !sliding,
@@ -107,7 +102,14 @@ impl Architecture for BailingMoeV2 {
         set("routed_scaling_factor", json!(cfg.routed_scaling_factor));
         set("partial_rotary_factor", json!(cfg.partial_rotary_factor));
         set("moe_router_enable_expert_bias", json!(true));
-        set("num_nextn_predict_layers", json!(0));
+        set(
+            "num_nextn_predict_layers",
+            json!(cfg.num_nextn_predict_layers),
+        );
+        set(
+            "mtp_loss_scaling_factor",
+            json!(cfg.mtp_loss_scaling_factor),
+        );
         set("use_bias", json!(cfg.use_bias));
         set("use_qkv_bias", json!(cfg.use_qkv_bias));
         set("use_qk_norm", json!(cfg.use_qk_norm));
