@@ -11,7 +11,7 @@ mod device;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Parser, Subcommand};
-use commands::{bench, data, export, import, inspect, launch, plan, sample, serve, train};
+use commands::{bench, data, export, import, inspect, launch, merge, plan, sample, serve, train};
 
 #[derive(Parser)]
 #[command(
@@ -33,14 +33,17 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Generate text from a run or a Hugging Face checkpoint folder.
     Sample(sample::SampleArgs),
-    /// Convert a Hugging Face checkpoint folder (bailing_moe, llama, qwen2, qwen3_moe,
-    /// mixtral) into a nuwa run folder.
+    /// Convert a Hugging Face checkpoint folder (bailing_moe — Ling 1 and 2.0 — llama, qwen2,
+    /// qwen3_moe, mixtral) into a nuwa run folder.
     Import(import::ImportArgs),
     /// Run `nuwa train --dist mpi` under mpirun and restart it from the last checkpoint when a
     /// rank fails (built with `--features mpi`).
     Launch(launch::LaunchArgs),
     /// Write a run's newest checkpoint as a Hugging Face folder that transformers loads.
     Export(export::ExportArgs),
+    /// Average a run's last K checkpoints (checkpoint merging, as Ling 2.0's WSM schedule
+    /// does instead of decaying the learning rate) into a new run or a Hugging Face folder.
+    Merge(merge::MergeArgs),
     /// Serve a model over an OpenAI-compatible HTTP API with continuous batching.
     Serve(serve::ServeArgs),
     /// Plan a training run: the cheapest (or fastest) mix of accelerators for N tokens.
@@ -68,6 +71,7 @@ fn main() {
         Command::Import(a) => import::import(a),
         Command::Launch(a) => launch::launch(a),
         Command::Export(a) => export::export(a),
+        Command::Merge(a) => merge::merge(a),
         Command::Inspect(a) => inspect::inspect(a),
         Command::Plan(a) => plan::run(*a),
         Command::Serve(a) => serve::serve(a),

@@ -472,3 +472,91 @@ fn aux_loss_free_biases_move_against_the_load_and_never_by_gradient() {
     }
     assert!(got.iter().any(|&b| b != 0.0));
 }
+
+#[test]
+fn merge_averages_the_last_checkpoints_into_a_run_or_an_hf_folder() {
+    let _guard = serial();
+    let tmp = TempDir::new("merge");
+    let data = builtin_data(&tmp.path().join("data"));
+    let run = tmp.path().join("run");
+    let mut config = tiny_moe_run(&data, 4);
+    config.train.checkpoint_every = 1;
+    config.train.keep_checkpoints = 3;
+    train(options(&run, config, false)).unwrap();
+    let kept = list_checkpoints(&run);
+    assert_eq!(kept.len(), 3);
+
+    let merged = tmp.path().join("merged");
+    let out = common::nuwa(&[
+        "merge",
+        run.to_str().unwrap(),
+        "--last",
+        "3",
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Each weight is the mean of the three checkpoints' values.
+    let parts: Vec<_> = kept
+        .iter()
+        .map(|(_, d)| checkpoint::load_latest(d).unwrap())
+        .collect();
+    let got = checkpoint::load_latest(&merged).unwrap();
+    assert_eq!(got.state.step, 4);
+    for (name, t) in &got.weights {
+        for i in [0, t.data.len() / 2, t.data.len() - 1] {
+            let mean = parts
+                .iter()
+                .map(|p| p.weights[name].data[i] as f64)
+                .sum::<f64>()
+                / 3.0;
+            assert!((t.data[i] as f64 - mean).abs() < 1e-6, "{name}[{i}]");
+        }
+    }
+    // The merged run samples, and exports as an HF folder straight away.
+    let sampled = common::nuwa(&[
+        "sample",
+        "--run",
+        merged.to_str().unwrap(),
+        "--max-tokens",
+        "5",
+    ]);
+    assert!(
+        sampled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sampled.stderr)
+    );
+    let hf = tmp.path().join("hf");
+    let out = common::nuwa(&[
+        "merge",
+        run.to_str().unwrap(),
+        "--last",
+        "2",
+        "--out",
+        hf.to_str().unwrap(),
+        "--hf",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(hf.join("model.safetensors").exists() && hf.join("tokenizer.json").exists());
+
+    // More checkpoints than the run keeps: one clear line, nothing written.
+    let none = tmp.path().join("none");
+    let out = common::nuwa(&[
+        "merge",
+        run.to_str().unwrap(),
+        "--last",
+        "5",
+        "--out",
+        none.to_str().unwrap(),
+    ]);
+    common::assert_clean_error(&out, "fewer than the 5");
+    assert!(!none.exists());
+}

@@ -6,6 +6,7 @@ pub mod export;
 pub mod import;
 pub mod inspect;
 pub mod launch;
+pub mod merge;
 pub mod plan;
 pub mod sample;
 pub mod serve;

@@ -280,3 +280,63 @@ pub fn load_for_inference(
     let tokenizer = Tokenizer::load(run)?;
     Ok((model, tokenizer, cfg))
 }
+
+/// Averages the weights of a run's last `k` checkpoints (Ling 2.0's WSM schedule merges
+/// checkpoints instead of decaying the learning rate): every parameter is the mean of its `k`
+/// values, summed in f64. The result keeps the newest checkpoint's trainer state and has no
+/// optimiser moments; [`save`] it into a new run (a fine-tune from it starts AdamW afresh).
+pub fn merge_last(run: &Path, k: usize) -> Result<Loaded> {
+    let all = list_checkpoints(run);
+    if k == 0 {
+        bail!("--last: must be at least 1");
+    }
+    if all.len() < k {
+        bail!(
+            "{}: has {} checkpoint(s), fewer than the {k} to merge (keep_checkpoints in run.toml \
+             decides how many a run keeps)",
+            run.display(),
+            all.len()
+        );
+    }
+    let mut sums: BTreeMap<String, (Vec<usize>, Vec<f64>)> = BTreeMap::new();
+    let mut newest = None;
+    for (step, dir) in &all[all.len() - k..] {
+        let loaded = load_latest(dir)?;
+        if loaded.has_old_norm_head() {
+            loaded.check_resumable()?;
+        }
+        if !sums.is_empty() && sums.len() != loaded.weights.len() {
+            bail!(
+                "{}: step {step} holds other parameters than the others",
+                dir.display()
+            );
+        }
+        for (name, t) in &loaded.weights {
+            let entry = sums
+                .entry(name.clone())
+                .or_insert_with(|| (t.shape.clone(), vec![0.0; t.data.len()]));
+            if entry.0 != t.shape {
+                bail!(
+                    "{}: {name} changes shape between checkpoints",
+                    dir.display()
+                );
+            }
+            entry
+                .1
+                .iter_mut()
+                .zip(&t.data)
+                .for_each(|(s, &x)| *s += x as f64);
+        }
+        newest = Some(loaded);
+    }
+    let mut merged = newest.ok_or_else(|| anyhow!("{}: no checkpoint", run.display()))?;
+    merged.weights = sums
+        .into_iter()
+        .map(|(name, (shape, sum))| {
+            let data = sum.into_iter().map(|s| (s / k as f64) as f32).collect();
+            (name, HostTensor { shape, data })
+        })
+        .collect();
+    merged.optimizer.clear();
+    Ok(merged)
+}
