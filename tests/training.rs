@@ -560,3 +560,69 @@ fn merge_averages_the_last_checkpoints_into_a_run_or_an_hf_folder() {
     common::assert_clean_error(&out, "fewer than the 5");
     assert!(!none.exists());
 }
+
+#[test]
+fn loss_spikes_are_skipped_requeued_and_resume_exactly() {
+    let _guard = serial();
+    let tmp = TempDir::new("spikes");
+    let data = builtin_data(&tmp.path().join("data"));
+    // A near-still model (tiny learning rate) and a hair-trigger threshold: every batch whose
+    // loss is above the trend counts as a spike.
+    let config = || {
+        let mut c = tiny_moe_run(&data, 30);
+        c.train.lr = 1e-4;
+        c.train.min_lr = 1e-4;
+        c.train.loss_spike_threshold = 1e-3;
+        c.train.eval_every = 1000;
+        c
+    };
+    let straight_dir = tmp.path().join("straight");
+    let straight = train(options(&straight_dir, config(), false)).unwrap();
+    let metrics = std::fs::read_to_string(straight_dir.join("metrics.jsonl")).unwrap();
+    let events: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|r| {
+            let mut e = r.get("loss_spike")?.clone();
+            e["step"] = r["step"].clone();
+            Some(e)
+        })
+        .collect();
+    let skipped: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["action"] == "skipped").collect();
+    assert!(!skipped.is_empty(), "no spike in {events:?}");
+    // Each skipped batch runs again 10 steps later (retried, or updated with a lower LR).
+    for s in skipped
+        .iter()
+        .filter(|s| s["step"].as_u64().unwrap() + 10 <= 30)
+    {
+        let again = events
+            .iter()
+            .find(|e| e["action"] != "skipped" && e["data_cursor"] == s["data_cursor"]);
+        assert!(again.is_some(), "{s} never ran again: {events:?}");
+    }
+    // A skipped step leaves the weights alone: its learning rate is logged as 0.
+    for s in &skipped {
+        let step = s["step"].as_u64().unwrap() as usize;
+        assert_eq!(straight.steps[step - 1].lr, 0.0);
+    }
+
+    // Stopped half-way and resumed: the same decisions and losses, the same final weights.
+    let split_dir = tmp.path().join("split");
+    let first = train(TrainOptions {
+        stop_at: Some(15),
+        ..options(&split_dir, config(), false)
+    })
+    .unwrap();
+    let second = train(options(&split_dir, config(), true)).unwrap();
+    let mut resumed = losses(&first);
+    resumed.extend(losses(&second));
+    assert_eq!(resumed, losses(&straight));
+    assert_eq!(
+        checkpoint::load_latest(&split_dir).unwrap().state.checksums,
+        checkpoint::load_latest(&straight_dir)
+            .unwrap()
+            .state
+            .checksums
+    );
+}

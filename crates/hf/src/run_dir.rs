@@ -80,6 +80,7 @@ pub fn import_to_run(hf_dir: &Path, run: &Path, device: &Device) -> Result<PathB
         config,
         checksums: BTreeMap::new(),
         format: checkpoint::CHECKPOINT_FORMAT,
+        spikes: Default::default(),
     };
     // A fresh optimiser: no moments yet.
     checkpoint::save(run, &model, &BTreeMap::new(), state, 1)

@@ -42,6 +42,9 @@ pub struct TrainerState {
     /// [`CHECKPOINT_FORMAT`] when written; 0 for checkpoints older than the field.
     #[serde(default)]
     pub format: u32,
+    /// Loss-spike handling's state (trend, skipped steps, deferred data).
+    #[serde(default)]
+    pub spikes: crate::SpikeGuard,
 }
 
 pub fn checkpoints_dir(run: &Path) -> PathBuf {

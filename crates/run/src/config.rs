@@ -43,6 +43,10 @@ pub struct TrainConfig {
     /// the mean over experts, down when more (the whole step's load, over every process).
     /// 0 freezes the biases.
     pub expert_bias_update_rate: f64,
+    /// Loss-spike handling: a step whose loss exceeds the recent trend by more than this
+    /// fraction (0.5: 50% above) is skipped and its data run again 10 steps later; spiking
+    /// again, it updates with a tenth of the learning rate. 0 (the default) turns it off.
+    pub loss_spike_threshold: f64,
     pub eval_every: u64,
     pub eval_batches: usize,
     pub checkpoint_every: u64,
@@ -71,6 +75,7 @@ impl Default for TrainConfig {
             aux_loss_coef: 0.015,
             z_loss_coef: 1e-4,
             expert_bias_update_rate: 1e-3,
+            loss_spike_threshold: 0.0,
             eval_every: 100,
             eval_batches: 8,
             checkpoint_every: 100,

@@ -6,6 +6,8 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod spikes;
 
 pub use checkpoint::{load_for_inference, TrainerState};
 pub use config::{DataConfig, RunConfig, RunFile, Schedule, TrainConfig};
+pub use spikes::{SpikeGuard, Verdict};

@@ -23,6 +23,8 @@ pub struct Session {
     pub model: LanguageModel,
     pub opt: AdamW,
     pub sampler: BatchSampler,
+    /// Loss-spike handling's state.
+    pub spikes: nuwa_run::SpikeGuard,
     pub start_step: u64,
     pub tokens_seen: u64,
     /// Training FLOPs per token of this model at the run's context (for MFU).
@@ -132,6 +134,7 @@ pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<S
         weight_decay: t.weight_decay,
     });
     let mut sampler = BatchSampler::new(t.seed);
+    let mut spikes = nuwa_run::SpikeGuard::default();
     let (mut start_step, mut tokens_seen) = (0, 0);
     if let (Some(weights), None) = (&opts.init_weights, &resumed) {
         model = assign_weights(model, weights, "the initial weights")?;
@@ -139,8 +142,11 @@ pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<S
     if let Some(l) = &resumed {
         let what = l.dir.join(checkpoint::MODEL_FILE).display().to_string();
         model = assign_weights(model, &l.weights, &what)?;
-        opt.restore(l.state.step, &l.optimizer, &opts.device)?;
+        // Skipped steps made no optimiser step.
+        let updates = l.state.step - l.state.spikes.skipped.min(l.state.step);
+        opt.restore(updates, &l.optimizer, &opts.device)?;
         sampler = l.state.sampler;
+        spikes = l.state.spikes.clone();
         start_step = l.state.step;
         tokens_seen = l.state.tokens_seen;
     }
@@ -160,6 +166,7 @@ pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<S
         model,
         opt,
         sampler,
+        spikes,
         start_step,
         tokens_seen,
         log,

@@ -16,7 +16,7 @@ use nuwa_core::rng::splitmix64;
 use nuwa_model::weights::HostTensor;
 use nuwa_model::LanguageModel;
 use nuwa_run::checkpoint::{self, TrainerState};
-use nuwa_run::RunConfig;
+use nuwa_run::{RunConfig, Verdict};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -88,6 +88,7 @@ fn save(s: &Session, step: u64) -> Result<PathBuf> {
         config: s.cfg.clone(),
         checksums: Default::default(),
         format: checkpoint::CHECKPOINT_FORMAT,
+        spikes: s.spikes.clone(),
     };
     let keep = s.cfg.train.keep_checkpoints;
     checkpoint::save(&s.run, &s.model, &s.opt.to_host(), state, keep)
@@ -190,12 +191,42 @@ fn train_step(
     let t = s.cfg.train.clone();
     let tokens = (t.batch_size * t.grad_accum * t.seq_len) as f64;
     let (started, lr) = (Instant::now(), t.lr_at(done - 1));
-    let sample_start = s.sampler.cursor * t.batch_size as u64;
+    // Data a loss spike deferred runs in place of fresh data when it is due.
+    let retry = s.spikes.due(done);
+    let fresh = s.sampler.cursor;
+    if let Some(cursor) = retry {
+        s.sampler.cursor = cursor;
+    }
+    let data_cursor = s.sampler.cursor;
+    let sample_start = data_cursor * t.batch_size as u64;
     let (grads, totals) = combined_step(&mut s, strategy, done, stop, device)?;
-    let (model, norm) = update(s.model, &mut s.opt, grads, lr, t.grad_clip);
-    s.model = model;
+    if retry.is_some() {
+        s.sampler.cursor = fresh;
+    }
+    let verdict = match totals.ce.is_finite() {
+        true => s.spikes.judge(
+            done,
+            totals.ce,
+            t.loss_spike_threshold,
+            retry.is_some(),
+            data_cursor,
+        ),
+        false => Verdict::Accept, // a non-finite loss stops the run below
+    };
+    let (lr, norm) = match verdict {
+        Verdict::Skip => (0.0, grad_norm(&s.model, &grads)),
+        Verdict::Accept | Verdict::LowerLr(_) => {
+            let lr = match verdict {
+                Verdict::LowerLr(scale) => lr * scale,
+                _ => lr,
+            };
+            let (model, norm) = update(s.model, &mut s.opt, grads, lr, t.grad_clip);
+            s.model = model;
+            (lr, norm)
+        }
+    };
     // Aux-loss-free balancing: every rank applies the same global load, so biases stay equal.
-    let bias_max = match t.expert_bias_update_rate > 0.0 {
+    let bias_max = match t.expert_bias_update_rate > 0.0 && verdict != Verdict::Skip {
         true => s
             .model
             .update_expert_bias(&totals.expert_load, t.expert_bias_update_rate),
@@ -219,6 +250,18 @@ fn train_step(
         metrics.insert("expert_bias_max_abs".into(), json!(bias_max));
     }
     metrics.insert("sample_start".into(), json!(sample_start));
+    if verdict != Verdict::Accept || retry.is_some() {
+        let action = match verdict {
+            Verdict::Skip => "skipped",
+            Verdict::LowerLr(_) => "lowered_lr",
+            Verdict::Accept => "retried",
+        };
+        metrics.insert(
+            "loss_spike".into(),
+            json!({"action": action, "loss": totals.ce, "trend": s.spikes.trend,
+                   "data_cursor": data_cursor}),
+        );
+    }
     strategy.after_update(&s.model, &mut metrics);
     let record = StepRecord {
         step: done,
