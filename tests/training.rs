@@ -626,3 +626,38 @@ fn loss_spikes_are_skipped_requeued_and_resume_exactly() {
             .checksums
     );
 }
+
+#[test]
+fn stochastic_routing_warm_up_changes_early_routing_and_resumes_exactly() {
+    let _guard = serial();
+    let tmp = TempDir::new("routing-warmup");
+    let data = builtin_data(&tmp.path().join("data"));
+    let config = |warmup| {
+        let mut c = tiny_moe_run(&data, 6);
+        c.train.routing_warmup_steps = warmup;
+        c
+    };
+    let plain = train(options(&tmp.path().join("plain"), config(0), false)).unwrap();
+    let straight_dir = tmp.path().join("straight");
+    let warm = train(options(&straight_dir, config(4), false)).unwrap();
+    // Step 1 routes on noise alone: another expert choice, another loss.
+    assert_ne!(warm.steps[0].loss, plain.steps[0].loss);
+    assert!(warm.steps.iter().all(|s| s.loss.is_finite()));
+    let metrics = std::fs::read_to_string(straight_dir.join("metrics.jsonl")).unwrap();
+    let mixes: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["routing_mix"].as_f64())
+        .collect();
+    assert_eq!(mixes, [0.0, 0.25, 0.5, 0.75]);
+    // Interrupted during the warm-up and resumed: the same noise, the same run.
+    let split_dir = tmp.path().join("split");
+    let first = train(TrainOptions {
+        stop_at: Some(2),
+        ..options(&split_dir, config(4), false)
+    })
+    .unwrap();
+    let second = train(options(&split_dir, config(4), true)).unwrap();
+    let mut resumed = losses(&first);
+    resumed.extend(losses(&second));
+    assert_eq!(resumed, losses(&warm));
+}

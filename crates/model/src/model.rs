@@ -328,6 +328,19 @@ impl LanguageModel {
             .collect()
     }
 
+    /// Sets every router's stochastic-warm-up mix (1: no noise; see `Moe::routing_mix`).
+    pub fn set_routing_mix(&mut self, mix: f64) {
+        let mtp = self.mtp_layers.iter_mut().map(|m| &mut m.decoder);
+        for moe in self
+            .layers
+            .iter_mut()
+            .chain(mtp)
+            .filter_map(|l| l.moe.as_mut())
+        {
+            moe.routing_mix = mix.clamp(0.0, 1.0);
+        }
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }

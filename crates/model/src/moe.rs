@@ -7,7 +7,7 @@ use crate::layers::{linear, SwiGlu};
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear};
 use burn::tensor::activation::{log_softmax, sigmoid, silu, softmax};
-use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, IndexingUpdateOp, Int, Tensor, TensorData};
 
 /// Router statistics of one MoE layer, for the auxiliary losses and the logs.
 #[derive(Debug, Clone)]
@@ -122,6 +122,10 @@ pub struct Moe {
     pub n_group: usize,
     pub topk_group: usize,
     pub routed_scaling_factor: f64,
+    /// Stochastic routing warm-up (Ling's recipe): in training, the router logits are mixed
+    /// `mix · logits + (1 − mix) · noise`; 1 means no noise. Set by the trainer every step.
+    #[module(skip)]
+    pub routing_mix: f64,
 }
 
 impl Moe {
@@ -144,6 +148,7 @@ impl Moe {
             n_group: cfg.n_group,
             topk_group: cfg.topk_group,
             routed_scaling_factor: cfg.routed_scaling_factor,
+            routing_mix: 1.0,
         }
     }
 
@@ -189,7 +194,7 @@ impl Moe {
         let num_experts = self.experts.len();
         let device = x.device();
 
-        let logits = self.gate.forward(x.clone());
+        let logits = self.warm_up(self.gate.forward(x.clone()));
         let (probs, top_w, assignments) = if self.sigmoid || self.n_group > 1 {
             self.route_by_scores(logits.clone())
         } else {
@@ -235,6 +240,24 @@ impl Moe {
         let tokens_per_expert: Vec<usize> = tokens.iter().map(Vec::len).collect();
         let stats = self.router_stats(logits, probs, &tokens_per_expert);
         (out, stats)
+    }
+
+    /// Stochastic routing warm-up: while `routing_mix` < 1, in training, the logits are mixed
+    /// with random logits drawn from a normal with each expert's mean and standard deviation
+    /// over this batch's tokens (Ling TR: the logits' statistics; the batch's own, so a resumed
+    /// run draws the same). Noise is seeded per step like dropout.
+    fn warm_up(&self, logits: Tensor<2>) -> Tensor<2> {
+        if self.routing_mix >= 1.0 || !logits.device().is_autodiff() {
+            return logits;
+        }
+        let still = logits.clone().detach();
+        let mean = still.clone().mean_dim(0);
+        let std = (still.clone() - mean.clone())
+            .powi_scalar(2)
+            .mean_dim(0)
+            .sqrt();
+        let noise = still.random_like(Distribution::Normal(0.0, 1.0)) * std + mean;
+        logits * self.routing_mix + noise * (1.0 - self.routing_mix)
     }
 
     /// Ling 2.0's router (`BailingMoeV2Gate`): sigmoid scores (or a softmax); experts chosen

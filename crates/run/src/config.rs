@@ -47,6 +47,10 @@ pub struct TrainConfig {
     /// fraction (0.5: 50% above) is skipped and its data run again 10 steps later; spiking
     /// again, it updates with a tenth of the learning rate. 0 (the default) turns it off.
     pub loss_spike_threshold: f64,
+    /// Stochastic routing warm-up (Ling's recipe): over the first N steps the router logits
+    /// are mixed with random logits of the same per-expert statistics, the logits' share
+    /// rising linearly from 0 to 1. 0 (the default) turns it off.
+    pub routing_warmup_steps: u64,
     pub eval_every: u64,
     pub eval_batches: usize,
     pub checkpoint_every: u64,
@@ -76,6 +80,7 @@ impl Default for TrainConfig {
             z_loss_coef: 1e-4,
             expert_bias_update_rate: 1e-3,
             loss_spike_threshold: 0.0,
+            routing_warmup_steps: 0,
             eval_every: 100,
             eval_batches: 8,
             checkpoint_every: 100,

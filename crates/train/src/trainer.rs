@@ -199,6 +199,11 @@ fn train_step(
     }
     let data_cursor = s.sampler.cursor;
     let sample_start = data_cursor * t.batch_size as u64;
+    if t.routing_warmup_steps > 0 {
+        // Step 1 routes on noise alone; from step W + 1 on the logits alone.
+        let mix = (done - 1) as f64 / t.routing_warmup_steps as f64;
+        s.model.set_routing_mix(mix);
+    }
     let (grads, totals) = combined_step(&mut s, strategy, done, stop, device)?;
     if retry.is_some() {
         s.sampler.cursor = fresh;
@@ -250,6 +255,10 @@ fn train_step(
         metrics.insert("expert_bias_max_abs".into(), json!(bias_max));
     }
     metrics.insert("sample_start".into(), json!(sample_start));
+    if t.routing_warmup_steps > 0 && done <= t.routing_warmup_steps {
+        let mix = (done - 1) as f64 / t.routing_warmup_steps as f64;
+        metrics.insert("routing_mix".into(), json!(mix));
+    }
     if verdict != Verdict::Accept || retry.is_some() {
         let action = match verdict {
             Verdict::Skip => "skipped",
