@@ -10,8 +10,9 @@
 //! `layers.N.attention.{query,key}_layernorm.weight`, dense layers'
 //! `layers.N.mlp.{gate,up,down}_proj.{weight,bias}`, MoE layers' `layers.N.moe.gate.weight`,
 //! `layers.N.moe.experts.{gate,up,down}_proj` (stacked) and
-//! `layers.N.moe.shared_experts.{gate,up,down}_proj.{weight,bias}`, `norm.weight`,
-//! `lm_head.weight`. Renaming a field here changes the format: see `names::migrate`.
+//! `layers.N.moe.shared_experts.{gate,up,down}_proj.{weight,bias}`, `layers.N.moe.expert_bias`
+//! (Ling 2.0), `norm.weight`, `lm_head.weight`, and Ling 2.0's multi-token-prediction layers
+//! `mtp_layers.K.{enorm,hnorm,eh_proj,final_layernorm}.*` and `mtp_layers.K.decoder.…`. Renaming a field here changes the format: see `names::migrate`.
 
 use crate::cache::{KvCache, KvStore, Positions};
 use crate::layers::{linear, Attention, RmsNorm, Rope, SwiGlu, INIT_STD};
