@@ -217,6 +217,46 @@ fn moe_load_balance_loss_is_the_global_batchs_on_uneven_shares() {
 }
 
 #[test]
+fn ling_2_expert_biases_follow_the_global_load_on_every_rank() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-aux-free");
+    // Ling 2.0's shapes shrunk: sigmoid group-limited routing over 256 experts with expert
+    // biases moved after every step by the load of the whole batch, all ranks together.
+    let args = |run: &Path| -> Vec<String> {
+        let mut args = tiny_args(run, "4");
+        args[1] = "ling-mini-2".into();
+        args
+    };
+    let single = tmp.path().join("single");
+    let reference = one_process(&args(&single), &single);
+    let run = tmp.path().join("np2");
+    let mut np2 = args(&run);
+    np2.push("--hash-params".into());
+    mpirun(2, &np2);
+    let got = metrics(&run);
+    assert_eq!(got.len(), reference.len());
+    for (step, rec) in &got {
+        assert_eq!(
+            rec["expert_load"], reference[step]["expert_load"],
+            "step {step}"
+        );
+        let (a, b) = (
+            rec["loss"].as_f64().unwrap(),
+            reference[step]["loss"].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() < 1e-5,
+            "step {step}: loss {a} vs one process {b}"
+        );
+        let hashes = rec["param_hashes"].as_array().unwrap();
+        assert!(
+            hashes.iter().all(|h| h == &hashes[0]),
+            "step {step}: {hashes:?}"
+        );
+    }
+}
+
+#[test]
 fn a_slower_rank_gets_a_smaller_share() {
     let _serial = serial();
     let tmp = TempDir::new("dist-balance");

@@ -546,6 +546,17 @@ fn merge_averages_the_last_checkpoints_into_a_run_or_an_hf_folder() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(hf.join("model.safetensors").exists() && hf.join("tokenizer.json").exists());
+    // The export builds in transformers: a pad_token_id inside the vocabulary, and a
+    // tokenizer.json encoding as the run's own char tokenizer does.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    let vocab = config["vocab_size"].as_u64().unwrap();
+    assert!(config["pad_token_id"].as_u64().unwrap() < vocab, "{config}");
+    let ours = nuwa_data::Tokenizer::load(&run).unwrap();
+    let theirs = tokenizers::Tokenizer::from_file(hf.join("tokenizer.json")).unwrap();
+    let text = "the old dog follows a boat.\n12 plus 7 is 19.";
+    let ids = theirs.encode(text, false).unwrap().get_ids().to_vec();
+    assert_eq!(ids, ours.encode(text).unwrap());
 
     // More checkpoints than the run keeps: one clear line, nothing written.
     let none = tmp.path().join("none");
