@@ -408,12 +408,19 @@ fn chat_template_and_end_of_sequence_come_from_the_checkpoint() {
 
 #[test]
 fn fine_tuning_from_a_checkpoint_starts_from_its_weights_and_exports_as_its_type() {
+    for arch in ["llama", "bailing_moe_v2"] {
+        fine_tune(arch);
+    }
+}
+
+/// Fine-tunes the `arch` fixture on words of its own vocabulary and exports the result.
+fn fine_tune(arch: &str) {
     let tmp = TempDir::new("hf-finetune");
     let text: String = (0..3000).map(|i| format!("w{} ", (i * 7) % 40)).collect();
     let txt = tmp.path().join("words.txt");
     std::fs::write(&txt, text).unwrap();
     let data = tmp.path().join("data");
-    let tok = fixture("llama").join("tokenizer.json");
+    let tok = fixture(arch).join("tokenizer.json");
     let out = nuwa(&[
         "data",
         "prepare",
@@ -433,7 +440,7 @@ fn fine_tuning_from_a_checkpoint_starts_from_its_weights_and_exports_as_its_type
     let out = nuwa(&[
         "train",
         "--init-from",
-        fixture("llama").to_str().unwrap(),
+        fixture(arch).to_str().unwrap(),
         "--data",
         data.to_str().unwrap(),
         "--steps",
@@ -464,7 +471,7 @@ fn fine_tuning_from_a_checkpoint_starts_from_its_weights_and_exports_as_its_type
         .collect();
     assert!(
         (losses[0] - 4.56).abs() > 0.1,
-        "first loss {} looks freshly initialised",
+        "{arch}: first loss {} looks freshly initialised",
         losses[0]
     );
     assert!(losses.last().unwrap() < &(losses[0] - 0.5), "{losses:?}");
@@ -481,11 +488,11 @@ fn fine_tuning_from_a_checkpoint_starts_from_its_weights_and_exports_as_its_type
         String::from_utf8_lossy(&out.stderr)
     );
     let ckpt = HfCheckpoint::open(&hf).unwrap();
-    assert_eq!(ckpt.arch.model_type(), "llama");
+    assert_eq!(ckpt.arch.model_type(), arch);
     assert_eq!(ckpt.hf_config["eos_token_id"], 2);
     assert!(
         ckpt.load_weights().unwrap()
-            != HfCheckpoint::open(&fixture("llama"))
+            != HfCheckpoint::open(&fixture(arch))
                 .unwrap()
                 .load_weights()
                 .unwrap()

@@ -30,14 +30,12 @@ impl Drop for Server {
 }
 
 fn server(extra: &[&str]) -> Server {
+    server_of(&fixture(), extra)
+}
+
+fn server_of(model: &Path, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_nuwa"))
-        .args([
-            "serve",
-            "--model",
-            fixture().to_str().unwrap(),
-            "--port",
-            "0",
-        ])
+        .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -102,8 +100,12 @@ fn stream_text(url: &str, body: &Value) -> (String, bool) {
 
 /// What one sequence decodes alone, greedily (the library, no server, no batching).
 fn alone(prompt: &str, max_tokens: usize) -> String {
+    alone_of(&fixture(), prompt, max_tokens)
+}
+
+fn alone_of(model: &Path, prompt: &str, max_tokens: usize) -> String {
     let device = Device::default();
-    let m = InferenceModel::load(&ModelSource::Hf(fixture()), &device).unwrap();
+    let m = InferenceModel::load(&ModelSource::Hf(model.to_path_buf()), &device).unwrap();
     let ids = m.encode(prompt).unwrap();
     let opts = SamplingOptions {
         max_tokens,
@@ -562,4 +564,19 @@ fn logprobs_in_completions_chat_and_streams_match_the_model() {
         (400, Some("logprobs")),
         "{r}"
     );
+}
+
+#[test]
+fn a_ling_2_checkpoint_is_served_like_single_sequence_greedy() {
+    let v2 = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/bailing_moe_v2");
+    let s = server_of(&v2, &[]);
+    for (i, p) in ["w5 w6 w7", "w11", "w3 w9 w27 w40"].iter().enumerate() {
+        let want = alone_of(&v2, p, 8);
+        let (code, r) = post(
+            &format!("{}/v1/completions", s.url),
+            &json!({"prompt": p, "max_tokens": 8, "temperature": 0}),
+        );
+        assert_eq!(code, 200, "{r}");
+        assert_eq!(r["choices"][0]["text"], want, "prompt {i}");
+    }
 }

@@ -21,7 +21,8 @@ grouped-query causal attention, SwiGLU) and they differ only in
 Each fixture folder holds `config.json`, the weights (`model.safetensors`, or shards with
 `model.safetensors.index.json`; f32, bf16 or f16) and `expected.safetensors` with the prompt
 `input_ids`, the fp32 `logits` of the prompt and `greedy` (32 tokens of greedy decoding).
-One fixture carries a `tokenizer.json` and a `tokenizer_config.json` with a chat template.
+Two fixtures (llama, bailing_moe_v2) carry a `tokenizer.json` and a `tokenizer_config.json`
+with a chat template.
 
     python3 tests/reference/hf_reference.py            # regenerate tests/fixtures/hf
     python3 tests/reference/hf_reference.py --check DIR  # print max |Δ logits| of an HF folder vs this reference
@@ -481,7 +482,7 @@ def main():
     configs = tiny_configs()
     for seed, (name, cfg) in enumerate(configs.items()):
         folder = make_fixture(name, cfg, 100 + seed, shards=2 if name == "qwen3_moe" else 1)
-        if name == "llama":
+        if name in ("llama", "bailing_moe_v2"):
             tiny_tokenizer(folder)
         print("wrote", folder)
 
