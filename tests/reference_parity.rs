@@ -375,3 +375,45 @@ fn batched_and_per_expert_routing_agree() {
         assert_close("routed experts", &routed, &expected);
     }
 }
+
+/// Aux-loss-free balancing over five steps against the reference: each step's routing (with
+/// the biases the previous steps moved) and the biases after it.
+#[test]
+fn aux_free_bias_updates_over_several_steps_match_reference() {
+    let f = fixture("aux_free");
+    let dev = Device::default();
+    let cfg = ModelConfig {
+        hidden_size: 16,
+        num_experts: 8,
+        num_experts_per_tok: 3,
+        moe_intermediate_size: 4,
+        score_function: nuwa_model::ScoreFunction::Sigmoid,
+        n_group: 4,
+        topk_group: 2,
+        moe_router_enable_expert_bias: true,
+        ..ModelConfig::preset("tiny-dense").unwrap()
+    };
+    let moe = nuwa_model::init::init_weights(Moe::new(&cfg, &dev), 7, 0.02);
+    let mut weights = nuwa_model::weights::collect_weights(&moe);
+    weights.insert("gate.weight".into(), f["weight.gate.weight"].clone());
+    let mut moe = assign_weights(moe, &weights, "aux_free").unwrap();
+    for step in 0..5 {
+        let x = tensor::<2>(&f[&format!("input.x{step}")], &dev);
+        let (_, stats) = moe.forward_tokens(x);
+        let load: Vec<f64> = stats.tokens_per_expert.iter().map(|&c| c as f64).collect();
+        let want: Vec<f64> = f[&format!("output.load{step}")]
+            .data
+            .iter()
+            .map(|&c| c as f64)
+            .collect();
+        assert_eq!(load, want, "step {step}: tokens per expert");
+        let bias = moe.update_expert_bias(&load, 0.02).unwrap();
+        let want = &f[&format!("output.bias{step}")].data;
+        for (b, w) in bias.iter().zip(want) {
+            assert!(
+                (b - w).abs() < 1e-6,
+                "step {step}: bias {bias:?} vs {want:?}"
+            );
+        }
+    }
+}

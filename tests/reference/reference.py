@@ -371,6 +371,35 @@ def make_model_v2():
     )
 
 
+def make_aux_free():
+    """Aux-loss-free balancing over several steps: a Ling 2.0 router (8 experts in 4 groups, 2
+    chosen, top-3) routes five batches in turn; after each, every expert's bias moves by
+    `rate` · sign(mean load − its load) (DeepSeek-V3's rule, as Megatron applies it), and the
+    next batch is routed with the moved biases. Saves the batches, each step's tokens per
+    expert and the biases after each step."""
+    hidden, experts, top_k, groups, keep, rate = 16, 8, 3, 4, 2, 0.02
+    gate = rand(hidden, experts, scale=0.5)
+    bias = torch.zeros(experts, dtype=DT)
+    tensors = {"weight.gate.weight": gate}
+    for step in range(5):
+        x = rand(40, hidden)
+        scores = torch.sigmoid(x @ gate)
+        routing = scores + bias
+        group_score = routing.view(40, groups, -1).topk(2, dim=-1).values.sum(-1)
+        best = group_score.topk(keep, dim=-1).indices
+        allowed = torch.zeros(40, groups, dtype=torch.bool).scatter(1, best, True)
+        routing = routing.masked_fill(~allowed.repeat_interleave(experts // groups, 1), float("-inf"))
+        chosen = routing.topk(top_k, dim=-1).indices
+        load = torch.bincount(chosen.flatten(), minlength=experts).to(DT)
+        bias = bias + rate * torch.sign(load.mean() - load)
+        tensors[f"input.x{step}"] = x
+        tensors[f"output.load{step}"] = load
+        tensors[f"output.bias{step}"] = bias.clone()
+    tensors = {k: v.float().contiguous() for k, v in tensors.items()}
+    save_file(tensors, os.path.join(OUT, "aux_free.safetensors"))
+    print(f"wrote aux_free: {len(tensors)} tensors")
+
+
 if __name__ == "__main__":
     make_model()
     make_rmsnorm()
@@ -378,3 +407,4 @@ if __name__ == "__main__":
     make_attention()
     make_moe()
     make_model_v2()
+    make_aux_free()
