@@ -195,7 +195,8 @@ impl Moe {
         let device = x.device();
 
         let logits = self.warm_up(self.gate.forward(x.clone()));
-        let (probs, top_w, assignments) = if self.sigmoid || self.n_group > 1 {
+        let by_scores = self.sigmoid || self.n_group > 1 || self.expert_bias.is_some();
+        let (probs, top_w, assignments) = if by_scores {
             self.route_by_scores(logits.clone())
         } else {
             let probs = softmax(logits.clone(), 1);
