@@ -36,6 +36,7 @@ fn options(run: &Path, config: RunConfig, resume: bool) -> TrainOptions {
         stop_at: None,
         init_weights: None,
         dist: None,
+        resume_overrides: Default::default(),
     }
 }
 
@@ -385,7 +386,13 @@ fn failed_save_keeps_the_last_good_checkpoint() {
     let blocker = checkpoint::checkpoints_dir(&run)
         .join(format!(".tmp-step-00000003-{}", std::process::id()));
     std::fs::write(&blocker, b"in the way").unwrap();
-    let err = train(options(&run, tiny_moe_run(&data, 3), true));
+    let err = train(TrainOptions {
+        resume_overrides: nuwa_train::ResumeOverrides {
+            steps: Some(3),
+            ..Default::default()
+        },
+        ..options(&run, tiny_moe_run(&data, 3), true)
+    });
     assert!(err.is_err(), "save should have failed");
 
     let after = checkpoint::load_latest(&run).unwrap();

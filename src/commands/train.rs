@@ -10,7 +10,7 @@ use nuwa_config::{resolve_run, ModelChoice, ModelOverrides, TrainOverrides};
 use nuwa_hf::ModelSource;
 use nuwa_model::{ModelConfig, SamplingOptions};
 use nuwa_run::{RunConfig, Schedule};
-use nuwa_train::TrainOptions;
+use nuwa_train::{ResumeOverrides, TrainOptions};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -174,12 +174,133 @@ pub enum DistKind {
     Mpi,
 }
 
-/// The first `runs/run-NNN` that does not exist yet.
+/// The first free `runs/run-NNN`, claimed by creating it (two runs started together get two
+/// folders).
 pub fn next_run_dir() -> PathBuf {
-    (1..)
+    let _ = std::fs::create_dir_all("runs");
+    (1..100_000)
         .map(|n| PathBuf::from(format!("runs/run-{n:03}")))
-        .find(|p| !p.exists())
+        .find(|p| std::fs::create_dir(p).is_ok())
         .unwrap_or_else(|| PathBuf::from("runs/run"))
+}
+
+/// Under `--resume`: the flags a resume may change, after refusing (in one line, naming each)
+/// any other flag whose value differs from the run's own.
+fn resume_overrides(a: &TrainArgs, run: &std::path::Path) -> Result<ResumeOverrides> {
+    if run.join(nuwa_run::checkpoint::TRAINER_FILE).exists() {
+        let owner = run
+            .parent()
+            .and_then(std::path::Path::parent)
+            .unwrap_or(run);
+        bail!(
+            "--resume {}: is a checkpoint, not a run folder; pass the run folder ({}) — a run \
+             resumes from its newest checkpoint",
+            run.display(),
+            owner.display()
+        );
+    }
+    let had = nuwa_run::checkpoint::latest_state(run)?.config;
+    let wanted = run_config(a)?;
+    let (w, h) = (&wanted.train, &had.train);
+    let mut changed = Vec::new();
+    let mut check = |given: bool, flag: &str, same: bool, was: String| {
+        if given && !same {
+            changed.push(format!("{flag} (the run has {was})"));
+        }
+    };
+    check(a.lr.is_some(), "--lr", w.lr == h.lr, h.lr.to_string());
+    check(
+        a.min_lr.is_some(),
+        "--min-lr",
+        w.min_lr == h.min_lr,
+        h.min_lr.to_string(),
+    );
+    check(
+        a.batch_size.is_some(),
+        "--batch-size",
+        w.batch_size == h.batch_size,
+        h.batch_size.to_string(),
+    );
+    check(
+        a.seq_len.is_some(),
+        "--seq-len",
+        w.seq_len == h.seq_len,
+        h.seq_len.to_string(),
+    );
+    check(
+        a.grad_accum.is_some(),
+        "--grad-accum",
+        w.grad_accum == h.grad_accum,
+        h.grad_accum.to_string(),
+    );
+    check(
+        a.warmup_steps.is_some(),
+        "--warmup-steps",
+        w.warmup_steps == h.warmup_steps,
+        h.warmup_steps.to_string(),
+    );
+    check(
+        a.schedule.is_some(),
+        "--schedule",
+        w.schedule == h.schedule,
+        format!("{:?}", h.schedule),
+    );
+    check(
+        a.weight_decay.is_some(),
+        "--weight-decay",
+        w.weight_decay == h.weight_decay,
+        h.weight_decay.to_string(),
+    );
+    check(
+        a.grad_clip.is_some(),
+        "--grad-clip",
+        w.grad_clip == h.grad_clip,
+        h.grad_clip.to_string(),
+    );
+    check(
+        a.seed.is_some(),
+        "--seed",
+        w.seed == h.seed,
+        h.seed.to_string(),
+    );
+    check(
+        a.data.is_some(),
+        "--data",
+        wanted.data.dir == had.data.dir,
+        had.data
+            .dir
+            .clone()
+            .unwrap_or_else(|| "the built-in corpus".into()),
+    );
+    let model_flags = a.preset.is_some()
+        || a.config.is_some()
+        || a.model_config.is_some()
+        || a.hidden_size.is_some()
+        || a.layers.is_some()
+        || a.dropout.is_some();
+    let mut model = wanted.model.clone();
+    if model.vocab_size == 0 {
+        model.vocab_size = had.model.vocab_size; // a preset's vocabulary follows the data
+    }
+    check(
+        model_flags,
+        "the model flags (--preset/--config/--model-config/--hidden-size/--layers/--dropout)",
+        model == had.model,
+        "another model".into(),
+    );
+    if !changed.is_empty() {
+        bail!(
+            "--resume {}: cannot change {}; a run keeps its configuration (only --steps, \
+             --eval-every and --checkpoint-every may change on resume)",
+            run.display(),
+            changed.join(", ")
+        );
+    }
+    Ok(ResumeOverrides {
+        steps: a.steps,
+        eval_every: a.eval_every,
+        checkpoint_every: a.checkpoint_every,
+    })
 }
 
 /// The communicator and this rank's settings for `--dist`.
@@ -279,6 +400,10 @@ pub fn train(a: TrainArgs) -> Result<()> {
         Some(dir) => (dir.clone(), true),
         None => (a.run_dir.clone().unwrap_or_else(next_run_dir), false),
     };
+    let resume_overrides = match &a.resume {
+        Some(dir) => resume_overrides(&a, dir)?,
+        None => ResumeOverrides::default(),
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -299,6 +424,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         stop_at: a.stop_at,
         init_weights,
         dist,
+        resume_overrides,
     })?;
     if rank != 0 {
         return Ok(());

@@ -92,7 +92,14 @@ pub fn save<M: Module>(
     let result = (|| -> Result<()> {
         let _ = std::fs::remove_dir_all(&tmp_dir);
         std::fs::create_dir_all(&tmp_dir)?;
-        let model_bytes = to_safetensors(&collect_weights(model))?;
+        let weights = collect_weights(model);
+        if let Some((name, _)) = weights
+            .iter()
+            .find(|(_, t)| t.data.iter().any(|x| !x.is_finite()))
+        {
+            bail!("parameter {name} is not finite; a checkpoint of it would poison the run");
+        }
+        let model_bytes = to_safetensors(&weights)?;
         let opt_bytes = to_safetensors(optimizer)?;
         state.checksums = BTreeMap::from([
             (MODEL_FILE.to_string(), sha256_hex(&model_bytes)),
@@ -118,10 +125,28 @@ pub fn save<M: Module>(
         return Err(e.context(format!("saving checkpoint {}", final_dir.display())));
     }
     let all = list_checkpoints(run);
-    for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
-        let _ = std::fs::remove_dir_all(old);
+    for (step, old) in all.iter().take(all.len().saturating_sub(keep)) {
+        // Renamed out of the checkpoint names first: a prune killed half-way leaves a
+        // `.tmp-` folder (removed on the next start), never a half-deleted checkpoint.
+        let doomed = root.join(format!(".tmp-prune-{}", step_dir_name(*step)));
+        if std::fs::rename(old, &doomed).is_ok() {
+            let _ = std::fs::remove_dir_all(&doomed);
+        }
     }
     Ok(final_dir)
+}
+
+/// Removes what killed saves and prunes left behind (`checkpoints/.tmp-*`); called with the
+/// run's lock held, so no save of this run is in flight. Returns how many were removed.
+pub fn remove_leftovers(run: &Path) -> usize {
+    let entries = std::fs::read_dir(checkpoints_dir(run))
+        .into_iter()
+        .flatten()
+        .flatten();
+    entries
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        .filter(|e| std::fs::remove_dir_all(e.path()).is_ok())
+        .count()
 }
 
 /// A checkpoint read back from disk and verified.
@@ -230,6 +255,22 @@ fn read_verified(dir: &Path, file: &str, state: &TrainerState) -> Result<Vec<u8>
         );
     }
     Ok(bytes)
+}
+
+/// The trainer state of a run's newest checkpoint, without reading its weights.
+pub fn latest_state(run: &Path) -> Result<TrainerState> {
+    let (_, dir) = list_checkpoints(run).pop().ok_or_else(|| {
+        anyhow!(
+            "{}: no checkpoint found (expected {}/step-*)",
+            run.display(),
+            checkpoints_dir(run).display()
+        )
+    })?;
+    let path = dir.join(TRAINER_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow!("{}: garbled trainer state: {e}", path.display()))
 }
 
 /// Loads the newest checkpoint of a run (or the given checkpoint folder). Parameter names of

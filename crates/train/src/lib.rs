@@ -12,4 +12,4 @@ pub mod step;
 pub mod strategy;
 pub mod trainer;
 
-pub use trainer::{train, StepRecord, TrainOptions, TrainReport};
+pub use trainer::{train, ResumeOverrides, StepRecord, TrainOptions, TrainReport};

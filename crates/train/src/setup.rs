@@ -31,6 +31,8 @@ pub struct Session {
     pub flops_per_token: f64,
     /// Rank 0's metrics file (the other ranks write nothing).
     pub log: Option<MetricsLog>,
+    /// Rank 0's hold on the run folder, for the session's life.
+    pub lock: Option<nuwa_run::RunLock>,
 }
 
 /// Opens the run's dataset, preparing the built-in corpus into `RUN/data` when none is given.
@@ -54,15 +56,25 @@ fn open_dataset(run: &Path, cfg: &RunConfig) -> Result<Dataset> {
 
 /// The run's configuration: the checkpoint's on resume (only `train.steps` may grow), else the
 /// given one.
-fn base_config(opts: &TrainOptions, resumed: Option<&Loaded>) -> RunConfig {
-    match resumed {
-        Some(l) => {
-            let mut c = l.state.config.clone();
-            c.train.steps = opts.config.train.steps.max(l.state.step);
-            c
+fn base_config(opts: &TrainOptions, resumed: Option<&Loaded>) -> Result<RunConfig> {
+    let Some(l) = resumed else {
+        return Ok(opts.config.clone());
+    };
+    let mut c = l.state.config.clone();
+    let o = &opts.resume_overrides;
+    if let Some(steps) = o.steps {
+        if steps < l.state.step {
+            bail!(
+                "--steps {steps}: {} is already at step {}; pass a larger --steps to train on",
+                opts.run_dir.display(),
+                l.state.step
+            );
         }
-        None => opts.config.clone(),
+        c.train.steps = steps;
     }
+    c.train.eval_every = o.eval_every.unwrap_or(c.train.eval_every);
+    c.train.checkpoint_every = o.checkpoint_every.unwrap_or(c.train.checkpoint_every);
+    Ok(c)
 }
 
 /// `cfg` completed (the vocabulary from the data when unset) and checked against the data.
@@ -94,8 +106,28 @@ fn check_config(mut cfg: RunConfig, data: &Dataset) -> Result<RunConfig> {
 pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<Session> {
     let is_main = strategy.rank() == 0;
     let run = opts.run_dir.clone();
+    if run.join(checkpoint::TRAINER_FILE).exists() {
+        let owner = run.parent().and_then(Path::parent).unwrap_or(&run);
+        bail!(
+            "{}: is a checkpoint, not a run folder; pass the run folder ({}) — a run resumes \
+             from its newest checkpoint",
+            run.display(),
+            owner.display()
+        );
+    }
     std::fs::create_dir_all(&run)
         .with_context(|| format!("{}: cannot create run folder", run.display()))?;
+    // One writer per run folder (rank 0 writes for the job), then what killed saves left.
+    let lock = match is_main {
+        true => Some(nuwa_run::RunLock::acquire(&run)?),
+        false => None,
+    };
+    if is_main {
+        let removed = checkpoint::remove_leftovers(&run);
+        if removed > 0 {
+            eprintln!("note: removed {removed} unfinished checkpoint folder(s) left by an interrupted save");
+        }
+    }
     let resumed = if opts.resume {
         let loaded = checkpoint::load_latest(&run)?;
         loaded.check_resumable()?;
@@ -110,7 +142,7 @@ pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<S
     if !is_main {
         strategy.barrier();
     }
-    let cfg = base_config(opts, resumed.as_ref());
+    let cfg = base_config(opts, resumed.as_ref())?;
     let data = open_dataset(&run, &cfg);
     if is_main {
         strategy.barrier();
@@ -170,5 +202,6 @@ pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<S
         start_step,
         tokens_seen,
         log,
+        lock,
     })
 }

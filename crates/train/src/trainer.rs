@@ -45,6 +45,17 @@ pub struct TrainOptions {
     pub init_weights: Option<BTreeMap<String, HostTensor>>,
     /// Data-parallel training over several processes (`None`: this process alone).
     pub dist: Option<DistOptions>,
+    /// What a resume may change (the rest of the run's configuration is its own).
+    pub resume_overrides: ResumeOverrides,
+}
+
+/// The settings `--resume` may change; `None` keeps the run's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResumeOverrides {
+    /// Train to this step (the learning-rate schedule then spans it).
+    pub steps: Option<u64>,
+    pub eval_every: Option<u64>,
+    pub checkpoint_every: Option<u64>,
 }
 
 /// What one optimiser step measured.
@@ -160,13 +171,17 @@ fn update(
     grads: GradientsParams,
     lr: f64,
     clip: f64,
-) -> (LanguageModel, f64) {
+) -> Result<(LanguageModel, f64)> {
     let norm = grad_norm(&model, &grads);
+    if !norm.is_finite() {
+        // Applied, it would poison every weight: stop with the last good checkpoint.
+        bail!("the gradient norm is {norm}");
+    }
     let scale = match clip > 0.0 && norm > clip {
         true => clip / norm,
         false => 1.0,
     };
-    (opt.step(model, grads, lr, scale), norm)
+    Ok((opt.step(model, grads, lr, scale), norm))
 }
 
 /// A finished optimiser step: the combined totals, what the caller keeps, the metrics line.
@@ -208,16 +223,22 @@ fn train_step(
     if retry.is_some() {
         s.sampler.cursor = fresh;
     }
-    let verdict = match totals.ce.is_finite() {
-        true => s.spikes.judge(
-            done,
+    let kept = checkpoint::checkpoints_dir(&s.run);
+    if !totals.ce.is_finite() {
+        bail!(
+            "step {done}: loss is {}; stopping without an update (last good checkpoint kept in {})",
             totals.ce,
-            t.loss_spike_threshold,
-            retry.is_some(),
-            data_cursor,
-        ),
-        false => Verdict::Accept, // a non-finite loss stops the run below
-    };
+            kept.display()
+        );
+    }
+    let retried = retry.is_some();
+    let verdict = s.spikes.judge(
+        done,
+        totals.ce,
+        t.loss_spike_threshold,
+        retried,
+        data_cursor,
+    );
     let (lr, norm) = match verdict {
         Verdict::Skip => (0.0, grad_norm(&s.model, &grads)),
         Verdict::Accept | Verdict::LowerLr(_) => {
@@ -225,7 +246,13 @@ fn train_step(
                 Verdict::LowerLr(scale) => lr * scale,
                 _ => lr,
             };
-            let (model, norm) = update(s.model, &mut s.opt, grads, lr, t.grad_clip);
+            let (model, norm) =
+                update(s.model, &mut s.opt, grads, lr, t.grad_clip).map_err(|e| {
+                    e.context(format!(
+                        "step {done}: stopping without an update (last good checkpoint kept in {})",
+                        kept.display()
+                    ))
+                })?;
             s.model = model;
             (lr, norm)
         }
@@ -238,14 +265,6 @@ fn train_step(
         false => Vec::new(),
     };
     s.tokens_seen += tokens as u64;
-    if !totals.ce.is_finite() {
-        let kept = checkpoint::checkpoints_dir(&s.run);
-        let loss = totals.ce;
-        bail!(
-            "step {done}: loss is {loss}; stopping (last good checkpoint kept in {})",
-            kept.display()
-        );
-    }
     let seconds = started.elapsed().as_secs_f64();
     let mfu = peak_flops.map(|p| tokens / seconds * s.flops_per_token / p);
     let mut metrics = step_metrics(&s, done, &totals, lr, norm, seconds);
@@ -317,6 +336,9 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
         }
         if is_main && (done % t.eval_every.max(1) == 0 || done == t.steps) {
             let val = evaluate(&s.model.valid(), &s.evals, &opts.device);
+            if !val.is_finite() {
+                bail!("step {done}: validation loss is {val}; stopping (no checkpoint of it is written)");
+            }
             step.metrics.insert("val_loss".into(), json!(val));
             last_val = Some(val);
             bar.println(format!(
