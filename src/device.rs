@@ -20,7 +20,8 @@ pub fn parse_device(name: &str) -> Result<Device> {
         bail!("--device {name}: this nuwa was built without the `{feature}` feature; rebuild with `cargo build --release --features {feature}`")
     };
     match kind {
-        "cpu" => cpu_device(name),
+        "cpu" if index == 0 => cpu_device(name),
+        "cpu" => bail!("--device {name}: there is one CPU device; use `cpu`"),
         "cuda" => {
             #[cfg(feature = "cuda")]
             return Ok(Device::cuda(index));

@@ -101,3 +101,37 @@ fn leftovers_go_and_resumes_keep_the_run_as_it_was() {
     assert_clean_error(&out, "is a checkpoint, not a run folder");
     assert_eq!(checkpoint::latest_state(&run).unwrap().step, 3);
 }
+
+#[test]
+fn bad_settings_name_the_field_before_anything_runs() {
+    let tmp = TempDir::new("bad-settings");
+    let run = tmp.path().join("run");
+    for (flags, needle) in [
+        (vec!["--weight-decay=-5"], "train.weight_decay"),
+        (vec!["--grad-clip=-1"], "train.grad_clip"),
+        (
+            vec!["--warmup-steps", "18446744073709551615"],
+            "train.warmup_steps",
+        ),
+        (vec!["--device", "cpu:7"], "--device cpu:7"),
+    ] {
+        let mut args = vec!["--steps", "2"];
+        args.extend(flags);
+        assert_clean_error(&tiny(&run, &args), needle);
+        assert!(checkpoint::list_checkpoints(&run).is_empty());
+    }
+    // An empty input names the file it read.
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let out = nuwa(&[
+        "data",
+        "prepare",
+        "--input",
+        empty.to_str().unwrap(),
+        "--tokenizer",
+        "byte",
+        "--out",
+        tmp.path().join("data").to_str().unwrap(),
+    ]);
+    assert_clean_error(&out, "empty.txt");
+}

@@ -113,7 +113,9 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest> {
     let n_val = ((ids.len() as f64) * opts.val_fraction).ceil() as usize;
     if ids.len() < 1000 || n_val < 100 {
         bail!(
-            "input has only {} tokens: too little to split into train and validation",
+            "{}: only {} tokens in all: too little to split into train and validation (at \
+             least 1000 needed)",
+            sources.join(", "),
             ids.len()
         );
     }

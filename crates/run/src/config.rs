@@ -161,6 +161,39 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&self.decay_fraction) {
             anyhow::bail!("config field `train.decay_fraction`: must be in [0, 1]");
         }
+        let non_negative = [
+            ("train.weight_decay", self.weight_decay),
+            ("train.grad_clip", self.grad_clip),
+            (
+                "train.expert_bias_update_rate",
+                self.expert_bias_update_rate,
+            ),
+            ("train.loss_spike_threshold", self.loss_spike_threshold),
+            ("train.aux_loss_coef", self.aux_loss_coef),
+            ("train.z_loss_coef", self.z_loss_coef),
+        ];
+        for (field, value) in non_negative {
+            if !(value >= 0.0 && value.is_finite()) {
+                anyhow::bail!("config field `{field}`: {value} must be a non-negative number");
+            }
+        }
+        // config.toml stores integers as TOML's signed 64-bit numbers.
+        let counts = [
+            ("train.steps", self.steps),
+            ("train.warmup_steps", self.warmup_steps),
+            ("train.eval_every", self.eval_every),
+            ("train.checkpoint_every", self.checkpoint_every),
+            ("train.seed", self.seed),
+            ("train.routing_warmup_steps", self.routing_warmup_steps),
+        ];
+        for (field, value) in counts {
+            if value > i64::MAX as u64 {
+                anyhow::bail!(
+                    "config field `{field}`: {value} is too large (at most {})",
+                    i64::MAX
+                );
+            }
+        }
         Ok(())
     }
 
