@@ -135,3 +135,36 @@ fn bad_settings_name_the_field_before_anything_runs() {
     ]);
     assert_clean_error(&out, "empty.txt");
 }
+
+#[test]
+fn a_run_too_big_for_memory_is_refused_before_allocating() {
+    let tmp = TempDir::new("too-big");
+    let run = tmp.path().join("run");
+    for (flags, needle) in [
+        (
+            vec!["train", "--preset", "ling-plus"],
+            "the model (289243567872 parameters",
+        ),
+        (vec!["train", "--layers", "1000000"], "over 1000000 layers"),
+        (
+            vec!["train", "--batch-size", "100000000"],
+            "--batch-size 100000000",
+        ),
+    ] {
+        let mut args = flags;
+        let r = run.to_str().unwrap();
+        args.extend([
+            "--steps",
+            "1",
+            "--quiet",
+            "--sample-tokens",
+            "0",
+            "--run-dir",
+            r,
+        ]);
+        let out = nuwa(&args);
+        assert_clean_error(&out, needle);
+        assert_clean_error(&out, "of memory is available");
+        assert!(checkpoint::list_checkpoints(&run).is_empty());
+    }
+}

@@ -86,3 +86,11 @@ mod tests {
         assert!(err.contains("Z9") && err.contains("H100"), "{err}");
     }
 }
+
+/// Memory the OS says a new allocation can use (`MemAvailable`), when it says.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

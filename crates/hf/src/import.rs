@@ -155,7 +155,7 @@ impl HfCheckpoint {
 /// would not fit in the memory the OS says is available.
 pub fn check_fits_in_memory(cfg: &ModelConfig, copies: u64) -> Result<()> {
     let need = cfg.counts(1).total_params * 4 * copies;
-    if let Some(available) = available_memory() {
+    if let Some(available) = nuwa_core::hardware::available_memory() {
         if need > available {
             bail!(
                 "the model needs about {:.1} GiB in f32 ({} parameters) but only {:.1} GiB of \
@@ -167,13 +167,6 @@ pub fn check_fits_in_memory(cfg: &ModelConfig, copies: u64) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 #[cfg(test)]

@@ -102,6 +102,59 @@ fn check_config(mut cfg: RunConfig, data: &Dataset) -> Result<RunConfig> {
     Ok(cfg)
 }
 
+/// Bytes one training process needs, roughly: f32 weights, gradients and AdamW's two moments
+/// (16 bytes a parameter), and the activations autodiff keeps for one micro-batch (per token
+/// and layer: the layer's inputs and intermediates, the attention scores; per token: the
+/// logits and their softmax). An estimate to refuse the impossible, not a budget.
+fn training_memory(cfg: &RunConfig) -> (f64, f64) {
+    let (m, t) = (&cfg.model, &cfg.train);
+    let params = m.counts(t.seq_len).total_params as f64 * 16.0;
+    let width = if m.is_moe() {
+        m.moe_intermediate_size * (m.num_experts_per_tok + m.num_shared_experts)
+    } else {
+        m.intermediate_size
+    };
+    let per_layer = 24.0 * m.hidden_size as f64
+        + 8.0 * width as f64
+        + 3.0 * (m.num_attention_heads * t.seq_len) as f64;
+    let tokens = (t.batch_size * t.seq_len) as f64;
+    let layers = (m.num_hidden_layers + m.num_nextn_predict_layers) as f64;
+    let activations = tokens * 4.0 * (layers * per_layer + 3.0 * m.vocab_size as f64);
+    (params, activations)
+}
+
+/// Refuses, before allocating, a run that cannot fit in the memory the OS says is available,
+/// naming what is too big.
+fn check_training_fits(cfg: &RunConfig) -> Result<()> {
+    let Some(available) = nuwa_core::hardware::available_memory() else {
+        return Ok(());
+    };
+    let (params, activations) = training_memory(cfg);
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    if params + activations > available as f64 {
+        let culprit = if params >= activations {
+            format!(
+                "the model ({} parameters: layers, hidden_size, experts)",
+                cfg.model.counts(1).total_params
+            )
+        } else {
+            format!(
+                "a micro-batch's activations (--batch-size {} × --seq-len {} over {} layers)",
+                cfg.train.batch_size, cfg.train.seq_len, cfg.model.num_hidden_layers
+            )
+        };
+        bail!(
+            "training needs about {:.1} GiB ({:.1} GiB for weights, gradients and AdamW, {:.1} GiB \
+             of activations), mostly for {culprit}, but only {:.1} GiB of memory is available",
+            gib(params + activations),
+            gib(params),
+            gib(activations),
+            gib(available as f64)
+        );
+    }
+    Ok(())
+}
+
 /// Opens or resumes the run of `opts`; rank 0 writes the run's side files.
 pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<Session> {
     let is_main = strategy.rank() == 0;
@@ -149,6 +202,7 @@ pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<S
     }
     let data = data?;
     let cfg = check_config(cfg, &data)?;
+    check_training_fits(&cfg)?;
     if is_main {
         Tokenizer::load(&data.dir)?.save(&run)?;
         nuwa_core::atomic_write(
