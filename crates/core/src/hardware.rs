@@ -72,6 +72,14 @@ pub fn peak_flops(device: &str, accelerator: Option<&str>) -> anyhow::Result<Opt
     Ok((kind == "cpu").then(cpu_peak_flops))
 }
 
+/// Memory the OS says a new allocation can use (`MemAvailable`), when it says.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::peak_flops;
@@ -85,12 +93,4 @@ mod tests {
         let err = peak_flops("cuda", Some("Z9")).unwrap_err().to_string();
         assert!(err.contains("Z9") && err.contains("H100"), "{err}");
     }
-}
-
-/// Memory the OS says a new allocation can use (`MemAvailable`), when it says.
-pub fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
