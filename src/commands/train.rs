@@ -187,18 +187,7 @@ pub fn next_run_dir() -> PathBuf {
 /// Under `--resume`: the flags a resume may change, after refusing (in one line, naming each)
 /// any other flag whose value differs from the run's own.
 fn resume_overrides(a: &TrainArgs, run: &std::path::Path) -> Result<ResumeOverrides> {
-    if run.join(nuwa_run::checkpoint::TRAINER_FILE).exists() {
-        let owner = run
-            .parent()
-            .and_then(std::path::Path::parent)
-            .unwrap_or(run);
-        bail!(
-            "--resume {}: is a checkpoint, not a run folder; pass the run folder ({}) — a run \
-             resumes from its newest checkpoint",
-            run.display(),
-            owner.display()
-        );
-    }
+    nuwa_run::checkpoint::refuse_checkpoint_dir(run, "--resume ")?;
     let had = nuwa_run::checkpoint::latest_state(run)?.config;
     let wanted = run_config(a)?;
     let (w, h) = (&wanted.train, &had.train);

@@ -257,6 +257,20 @@ fn read_verified(dir: &Path, file: &str, state: &TrainerState) -> Result<Vec<u8>
     Ok(bytes)
 }
 
+/// Refuses a checkpoint folder given where a run folder belongs, naming the run.
+pub fn refuse_checkpoint_dir(run: &Path, flag: &str) -> Result<()> {
+    if run.join(TRAINER_FILE).exists() {
+        let owner = run.parent().and_then(Path::parent).unwrap_or(run);
+        bail!(
+            "{flag}{}: is a checkpoint, not a run folder; pass the run folder ({}) — a run \
+             resumes from its newest checkpoint",
+            run.display(),
+            owner.display()
+        );
+    }
+    Ok(())
+}
+
 /// The trainer state of a run's newest checkpoint, without reading its weights.
 pub fn latest_state(run: &Path) -> Result<TrainerState> {
     let (_, dir) = list_checkpoints(run).pop().ok_or_else(|| {
@@ -346,9 +360,7 @@ pub fn merge_last(run: &Path, k: usize) -> Result<Loaded> {
     let mut newest = None;
     for (step, dir) in &all[all.len() - k..] {
         let loaded = load_latest(dir)?;
-        if loaded.has_old_norm_head() {
-            loaded.check_resumable()?;
-        }
+        loaded.check_resumable()?;
         if !sums.is_empty() && sums.len() != loaded.weights.len() {
             bail!(
                 "{}: step {step} holds other parameters than the others",

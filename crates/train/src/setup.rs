@@ -159,15 +159,7 @@ fn check_training_fits(cfg: &RunConfig) -> Result<()> {
 pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<Session> {
     let is_main = strategy.rank() == 0;
     let run = opts.run_dir.clone();
-    if run.join(checkpoint::TRAINER_FILE).exists() {
-        let owner = run.parent().and_then(Path::parent).unwrap_or(&run);
-        bail!(
-            "{}: is a checkpoint, not a run folder; pass the run folder ({}) — a run resumes \
-             from its newest checkpoint",
-            run.display(),
-            owner.display()
-        );
-    }
+    checkpoint::refuse_checkpoint_dir(&run, "")?;
     std::fs::create_dir_all(&run)
         .with_context(|| format!("{}: cannot create run folder", run.display()))?;
     // One writer per run folder (rank 0 writes for the job), then what killed saves left.

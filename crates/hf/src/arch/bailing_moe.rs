@@ -12,7 +12,7 @@
 //! - the router renormalises its top-k weights only when top-k > 1 (`norm_topk_prob`);
 //! - NormHead divides `lm_head.weight` by its L2 norm over dim 0 (see `LanguageModel`).
 
-use super::{Architecture, Fields};
+use super::{ling_2_features, write_ling_moe_keys, Architecture, Fields};
 use nuwa_model::ModelConfig;
 use serde_json::{json, Value};
 
@@ -63,36 +63,17 @@ impl Architecture for BailingMoe {
         let problems = [
             (cfg.mlp_bias, "MLP biases (mlp_bias)"),
             (cfg.use_qk_norm, "query/key norms (use_qk_norm)"),
-            (
-                cfg.num_nextn_predict_layers > 0,
-                "multi-token-prediction layers",
-            ),
-            (
-                cfg.score_function != nuwa_model::ScoreFunction::Softmax,
-                "a sigmoid router",
-            ),
-            (cfg.moe_router_enable_expert_bias, "an expert bias"),
-            (cfg.n_group > 1, "group-limited routing"),
-            (cfg.routed_scaling_factor != 1.0, "routed_scaling_factor"),
-            (cfg.partial_rotary_factor != 1.0, "partial RoPE"),
         ];
-        problems.iter().filter(|p| p.0).map(|p| p.1).collect()
+        let mut bad: Vec<&'static str> = problems.iter().filter(|p| p.0).map(|p| p.1).collect();
+        bad.extend(ling_2_features(cfg));
+        bad
     }
 
     fn write_config(&self, cfg: &ModelConfig, set: &mut dyn FnMut(&str, Value)) {
         // Every key is written, so nothing falls back to Ant's defaults.
-        set("num_experts", json!(cfg.num_experts));
-        set("num_shared_experts", json!(cfg.num_shared_experts));
-        set("num_experts_per_tok", json!(cfg.num_experts_per_tok));
-        set("moe_intermediate_size", json!(cfg.moe_intermediate_size));
-        set("first_k_dense_replace", json!(cfg.first_k_dense_replace));
+        write_ling_moe_keys(cfg, set);
         set("norm_topk_prob", json!(cfg.norm_topk_prob));
         set("norm_head", json!(cfg.norm_head));
-        set("use_bias", json!(cfg.use_bias));
-        set("use_qkv_bias", json!(cfg.use_qkv_bias));
-        set("embedding_dropout", json!(cfg.embedding_dropout));
-        set("output_dropout", json!(cfg.output_dropout));
-        set("attention_dropout", json!(cfg.attention_dropout));
     }
 
     fn layer_name(&self, rest: &str) -> String {

@@ -15,7 +15,7 @@
 //! the last one (`enorm`, `hnorm`, `eh_proj`, the decoder layer's own tensors and
 //! `final_layernorm`); their loss joins training's times `mtp_loss_scaling_factor`.
 
-use super::{Architecture, Fields};
+use super::{write_ling_moe_keys, Architecture, Fields};
 use nuwa_model::{ModelConfig, ScoreFunction};
 use serde_json::{json, Value};
 
@@ -92,11 +92,7 @@ impl Architecture for BailingMoeV2 {
     }
 
     fn write_config(&self, cfg: &ModelConfig, set: &mut dyn FnMut(&str, Value)) {
-        set("num_experts", json!(cfg.num_experts));
-        set("num_shared_experts", json!(cfg.num_shared_experts));
-        set("num_experts_per_tok", json!(cfg.num_experts_per_tok));
-        set("moe_intermediate_size", json!(cfg.moe_intermediate_size));
-        set("first_k_dense_replace", json!(cfg.first_k_dense_replace));
+        write_ling_moe_keys(cfg, set);
         set("n_group", json!(cfg.n_group));
         set("topk_group", json!(cfg.topk_group));
         set("routed_scaling_factor", json!(cfg.routed_scaling_factor));
@@ -110,12 +106,7 @@ impl Architecture for BailingMoeV2 {
             "mtp_loss_scaling_factor",
             json!(cfg.mtp_loss_scaling_factor),
         );
-        set("use_bias", json!(cfg.use_bias));
-        set("use_qkv_bias", json!(cfg.use_qkv_bias));
         set("use_qk_norm", json!(cfg.use_qk_norm));
-        set("embedding_dropout", json!(cfg.embedding_dropout));
-        set("output_dropout", json!(cfg.output_dropout));
-        set("attention_dropout", json!(cfg.attention_dropout));
     }
 
     fn layer_name(&self, rest: &str) -> String {

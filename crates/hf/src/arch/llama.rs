@@ -1,6 +1,6 @@
 //! Meta's Llama: separate q/k/v projections (`self_attn.{q,k,v}_proj`), no experts.
 
-use super::{Architecture, Fields};
+use super::{ling_2_features, Architecture, Fields};
 use nuwa_model::ModelConfig;
 use serde_json::{json, Value};
 
@@ -22,20 +22,10 @@ pub(super) fn llama_family_cannot_hold(cfg: &ModelConfig, qk_norm: bool) -> Vec<
         (cfg.num_shared_experts > 0, "shared experts"),
         (cfg.norm_head, "norm_head"),
         (cfg.use_qk_norm != qk_norm, "query/key norms (use_qk_norm)"),
-        (
-            cfg.num_nextn_predict_layers > 0,
-            "multi-token-prediction layers",
-        ),
-        (
-            cfg.score_function != nuwa_model::ScoreFunction::Softmax,
-            "a sigmoid router",
-        ),
-        (cfg.moe_router_enable_expert_bias, "an expert bias"),
-        (cfg.n_group > 1, "group-limited routing"),
-        (cfg.routed_scaling_factor != 1.0, "routed_scaling_factor"),
-        (cfg.partial_rotary_factor != 1.0, "partial RoPE"),
     ];
-    problems.iter().filter(|p| p.0).map(|p| p.1).collect()
+    let mut bad: Vec<&'static str> = problems.iter().filter(|p| p.0).map(|p| p.1).collect();
+    bad.extend(ling_2_features(cfg));
+    bad
 }
 
 impl Architecture for Llama {

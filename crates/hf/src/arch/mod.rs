@@ -290,6 +290,39 @@ impl Fields<'_> {
     }
 }
 
+/// What only Ling 2.0 (`bailing_moe_v2`) can hold, for the other architectures' `cannot_hold`.
+fn ling_2_features(cfg: &ModelConfig) -> Vec<&'static str> {
+    let features = [
+        (
+            cfg.num_nextn_predict_layers > 0,
+            "multi-token-prediction layers",
+        ),
+        (
+            cfg.score_function != nuwa_model::ScoreFunction::Softmax,
+            "a sigmoid router",
+        ),
+        (cfg.moe_router_enable_expert_bias, "an expert bias"),
+        (cfg.n_group > 1, "group-limited routing"),
+        (cfg.routed_scaling_factor != 1.0, "routed_scaling_factor"),
+        (cfg.partial_rotary_factor != 1.0, "partial RoPE"),
+    ];
+    features.iter().filter(|f| f.0).map(|f| f.1).collect()
+}
+
+/// The keys Ling 1 and Ling 2.0 write alike: experts, biases, dropouts.
+fn write_ling_moe_keys(cfg: &ModelConfig, set: &mut dyn FnMut(&str, Value)) {
+    set("num_experts", json!(cfg.num_experts));
+    set("num_shared_experts", json!(cfg.num_shared_experts));
+    set("num_experts_per_tok", json!(cfg.num_experts_per_tok));
+    set("moe_intermediate_size", json!(cfg.moe_intermediate_size));
+    set("first_k_dense_replace", json!(cfg.first_k_dense_replace));
+    set("use_bias", json!(cfg.use_bias));
+    set("use_qkv_bias", json!(cfg.use_qkv_bias));
+    set("embedding_dropout", json!(cfg.embedding_dropout));
+    set("output_dropout", json!(cfg.output_dropout));
+    set("attention_dropout", json!(cfg.attention_dropout));
+}
+
 /// RoPE base from `rope_theta` or transformers 5's `rope_parameters`; only plain RoPE is
 /// implemented, so any scaling is an error.
 fn rope(f: &mut Fields, default_theta: f64) -> f64 {
