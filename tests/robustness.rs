@@ -168,3 +168,241 @@ fn a_run_too_big_for_memory_is_refused_before_allocating() {
         assert!(checkpoint::list_checkpoints(&run).is_empty());
     }
 }
+
+/// `nuwa data prepare` with the byte tokenizer of `text` into `out`, plus `extra` flags.
+fn prepare_bytes(text: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "data",
+        "prepare",
+        "--input",
+        text.to_str().unwrap(),
+        "--tokenizer",
+        "byte",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    nuwa(&args)
+}
+
+#[test]
+fn data_prepared_again_under_a_run_is_noticed() {
+    let tmp = TempDir::new("data-changed");
+    let (text, data, run) = (
+        tmp.path().join("a.txt"),
+        tmp.path().join("data"),
+        tmp.path().join("run"),
+    );
+    let corpus = std::fs::read(common::shakespeare()).unwrap();
+    std::fs::write(&text, &corpus[..20_000]).unwrap();
+    ok(&prepare_bytes(&text, &data, &[]));
+    // A prepared folder is not replaced by accident.
+    assert_clean_error(
+        &prepare_bytes(&text, &data, &[]),
+        "already holds prepared data",
+    );
+    let d = data.to_str().unwrap();
+    ok(&tiny(&run, &["--steps", "2", "--data", d]));
+
+    std::fs::write(&text, &corpus[20_000..40_000]).unwrap();
+    ok(&prepare_bytes(&text, &data, &["--force"]));
+    let r = run.to_str().unwrap();
+    let out = tiny(&run, &["--resume", r, "--steps", "3"]);
+    assert_clean_error(&out, "the data changed since");
+    assert_clean_error(&out, "--allow-data-change");
+    assert_eq!(checkpoint::latest_state(&run).unwrap().step, 2);
+    // Said explicitly, the resume goes on, and records the new data.
+    let out = tiny(
+        &run,
+        &["--resume", r, "--steps", "3", "--allow-data-change"],
+    );
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming on changed data"));
+    let state = checkpoint::latest_state(&run).unwrap();
+    assert_eq!(state.step, 3);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        state.data.unwrap().train_sha256,
+        manifest["train"]["sha256"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn settings_the_model_cannot_hold_name_the_field() {
+    let tmp = TempDir::new("model-limits");
+    let run = tmp.path().join("run");
+    let r = run.to_str().unwrap();
+    // Longer sequences than the model has positions: the model's field is named, not val.bin.
+    let out = nuwa(&[
+        "train",
+        "--seq-len",
+        "100000",
+        "--steps",
+        "1",
+        "--run-dir",
+        r,
+    ]);
+    assert_clean_error(&out, "max_position_embeddings 256");
+    // Zero experts in an MoE model table.
+    let file = tmp.path().join("run.toml");
+    std::fs::write(
+        &file,
+        "[model]\nmodel_type = \"bailing_moe\"\nvocab_size = 256\nhidden_size = 32\n\
+         intermediate_size = 64\nnum_hidden_layers = 1\nnum_attention_heads = 2\n\
+         num_key_value_heads = 2\nmax_position_embeddings = 64\nnum_experts = 0\n\
+         num_experts_per_tok = 2\nmoe_intermediate_size = 32\n",
+    )
+    .unwrap();
+    let out = nuwa(&[
+        "train",
+        "--config",
+        file.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--run-dir",
+        r,
+    ]);
+    assert_clean_error(&out, "num_experts");
+    assert!(checkpoint::list_checkpoints(&run).is_empty());
+}
+
+#[test]
+fn the_byte_tokenizer_takes_any_bytes() {
+    let tmp = TempDir::new("any-bytes");
+    let (file, data) = (tmp.path().join("blob.bin"), tmp.path().join("data"));
+    // Every byte value, including ones no UTF-8 text holds.
+    let bytes: Vec<u8> = (0..20_000u32).map(|i| (i * 7919 % 256) as u8).collect();
+    std::fs::write(&file, &bytes).unwrap();
+    ok(&prepare_bytes(&file, &data, &[]));
+    let shard = std::fs::read(data.join("train.bin")).unwrap();
+    let first: Vec<u8> = shard.chunks(2).take(8).map(|c| c[0]).collect();
+    assert_eq!(first, bytes[..8]);
+    ok(&tiny(
+        &tmp.path().join("run"),
+        &["--steps", "1", "--data", data.to_str().unwrap()],
+    ));
+    // Other tokenizers read text and say which file is not.
+    let out = nuwa(&[
+        "data",
+        "prepare",
+        "--input",
+        file.to_str().unwrap(),
+        "--out",
+        tmp.path().join("chars").to_str().unwrap(),
+    ]);
+    assert_clean_error(&out, "blob.bin: not UTF-8 text");
+}
+
+#[test]
+fn sample_starts_an_imported_model_from_its_bos_on_the_default_prompt() {
+    let llama = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama");
+    let out = nuwa(&[
+        "sample",
+        "--init-from",
+        llama.to_str().unwrap(),
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+    ]);
+    ok(&out);
+    // The fixture's word-level vocabulary: generated words are `wN` or its special tokens.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(words.len(), 6, "{text}");
+}
+
+#[test]
+fn background_checkpoints_hold_what_synchronous_ones_do() {
+    let tmp = TempDir::new("async-ckpt");
+    let (a, b) = (tmp.path().join("sync"), tmp.path().join("async"));
+    let flags = ["--steps", "6", "--checkpoint-every", "2"];
+    ok(&tiny(&a, &[&flags[..], &["--sync-checkpoints"]].concat()));
+    ok(&tiny(&b, &flags));
+    let (ca, cb) = (
+        checkpoint::list_checkpoints(&a),
+        checkpoint::list_checkpoints(&b),
+    );
+    assert_eq!(ca.iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 4, 6]);
+    assert_eq!(cb.iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 4, 6]);
+    for ((_, da), (_, db)) in ca.iter().zip(&cb) {
+        for file in [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE] {
+            assert!(
+                std::fs::read(da.join(file)).unwrap() == std::fs::read(db.join(file)).unwrap(),
+                "{file} differs at {}",
+                db.display()
+            );
+        }
+    }
+    // Each checkpoint step says how long it held training up.
+    let metrics = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
+    let blocked: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["checkpoint_blocked_seconds"].as_f64())
+        .collect();
+    assert_eq!(blocked.len(), 3);
+    assert!(blocked.iter().all(|s| (0.0..5.0).contains(s)), "{blocked:?}");
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_saves_a_checkpoint_and_stops_cleanly() {
+    use std::process::{Command, Stdio};
+    let tmp = TempDir::new("sigterm");
+    let run = tmp.path().join("run");
+    let child = Command::new(env!("CARGO_BIN_EXE_nuwa"))
+        .args([
+            "train",
+            "--preset",
+            "tiny-dense",
+            "--hidden-size",
+            "32",
+            "--layers",
+            "1",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--quiet",
+            "--steps",
+            "1000000",
+            "--checkpoint-every",
+            "1000000",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once it is training (a few metric lines), send what systemd, Docker and Kubernetes send.
+    let metrics = run.join("metrics.jsonl");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(start.elapsed().as_secs() < 120, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = std::fs::read_to_string(&metrics).unwrap();
+    let last: serde_json::Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
+    let state = checkpoint::latest_state(&run).unwrap();
+    assert_eq!(Some(state.step), last["step"].as_u64());
+    assert!(state.step < 1_000_000);
+    assert_eq!(
+        checkpoint::remove_leftovers(&run),
+        0,
+        "a temporary folder was left"
+    );
+}

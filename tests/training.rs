@@ -37,6 +37,8 @@ fn options(run: &Path, config: RunConfig, resume: bool) -> TrainOptions {
         init_weights: None,
         dist: None,
         resume_overrides: Default::default(),
+        allow_data_change: false,
+        sync_checkpoints: false,
     }
 }
 
@@ -46,6 +48,7 @@ fn builtin_data(dir: &Path) -> String {
         tokenizer: TokenizerSpec::Char,
         out_dir: dir.to_path_buf(),
         val_fraction: 0.1,
+        force: true,
     })
     .unwrap();
     dir.display().to_string()
@@ -349,6 +352,7 @@ fn shakespeare_char_dense_learns_below_two_nats() {
         tokenizer: TokenizerSpec::Char,
         out_dir: data.clone(),
         val_fraction: 0.1,
+        force: true,
     })
     .unwrap();
     let cfg = RunConfig {

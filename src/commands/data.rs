@@ -25,6 +25,10 @@ pub struct PrepareArgs {
     /// Fraction of tokens held out for validation.
     #[arg(long, default_value_t = 0.1)]
     val_fraction: f64,
+    /// Replace a folder that already holds prepared data (runs trained on it will refuse to
+    /// resume unless given --allow-data-change).
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn prepare(a: PrepareArgs) -> Result<()> {
@@ -38,6 +42,7 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
         tokenizer: a.tokenizer.parse::<TokenizerSpec>()?,
         out_dir: a.out.clone(),
         val_fraction: a.val_fraction,
+        force: a.force,
     })?;
     println!(
         "wrote {}: vocab {}, {} train + {} val tokens ({:?})",

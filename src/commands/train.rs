@@ -90,6 +90,13 @@ pub struct TrainArgs {
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
+    /// With --resume: go on although the data's checksums differ from those the run trained on
+    /// (it was prepared again).
+    #[arg(long)]
+    allow_data_change: bool,
+    /// Write each checkpoint before the next step instead of in the background.
+    #[arg(long)]
+    sync_checkpoints: bool,
     /// Data-parallel over processes (start with mpirun or `nuwa launch`).
     #[arg(long, value_enum)]
     dist: Option<DistKind>,
@@ -389,6 +396,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
         Some(dir) => (dir.clone(), true),
         None => (a.run_dir.clone().unwrap_or_else(next_run_dir), false),
     };
+    if a.allow_data_change && a.resume.is_none() {
+        bail!("--allow-data-change: only with --resume");
+    }
     let resume_overrides = match &a.resume {
         Some(dir) => resume_overrides(&a, dir)?,
         None => ResumeOverrides::default(),
@@ -399,7 +409,10 @@ pub fn train(a: TrainArgs) -> Result<()> {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
+        eprintln!(
+            "\ninterrupted: saving a checkpoint after this step (again to quit now; a checkpoint \
+             being written is then abandoned, the one before it kept)"
+        );
     })
     .context("installing the Ctrl-C handler")?;
     let report = nuwa_train::train(TrainOptions {
@@ -414,6 +427,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
         init_weights,
         dist,
         resume_overrides,
+        allow_data_change: a.allow_data_change,
+        sync_checkpoints: a.sync_checkpoints,
     })?;
     if rank != 0 {
         return Ok(());

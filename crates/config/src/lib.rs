@@ -176,9 +176,6 @@ pub fn resolve_run(
         let d = std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf());
         data_cfg.dir = Some(d.display().to_string());
     }
-    if train.seq_len > model.max_position_embeddings {
-        model.max_position_embeddings = train.seq_len;
-    }
     Ok(RunConfig {
         model,
         train,

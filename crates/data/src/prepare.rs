@@ -23,13 +23,41 @@ pub struct PrepareOptions {
     pub out_dir: PathBuf,
     /// Fraction of tokens held out for validation (taken from the end).
     pub val_fraction: f64,
+    /// Replace what `out_dir` already holds (a run trained on it then refuses to resume).
+    pub force: bool,
 }
 
-/// Reads every input as UTF-8 text, naming the file that is not.
-fn read_sources(source: &Source) -> Result<(Vec<String>, Vec<String>)> {
+/// Refuses to write into a folder that already holds prepared data or anything else, unless
+/// forced: re-preparing the data of a run changes what its resume trains on.
+fn refuse_prepared_folder(dir: &Path, force: bool) -> Result<()> {
+    if force {
+        return Ok(());
+    }
+    let mut entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(_) => return Ok(()),
+    };
+    if dir.join(MANIFEST_FILE).exists() {
+        bail!(
+            "{}: already holds prepared data ({MANIFEST_FILE}); pass --force to replace it (runs \
+             trained on it will then refuse to resume)",
+            dir.display()
+        );
+    }
+    if entries.next().is_some() {
+        bail!(
+            "{}: is not empty; choose a new --out or pass --force to write into it",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Reads every input's bytes, with the names the manifest records.
+fn read_sources(source: &Source) -> Result<(Vec<Vec<u8>>, Vec<String>)> {
     match source {
         Source::Builtin => Ok((
-            vec![crate::corpus::builtin_corpus(crate::corpus::BUILTIN_BYTES)],
+            vec![crate::corpus::builtin_corpus(crate::corpus::BUILTIN_BYTES).into_bytes()],
             vec!["builtin".into()],
         )),
         Source::Paths(paths) => {
@@ -41,26 +69,54 @@ fn read_sources(source: &Source) -> Result<(Vec<String>, Vec<String>)> {
                 bail!("no input files found in {paths:?}");
             }
             files.sort();
-            let texts = files
+            let contents = files
                 .iter()
-                .map(|f| {
-                    let bytes = std::fs::read(f)
-                        .with_context(|| format!("{}: cannot read", f.display()))?;
-                    String::from_utf8(bytes).map_err(|e| {
-                        anyhow::anyhow!(
-                            "{}: not UTF-8 text (invalid byte at offset {})",
-                            f.display(),
-                            e.utf8_error().valid_up_to()
-                        )
-                    })
-                })
+                .map(|f| std::fs::read(f).with_context(|| format!("{}: cannot read", f.display())))
                 .collect::<Result<Vec<_>>>()?;
             Ok((
-                texts,
+                contents,
                 files.iter().map(|f| f.display().to_string()).collect(),
             ))
         }
     }
+}
+
+/// The inputs as text, naming the first that is not UTF-8 (every tokenizer but `byte` reads
+/// text; `byte` takes any bytes).
+fn as_texts(contents: Vec<Vec<u8>>, sources: &[String]) -> Result<Vec<String>> {
+    contents
+        .into_iter()
+        .zip(sources)
+        .map(|(bytes, name)| {
+            String::from_utf8(bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "{name}: not UTF-8 text (invalid byte at offset {}); only --tokenizer byte \
+                     reads arbitrary bytes",
+                    e.utf8_error().valid_up_to()
+                )
+            })
+        })
+        .collect()
+}
+
+/// The tokenizer `spec` asks for and the token ids of every input, in order.
+fn tokenize(
+    spec: &TokenizerSpec,
+    contents: Vec<Vec<u8>>,
+    sources: &[String],
+) -> Result<(Tokenizer, Vec<u32>)> {
+    if let TokenizerSpec::Byte = spec {
+        let ids = contents.concat().into_iter().map(u32::from).collect();
+        return Ok((Tokenizer::Byte, ids));
+    }
+    let texts = as_texts(contents, sources)?;
+    let tokenizer = Tokenizer::build(spec, &texts)?;
+    let pieces: Vec<&str> = texts.iter().flat_map(|t| chunks(t, 1 << 16)).collect();
+    let encoded: Vec<Vec<u32>> = pieces
+        .par_iter()
+        .map(|piece| tokenizer.encode(piece))
+        .collect::<Result<_>>()?;
+    Ok((tokenizer, encoded.concat()))
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -102,14 +158,9 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest> {
     if !(0.0..0.5).contains(&opts.val_fraction) || opts.val_fraction == 0.0 {
         bail!("--val-fraction {}: must be in (0, 0.5)", opts.val_fraction);
     }
-    let (texts, sources) = read_sources(&opts.source)?;
-    let tokenizer = Tokenizer::build(&opts.tokenizer, &texts)?;
-    let pieces: Vec<&str> = texts.iter().flat_map(|t| chunks(t, 1 << 16)).collect();
-    let encoded: Vec<Vec<u32>> = pieces
-        .par_iter()
-        .map(|piece| tokenizer.encode(piece))
-        .collect::<Result<_>>()?;
-    let ids: Vec<u32> = encoded.concat();
+    refuse_prepared_folder(&opts.out_dir, opts.force)?;
+    let (contents, sources) = read_sources(&opts.source)?;
+    let (tokenizer, ids) = tokenize(&opts.tokenizer, contents, &sources)?;
     let n_val = ((ids.len() as f64) * opts.val_fraction).ceil() as usize;
     if ids.len() < 1000 || n_val < 100 {
         bail!(

@@ -99,9 +99,20 @@ impl ChatTemplate {
 /// End-of-sequence token ids of a checkpoint folder: `generation_config.json`, else
 /// `config.json` (`eos_token_id`, a number or a list).
 pub fn eos_token_ids(dir: &Path) -> Result<Vec<u32>> {
+    special_token_ids(dir, "eos_token_id")
+}
+
+/// The beginning-of-sequence token (`bos_token_id`), where the checkpoint names one: what
+/// generation starts from when a prompt is empty, as transformers' `generate` does.
+pub fn bos_token_id(dir: &Path) -> Result<Option<u32>> {
+    Ok(special_token_ids(dir, "bos_token_id")?.first().copied())
+}
+
+/// The ids under `key` in generation_config.json, else config.json (a number or a list).
+fn special_token_ids(dir: &Path, key: &str) -> Result<Vec<u32>> {
     for file in ["generation_config.json", "config.json"] {
         if let Some(json) = read_json(&dir.join(file))? {
-            let ids: Vec<u32> = match json.get("eos_token_id") {
+            let ids: Vec<u32> = match json.get(key) {
                 Some(Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
                 Some(Value::Array(a)) => a
                     .iter()
@@ -109,7 +120,7 @@ pub fn eos_token_ids(dir: &Path) -> Result<Vec<u32>> {
                     .map(|n| n as u32)
                     .collect(),
                 Some(Value::Null) | None => continue,
-                Some(other) => bail!("{}: eos_token_id {other} is not a token id", file),
+                Some(other) => bail!("{}: {key} {other} is not a token id", file),
             };
             return Ok(ids);
         }

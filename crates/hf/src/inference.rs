@@ -2,7 +2,7 @@
 //! what generation needs besides weights: tokenizer, chat template, end-of-sequence ids and
 //! the context it may attend to.
 
-use crate::chat::{eos_token_ids, ChatTemplate, Message};
+use crate::chat::{bos_token_id, eos_token_ids, ChatTemplate, Message};
 use crate::import::HfCheckpoint;
 use crate::run_dir::HF_SUBDIR;
 use anyhow::{bail, Result};
@@ -36,6 +36,8 @@ pub struct InferenceModel {
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
     pub eos: Vec<u32>,
+    /// The beginning-of-sequence token of a checkpoint trained elsewhere, if it names one.
+    pub bos: Option<u32>,
     /// Most positions a sequence may attend to: the training context of a nuwa run, the full
     /// `max_position_embeddings` of a checkpoint trained elsewhere.
     pub window: usize,
@@ -66,6 +68,7 @@ impl InferenceModel {
                     } else {
                         Vec::new()
                     },
+                    bos: if imported { bos_token_id(&hf)? } else { None },
                     add_special_tokens: imported,
                     model,
                     config: cfg.model,
@@ -84,18 +87,24 @@ impl InferenceModel {
             tokenizer: ckpt.tokenizer()?,
             chat_template: ChatTemplate::load(dir)?,
             eos: eos_token_ids(dir)?,
+            bos: bos_token_id(dir)?,
             add_special_tokens: true,
             model,
             config: ckpt.config,
         })
     }
 
-    /// Token ids of a plain prompt.
+    /// Token ids of a plain prompt; one that encodes to nothing (whitespace to a word-level
+    /// tokenizer) starts from the BOS token where the model has one.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        if self.add_special_tokens {
-            self.tokenizer.encode_prompt(text)
+        let ids = if self.add_special_tokens {
+            self.tokenizer.encode_prompt(text)?
         } else {
-            self.tokenizer.encode(text)
+            self.tokenizer.encode(text)?
+        };
+        match (ids.is_empty(), self.bos) {
+            (true, Some(bos)) => Ok(vec![bos]),
+            _ => Ok(ids),
         }
     }
 

@@ -81,6 +81,7 @@ pub fn import_to_run(hf_dir: &Path, run: &Path, device: &Device) -> Result<PathB
         checksums: BTreeMap::new(),
         format: checkpoint::CHECKPOINT_FORMAT,
         spikes: Default::default(),
+        data: None,
     };
     // A fresh optimiser: no moments yet.
     checkpoint::save(run, &model, &BTreeMap::new(), state, 1)

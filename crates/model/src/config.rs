@@ -240,6 +240,23 @@ impl ModelConfig {
                 ),
             ));
         }
+        if !self.is_moe() {
+            // Ant's code builds an MoE block whenever `num_experts` is set: zero experts with
+            // top-k routing cannot route a token. A dense model sets no MoE field.
+            let moe_fields = [
+                ("num_experts_per_tok", self.num_experts_per_tok),
+                ("num_shared_experts", self.num_shared_experts),
+                ("moe_intermediate_size", self.moe_intermediate_size),
+            ];
+            if let Some((field, value)) = moe_fields.iter().find(|(_, v)| *v > 0) {
+                return Err(invalid(
+                    "num_experts",
+                    format!(
+                        "0 experts with {field} = {value}: an MoE model needs num_experts >=                          num_experts_per_tok; a dense model sets num_experts_per_tok,                          num_shared_experts and moe_intermediate_size to 0"
+                    ),
+                ));
+            }
+        }
         let has_dense_layer = !self.is_moe() || self.first_k_dense_replace > 0;
         if has_dense_layer && self.intermediate_size == 0 {
             return Err(invalid("intermediate_size", "must be positive"));

@@ -45,6 +45,42 @@ pub struct TrainerState {
     /// Loss-spike handling's state (trend, skipped steps, deferred data).
     #[serde(default)]
     pub spikes: crate::SpikeGuard,
+    /// The data the run trained on (absent: a checkpoint from before the field, or none).
+    #[serde(default)]
+    pub data: Option<DataRecord>,
+}
+
+/// The token shards a run trained on, by their manifest's SHA-256: a resume notices when the
+/// data was prepared again under it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataRecord {
+    pub dir: String,
+    pub train_sha256: String,
+    pub val_sha256: String,
+}
+
+impl DataRecord {
+    pub fn of(data: &nuwa_data::Dataset) -> Self {
+        Self {
+            dir: data.dir.display().to_string(),
+            train_sha256: data.manifest.train.sha256.clone(),
+            val_sha256: data.manifest.val.sha256.clone(),
+        }
+    }
+
+    /// What differs between the data recorded (`self`) and `now`, in words; `None`: the same.
+    pub fn changes(&self, now: &DataRecord) -> Option<String> {
+        let short = |h: &str| h.chars().take(12).collect::<String>();
+        let differ = [
+            ("train.bin", &self.train_sha256, &now.train_sha256),
+            ("val.bin", &self.val_sha256, &now.val_sha256),
+        ]
+        .into_iter()
+        .filter(|(_, was, is)| was != is)
+        .map(|(file, was, is)| format!("{file} sha256 {}… was {}…", short(is), short(was)))
+        .collect::<Vec<_>>();
+        (!differ.is_empty()).then(|| differ.join(", "))
+    }
 }
 
 pub fn checkpoints_dir(run: &Path) -> PathBuf {
@@ -71,15 +107,61 @@ pub fn list_checkpoints(run: &Path) -> Vec<(u64, PathBuf)> {
     out
 }
 
+/// A checkpoint's contents copied to host memory: what [`write`] puts on disk. Taking it is
+/// the only part of a save that must stop training; the write can happen in the background.
+pub struct Snapshot {
+    pub weights: BTreeMap<String, HostTensor>,
+    /// The optimiser's state by name (`PARAM.exp_avg`, `PARAM.exp_avg_sq`).
+    pub optimizer: BTreeMap<String, HostTensor>,
+    pub state: TrainerState,
+}
+
+impl Snapshot {
+    /// Copies `model` to the host, refusing a non-finite parameter: a checkpoint of it would
+    /// poison every resume.
+    pub fn take<M: Module>(
+        model: &M,
+        optimizer: BTreeMap<String, HostTensor>,
+        state: TrainerState,
+    ) -> Result<Self> {
+        let weights = collect_weights(model);
+        if let Some((name, _)) = weights
+            .iter()
+            .find(|(_, t)| t.data.iter().any(|x| !x.is_finite()))
+        {
+            bail!(
+                "step {}: parameter {name} is not finite; a checkpoint of it would poison the run",
+                state.step
+            );
+        }
+        Ok(Self {
+            weights,
+            optimizer,
+            state,
+        })
+    }
+}
+
 /// Saves a checkpoint atomically and prunes old ones beyond `keep`. `optimizer` holds the
 /// optimiser's state by name (`PARAM.exp_avg`, `PARAM.exp_avg_sq`).
 pub fn save<M: Module>(
     run: &Path,
     model: &M,
     optimizer: &BTreeMap<String, HostTensor>,
-    mut state: TrainerState,
+    state: TrainerState,
     keep: usize,
 ) -> Result<PathBuf> {
+    write(run, Snapshot::take(model, optimizer.clone(), state)?, keep)
+}
+
+/// Writes `snapshot` as `RUN/checkpoints/step-N` atomically (a temporary folder, every file
+/// fsynced, checksums in trainer.json, then a rename) and prunes old ones beyond `keep`.
+pub fn write(run: &Path, snapshot: Snapshot, keep: usize) -> Result<PathBuf> {
+    let Snapshot {
+        weights,
+        optimizer,
+        mut state,
+    } = snapshot;
     let root = checkpoints_dir(run);
     std::fs::create_dir_all(&root).with_context(|| format!("{}: cannot create", root.display()))?;
     let final_dir = root.join(step_dir_name(state.step));
@@ -92,15 +174,8 @@ pub fn save<M: Module>(
     let result = (|| -> Result<()> {
         let _ = std::fs::remove_dir_all(&tmp_dir);
         std::fs::create_dir_all(&tmp_dir)?;
-        let weights = collect_weights(model);
-        if let Some((name, _)) = weights
-            .iter()
-            .find(|(_, t)| t.data.iter().any(|x| !x.is_finite()))
-        {
-            bail!("parameter {name} is not finite; a checkpoint of it would poison the run");
-        }
         let model_bytes = to_safetensors(&weights)?;
-        let opt_bytes = to_safetensors(optimizer)?;
+        let opt_bytes = to_safetensors(&optimizer)?;
         state.checksums = BTreeMap::from([
             (MODEL_FILE.to_string(), sha256_hex(&model_bytes)),
             (OPTIMIZER_FILE.to_string(), sha256_hex(&opt_bytes)),

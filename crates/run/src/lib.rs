@@ -8,8 +8,10 @@ pub mod checkpoint;
 pub mod config;
 pub mod lock;
 pub mod spikes;
+pub mod writer;
 
 pub use checkpoint::{load_for_inference, TrainerState};
 pub use config::{DataConfig, RunConfig, RunFile, Schedule, TrainConfig};
 pub use lock::RunLock;
 pub use spikes::{SpikeGuard, Verdict};
+pub use writer::CheckpointWriter;

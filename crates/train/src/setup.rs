@@ -10,7 +10,7 @@ use nuwa_data::TokenizerSpec;
 use nuwa_data::{eval_batches, Batch, BatchSampler, Dataset, PrepareOptions, Source, Tokenizer};
 use nuwa_model::weights::assign_weights;
 use nuwa_model::LanguageModel;
-use nuwa_run::checkpoint::{self, Loaded};
+use nuwa_run::checkpoint::{self, DataRecord, Loaded};
 use nuwa_run::RunConfig;
 use std::path::{Path, PathBuf};
 
@@ -31,6 +31,9 @@ pub struct Session {
     pub flops_per_token: f64,
     /// Rank 0's metrics file (the other ranks write nothing).
     pub log: Option<MetricsLog>,
+    /// Rank 0's checkpoint writer (declared before the lock: dropped, it finishes a write in
+    /// flight while the run is still held).
+    pub writer: Option<nuwa_run::CheckpointWriter>,
     /// Rank 0's hold on the run folder, for the session's life.
     pub lock: Option<nuwa_run::RunLock>,
 }
@@ -47,6 +50,8 @@ fn open_dataset(run: &Path, cfg: &RunConfig) -> Result<Dataset> {
                     tokenizer: TokenizerSpec::Char,
                     out_dir: dir.clone(),
                     val_fraction: 0.1,
+                    // The run's own folder; a killed preparation may have left part of it.
+                    force: true,
                 })?;
             }
             Dataset::open(&dir)
@@ -77,6 +82,30 @@ fn base_config(opts: &TrainOptions, resumed: Option<&Loaded>) -> Result<RunConfi
     Ok(c)
 }
 
+/// Refuses to resume on data other than the run trained on (prepared again under it), unless
+/// allowed; then says so.
+fn check_same_data(resumed: &Loaded, data: &Dataset, allow_change: bool) -> Result<()> {
+    let Some(was) = &resumed.state.data else {
+        return Ok(());
+    };
+    let Some(change) = was.changes(&DataRecord::of(data)) else {
+        return Ok(());
+    };
+    if !allow_change {
+        bail!(
+            "{}: the data changed since {} trained on it ({change}); pass --allow-data-change \
+             to resume on the new data",
+            data.dir.display(),
+            resumed.dir.display()
+        );
+    }
+    eprintln!(
+        "note: {}: resuming on changed data ({change}), as --allow-data-change asks",
+        data.dir.display()
+    );
+    Ok(())
+}
+
 /// `cfg` completed (the vocabulary from the data when unset) and checked against the data.
 fn check_config(mut cfg: RunConfig, data: &Dataset) -> Result<RunConfig> {
     if cfg.model.vocab_size == 0 {
@@ -94,7 +123,9 @@ fn check_config(mut cfg: RunConfig, data: &Dataset) -> Result<RunConfig> {
     }
     if cfg.train.seq_len > cfg.model.max_position_embeddings {
         bail!(
-            "config field `train.seq_len`: {} exceeds max_position_embeddings {}",
+            "--seq-len (train.seq_len) {}: exceeds the model's max_position_embeddings {}; \
+             train on shorter sequences or set a larger max_position_embeddings in a model \
+             config",
             cfg.train.seq_len,
             cfg.model.max_position_embeddings
         );
@@ -193,6 +224,9 @@ pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<S
         strategy.barrier();
     }
     let data = data?;
+    if let Some(l) = &resumed {
+        check_same_data(l, &data, opts.allow_data_change)?;
+    }
     let cfg = check_config(cfg, &data)?;
     check_training_fits(&cfg)?;
     if is_main {
@@ -235,7 +269,10 @@ pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<S
         None
     };
     let flops_per_token = cfg.model.counts(t.seq_len).train_flops_per_token;
+    let writer = is_main
+        .then(|| nuwa_run::CheckpointWriter::new(&run, t.keep_checkpoints, opts.sync_checkpoints));
     Ok(Session {
+        writer,
         flops_per_token,
         run,
         cfg,

@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use nuwa_core::rng::splitmix64;
 use nuwa_model::weights::HostTensor;
 use nuwa_model::LanguageModel;
-use nuwa_run::checkpoint::{self, TrainerState};
+use nuwa_run::checkpoint::{self, DataRecord, Snapshot, TrainerState};
 use nuwa_run::{RunConfig, Verdict};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -47,6 +47,10 @@ pub struct TrainOptions {
     pub dist: Option<DistOptions>,
     /// What a resume may change (the rest of the run's configuration is its own).
     pub resume_overrides: ResumeOverrides,
+    /// Resume even though the data's checksums differ from those the run trained on.
+    pub allow_data_change: bool,
+    /// Write each checkpoint before the next step instead of in the background.
+    pub sync_checkpoints: bool,
 }
 
 /// The settings `--resume` may change; `None` keeps the run's own.
@@ -90,8 +94,10 @@ fn progress_bar(show: bool, steps: u64, start: u64) -> ProgressBar {
     bar
 }
 
-/// Saves the session's state after `step` optimiser steps (rank 0 only).
-fn save(s: &Session, step: u64) -> Result<PathBuf> {
+/// Saves the session's state after `step` optimiser steps (rank 0 only): copies it to host
+/// memory and hands it to the writer. Returns the seconds the step was held up.
+fn save(s: &mut Session, step: u64) -> Result<f64> {
+    let start = Instant::now();
     let state = TrainerState {
         step,
         sampler: s.sampler,
@@ -100,9 +106,13 @@ fn save(s: &Session, step: u64) -> Result<PathBuf> {
         checksums: Default::default(),
         format: checkpoint::CHECKPOINT_FORMAT,
         spikes: s.spikes.clone(),
+        data: Some(DataRecord::of(&s.data)),
     };
-    let keep = s.cfg.train.keep_checkpoints;
-    checkpoint::save(&s.run, &s.model, &s.opt.to_host(), state, keep)
+    let snapshot = Snapshot::take(&s.model, s.opt.to_host(), state)?;
+    if let Some(writer) = s.writer.as_mut() {
+        writer.submit(snapshot)?;
+    }
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// The step's line of `metrics.jsonl`.
@@ -345,6 +355,15 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
                 "step {done:>6}  train loss {loss:.4}  val loss {val:.4}"
             ));
         }
+        let checkpoint_due = done % t.checkpoint_every.max(1) == 0 || done == t.steps;
+        if is_main && (checkpoint_due || step.totals.stop) {
+            let blocked = save(&mut s, done)?;
+            step.metrics
+                .insert("checkpoint_blocked_seconds".into(), json!(blocked));
+        }
+        if let Some(writer) = s.writer.as_mut() {
+            writer.poll()?;
+        }
         if let Some(log) = s.log.as_mut() {
             log.write(&Value::Object(step.metrics))?;
         }
@@ -357,10 +376,6 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
             step.tokens_per_s
         ));
         bar.inc(1);
-        let checkpoint_due = done % t.checkpoint_every.max(1) == 0 || done == t.steps;
-        if is_main && (checkpoint_due || step.totals.stop) {
-            save(&s, done)?;
-        }
         // Every rank saw the same gathered stop flag, so all leave the loop together.
         if step.totals.stop {
             interrupted = true;
@@ -368,10 +383,16 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
         }
     }
     bar.finish_and_clear();
+    if let Some(writer) = s.writer.as_mut() {
+        writer.wait()?;
+    }
     if interrupted && is_main {
         let step = records.last().map_or(s.start_step, |r| r.step);
         if checkpoint::list_checkpoints(&s.run).last().map(|c| c.0) != Some(step) {
-            save(&s, step)?;
+            save(&mut s, step)?;
+        }
+        if let Some(writer) = s.writer.as_mut() {
+            writer.wait()?;
         }
     }
     if is_main {
