@@ -343,7 +343,10 @@ fn background_checkpoints_hold_what_synchronous_ones_do() {
         .filter_map(|v| v["checkpoint_blocked_seconds"].as_f64())
         .collect();
     assert_eq!(blocked.len(), 3);
-    assert!(blocked.iter().all(|s| (0.0..5.0).contains(s)), "{blocked:?}");
+    assert!(
+        blocked.iter().all(|s| (0.0..5.0).contains(s)),
+        "{blocked:?}"
+    );
 }
 
 #[cfg(unix)]

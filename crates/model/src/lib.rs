@@ -18,6 +18,7 @@ pub use moe::RouterStats;
 pub use path::ModulePath;
 pub mod generate;
 pub mod init;
+pub mod kernels;
 pub mod loss;
 
 pub use generate::{

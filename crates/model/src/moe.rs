@@ -58,12 +58,36 @@ impl Experts {
     /// Every expert on its own tokens: `tokens[e]` are the rows of `x` `[tokens, hidden]` routed
     /// to expert `e`. Returns one output row per (expert, token) pair, expert after expert.
     ///
-    /// The experts run as one batched matmul over groups padded to the largest (padding rows
-    /// read a zero row and are dropped after), so each stacked weight receives its gradient
-    /// from one op; slicing a weight per expert instead costs a zero-filled full-size gradient
-    /// per expert in backward. When padding would more than double the work (a very uneven
-    /// routing), the experts run one at a time instead.
+    /// With the grouped-matmul kernel (`kernels::grouped`), each stacked weight is one op
+    /// forward and backward. Without it, the experts run as one batched matmul over groups
+    /// padded to the largest (padding rows read a zero row and are dropped after), so each
+    /// stacked weight still receives its gradient from one op; slicing a weight per expert
+    /// instead costs a zero-filled full-size gradient per expert in backward.
     pub fn forward_routed(&self, x: Tensor<2>, tokens: &[Vec<i64>]) -> Tensor<2> {
+        let device = x.device();
+        if crate::kernels::grouped::has_kernel(&device) {
+            return self.forward_grouped(x, tokens);
+        }
+        self.forward_padded(x, tokens)
+    }
+
+    /// The routed experts as three grouped matmuls over the tokens sorted by expert once
+    /// (gate, up, down): no padding, no per-expert ops.
+    fn forward_grouped(&self, x: Tensor<2>, tokens: &[Vec<i64>]) -> Tensor<2> {
+        use crate::kernels::grouped::grouped_matmul;
+        let device = x.device();
+        let counts: Vec<usize> = tokens.iter().map(Vec::len).collect();
+        let offsets = crate::kernels::grouped::offsets_of(&counts);
+        let sorted = x.select(0, int_tensor(&tokens.concat(), &device));
+        let gate = grouped_matmul(sorted.clone(), self.gate_proj.val(), &offsets, false);
+        let up = grouped_matmul(sorted, self.up_proj.val(), &offsets, false);
+        grouped_matmul(silu(gate) * up, self.down_proj.val(), &offsets, false)
+    }
+
+    /// The reference path (backends without the grouped kernel): one batched matmul over
+    /// groups padded to the largest, or one expert at a time when padding would more than
+    /// double the work.
+    fn forward_padded(&self, x: Tensor<2>, tokens: &[Vec<i64>]) -> Tensor<2> {
         let [n, hidden] = x.dims();
         let device = x.device();
         let total: usize = tokens.iter().map(Vec::len).sum();
