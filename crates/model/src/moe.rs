@@ -81,7 +81,8 @@ impl Experts {
         let sorted = x.select(0, int_tensor(&tokens.concat(), &device));
         let gate = grouped_matmul(sorted.clone(), self.gate_proj.val(), &offsets, false);
         let up = grouped_matmul(sorted, self.up_proj.val(), &offsets, false);
-        grouped_matmul(silu(gate) * up, self.down_proj.val(), &offsets, false)
+        let hidden = crate::kernels::swiglu::swiglu(gate, up);
+        grouped_matmul(hidden, self.down_proj.val(), &offsets, false)
     }
 
     /// The reference path (backends without the grouped kernel): one batched matmul over

@@ -199,10 +199,7 @@ mod flex {
     }
 
     /// Splits `buf` into consecutive chunks of the given lengths.
-    fn split_lengths(
-        mut buf: &mut [f32],
-        lengths: impl Iterator<Item = usize>,
-    ) -> Vec<&mut [f32]> {
+    fn split_lengths(mut buf: &mut [f32], lengths: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
         let mut out = Vec::new();
         for len in lengths {
             let (head, tail) = buf.split_at_mut(len);

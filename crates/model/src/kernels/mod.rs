@@ -6,7 +6,11 @@
 //! `NUWA_KERNELS=reference` switches every op back to its reference path (to compare, or to
 //! rule a kernel out when chasing a difference).
 
+pub mod cross_entropy;
 pub mod grouped;
+#[cfg(feature = "flex")]
+pub mod simd;
+pub mod swiglu;
 
 use std::sync::OnceLock;
 
