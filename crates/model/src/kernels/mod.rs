@@ -8,6 +8,7 @@
 
 pub mod cross_entropy;
 pub mod grouped;
+pub mod rms_norm;
 #[cfg(feature = "flex")]
 pub mod simd;
 pub mod swiglu;
