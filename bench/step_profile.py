@@ -1,9 +1,9 @@
 """Where a training step's time goes, per kind of work, with the kernels and on the reference
 path (NUWA_KERNELS=reference), side by side: `perf record` on `nuwa bench train`, samples
-grouped by the symbol they landed in. Prints a Markdown table and writes bench/profile.json.
+grouped by the symbol they landed in. Prints a Markdown table and writes bench/step_profile.json.
 
     cargo build --release
-    python3 bench/profile.py [--shape B] [--steps 8] [--threads 2]
+    python3 bench/step_profile.py [--shape B] [--steps 8] [--threads 2]
 
 Needs Linux `perf`. Shares are of all samples, set-up included (a few percent at 8 steps).
 """
@@ -75,7 +75,7 @@ def main():
         r, k = ref["shares"][kind], ker["shares"][kind]
         print(f"| {kind} | {r:.1f}% | {k:.1f}% | {r * ref['step_s'] * 10:.0f} | "
               f"{k * ker['step_s'] * 10:.0f} |")
-    with open(os.path.join(ROOT, "bench", "profile.json"), "w") as f:
+    with open(os.path.join(ROOT, "bench", "step_profile.json"), "w") as f:
         json.dump({"args": vars(a), "reference": ref, "kernels": ker}, f, indent=1)
 
 
