@@ -307,44 +307,53 @@ fn trained_run_samples_reproducibly_with_bpe_data() {
     assert_ne!(a, sample("2"));
 }
 
+/// Ctrl-C (SIGINT) and what systemd, Docker and Kubernetes send (SIGTERM): the step ends, a
+/// checkpoint of it is written (in the background, waited for), and the run exits 0.
 #[test]
-fn ctrl_c_saves_a_checkpoint_and_exits() {
-    let tmp = TempDir::new("sigint");
+fn ctrl_c_and_sigterm_save_a_checkpoint_and_exit() {
+    let tmp = TempDir::new("signals");
     let data = tmp.path().join("data");
     prepared(&data);
-    let run = tmp.path().join("run");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_nuwa"))
-        .args(tiny_train_args(&data, &run, "100000"))
-        .args(["--checkpoint-every", "100000"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let metrics = run.join("metrics.jsonl");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+    for signal in ["INT", "TERM"] {
+        let run = tmp.path().join(format!("run-{signal}"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_nuwa"))
+            .args(tiny_train_args(&data, &run, "100000"))
+            .args(["--checkpoint-every", "100000"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let metrics = run.join("metrics.jsonl");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "training did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let out = child.wait_with_output().unwrap();
         assert!(
-            std::time::Instant::now() < deadline,
-            "training did not start"
+            out.status.success(),
+            "SIG{signal}: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        let steps = std::fs::read_to_string(&metrics).unwrap().lines().count() as u64;
+        let checkpoints = nuwa_run::checkpoint::list_checkpoints(&run);
+        assert_eq!(
+            checkpoints.last().map(|c| c.0),
+            Some(steps),
+            "SIG{signal}: checkpoint of the last step"
+        );
+        assert_eq!(
+            nuwa_run::checkpoint::remove_leftovers(&run),
+            0,
+            "SIG{signal}: a temporary folder was left"
+        );
     }
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let steps = std::fs::read_to_string(&metrics).unwrap().lines().count() as u64;
-    let checkpoints = nuwa_run::checkpoint::list_checkpoints(&run);
-    assert_eq!(
-        checkpoints.last().map(|c| c.0),
-        Some(steps),
-        "checkpoint of the last step"
-    );
 }

@@ -204,61 +204,16 @@ fn resume_overrides(a: &TrainArgs, run: &std::path::Path) -> Result<ResumeOverri
             changed.push(format!("{flag} (the run has {was})"));
         }
     };
-    check(a.lr.is_some(), "--lr", w.lr == h.lr, h.lr.to_string());
-    check(
-        a.min_lr.is_some(),
-        "--min-lr",
-        w.min_lr == h.min_lr,
-        h.min_lr.to_string(),
-    );
-    check(
-        a.batch_size.is_some(),
-        "--batch-size",
-        w.batch_size == h.batch_size,
-        h.batch_size.to_string(),
-    );
-    check(
-        a.seq_len.is_some(),
-        "--seq-len",
-        w.seq_len == h.seq_len,
-        h.seq_len.to_string(),
-    );
-    check(
-        a.grad_accum.is_some(),
-        "--grad-accum",
-        w.grad_accum == h.grad_accum,
-        h.grad_accum.to_string(),
-    );
-    check(
-        a.warmup_steps.is_some(),
-        "--warmup-steps",
-        w.warmup_steps == h.warmup_steps,
-        h.warmup_steps.to_string(),
-    );
-    check(
-        a.schedule.is_some(),
-        "--schedule",
-        w.schedule == h.schedule,
-        format!("{:?}", h.schedule),
-    );
-    check(
-        a.weight_decay.is_some(),
-        "--weight-decay",
-        w.weight_decay == h.weight_decay,
-        h.weight_decay.to_string(),
-    );
-    check(
-        a.grad_clip.is_some(),
-        "--grad-clip",
-        w.grad_clip == h.grad_clip,
-        h.grad_clip.to_string(),
-    );
-    check(
-        a.seed.is_some(),
-        "--seed",
-        w.seed == h.seed,
-        h.seed.to_string(),
-    );
+    // The `[train]` flags: given and different from the run's value.
+    macro_rules! train_flags {
+        ($($field:ident => $flag:literal),*) => {
+            $( check(a.$field.is_some(), $flag, w.$field == h.$field, format!("{:?}", h.$field)); )*
+        };
+    }
+    train_flags!(lr => "--lr", min_lr => "--min-lr", batch_size => "--batch-size",
+        seq_len => "--seq-len", grad_accum => "--grad-accum", warmup_steps => "--warmup-steps",
+        schedule => "--schedule", weight_decay => "--weight-decay", grad_clip => "--grad-clip",
+        seed => "--seed");
     check(
         a.data.is_some(),
         "--data",

@@ -240,6 +240,33 @@ impl ModelConfig {
                 ),
             ));
         }
+        self.validate_experts()?;
+        if self.num_nextn_predict_layers > 0 && !self.is_moe() {
+            return Err(invalid(
+                "num_nextn_predict_layers",
+                "multi-token-prediction layers are MoE layers: set num_experts",
+            ));
+        }
+        for (field, p) in [
+            ("embedding_dropout", self.embedding_dropout),
+            ("output_dropout", self.output_dropout),
+            ("attention_dropout", self.attention_dropout),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(invalid(field, format!("{p} is not in [0, 1)")));
+            }
+        }
+        if self.rms_norm_eps <= 0.0 {
+            return Err(invalid("rms_norm_eps", "must be positive"));
+        }
+        if self.rope_theta <= 0.0 {
+            return Err(invalid("rope_theta", "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// The FFN fields: a dense width where a layer is dense, and a routing that can route.
+    fn validate_experts(&self) -> Result<(), ConfigError> {
         if !self.is_moe() {
             // Ant's code builds an MoE block whenever `num_experts` is set: zero experts with
             // top-k routing cannot route a token. A dense model sets no MoE field.
@@ -250,11 +277,11 @@ impl ModelConfig {
             ];
             if let Some((field, value)) = moe_fields.iter().find(|(_, v)| *v > 0) {
                 return Err(invalid(
-                    "num_experts",
-                    format!(
-                        "0 experts with {field} = {value}: an MoE model needs num_experts >=                          num_experts_per_tok; a dense model sets num_experts_per_tok,                          num_shared_experts and moe_intermediate_size to 0"
-                    ),
-                ));
+                "num_experts",
+                format!(
+                    "0 experts with {field} = {value}: an MoE model needs num_experts >=                          num_experts_per_tok; a dense model sets num_experts_per_tok,                          num_shared_experts and moe_intermediate_size to 0"
+                ),
+            ));
             }
         }
         let has_dense_layer = !self.is_moe() || self.first_k_dense_replace > 0;
@@ -314,27 +341,6 @@ impl ModelConfig {
                     format!("exceeds num_hidden_layers {}", self.num_hidden_layers),
                 ));
             }
-        }
-        if self.num_nextn_predict_layers > 0 && !self.is_moe() {
-            return Err(invalid(
-                "num_nextn_predict_layers",
-                "multi-token-prediction layers are MoE layers: set num_experts",
-            ));
-        }
-        for (field, p) in [
-            ("embedding_dropout", self.embedding_dropout),
-            ("output_dropout", self.output_dropout),
-            ("attention_dropout", self.attention_dropout),
-        ] {
-            if !(0.0..1.0).contains(&p) {
-                return Err(invalid(field, format!("{p} is not in [0, 1)")));
-            }
-        }
-        if self.rms_norm_eps <= 0.0 {
-            return Err(invalid("rms_norm_eps", "must be positive"));
-        }
-        if self.rope_theta <= 0.0 {
-            return Err(invalid("rope_theta", "must be positive"));
         }
         Ok(())
     }

@@ -65,7 +65,7 @@ impl Experts {
     /// instead costs a zero-filled full-size gradient per expert in backward.
     pub fn forward_routed(&self, x: Tensor<2>, tokens: &[Vec<i64>]) -> Tensor<2> {
         let device = x.device();
-        if crate::kernels::grouped::has_kernel(&device) {
+        if crate::kernels::has_kernel(&device) {
             return self.forward_grouped(x, tokens);
         }
         self.forward_padded(x, tokens)

@@ -205,6 +205,41 @@ struct Stepped {
 
 /// Step `done` (1-based) from start to update, timed and measured. The session passes
 /// through by value so the optimiser owns the model while it updates it (in place).
+/// The stochastic routing warm-up's mix at step `done` (1-based), when the run has a warm-up:
+/// step 1 routes on noise alone, from step W + 1 on the logits alone.
+fn routing_mix(t: &nuwa_run::TrainConfig, done: u64) -> Option<f64> {
+    (t.routing_warmup_steps > 0).then(|| (done - 1) as f64 / t.routing_warmup_steps as f64)
+}
+
+/// Carries out the loss-spike verdict: no update for a skipped step, else the update at the
+/// verdict's learning rate. Returns the session, the learning rate applied and the gradient norm.
+fn apply_verdict(
+    mut s: Session,
+    grads: GradientsParams,
+    verdict: Verdict,
+    lr: f64,
+    done: u64,
+) -> Result<(Session, f64, f64)> {
+    let lr = match verdict {
+        Verdict::Skip => {
+            let norm = grad_norm(&s.model, &grads);
+            return Ok((s, 0.0, norm));
+        }
+        Verdict::LowerLr(scale) => lr * scale,
+        Verdict::Accept => lr,
+    };
+    let kept = checkpoint::checkpoints_dir(&s.run);
+    let (model, norm) =
+        update(s.model, &mut s.opt, grads, lr, s.cfg.train.grad_clip).map_err(|e| {
+            e.context(format!(
+                "step {done}: stopping without an update (last good checkpoint kept in {})",
+                kept.display()
+            ))
+        })?;
+    s.model = model;
+    Ok((s, lr, norm))
+}
+
 fn train_step(
     mut s: Session,
     strategy: &mut dyn Parallelism,
@@ -224,9 +259,7 @@ fn train_step(
     }
     let data_cursor = s.sampler.cursor;
     let sample_start = data_cursor * t.batch_size as u64;
-    if t.routing_warmup_steps > 0 {
-        // Step 1 routes on noise alone; from step W + 1 on the logits alone.
-        let mix = (done - 1) as f64 / t.routing_warmup_steps as f64;
+    if let Some(mix) = routing_mix(&t, done) {
         s.model.set_routing_mix(mix);
     }
     let (grads, totals) = combined_step(&mut s, strategy, done, stop, device)?;
@@ -249,24 +282,7 @@ fn train_step(
         retried,
         data_cursor,
     );
-    let (lr, norm) = match verdict {
-        Verdict::Skip => (0.0, grad_norm(&s.model, &grads)),
-        Verdict::Accept | Verdict::LowerLr(_) => {
-            let lr = match verdict {
-                Verdict::LowerLr(scale) => lr * scale,
-                _ => lr,
-            };
-            let (model, norm) =
-                update(s.model, &mut s.opt, grads, lr, t.grad_clip).map_err(|e| {
-                    e.context(format!(
-                        "step {done}: stopping without an update (last good checkpoint kept in {})",
-                        kept.display()
-                    ))
-                })?;
-            s.model = model;
-            (lr, norm)
-        }
-    };
+    let (mut s, lr, norm) = apply_verdict(s, grads, verdict, lr, done)?;
     // Aux-loss-free balancing: every rank applies the same global load, so biases stay equal.
     let bias_max = match t.expert_bias_update_rate > 0.0 && verdict != Verdict::Skip {
         true => s
@@ -284,11 +300,10 @@ fn train_step(
         metrics.insert("expert_bias_max_abs".into(), json!(bias_max));
     }
     metrics.insert("sample_start".into(), json!(sample_start));
-    if t.routing_warmup_steps > 0 && done <= t.routing_warmup_steps {
-        let mix = (done - 1) as f64 / t.routing_warmup_steps as f64;
+    if let Some(mix) = routing_mix(&t, done).filter(|_| done <= t.routing_warmup_steps) {
         metrics.insert("routing_mix".into(), json!(mix));
     }
-    if verdict != Verdict::Accept || retry.is_some() {
+    if verdict != Verdict::Accept || retried {
         let action = match verdict {
             Verdict::Skip => "skipped",
             Verdict::LowerLr(_) => "lowered_lr",

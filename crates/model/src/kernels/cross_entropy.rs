@@ -11,7 +11,7 @@ use burn::tensor::{Int, Tensor};
 /// one, else [`cross_entropy_reference`].
 pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
     #[cfg(feature = "flex")]
-    if super::grouped::has_kernel(&logits.device()) {
+    if super::has_kernel(&logits.device()) {
         return flex::cross_entropy(logits, targets);
     }
     cross_entropy_reference(logits, targets)
@@ -28,6 +28,7 @@ pub fn cross_entropy_reference(logits: Tensor<2>, targets: Tensor<1, Int>) -> Te
 
 #[cfg(feature = "flex")]
 mod flex {
+    use crate::kernels::flex_tensor::contiguous;
     use crate::kernels::simd::{exp, max, sum_map};
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -65,14 +66,6 @@ mod flex {
             targets.into_dispatch(),
         );
         Tensor::from_dispatch(out)
-    }
-
-    fn contiguous(t: FlexTensor) -> FlexTensor {
-        if t.is_contiguous() && t.layout().start_offset() == 0 {
-            t
-        } else {
-            t.to_contiguous()
-        }
     }
 
     /// Target ids as `usize`, whatever integer type the backend keeps them in.
@@ -224,12 +217,7 @@ mod tests {
         vocab: usize,
     ) -> (f32, Vec<f32>) {
         let device = Device::default().autodiff();
-        let v: Vec<f32> = (0..rows * vocab)
-            .map(|i| {
-                let h = nuwa_core::rng::splitmix64(11 + i as u64);
-                ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 20.0
-            })
-            .collect();
+        let v = crate::kernels::test_values(11, rows * vocab, 20.0);
         let logits =
             Tensor::<2>::from_data(TensorData::new(v, [rows, vocab]), &device).require_grad();
         let ids: Vec<i64> = (0..rows).map(|r| ((r * 7 + 3) % vocab) as i64).collect();

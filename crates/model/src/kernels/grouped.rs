@@ -8,17 +8,6 @@
 
 use burn::tensor::Tensor;
 
-/// Whether [`grouped_matmul`] runs a kernel on `device` (else it is the reference composition,
-/// and a caller may have a better composition of its own).
-pub fn has_kernel(device: &burn::tensor::Device) -> bool {
-    #[cfg(feature = "flex")]
-    if super::kernels_enabled() && flex::runs_on(device) {
-        return true;
-    }
-    let _ = device;
-    false
-}
-
 /// `y[rows of g] = x[rows of g] · w[g]` (or `· w[g]ᵀ` when `transpose_w`, for `w` stored
 /// `[groups, n, k]`). The kernel on backends that have one, else [`grouped_matmul_reference`].
 pub fn grouped_matmul(
@@ -28,7 +17,7 @@ pub fn grouped_matmul(
     transpose_w: bool,
 ) -> Tensor<2> {
     #[cfg(feature = "flex")]
-    if has_kernel(&x.device()) {
+    if super::has_kernel(&x.device()) {
         return flex::grouped_matmul(x, w, offsets, transpose_w);
     }
     grouped_matmul_reference(x, w, offsets, transpose_w)
@@ -75,6 +64,7 @@ mod flex {
     //! spread over rayon's threads (or, with fewer busy groups than threads, each gemm
     //! multi-threaded), and the autodiff backward through the same kernels.
 
+    use crate::kernels::flex_tensor::contiguous;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
     use burn::backend::autodiff::grads::Gradients;
@@ -82,8 +72,8 @@ mod flex {
     use burn::backend::autodiff::{Autodiff, NodeId};
     use burn::backend::flex::{Flex, FlexTensor};
     use burn::backend::tensor::FloatTensor;
-    use burn::backend::{backend_extension, Dispatch, DispatchDevice};
-    use burn::tensor::{Device, Tensor, TensorData};
+    use burn::backend::{backend_extension, Dispatch};
+    use burn::tensor::{Tensor, TensorData};
     use rayon::prelude::*;
 
     /// Grouped matmul as a backend op.
@@ -106,14 +96,6 @@ mod flex {
         ) -> FloatTensor<Self>;
     }
 
-    /// Whether `device` (or the device under its autodiff) is flex.
-    pub fn runs_on(device: &Device) -> bool {
-        matches!(
-            device.clone().inner().as_dispatch(),
-            DispatchDevice::Flex(_)
-        )
-    }
-
     pub fn grouped_matmul(
         x: Tensor<2>,
         w: Tensor<3>,
@@ -130,14 +112,6 @@ mod flex {
     }
 
     /// A contiguous f32 view of `t` (copied only when it is not one already).
-    fn contiguous(t: FlexTensor) -> FlexTensor {
-        if t.as_slice::<f32>().is_some() {
-            t
-        } else {
-            t.to_contiguous()
-        }
-    }
-
     fn dims(t: &FlexTensor) -> Vec<usize> {
         t.layout().shape().iter().copied().collect()
     }
@@ -381,15 +355,9 @@ mod tests {
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let device = Device::default().autodiff();
         let rows: usize = counts.iter().sum();
-        // Host-made values: the device RNG is shared by tests running in parallel.
         let seeded = |seed: u64, shape: Vec<usize>| {
             let len: usize = shape.iter().product();
-            let values: Vec<f32> = (0..len)
-                .map(|i| {
-                    let h = nuwa_core::rng::splitmix64(seed * 1_000_003 + i as u64);
-                    (h >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-                })
-                .collect();
+            let values = crate::kernels::test_values(seed, len, 1.0);
             Tensor::<1>::from_data(TensorData::new(values, [len]), &device)
         };
         let x = seeded(1, vec![rows, k]).reshape([rows, k]).require_grad();

@@ -7,6 +7,8 @@
 //! rule a kernel out when chasing a difference).
 
 pub mod cross_entropy;
+#[cfg(feature = "flex")]
+mod flex_tensor;
 pub mod grouped;
 pub mod rms_norm;
 #[cfg(feature = "flex")]
@@ -19,4 +21,27 @@ use std::sync::OnceLock;
 pub fn kernels_enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("NUWA_KERNELS").map_or(true, |v| v != "reference"))
+}
+
+/// Whether the kernels run on `device` (flex, directly or under autodiff, and not switched
+/// off); elsewhere every op takes its reference composition.
+pub fn has_kernel(device: &burn::tensor::Device) -> bool {
+    #[cfg(feature = "flex")]
+    if kernels_enabled() && flex_tensor::is_flex(device) {
+        return true;
+    }
+    let _ = device;
+    false
+}
+
+/// Test inputs: `len` values in `[−scale/2, scale/2)`, a pure function of `seed`. Made on the
+/// host because the device RNG is shared by tests running in parallel.
+#[cfg(test)]
+pub(crate) fn test_values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let h = nuwa_core::rng::splitmix64(seed.wrapping_mul(1_000_003) + i as u64);
+            ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        })
+        .collect()
 }

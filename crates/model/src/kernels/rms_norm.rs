@@ -9,7 +9,7 @@ use burn::tensor::Tensor;
 /// the backend has one, else [`rms_norm_reference`].
 pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
     #[cfg(feature = "flex")]
-    if super::grouped::has_kernel(&x.device()) {
+    if super::has_kernel(&x.device()) {
         let dims = x.dims();
         let cols = dims[D - 1];
         let rows = dims.iter().product::<usize>() / cols.max(1);
@@ -28,6 +28,7 @@ pub fn rms_norm_reference<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: 
 
 #[cfg(feature = "flex")]
 mod flex {
+    use crate::kernels::flex_tensor::contiguous;
     use crate::kernels::simd::sum_map;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -69,14 +70,6 @@ mod flex {
         let out =
             <Dispatch as RmsNormOps>::rms_norm(x.into_dispatch(), weight.into_dispatch(), eps);
         Tensor::from_dispatch(out)
-    }
-
-    fn contiguous(t: FlexTensor) -> FlexTensor {
-        if t.as_slice::<f32>().is_some() {
-            t
-        } else {
-            t.to_contiguous()
-        }
     }
 
     fn cols_of(x: &FlexTensor) -> usize {
@@ -236,14 +229,7 @@ mod tests {
 
     fn run(f: fn(Tensor<3>, Tensor<1>, f64) -> Tensor<3>, shape: [usize; 3]) -> [Vec<f32>; 3] {
         let device = Device::default().autodiff();
-        let make = |seed: u64, len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| {
-                    let h = nuwa_core::rng::splitmix64(seed * 7919 + i as u64);
-                    ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-                })
-                .collect()
-        };
+        let make = |seed: u64, len: usize| crate::kernels::test_values(seed, len, 4.0);
         let n: usize = shape.iter().product();
         let x = Tensor::<3>::from_data(TensorData::new(make(1, n), shape), &device).require_grad();
         let w = Tensor::<1>::from_data(TensorData::new(make(2, shape[2]), [shape[2]]), &device)

@@ -8,7 +8,7 @@ use burn::tensor::Tensor;
 /// `silu(gate) · up`: the kernel where the backend has one, else [`swiglu_reference`].
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     #[cfg(feature = "flex")]
-    if super::grouped::has_kernel(&gate.device()) && gate.dims() == up.dims() {
+    if super::has_kernel(&gate.device()) && gate.dims() == up.dims() {
         return flex::swiglu(gate, up);
     }
     swiglu_reference(gate, up)
@@ -21,6 +21,7 @@ pub fn swiglu_reference<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tenso
 
 #[cfg(feature = "flex")]
 mod flex {
+    use crate::kernels::flex_tensor::contiguous;
     use crate::kernels::simd::{for_chunks, sigmoid};
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -49,14 +50,6 @@ mod flex {
     pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
         let out = <Dispatch as SwigluOps>::swiglu(gate.into_dispatch(), up.into_dispatch());
         Tensor::from_dispatch(out)
-    }
-
-    fn contiguous(t: FlexTensor) -> FlexTensor {
-        if t.as_slice::<f32>().is_some() {
-            t
-        } else {
-            t.to_contiguous()
-        }
     }
 
     fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
@@ -162,12 +155,7 @@ mod tests {
     fn run(f: fn(Tensor<2>, Tensor<2>) -> Tensor<2>, rows: usize, cols: usize) -> [Vec<f32>; 3] {
         let device = Device::default().autodiff();
         let make = |seed: u64| {
-            let v: Vec<f32> = (0..rows * cols)
-                .map(|i| {
-                    let h = nuwa_core::rng::splitmix64(seed * 7919 + i as u64);
-                    ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 12.0
-                })
-                .collect();
+            let v = crate::kernels::test_values(seed, rows * cols, 12.0);
             Tensor::<2>::from_data(TensorData::new(v, [rows, cols]), &device)
         };
         let (g, u, r) = (make(1).require_grad(), make(2).require_grad(), make(3));
