@@ -6,6 +6,7 @@ use anyhow::{anyhow, Result};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
+use nuwa_model::kernels::adamw::{adamw, AdamWStep, AdamWTensors};
 use nuwa_model::weights::HostTensor;
 use nuwa_model::ModulePath;
 use std::collections::BTreeMap;
@@ -129,8 +130,9 @@ impl ModuleMapper for Update<'_> {
         let updated = self.opt.update(
             &name,
             tensor.inner(),
-            grad.inner() * self.grad_scale,
+            grad.inner(),
             self.lr,
+            self.grad_scale,
         );
         let updated = if require_grad {
             Tensor::from_inner(updated).require_grad()
@@ -176,6 +178,7 @@ impl AdamW {
         param: Tensor<D>,
         grad: Tensor<D>,
         lr: f64,
+        grad_scale: f64,
     ) -> Tensor<D> {
         let AdamWConfig {
             beta1,
@@ -185,28 +188,99 @@ impl AdamW {
         } = self.config;
         let shape = param.shape();
         let numel = shape.num_elements();
-        let flat_grad = grad.reshape([numel]);
+        let device = grad.device();
         let moments = self.state.remove(name).unwrap_or_else(|| Moments {
-            exp_avg: Tensor::zeros([numel], &flat_grad.device()),
-            exp_avg_sq: Tensor::zeros([numel], &flat_grad.device()),
+            exp_avg: Tensor::zeros([numel], &device),
+            exp_avg_sq: Tensor::zeros([numel], &device),
         });
-        let exp_avg = moments.exp_avg * beta1 + flat_grad.clone() * (1.0 - beta1);
-        let exp_avg_sq = moments.exp_avg_sq * beta2 + flat_grad.powi_scalar(2) * (1.0 - beta2);
-        let t = self.step as i32;
-        let bias1 = 1.0 - beta1.powi(t);
-        let bias2 = 1.0 - beta2.powi(t);
-        // Vectors (norm gains, biases) are not decayed.
-        let decay = if D >= 2 { weight_decay } else { 0.0 };
-        let denom = exp_avg_sq.clone().sqrt() / bias2.sqrt() + eps;
-        let delta = (exp_avg.clone() / denom) * (lr / bias1);
-        let param = param.reshape([numel]) * (1.0 - lr * decay) - delta;
+        let step = AdamWStep {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            // Vectors (norm gains, biases) are not decayed.
+            decay: if D >= 2 { weight_decay } else { 0.0 },
+            t: self.step as i32,
+            grad_scale,
+        };
+        let state = AdamWTensors {
+            param: param.reshape([numel]),
+            exp_avg: moments.exp_avg,
+            exp_avg_sq: moments.exp_avg_sq,
+        };
+        // One fused pass where the backend has the kernel (nuwa_model::kernels::adamw).
+        let updated = adamw(state, grad.reshape([numel]), step);
         self.state.insert(
             name.to_string(),
             Moments {
-                exp_avg,
-                exp_avg_sq,
+                exp_avg: updated.exp_avg,
+                exp_avg_sq: updated.exp_avg_sq,
             },
         );
-        param.reshape(shape)
+        updated.param.reshape(shape)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// torch.optim.AdamW's single-tensor rule (no amsgrad), in f64 on the host: the
+    /// independent reference for the kernel and the composition alike.
+    fn torch_adamw(
+        p: &mut [f64],
+        g: &[f64],
+        m: &mut [f64],
+        v: &mut [f64],
+        t: i32,
+        c: AdamWConfig,
+        lr: f64,
+    ) {
+        for k in 0..p.len() {
+            p[k] *= 1.0 - lr * c.weight_decay;
+            m[k] = c.beta1 * m[k] + (1.0 - c.beta1) * g[k];
+            v[k] = c.beta2 * v[k] + (1.0 - c.beta2) * g[k] * g[k];
+            let (bias1, bias2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+            let denom = v[k].sqrt() / bias2.sqrt() + c.eps;
+            p[k] -= lr / bias1 * m[k] / denom;
+        }
+    }
+
+    #[test]
+    fn updates_follow_torchs_adamw() {
+        let device = Device::default();
+        let config = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let mut opt = AdamW::new(config);
+        let values = |seed: u64| -> Vec<f64> {
+            (0..15)
+                .map(|i| {
+                    (nuwa_core::rng::splitmix64(seed * 31 + i) >> 40) as f64 / 16777216.0 - 0.5
+                })
+                .collect()
+        };
+        let mut want = values(1);
+        let (mut m, mut v) = (vec![0.0; 15], vec![0.0; 15]);
+        let to_tensor = |x: &[f64]| {
+            let f: Vec<f32> = x.iter().map(|&x| x as f32).collect();
+            Tensor::<2>::from_data(TensorData::new(f, [3, 5]), &device)
+        };
+        let mut param = to_tensor(&want);
+        for t in 1..=4 {
+            let g = values(100 + t as u64);
+            opt.step += 1;
+            // Gradients scaled by 0.5 (clipping) before the update.
+            param = opt.update("w", param, to_tensor(&g), 1e-2, 0.5);
+            let scaled: Vec<f64> = g.iter().map(|x| (*x as f32 as f64) * 0.5).collect();
+            torch_adamw(&mut want, &scaled, &mut m, &mut v, t, config, 1e-2);
+        }
+        let got: Vec<f32> = param.into_data().iter::<f32>().collect();
+        for (a, b) in got.iter().zip(&want) {
+            assert!((*a as f64 - b).abs() < 1e-5, "{a} vs {b}");
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! `NUWA_KERNELS=reference` switches every op back to its reference path (to compare, or to
 //! rule a kernel out when chasing a difference).
 
+pub mod adamw;
 pub mod cross_entropy;
 #[cfg(feature = "flex")]
 mod flex_tensor;
