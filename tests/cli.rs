@@ -21,7 +21,7 @@ fn prepared(dir: &Path) {
 
 /// Arguments of a quick training run of a one-layer, 32-wide model.
 fn tiny_train_args<'a>(data: &'a Path, run: &'a Path, steps: &'a str) -> Vec<&'a str> {
-    vec![
+    let mut args = vec![
         "train",
         "--data",
         s(data),
@@ -29,18 +29,9 @@ fn tiny_train_args<'a>(data: &'a Path, run: &'a Path, steps: &'a str) -> Vec<&'a
         s(run),
         "--steps",
         steps,
-        "--layers",
-        "1",
-        "--hidden-size",
-        "32",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--quiet",
-        "--sample-tokens",
-        "0",
-    ]
+    ];
+    args.extend(common::TINY_MODEL);
+    args
 }
 
 fn tiny_train(data: &Path, run: &Path, steps: &str) -> std::process::Output {

@@ -8,24 +8,8 @@ use nuwa_run::checkpoint;
 use std::path::Path;
 
 fn tiny(run: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "train",
-        "--preset",
-        "tiny-dense",
-        "--hidden-size",
-        "32",
-        "--layers",
-        "1",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--quiet",
-        "--sample-tokens",
-        "0",
-        "--eval-every",
-        "1000",
-    ];
+    let mut args = vec!["train", "--preset", "tiny-dense", "--eval-every", "1000"];
+    args.extend(common::TINY_MODEL);
     let run = run.to_str().unwrap();
     if !extra.contains(&"--resume") {
         args.extend(["--run-dir", run]);

@@ -63,7 +63,7 @@ fn write_run(run: &Path, out: &Path, last: usize) -> Result<u64> {
         &what,
     )?;
     let step = merged.state.step;
-    checkpoint::save(out, &model, &merged.optimizer, merged.state, 1)?;
+    checkpoint::save(out, &model, merged.optimizer, merged.state, 1)?;
     Ok(step)
 }
 

@@ -32,6 +32,21 @@ pub fn shakespeare() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt")
 }
 
+/// `nuwa train` flags for a quick run of a one-layer, 32-wide model on tiny batches.
+pub const TINY_MODEL: &[&str] = &[
+    "--layers",
+    "1",
+    "--hidden-size",
+    "32",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+    "--quiet",
+    "--sample-tokens",
+    "0",
+];
+
 /// Runs the `nuwa` binary.
 pub fn nuwa(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nuwa"))

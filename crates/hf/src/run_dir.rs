@@ -84,7 +84,7 @@ pub fn import_to_run(hf_dir: &Path, run: &Path, device: &Device) -> Result<PathB
         data: None,
     };
     // A fresh optimiser: no moments yet.
-    checkpoint::save(run, &model, &BTreeMap::new(), state, 1)
+    checkpoint::save(run, &model, BTreeMap::new(), state, 1)
 }
 
 /// Moves the finished temporary folder into place.

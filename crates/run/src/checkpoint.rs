@@ -147,11 +147,11 @@ impl Snapshot {
 pub fn save<M: Module>(
     run: &Path,
     model: &M,
-    optimizer: &BTreeMap<String, HostTensor>,
+    optimizer: BTreeMap<String, HostTensor>,
     state: TrainerState,
     keep: usize,
 ) -> Result<PathBuf> {
-    write(run, Snapshot::take(model, optimizer.clone(), state)?, keep)
+    write(run, Snapshot::take(model, optimizer, state)?, keep)
 }
 
 /// Writes `snapshot` as `RUN/checkpoints/step-N` atomically (a temporary folder, every file

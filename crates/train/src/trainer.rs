@@ -203,8 +203,6 @@ struct Stepped {
     mfu: Option<f64>,
 }
 
-/// Step `done` (1-based) from start to update, timed and measured. The session passes
-/// through by value so the optimiser owns the model while it updates it (in place).
 /// The stochastic routing warm-up's mix at step `done` (1-based), when the run has a warm-up:
 /// step 1 routes on noise alone, from step W + 1 on the logits alone.
 fn routing_mix(t: &nuwa_run::TrainConfig, done: u64) -> Option<f64> {
@@ -240,6 +238,8 @@ fn apply_verdict(
     Ok((s, lr, norm))
 }
 
+/// Step `done` (1-based) from start to update, timed and measured. The session passes
+/// through by value so the optimiser owns the model while it updates it (in place).
 fn train_step(
     mut s: Session,
     strategy: &mut dyn Parallelism,
@@ -266,12 +266,11 @@ fn train_step(
     if retry.is_some() {
         s.sampler.cursor = fresh;
     }
-    let kept = checkpoint::checkpoints_dir(&s.run);
     if !totals.ce.is_finite() {
         bail!(
             "step {done}: loss is {}; stopping without an update (last good checkpoint kept in {})",
             totals.ce,
-            kept.display()
+            checkpoint::checkpoints_dir(&s.run).display()
         );
     }
     let retried = retry.is_some();
@@ -346,6 +345,8 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
     let (t, device) = (s.cfg.train.clone(), opts.device.clone().autodiff());
     let bar = progress_bar(opts.show_progress && is_main, t.steps, s.start_step);
     let (mut records, mut last_val, mut interrupted) = (Vec::new(), None, false);
+    // The newest step with a checkpoint (a resumed run starts at one).
+    let mut saved = (s.start_step > 0).then_some(s.start_step);
     for done in s.start_step + 1..=t.steps {
         let stop = opts.stop.load(Ordering::SeqCst);
         if opts.stop_at.is_some_and(|at| done > at) || (stop && !strategy.is_distributed()) {
@@ -373,6 +374,7 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
         let checkpoint_due = done % t.checkpoint_every.max(1) == 0 || done == t.steps;
         if is_main && (checkpoint_due || step.totals.stop) {
             let blocked = save(&mut s, done)?;
+            saved = Some(done);
             step.metrics
                 .insert("checkpoint_blocked_seconds".into(), json!(blocked));
         }
@@ -398,17 +400,14 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
         }
     }
     bar.finish_and_clear();
-    if let Some(writer) = s.writer.as_mut() {
-        writer.wait()?;
-    }
     if interrupted && is_main {
         let step = records.last().map_or(s.start_step, |r| r.step);
-        if checkpoint::list_checkpoints(&s.run).last().map(|c| c.0) != Some(step) {
+        if saved != Some(step) {
             save(&mut s, step)?;
         }
-        if let Some(writer) = s.writer.as_mut() {
-            writer.wait()?;
-        }
+    }
+    if let Some(writer) = s.writer.as_mut() {
+        writer.wait()?;
     }
     if is_main {
         plot_losses(&s.run)?;

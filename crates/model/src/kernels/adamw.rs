@@ -33,7 +33,7 @@ pub struct AdamWTensors {
 /// [`adamw_reference`].
 pub fn adamw(state: AdamWTensors, grad: Tensor<1>, h: AdamWStep) -> AdamWTensors {
     #[cfg(feature = "flex")]
-    if super::has_kernel(&grad.device()) {
+    if super::runs_on(&grad) {
         return flex::adamw(state, grad, h);
     }
     adamw_reference(state, grad, h)

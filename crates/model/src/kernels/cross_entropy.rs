@@ -11,7 +11,7 @@ use burn::tensor::{Int, Tensor};
 /// one, else [`cross_entropy_reference`].
 pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
     #[cfg(feature = "flex")]
-    if super::has_kernel(&logits.device()) {
+    if super::runs_on(&logits) {
         return flex::cross_entropy(logits, targets);
     }
     cross_entropy_reference(logits, targets)

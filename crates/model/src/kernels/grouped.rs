@@ -17,7 +17,7 @@ pub fn grouped_matmul(
     transpose_w: bool,
 ) -> Tensor<2> {
     #[cfg(feature = "flex")]
-    if super::has_kernel(&x.device()) {
+    if super::runs_on(&x) {
         return flex::grouped_matmul(x, w, offsets, transpose_w);
     }
     grouped_matmul_reference(x, w, offsets, transpose_w)

@@ -24,6 +24,11 @@ pub fn kernels_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("NUWA_KERNELS").map_or(true, |v| v != "reference"))
 }
 
+/// Whether the kernels run on `t`: f32 (what they are written for) on a device with kernels.
+pub fn runs_on<const D: usize>(t: &burn::tensor::Tensor<D>) -> bool {
+    t.dtype() == burn::tensor::DType::F32 && has_kernel(&t.device())
+}
+
 /// Whether the kernels run on `device` (flex, directly or under autodiff, and not switched
 /// off); elsewhere every op takes its reference composition.
 pub fn has_kernel(device: &burn::tensor::Device) -> bool {

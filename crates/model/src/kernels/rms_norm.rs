@@ -9,7 +9,7 @@ use burn::tensor::Tensor;
 /// the backend has one, else [`rms_norm_reference`].
 pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
     #[cfg(feature = "flex")]
-    if super::has_kernel(&x.device()) {
+    if super::runs_on(&x) {
         let dims = x.dims();
         let cols = dims[D - 1];
         let rows = dims.iter().product::<usize>() / cols.max(1);

@@ -8,7 +8,7 @@ use burn::tensor::Tensor;
 /// `silu(gate) · up`: the kernel where the backend has one, else [`swiglu_reference`].
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     #[cfg(feature = "flex")]
-    if super::has_kernel(&gate.device()) && gate.dims() == up.dims() {
+    if super::runs_on(&gate) && gate.dims() == up.dims() {
         return flex::swiglu(gate, up);
     }
     swiglu_reference(gate, up)
