@@ -3,11 +3,10 @@
 //! key/value stores attention reads and writes in `cache.rs`.
 
 use crate::cache::{Attend, KvStore, Positions};
+use crate::kernels::attention::{causal_attention, repeat_kv};
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig};
 use burn::tensor::activation::softmax;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::sync::{Arc, Mutex};
 
@@ -251,24 +250,18 @@ impl Attention {
                 mask: None,
             },
         };
-        let groups = h / kvh;
-        let (keys, values) = (
-            repeat_kv(attend.keys, groups),
-            repeat_kv(attend.values, groups),
-        );
-        let positions = keys.dims()[2];
         let dropout = self.dropout.prob > 0.0 && q.device().is_autodiff();
         let out = match attend.mask {
-            // The fused kernel has no dropout: with attention dropout in training, the scores
-            // are built explicitly (causal mask for a chunk that attends to itself).
-            None if !dropout => {
-                let options = AttentionModuleOptions {
-                    is_causal: t > 1,
-                    ..Default::default()
-                };
-                attention(q, keys, values, None, None, options)
-            }
+            // The fused op has no dropout: with attention dropout in training, the scores are
+            // built explicitly (causal mask for a chunk that attends to itself).
+            None if !dropout => causal_attention(q, attend.keys, attend.values),
             mask => {
+                let groups = h / kvh;
+                let (keys, values) = (
+                    repeat_kv(attend.keys, groups),
+                    repeat_kv(attend.values, groups),
+                );
+                let positions = keys.dims()[2];
                 let mask = mask.unwrap_or_else(|| causal_mask(t, positions, &q.device()));
                 let scores = q.matmul(keys.swap_dims(2, 3)) / (d as f64).sqrt()
                     + mask.expand([b, h, t, positions]);
@@ -297,18 +290,6 @@ fn causal_mask(len: usize, positions: usize, device: &Device) -> Tensor<4> {
         .collect();
     Tensor::<2>::from_data(TensorData::new(values, [len, positions]), device)
         .reshape([1, 1, len, positions])
-}
-
-/// Expands `[batch, kv_heads, seq, d]` to `[batch, kv_heads * groups, seq, d]`, head `i`
-/// reading kv head `i / groups` (as HF's `repeat_kv`).
-fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
-    if groups == 1 {
-        return x;
-    }
-    let [b, kvh, t, d] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, kvh, groups, t, d])
-        .reshape([b, kvh * groups, t, d])
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.

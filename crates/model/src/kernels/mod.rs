@@ -7,6 +7,7 @@
 //! rule a kernel out when chasing a difference).
 
 pub mod adamw;
+pub mod attention;
 pub mod cross_entropy;
 #[cfg(feature = "flex")]
 mod flex_tensor;
