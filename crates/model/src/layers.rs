@@ -75,17 +75,7 @@ pub fn rope_tables(
 /// row. With `rotary < head_dim` (partial RoPE) only the first `rotary` features turn; the rest
 /// pass through.
 pub fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
-    let [b, h, t, head_dim] = x.dims();
-    let d = cos.dims()[3];
-    if d < head_dim {
-        let rotated = apply_rope(x.clone().narrow(3, 0, d), cos, sin);
-        return Tensor::cat(vec![rotated, x.narrow(3, d, head_dim - d)], 3);
-    }
-    let half = d / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone().expand([b, h, t, d]) + rotated * sin.clone().expand([b, h, t, d])
+    crate::kernels::rope::rope(x, cos, sin)
 }
 
 /// cos and sin tables of one model, built once per device (and again only if a longer run of

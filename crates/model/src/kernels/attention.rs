@@ -575,7 +575,10 @@ mod tests {
     #[test]
     fn the_kernel_matches_the_composition_forward_and_backward() {
         #[cfg(feature = "flex")]
-        assert!(crate::kernels::has_kernel(&Device::default()), "the kernel is not in use");
+        assert!(
+            crate::kernels::has_kernel(&Device::default()),
+            "the kernel is not in use"
+        );
         // (batch, heads, kv heads, tq, tk, head_dim): one row; blocks that do not divide the
         // sequence; grouped-query heads; fewer queries than keys (a chunk after a cache); odd
         // head widths.

@@ -13,6 +13,7 @@ pub mod cross_entropy;
 mod flex_tensor;
 pub mod grouped;
 pub mod rms_norm;
+pub mod rope;
 #[cfg(feature = "flex")]
 pub mod simd;
 pub mod swiglu;
