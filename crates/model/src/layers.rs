@@ -21,6 +21,22 @@ pub fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear 
         .init(device)
 }
 
+/// `layer` applied to `x` `[..., d_in]` as one `[rows, d_in] · [d_in, d_out]` product. Burn's
+/// `Linear` keeps a batched product when each batch's rows fill its tiles, which packs the
+/// weight again for every batch row, forward and backward; folding the rows costs a reshape.
+pub fn forward_rows<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let dims = x.dims();
+    if D <= 2 {
+        return layer.forward(x);
+    }
+    let d_in = dims[D - 1];
+    let rows = dims[..D - 1].iter().product();
+    let y = layer.forward(x.reshape([rows, d_in]));
+    let mut out = dims;
+    out[D - 1] = y.dims()[1];
+    y.reshape(out)
+}
+
 /// Root-mean-square layer norm: `x / sqrt(mean(x²) + eps) * weight`.
 #[derive(Module, Debug)]
 pub struct RmsNorm {
@@ -218,7 +234,7 @@ impl Attention {
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let qkv = self.query_key_value.forward(x);
+        let qkv = forward_rows(&self.query_key_value, x);
         let heads = |start: usize, n: usize| {
             qkv.clone()
                 .narrow(2, start * d, n * d)
@@ -258,8 +274,7 @@ impl Attention {
                 self.dropout.forward(softmax(scores, 3)).matmul(values)
             }
         };
-        self.dense
-            .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
+        forward_rows(&self.dense, out.swap_dims(1, 2).reshape([b, t, h * d]))
     }
 }
 
@@ -300,9 +315,8 @@ impl SwiGlu {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let gate = self.gate_proj.forward(x.clone());
-        let up = self.up_proj.forward(x);
-        self.down_proj
-            .forward(crate::kernels::swiglu::swiglu(gate, up))
+        let gate = forward_rows(&self.gate_proj, x.clone());
+        let up = forward_rows(&self.up_proj, x);
+        forward_rows(&self.down_proj, crate::kernels::swiglu::swiglu(gate, up))
     }
 }

@@ -112,7 +112,7 @@ impl MtpLayer {
             vec![self.enorm.forward(embedded), self.hnorm.forward(hidden)],
             2,
         );
-        let x = self.eh_proj.forward(joined);
+        let x = crate::layers::forward_rows(&self.eh_proj, joined);
         let (x, stats) = self.decoder.forward(x, cos, sin, usize::MAX, None);
         (self.final_layernorm.forward(x), stats)
     }
