@@ -117,7 +117,7 @@ mod flex {
             && q[0] == k[0]
             && q[3] == k[3]
             && k[1] > 0
-            && q[1] % k[1] == 0
+            && q[1].is_multiple_of(k[1])
             && k[2] >= q[2]
             && q[2] > 0
     }
@@ -197,32 +197,61 @@ mod flex {
     fn gemm(
         dst: &mut [f32],
         (m, n, k): (usize, usize, usize),
+        lhs: Operand,
+        rhs: Operand,
+        scale: f32,
+        accumulate: bool,
+    ) {
+        assert!(dst.len() >= m * n);
+        // SAFETY: `dst` holds the m·n values written, row stride n.
+        unsafe {
+            gemm_raw(
+                (dst.as_mut_ptr(), n),
+                (m, n, k),
+                lhs,
+                rhs,
+                scale,
+                accumulate,
+            )
+        }
+    }
+
+    /// As [`gemm`], into `dst` rows `dst.1` apart.
+    ///
+    /// # Safety
+    /// `dst.0` must address `m` rows of `n` writable values, `dst.1` apart, that no other
+    /// thread touches during the call.
+    unsafe fn gemm_raw(
+        (dst, dst_rs): (*mut f32, usize),
+        (m, n, k): (usize, usize, usize),
         (lhs, lhs_strides): Operand,
         (rhs, rhs_strides): Operand,
         scale: f32,
         accumulate: bool,
     ) {
-        debug_assert!(dst.len() >= m * n);
         if m == 0 || n == 0 {
             return;
         }
         if k == 0 {
             if !accumulate {
-                dst[..m * n].fill(0.0);
+                for r in 0..m {
+                    // SAFETY: row r of the destination, as the caller guarantees.
+                    unsafe { std::slice::from_raw_parts_mut(dst.add(r * dst_rs), n) }.fill(0.0);
+                }
             }
             return;
         }
-        // SAFETY: `dst` holds m·n values; every caller slices `lhs` and `rhs` from the start
-        // of a matrix whose m·k and k·n values the strides address inside the slice (the
-        // tensors' own layouts, or scratch sized for the block).
+        // SAFETY: the destination as the caller guarantees; every caller slices `lhs` and
+        // `rhs` from the start of a matrix whose m·k and k·n values the strides address inside
+        // the slice (the tensors' own layouts, or scratch sized for the block).
         unsafe {
             gemm::gemm(
                 m,
                 n,
                 k,
-                dst.as_mut_ptr(),
+                dst,
                 1,
-                n as isize,
+                dst_rs as isize,
                 accumulate,
                 lhs.as_ptr(),
                 lhs_strides.0,
@@ -240,6 +269,24 @@ mod flex {
         }
     }
 
+    /// A pointer the forward's tasks share: each writes the rows of its own head.
+    #[derive(Clone, Copy)]
+    struct Rows(*mut f32);
+    // SAFETY: tasks write disjoint rows (one head each) and the buffer outlives them.
+    unsafe impl Send for Rows {}
+    unsafe impl Sync for Rows {}
+
+    impl Rows {
+        /// The value `offset` places on.
+        ///
+        /// # Safety
+        /// `offset` must stay inside the buffer.
+        unsafe fn at(self, offset: usize) -> *mut f32 {
+            // SAFETY: as the caller guarantees.
+            unsafe { self.0.add(offset) }
+        }
+    }
+
     /// Row-major `[.., cols]` with row stride `rs`, read as is or transposed.
     fn rows(rs: usize) -> (isize, isize) {
         (1, rs as isize)
@@ -248,13 +295,14 @@ mod flex {
         (rs as isize, 1)
     }
 
-    /// Forward of one query head: `out` (`[tq, d]`, contiguous) and each row's logsumexp.
+    /// Forward of one query head: its rows of `out` (`d` values each, `out_rs` apart) and each
+    /// row's logsumexp.
     fn forward_head(
         dims: Dims,
         (q, q_rs): (&[f32], usize),
         (k, k_rs): (&[f32], usize),
         (v, v_rs): (&[f32], usize),
-        out: &mut [f32],
+        (out, out_rs): (Rows, usize),
         lse: &mut [f32],
     ) {
         let Dims { tq, d, .. } = dims;
@@ -281,14 +329,18 @@ mod flex {
                 hidden.fill(0.0);
                 lse[start + r] = m + sum.ln();
             }
-            gemm(
-                &mut out[start * d..],
-                (n, d, keys),
-                (s, rows(keys)),
-                (v, rows(v_rs)),
-                1.0,
-                false,
-            );
+            // SAFETY: rows start..start + n of this head, which only this task writes.
+            unsafe {
+                let dst = out.at(start * out_rs);
+                gemm_raw(
+                    (dst, out_rs),
+                    (n, d, keys),
+                    (s, rows(keys)),
+                    (v, rows(v_rs)),
+                    1.0,
+                    false,
+                );
+            }
         }
     }
 
@@ -300,8 +352,8 @@ mod flex {
         queries: &[(&[f32], usize)],
         (k, k_rs): (&[f32], usize),
         (v, v_rs): (&[f32], usize),
-        outs: &[f32],
-        douts: &[f32],
+        outs: &[(&[f32], usize)],
+        douts: &[(&[f32], usize)],
         lses: &[f32],
         [dq, dk, dv]: [&mut [f32]; 3],
     ) {
@@ -317,8 +369,8 @@ mod flex {
                 let keys = dims.visible(start + n - 1);
                 let (p, ds) = (&mut p[..n * keys], &mut ds[..n * keys]);
                 let q_block = &q[start * q_rs..];
-                let rows_at = (head + start) * d;
-                let (o, dout) = (&outs[rows_at..], &douts[rows_at..]);
+                let ((o, o_rs), (dout, do_rs)) = (outs[g], douts[g]);
+                let (o, dout) = (&o[start * o_rs..], &dout[start * do_rs..]);
                 // The block's probabilities, again, from the kept logsumexp.
                 gemm(
                     p,
@@ -353,7 +405,7 @@ mod flex {
                 );
                 // ds = p ∘ (dp − Σ dout∘out) / √d: the softmax backward, row by row.
                 for r in 0..n {
-                    let (o_r, do_r) = (&o[r * d..(r + 1) * d], &dout[r * d..(r + 1) * d]);
+                    let (o_r, do_r) = (&o[r * o_rs..r * o_rs + d], &dout[r * do_rs..r * do_rs + d]);
                     let dot: f32 = o_r.iter().zip(do_r).map(|(a, b)| a * b).sum();
                     let (p_r, ds_r) = (
                         &p[r * keys..(r + 1) * keys],
@@ -398,27 +450,29 @@ mod flex {
             let dims = Dims::of(&q, &k);
             let Dims { b, h, tq, d, .. } = dims;
             let (q, k, v) = (Strided::new(q), Strided::new(k), Strided::new(v));
-            let mut out = vec![0.0f32; b * h * tq * d];
+            // Written as [b, tq, h, d] and returned as its [b, h, tq, d] view: the caller's next
+            // step (heads back into the hidden size) is then a reshape, not a copy.
+            let mut out = vec![0.0f32; b * tq * h * d];
             let mut lse = vec![0.0f32; b * h * tq];
+            let (base, out_rs) = (Rows(out.as_mut_ptr()), h * d);
             let arch = pulp::Arch::new();
-            out.par_chunks_mut(tq * d)
-                .zip(lse.par_chunks_mut(tq))
-                .enumerate()
-                .for_each(|(bh, (out, lse))| {
-                    let (bi, hi) = (bh / h, bh % h);
-                    let kv = hi / dims.groups();
-                    arch.dispatch(|| {
-                        forward_head(
-                            dims,
-                            q.head(bi, hi),
-                            k.head(bi, kv),
-                            v.head(bi, kv),
-                            out,
-                            lse,
-                        )
-                    });
+            lse.par_chunks_mut(tq).enumerate().for_each(|(bh, lse)| {
+                let (bi, hi) = (bh / h, bh % h);
+                let kv = hi / dims.groups();
+                // SAFETY: the first row of head hi in batch row bi, inside `out`.
+                let head = Rows(unsafe { base.at(bi * tq * out_rs + hi * d) });
+                arch.dispatch(|| {
+                    forward_head(
+                        dims,
+                        q.head(bi, hi),
+                        k.head(bi, kv),
+                        v.head(bi, kv),
+                        (head, out_rs),
+                        lse,
+                    )
                 });
-            (tensor(out, [b, h, tq, d]), lse)
+            });
+            (tensor(out, [b, tq, h, d]).transpose(1, 2), lse)
         }
 
         fn causal_attention_backward(
@@ -437,8 +491,7 @@ mod flex {
             } = dims;
             let groups = dims.groups();
             let (q, k, v) = (Strided::new(q), Strided::new(k), Strided::new(v));
-            let (out, dout) = (out.to_contiguous(), dout.to_contiguous());
-            let (outs, douts) = (out.storage::<f32>(), dout.storage::<f32>());
+            let (out, dout) = (Strided::new(out), Strided::new(dout));
             let mut dq = vec![0.0f32; b * h * tq * d];
             let mut dk = vec![0.0f32; b * kvh * tk * d];
             let mut dv = vec![0.0f32; b * kvh * tk * d];
@@ -453,7 +506,11 @@ mod flex {
                     let first = bi * h + kv * groups;
                     let queries: Vec<(&[f32], usize)> =
                         (0..groups).map(|g| q.head(bi, kv * groups + g)).collect();
-                    let rows = first * tq * d..(first + groups) * tq * d;
+                    let outs: Vec<(&[f32], usize)> =
+                        (0..groups).map(|g| out.head(bi, kv * groups + g)).collect();
+                    let douts: Vec<(&[f32], usize)> = (0..groups)
+                        .map(|g| dout.head(bi, kv * groups + g))
+                        .collect();
                     let lses = &logsumexp[first * tq..(first + groups) * tq];
                     arch.dispatch(|| {
                         backward_kv_head(
@@ -461,8 +518,8 @@ mod flex {
                             &queries,
                             k.head(bi, kv),
                             v.head(bi, kv),
-                            &outs[rows.clone()],
-                            &douts[rows],
+                            &outs,
+                            &douts,
                             lses,
                             [dq, dk, dv],
                         )

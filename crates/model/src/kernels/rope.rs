@@ -80,7 +80,7 @@ mod flex {
             && (cos[0] == 1 || cos[0] == x[0])
             && cos[1] == 1
             && (cos[2] == 1 || cos[2] == x[2])
-            && cos[3] % 2 == 0
+            && cos[3].is_multiple_of(2)
             && cos[3] <= x[3]
     }
 
