@@ -3,9 +3,11 @@ attention, SwiGLU, dropless top-k MoE with a shared expert), fp32, eager, AdamW,
 shapes and batch, timed the same way (median of the timed steps after warm-up).
 
     python3 bench/torch_bench.py train --shape B --json
+    python3 bench/torch_bench.py train --shape B --json --compile   # torch.compile (inductor)
 """
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -145,8 +147,11 @@ def build(shape):
     return Model(vocab, layers, heads, hidden, width, experts, top_k, shared, ewidth), vocab, batch, ctx
 
 
-def bench_train(shape, warmup, steps):
+def bench_train(shape, warmup, steps, compile=False, bf16=False):
     model, vocab, batch, ctx = build(shape)
+    if compile:
+        # Inductor's CPU code generation (C++ with OpenMP); compiled in the first warm-up step.
+        model = torch.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, vocab, (batch, ctx + 1), generator=g)
@@ -154,11 +159,13 @@ def bench_train(shape, warmup, steps):
     times, phases = [], [[], [], []]
     for i in range(warmup + steps):
         start = time.perf_counter()
-        logits = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
-        aux = model.aux_loss()
-        if aux is not None:
-            loss = loss + 0.01 * aux
+        # bf16 autocast: linear layers and matmuls in bf16 (oneDNN), master weights f32.
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            logits = model(x)
+            loss = F.cross_entropy(logits.reshape(-1, vocab).float(), y.reshape(-1))
+            aux = model.aux_loss()
+            if aux is not None:
+                loss = loss + 0.01 * aux
         opt.zero_grad(set_to_none=True)
         forward_done = time.perf_counter() - start
         loss.backward()
@@ -208,14 +215,18 @@ def main():
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (training only)")
+    p.add_argument("--precision", default="f32", choices=["f32", "bf16"],
+                   help="bf16: train under torch.autocast(cpu, bfloat16)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.what == "train":
-        r = bench_train(a.shape, a.warmup, a.steps)
+        r = bench_train(a.shape, a.warmup, a.steps, a.compile, a.precision == "bf16")
     else:
         r = bench_decode(a.shape, a.new_tokens, a.steps)
-    r.update(shape=a.shape, kind=a.what, threads=torch.get_num_threads(), torch=torch.__version__)
+    r.update(shape=a.shape, kind=a.what, threads=torch.get_num_threads(), torch=torch.__version__,
+             compiled=a.compile and a.what == "train", precision=a.precision)
     print(json.dumps(r) if a.json else f"{a.what} {a.shape}: {r['tokens_per_s']:.0f} tokens/s")
 
 

@@ -3,6 +3,7 @@
 use crate::device;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
+use nuwa_model::kernels::bf16_matmul::{set_precision, Precision};
 
 /// What `nuwa bench` times.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -30,6 +31,10 @@ pub struct BenchArgs {
     new_tokens: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Precision of the weight products: f32, or bf16 (bf16 × bf16 → f32, as PyTorch's bf16
+    /// autocast; needs AVX512-BF16).
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
@@ -42,6 +47,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let shape = bench_shape(&a.shape)?;
     if a.steps == 0 {
         bail!("--steps: must be positive");
+    }
+    if !set_precision(a.precision) {
+        bail!("--precision bf16: this CPU has no AVX512-BF16 (or this build no CPU backend)");
     }
     let result = match a.what {
         BenchKind::Train => bench_train(&shape, &device, a.warmup, a.steps, peak)?,

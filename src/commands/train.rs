@@ -66,6 +66,10 @@ pub struct TrainArgs {
     weight_decay: Option<f64>,
     #[arg(long)]
     grad_clip: Option<f64>,
+    /// Precision of the weight products: f32, or bf16 (bf16 × bf16 → f32 on CPUs with
+    /// AVX512-BF16, as PyTorch's bf16 autocast; weights and optimizer state stay f32).
+    #[arg(long)]
+    precision: Option<nuwa_model::kernels::bf16_matmul::Precision>,
     /// Dropout on embeddings and on attention/FFN outputs.
     #[arg(long)]
     dropout: Option<f64>,
@@ -152,6 +156,7 @@ fn run_config(a: &TrainArgs) -> Result<RunConfig> {
         eval_every: a.eval_every,
         checkpoint_every: a.checkpoint_every,
         seed: a.seed,
+        precision: a.precision,
     };
     resolve_run(&choice, &model, &train, a.data.as_deref())
 }
@@ -213,7 +218,7 @@ fn resume_overrides(a: &TrainArgs, run: &std::path::Path) -> Result<ResumeOverri
     train_flags!(lr => "--lr", min_lr => "--min-lr", batch_size => "--batch-size",
         seq_len => "--seq-len", grad_accum => "--grad-accum", warmup_steps => "--warmup-steps",
         schedule => "--schedule", weight_decay => "--weight-decay", grad_clip => "--grad-clip",
-        seed => "--seed");
+        seed => "--seed", precision => "--precision");
     check(
         a.data.is_some(),
         "--data",

@@ -106,6 +106,7 @@ pub struct TrainOverrides {
     pub eval_every: Option<u64>,
     pub checkpoint_every: Option<u64>,
     pub seed: Option<u64>,
+    pub precision: Option<nuwa_model::kernels::bf16_matmul::Precision>,
 }
 
 impl ModelOverrides {
@@ -144,7 +145,8 @@ impl TrainOverrides {
             grad_clip,
             eval_every,
             checkpoint_every,
-            seed
+            seed,
+            precision
         );
         if let (Some(lr), None) = (self.lr, self.min_lr) {
             t.min_lr = lr / 10.0;

@@ -21,17 +21,21 @@ pub fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear 
         .init(device)
 }
 
-/// `layer` applied to `x` `[..., d_in]` as one `[rows, d_in] · [d_in, d_out]` product. Burn's
+/// `layer` applied to `x` `[..., d_in]` as one `[rows, d_in] · [d_in, d_out]` product (in bf16
+/// where `kernels::bf16_matmul::set_precision` asked for it). Burn's
 /// `Linear` keeps a batched product when each batch's rows fill its tiles, which packs the
 /// weight again for every batch row, forward and backward; folding the rows costs a reshape.
 pub fn forward_rows<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let dims = x.dims();
-    if D <= 2 {
-        return layer.forward(x);
-    }
     let d_in = dims[D - 1];
     let rows = dims[..D - 1].iter().product();
-    let y = layer.forward(x.reshape([rows, d_in]));
+    let mut y = crate::kernels::bf16_matmul::weight_product(
+        x.reshape([rows, d_in]),
+        layer.weight.val(),
+    );
+    if let Some(bias) = &layer.bias {
+        y = y + bias.val().unsqueeze::<2>();
+    }
     let mut out = dims;
     out[D - 1] = y.dims()[1];
     y.reshape(out)

@@ -304,7 +304,7 @@ impl LanguageModel {
         let [b, t, h] = x.dims();
         let w = self.head_weight();
         let vocab = w.dims()[1];
-        x.reshape([b * t, h]).matmul(w).reshape([b, t, vocab])
+        crate::kernels::bf16_matmul::weight_product(x.reshape([b * t, h]), w).reshape([b, t, vocab])
     }
 
     /// Every parameter's path and shape for `cfg`, without allocating the weights (burn

@@ -57,6 +57,9 @@ pub struct TrainConfig {
     /// Checkpoints kept on disk (oldest removed first).
     pub keep_checkpoints: usize,
     pub seed: u64,
+    /// Precision of the weight products: `f32`, or `bf16` (bf16 × bf16 → f32 on CPUs with
+    /// AVX512-BF16; master weights, gradients and optimizer state stay f32).
+    pub precision: nuwa_model::kernels::bf16_matmul::Precision,
 }
 
 impl Default for TrainConfig {
@@ -86,6 +89,7 @@ impl Default for TrainConfig {
             checkpoint_every: 100,
             keep_checkpoints: 3,
             seed: 1337,
+            precision: Default::default(),
         }
     }
 }

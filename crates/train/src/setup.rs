@@ -113,6 +113,13 @@ fn check_config(mut cfg: RunConfig, data: &Dataset) -> Result<RunConfig> {
     }
     cfg.model.validate()?;
     cfg.train.validate()?;
+    if !nuwa_model::kernels::bf16_matmul::set_precision(cfg.train.precision) {
+        bail!(
+            "--precision (train.precision) {}: this CPU has no AVX512-BF16 (or this build no \
+             CPU backend); use f32",
+            cfg.train.precision
+        );
+    }
     if cfg.model.vocab_size < data.manifest.vocab_size {
         bail!(
             "config field `vocab_size`: {} is smaller than the data's vocabulary ({}, {})",

@@ -8,6 +8,9 @@
 
 pub mod adamw;
 pub mod attention;
+#[cfg(all(feature = "flex", target_arch = "x86_64"))]
+pub mod bf16_gemm;
+pub mod bf16_matmul;
 pub mod cross_entropy;
 #[cfg(feature = "flex")]
 mod flex_tensor;
