@@ -29,10 +29,8 @@ pub fn forward_rows<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let dims = x.dims();
     let d_in = dims[D - 1];
     let rows = dims[..D - 1].iter().product();
-    let mut y = crate::kernels::bf16_matmul::weight_product(
-        x.reshape([rows, d_in]),
-        layer.weight.val(),
-    );
+    let mut y =
+        crate::kernels::bf16_matmul::weight_product(x.reshape([rows, d_in]), layer.weight.val());
     if let Some(bias) = &layer.bias {
         y = y + bias.val().unsqueeze::<2>();
     }

@@ -155,6 +155,13 @@ mod flex {
         fn scale(&self) -> f32 {
             1.0 / (self.d as f32).sqrt()
         }
+        /// Heads one thread takes at least: enough that waking a thread pays (decoding one
+        /// token touches a few thousand values per head, less than a wake-up costs).
+        fn heads_per_task(&self) -> usize {
+            const WORTH_A_THREAD: usize = 1 << 20;
+            let per_head = (self.tq * self.tk * self.d).max(1);
+            WORTH_A_THREAD.div_ceil(per_head)
+        }
     }
 
     /// A 4-d tensor read in place: its storage, start and strides, the last dimension
@@ -456,22 +463,25 @@ mod flex {
             let mut lse = vec![0.0f32; b * h * tq];
             let (base, out_rs) = (Rows(out.as_mut_ptr()), h * d);
             let arch = pulp::Arch::new();
-            lse.par_chunks_mut(tq).enumerate().for_each(|(bh, lse)| {
-                let (bi, hi) = (bh / h, bh % h);
-                let kv = hi / dims.groups();
-                // SAFETY: the first row of head hi in batch row bi, inside `out`.
-                let head = Rows(unsafe { base.at(bi * tq * out_rs + hi * d) });
-                arch.dispatch(|| {
-                    forward_head(
-                        dims,
-                        q.head(bi, hi),
-                        k.head(bi, kv),
-                        v.head(bi, kv),
-                        (head, out_rs),
-                        lse,
-                    )
+            lse.par_chunks_mut(tq)
+                .with_min_len(dims.heads_per_task())
+                .enumerate()
+                .for_each(|(bh, lse)| {
+                    let (bi, hi) = (bh / h, bh % h);
+                    let kv = hi / dims.groups();
+                    // SAFETY: the first row of head hi in batch row bi, inside `out`.
+                    let head = Rows(unsafe { base.at(bi * tq * out_rs + hi * d) });
+                    arch.dispatch(|| {
+                        forward_head(
+                            dims,
+                            q.head(bi, hi),
+                            k.head(bi, kv),
+                            v.head(bi, kv),
+                            (head, out_rs),
+                            lse,
+                        )
+                    });
                 });
-            });
             (tensor(out, [b, tq, h, d]).transpose(1, 2), lse)
         }
 
@@ -500,6 +510,7 @@ mod flex {
             dq.par_chunks_mut(per_group)
                 .zip(dk.par_chunks_mut(tk * d))
                 .zip(dv.par_chunks_mut(tk * d))
+                .with_min_len(dims.heads_per_task())
                 .enumerate()
                 .for_each(|(bk, ((dq, dk), dv))| {
                     let (bi, kv) = (bk / kvh, bk % kvh);

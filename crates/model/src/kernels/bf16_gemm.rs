@@ -8,7 +8,8 @@
 //! read transposed (strides), so the three products of a linear layer — `x·w`, `dy·wᵀ`, `xᵀ·dy`
 //! — take the same path. The microkernel keeps an `MR × NR` block of C in 24 registers and
 //! walks k two at a time: one broadcast of an A pair per row, one load of B pairs per 16
-//! columns. Panels of C are spread over rayon's threads.
+//! columns. Bands of C rows are spread over rayon's threads, a block of B panels sized for L2
+//! at a time.
 
 use rayon::prelude::*;
 use std::arch::x86_64::*;
@@ -49,7 +50,7 @@ impl<'a> Mat<'a> {
             ..self
         }
     }
-    #[inline(always)]
+    #[cfg(test)]
     fn at(&self, i: usize, j: usize) -> f32 {
         self.data[i * self.row_stride + j * self.col_stride]
     }
@@ -79,25 +80,61 @@ fn pairs(k: usize) -> usize {
 /// Packs `width` lines of `m` (rows of A when `by_row`, columns of B otherwise) starting at
 /// `first`, as `[pair][line]` words of bf16 pairs, zero beyond the matrix.
 fn pack_panel(m: &Mat, first: usize, width: usize, by_row: bool, out: &mut [u32]) {
-    let k = if by_row { m.cols } else { m.rows };
-    let lines = if by_row { m.rows } else { m.cols };
-    for (p, words) in out.chunks_exact_mut(width).enumerate() {
-        for (l, w) in words.iter_mut().enumerate() {
-            let line = first + l;
-            *w = if line >= lines {
-                0
-            } else {
+    // Element (line, kk) sits at data[line · ls + kk · ks].
+    let (k, lines, ls, ks) = if by_row {
+        (m.cols, m.rows, m.row_stride, m.col_stride)
+    } else {
+        (m.rows, m.cols, m.col_stride, m.row_stride)
+    };
+    let present = lines.saturating_sub(first).min(width);
+    let pair = |lo: f32, hi: f32| to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16;
+    out.fill(0);
+    if ks == 1 {
+        // Each line contiguous along k.
+        for l in 0..present {
+            let at = (first + l) * ls;
+            let line = &m.data[at..at + k];
+            let mut pairs = line.chunks_exact(2);
+            for (p, two) in (&mut pairs).enumerate() {
+                out[p * width + l] = pair(two[0], two[1]);
+            }
+            if let [last] = pairs.remainder() {
+                out[(k / 2) * width + l] = pair(*last, 0.0);
+            }
+        }
+    } else if ls == 1 {
+        // Each k contiguous along the lines: two k's at a time, interleaved.
+        for (p, words) in out.chunks_exact_mut(width).enumerate() {
+            let row = |kk: usize| {
+                let at = kk * ks + first;
+                (kk < k).then(|| &m.data[at..at + present])
+            };
+            match (row(2 * p), row(2 * p + 1)) {
+                (Some(lo), Some(hi)) => {
+                    for ((w, &a), &b) in words.iter_mut().zip(lo).zip(hi) {
+                        *w = pair(a, b);
+                    }
+                }
+                (Some(lo), None) => {
+                    for (w, &a) in words.iter_mut().zip(lo) {
+                        *w = pair(a, 0.0);
+                    }
+                }
+                _ => {}
+            }
+        }
+    } else {
+        for (p, words) in out.chunks_exact_mut(width).enumerate() {
+            for (l, w) in words.iter_mut().take(present).enumerate() {
                 let get = |kk: usize| {
-                    if kk >= k {
-                        0.0
-                    } else if by_row {
-                        m.at(line, kk)
+                    if kk < k {
+                        m.data[(first + l) * ls + kk * ks]
                     } else {
-                        m.at(kk, line)
+                        0.0
                     }
                 };
-                to_bf16(get(2 * p)) as u32 | (to_bf16(get(2 * p + 1)) as u32) << 16
-            };
+                *w = pair(get(2 * p), get(2 * p + 1));
+            }
         }
     }
 }
@@ -123,29 +160,36 @@ pub fn matmul(c: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
         .par_chunks_mut(kp * NR)
         .enumerate()
         .for_each(|(j, out)| pack_panel(&b, j * NR, NR, false, out));
-    // Each task: one band of MR rows of C, across every column panel (B stays in L2, shared).
-    c[..m * n]
-        .par_chunks_mut(MR * n)
-        .zip(a_packed.par_chunks(kp * MR))
-        .for_each(|(c_band, a_panel)| {
-            let rows = c_band.len() / n;
-            for (j, b_panel) in b_packed.chunks_exact(kp * NR).enumerate() {
-                let cols = NR.min(n - j * NR);
-                let mut block = [0.0f32; MR * NR];
-                // SAFETY: `available()` was checked by the caller; the panels hold kp words
-                // per line, as the microkernel reads.
-                unsafe { microkernel(kp, a_panel, b_panel, &mut block) };
-                for r in 0..rows {
-                    let dst = &mut c_band[r * n + j * NR..r * n + j * NR + cols];
-                    let src = &block[r * NR..r * NR + cols];
-                    if accumulate {
-                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                    } else {
-                        dst.copy_from_slice(src);
+    // Column panels go in blocks that stay in each core's L2 while every band of MR rows of C
+    // (one task each) runs across them.
+    const L2_SHARE: usize = 256 * 1024;
+    let per_block = (L2_SHARE / (kp * NR * 4)).max(1);
+    for (block_index, b_block) in b_packed.chunks(per_block * kp * NR).enumerate() {
+        let first_panel = block_index * per_block;
+        c[..m * n]
+            .par_chunks_mut(MR * n)
+            .zip(a_packed.par_chunks(kp * MR))
+            .for_each(|(c_band, a_panel)| {
+                let rows = c_band.len() / n;
+                for (jj, b_panel) in b_block.chunks_exact(kp * NR).enumerate() {
+                    let col = (first_panel + jj) * NR;
+                    let cols = NR.min(n - col);
+                    let mut block = [0.0f32; MR * NR];
+                    // SAFETY: `available()` was checked by the caller; the panels hold kp
+                    // words per line, as the microkernel reads.
+                    unsafe { microkernel(kp, a_panel, b_panel, &mut block) };
+                    for r in 0..rows {
+                        let dst = &mut c_band[r * n + col..r * n + col + cols];
+                        let src = &block[r * NR..r * NR + cols];
+                        if accumulate {
+                            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                        } else {
+                            dst.copy_from_slice(src);
+                        }
                     }
                 }
-            }
-        });
+            });
+    }
 }
 
 /// `block[MR][NR] = Σ_p a[p][0..MR] · b[p][0..NR]` over `kp` packed pairs.
@@ -199,7 +243,9 @@ mod tests {
         let mut c = vec![0.0; a.rows * b.cols];
         for i in 0..a.rows {
             for j in 0..b.cols {
-                c[i * b.cols + j] = (0..a.cols).map(|k| round(a.at(i, k)) * round(b.at(k, j))).sum();
+                c[i * b.cols + j] = (0..a.cols)
+                    .map(|k| round(a.at(i, k)) * round(b.at(k, j)))
+                    .sum();
             }
         }
         c
@@ -211,17 +257,34 @@ mod tests {
             eprintln!("no AVX512-BF16 on this CPU: nothing to test");
             return;
         }
-        for (m, k, n) in [(1, 1, 1), (3, 5, 7), (8, 2, 48), (17, 33, 50), (64, 129, 100)] {
+        for (m, k, n) in [
+            (1, 1, 1),
+            (3, 5, 7),
+            (8, 2, 48),
+            (17, 33, 50),
+            (64, 129, 100),
+        ] {
             let (av, bv) = (values(1, m * k), values(2, k * n));
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                let a = if ta { Mat::rows(&av, k, m).t() } else { Mat::rows(&av, m, k) };
-                let b = if tb { Mat::rows(&bv, n, k).t() } else { Mat::rows(&bv, k, n) };
+                let a = if ta {
+                    Mat::rows(&av, k, m).t()
+                } else {
+                    Mat::rows(&av, m, k)
+                };
+                let b = if tb {
+                    Mat::rows(&bv, n, k).t()
+                } else {
+                    Mat::rows(&bv, k, n)
+                };
                 let want = reference(&a, &b);
                 let mut c = vec![1.0f32; m * n];
                 matmul(&mut c, a, b, true);
                 for (got, want) in c.iter().zip(&want) {
                     let err = (*got as f64 - 1.0 - want).abs();
-                    assert!(err <= 1e-4 * (1.0 + want.abs()), "{m}x{k}x{n} {ta} {tb}: {got} vs {want}");
+                    assert!(
+                        err <= 1e-4 * (1.0 + want.abs()),
+                        "{m}x{k}x{n} {ta} {tb}: {got} vs {want}"
+                    );
                 }
             }
         }

@@ -50,6 +50,11 @@ pub fn set_precision(p: Precision) -> bool {
     on || p == Precision::F32
 }
 
+/// Whether the weight products run in bf16 now (set, and available).
+pub fn bf16_enabled() -> bool {
+    BF16.load(Ordering::Relaxed)
+}
+
 /// Whether this build and CPU can run the bf16 products.
 pub fn bf16_available() -> bool {
     #[cfg(all(feature = "flex", target_arch = "x86_64"))]
@@ -113,7 +118,10 @@ mod flex {
     fn mat(t: &FlexTensor) -> Mat<'_> {
         let (shape, strides) = (t.layout().shape(), t.layout().strides());
         Mat {
-            data: t.storage::<f32>().get(t.layout().start_offset()..).unwrap_or(&[]),
+            data: t
+                .storage::<f32>()
+                .get(t.layout().start_offset()..)
+                .unwrap_or(&[]),
             rows: shape[0],
             cols: shape[1],
             row_stride: strides[0] as usize,
@@ -208,7 +216,10 @@ mod tests {
             let v = crate::kernels::test_values(seed, shape[0] * shape[1], 2.0);
             Tensor::<2>::from_data(TensorData::new(v, shape), &device)
         };
-        let (x, w) = (make(1, [m, k]).require_grad(), make(2, [k, n]).require_grad());
+        let (x, w) = (
+            make(1, [m, k]).require_grad(),
+            make(2, [k, n]).require_grad(),
+        );
         // The weight read transposed too, as tied embeddings are.
         let w_t = make(3, [n, k]).require_grad();
         // The kernel called directly: the process-wide switch stays off for other tests.
@@ -240,10 +251,16 @@ mod tests {
                 // summed over k terms of both signs; scaled by the sum of |terms|' size.
                 let scale = (k as f32).sqrt() * 2.0;
                 for (x, y) in a.iter().zip(b) {
-                    assert!((x - y).abs() <= 0.02 * scale, "{what} {m}x{k}x{n}: {x} vs {y}");
+                    assert!(
+                        (x - y).abs() <= 0.02 * scale,
+                        "{what} {m}x{k}x{n}: {x} vs {y}"
+                    );
                 }
                 let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
-                assert!(same < a.len() || a.len() < 4, "{what}: bf16 changed nothing");
+                assert!(
+                    same < a.len() || a.len() < 4,
+                    "{what}: bf16 changed nothing"
+                );
             }
         }
     }

@@ -145,6 +145,23 @@ mod flex {
             dst.fill(0.0);
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::bf16_matmul::bf16_enabled() {
+            use crate::kernels::bf16_gemm::{matmul, Mat};
+            let mat = |data, rows, cols, (cs, rs): (isize, isize)| Mat {
+                data,
+                rows,
+                cols,
+                row_stride: rs as usize,
+                col_stride: cs as usize,
+            };
+            let (a, b) = (
+                mat(lhs, m, k, (lhs_cs, lhs_rs)),
+                mat(rhs, k, n, (rhs_cs, rhs_rs)),
+            );
+            matmul(dst, a, b, false);
+            return;
+        }
         // SAFETY: `dst` holds m·n values written row-major; `lhs` and `rhs` hold the m·k and
         // k·n values the strides address (checked by the callers' slicing).
         unsafe {
