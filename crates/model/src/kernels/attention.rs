@@ -398,14 +398,14 @@ mod flex {
                     dv,
                     (keys, d, n),
                     (p, transposed(keys)),
-                    (dout, rows(d)),
+                    (dout, rows(do_rs)),
                     1.0,
                     true,
                 );
                 gemm(
                     ds,
                     (n, keys, d),
-                    (dout, rows(d)),
+                    (dout, rows(do_rs)),
                     (v, transposed(v_rs)),
                     1.0,
                     false,
@@ -638,6 +638,53 @@ mod tests {
         let host = |t: Tensor<4>| t.into_data().iter::<f32>().collect::<Vec<_>>();
         let grad = |t: &Tensor<4>| t.grad(&grads).map(host).unwrap_or_default();
         [host(y), grad(&q_t), grad(&k_t), grad(&v_t)]
+    }
+
+    /// As the model calls it: q, k, v heads of one fused projection (v read in place as a
+    /// strided view), the output's heads put back side by side before the next product.
+    fn run_as_in_the_model(
+        f: fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>,
+        (b, h, t, d): (usize, usize, usize, usize),
+    ) -> [Vec<f32>; 2] {
+        let device = Device::default().autodiff();
+        let width = 3 * h * d;
+        let v = crate::kernels::test_values(7, b * t * width, 4.0);
+        let qkv = Tensor::<3>::from_data(TensorData::new(v, [b, t, width]), &device).require_grad();
+        let heads = |i: usize| {
+            qkv.clone()
+                .narrow(2, i * h * d, h * d)
+                .reshape([b, t, h, d])
+                .swap_dims(1, 2)
+        };
+        let (q, k) = (heads(0) * 1.0, heads(1) * 1.0);
+        let y = f(q, k, heads(2)).swap_dims(1, 2).reshape([b, t, h * d]);
+        let weights = Tensor::<3>::from_data(
+            TensorData::new(
+                crate::kernels::test_values(8, b * t * h * d, 2.0),
+                [b, t, h * d],
+            ),
+            &device,
+        );
+        let grads = (y.clone() * weights).sum().backward();
+        let host = |t: Tensor<3>| t.into_data().iter::<f32>().collect::<Vec<_>>();
+        [host(y), qkv.grad(&grads).map(host).unwrap_or_default()]
+    }
+
+    #[test]
+    fn the_kernel_matches_the_composition_on_the_models_layouts() {
+        for shape in [(2, 4, 64, 32), (3, 2, 100, 16)] {
+            let got = run_as_in_the_model(causal_attention, shape);
+            let want = run_as_in_the_model(causal_attention_reference, shape);
+            for (what, (a, w)) in ["out", "dqkv"].iter().zip(got.iter().zip(&want)) {
+                assert_eq!(a.len(), w.len(), "{what}");
+                for (i, (x, y)) in a.iter().zip(w).enumerate() {
+                    assert!(
+                        (x - y).abs() <= 2e-5 * (1.0 + y.abs()),
+                        "{what} {shape:?} [{i}]: {x} vs {y}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -118,10 +118,11 @@ mod flex {
         let angles = cos.layout().shape().clone();
         let (per_batch, per_position, d) = (angles[0] > 1, angles[2] > 1, angles[3]);
         let (x, cos, sin) = (x.to_contiguous(), cos.to_contiguous(), sin.to_contiguous());
+        // Contiguous, but possibly a window of a larger buffer (angles from a longer table).
         let (xs, cs, ss) = (
-            x.storage::<f32>(),
-            cos.storage::<f32>(),
-            sin.storage::<f32>(),
+            x.as_slice::<f32>().unwrap_or(&[]),
+            cos.as_slice::<f32>().unwrap_or(&[]),
+            sin.as_slice::<f32>().unwrap_or(&[]),
         );
         let mut y = vec![0.0f32; b * h * t * hd];
         let arch = pulp::Arch::new();
@@ -215,7 +216,13 @@ mod tests {
             Tensor::<4>::from_data(TensorData::new(v, shape), &device)
         };
         let x_t = make(1, x, 4.0).require_grad();
-        let (cos, sin) = (make(2, angles, 2.0), make(3, angles, 2.0));
+        // The angles as a window of a longer table, as `Rope::angles` hands them out.
+        let window = |seed: u64| {
+            let mut longer = angles;
+            longer[2] += 3;
+            make(seed, longer, 2.0).narrow(2, 2, angles[2])
+        };
+        let (cos, sin) = (window(2), window(3));
         let y = f(x_t.clone(), &cos, &sin);
         let grads = (y.clone() * make(4, x, 2.0)).sum().backward();
         let host = |t: Tensor<4>| t.into_data().iter::<f32>().collect::<Vec<_>>();
