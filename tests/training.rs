@@ -683,3 +683,55 @@ fn stochastic_routing_warm_up_changes_early_routing_and_resumes_exactly() {
     resumed.extend(losses(&second));
     assert_eq!(resumed, losses(&warm));
 }
+
+/// The fused kernels (attention, RoPE, RMSNorm, SwiGLU, cross-entropy, grouped experts, AdamW)
+/// train as their plain Burn compositions do (`NUWA_KERNELS=reference`): the same losses at
+/// every step, to float rounding, dense and MoE, through the binary as a user runs it.
+#[test]
+fn the_kernels_train_as_the_reference_path_does() {
+    let dir = TempDir::new("kernels-vs-reference");
+    for preset in ["tiny-dense", "tiny-moe"] {
+        let curve = |kernels: &str| {
+            let run = dir.path().join(format!("{preset}-{kernels}"));
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_nuwa"))
+                .env("NUWA_KERNELS", kernels)
+                .args([
+                    "train",
+                    "--preset",
+                    preset,
+                    "--steps",
+                    "40",
+                    "--batch-size",
+                    "4",
+                ])
+                .args(["--eval-every", "1000", "--checkpoint-every", "1000"])
+                .args(["--sample-tokens", "0", "--quiet", "--run-dir"])
+                .arg(&run)
+                .output()
+                .expect("running nuwa");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::fs::read_to_string(run.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v.get("step_seconds").is_some())
+                .filter_map(|v| v["loss"].as_f64())
+                .collect::<Vec<f64>>()
+        };
+        let (fused, reference) = (curve("fused"), curve("reference"));
+        assert_eq!(fused.len(), 40, "{preset}");
+        assert_eq!(fused.len(), reference.len(), "{preset}");
+        for (step, (a, b)) in fused.iter().zip(&reference).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs(),
+                "{preset} step {}: kernels {a}, reference {b}",
+                step + 1
+            );
+        }
+        assert!(fused[39] < fused[0], "{preset} did not train: {fused:?}");
+    }
+}
