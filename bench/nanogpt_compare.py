@@ -9,9 +9,10 @@ nanoGPT's README trains a baby character-level GPT on the CPU:
 This script runs exactly that, with nanoGPT's own `train.py` from a checkout you point it at
 (nothing of nanoGPT is in this repository), on ../shared/data/tinyshakespeare.txt, and then
 `nuwa train` on the same text with the same character vocabulary, context, batch, depth, width,
-heads, learning-rate schedule and iterations (nuwa's model: RMSNorm, RoPE, SwiGLU of width 512 —
-more weights than nanoGPT's GELU MLP, so nuwa does more work per step). Both get the same
-threads. It prints the median wall time per iteration of each and the ratio, and the final
+heads, learning-rate schedule and iterations. nuwa's model is its own architecture at nanoGPT's
+size (the issue's terms): RMSNorm, RoPE, and a SwiGLU of width 344, whose three matrices hold
+as many weights as nanoGPT's two-matrix GELU MLP of width 512 (3·128·344 ≈ 2·128·512). Both
+get the same threads. It prints the median wall time per iteration of each and the ratio, and the final
 validation losses, and writes bench/nanogpt_results.json.
 
     cargo build --release
@@ -71,7 +72,7 @@ def run_nuwa(work, iters, threads):
         os.path.join(data, "meta.json")) else 65
     model = os.path.join(work, "model.toml")
     with open(model, "w") as f:
-        f.write(f"vocab_size = {vocab}\nhidden_size = 128\nintermediate_size = 512\n"
+        f.write(f"vocab_size = {vocab}\nhidden_size = 128\nintermediate_size = 344\n"
                 "num_hidden_layers = 4\nnum_attention_heads = 4\nnum_key_value_heads = 4\n"
                 "max_position_embeddings = 64\nnum_experts = 0\ntie_word_embeddings = true\n")
     run_dir = os.path.join(work, "nuwa-run")
