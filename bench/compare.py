@@ -40,7 +40,10 @@ def run(cmd, threads):
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{err}")
     result = json.loads(out.strip().splitlines()[-1])
-    result["peak_rss_mib"] = usage.ru_maxrss / 1024.0  # Linux reports KiB
+    # Each side reports its own VmHWM. ru_maxrss (KiB on Linux) is the fallback only: it keeps
+    # the high-water mark across exec, so it would count this Python's memory as the child's.
+    if result.get("peak_rss_mib") is None:
+        result["peak_rss_mib"] = usage.ru_maxrss / 1024.0
     return result
 
 
@@ -68,7 +71,10 @@ def main():
     a = p.parse_args()
     if not os.path.exists(NUWA):
         sys.exit("build nuwa first: cargo build --release")
-    import torch  # noqa: F401  (fail early if the venv is missing)
+    # Fail early if the venv is missing (in a child: importing torch here would not count
+    # against either side, but there is no need to hold it).
+    if subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode:
+        sys.exit("PyTorch is missing: bash bench/setup.sh, then run this with .venv-bench/bin/python")
 
     rows = []
     for kind, shape in CASES:

@@ -206,6 +206,18 @@ def bench_decode(shape, new_tokens, repeats):
     return {"tokens_per_s": 1.0 / per, "median_step_s": per, "steps": new_tokens}
 
 
+def peak_rss_mib():
+    """This process's peak resident memory (VmHWM), MiB; getrusage's maxrss would carry the
+    parent's high-water mark across exec."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["train", "decode"])
@@ -225,7 +237,7 @@ def main():
         r = bench_train(a.shape, a.warmup, a.steps, a.compile, a.precision == "bf16")
     else:
         r = bench_decode(a.shape, a.new_tokens, a.steps)
-    r.update(shape=a.shape, kind=a.what, threads=torch.get_num_threads(), torch=torch.__version__,
+    r.update(peak_rss_mib=peak_rss_mib(), shape=a.shape, kind=a.what, threads=torch.get_num_threads(), torch=torch.__version__,
              compiled=a.compile and a.what == "train", precision=a.precision)
     print(json.dumps(r) if a.json else f"{a.what} {a.shape}: {r['tokens_per_s']:.0f} tokens/s")
 

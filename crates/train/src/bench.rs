@@ -93,6 +93,19 @@ pub struct BenchResult {
     /// Median seconds per phase of a training step: forward (with the loss), backward, optimizer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phases: Option<[f64; 3]>,
+    /// This process's peak resident memory (`VmHWM`, Linux), MiB. Not `getrusage`'s maxrss:
+    /// that keeps the high-water mark across `exec`, so a benchmark started from a large
+    /// process (a Python that imported torch) would report its parent's memory as its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// This process's peak resident memory in MiB, from `/proc/self/status` (Linux only).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -214,6 +227,7 @@ pub fn bench_train(
     let (b, t) = (shape.batch_size, shape.seq_len);
     let tokens_per_s = (b * t) as f64 / step;
     Ok(BenchResult {
+        peak_rss_mib: peak_rss_mib(),
         shape: shape.name.clone(),
         kind: "train".into(),
         tokens_per_s,
@@ -256,6 +270,7 @@ pub fn bench_decode(
     let fastest_step_s = fastest(&times);
     let per_token = median(times);
     Ok(BenchResult {
+        peak_rss_mib: peak_rss_mib(),
         shape: shape.name.clone(),
         kind: "decode".into(),
         tokens_per_s: 1.0 / per_token,
