@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 /// Elements per parallel task: large enough to amortise scheduling, small enough to spread.
-const CHUNK: usize = 1 << 14;
+const CHUNK: usize = 1 << 16;
 
 /// `e^x` to within ~2 ulp for normal results: `2^n · e^r` with `n = round(x / ln 2)` and a
 /// degree-6 polynomial for `e^r` on `|r| ≤ ln 2 / 2`. Below −87.3 (results under f32's normal
