@@ -98,7 +98,8 @@ class MoE(nn.Module):
         for e, expert in enumerate(self.experts):
             rows, slots = (idx == e).nonzero(as_tuple=True)
             if len(rows):
-                out.index_add_(0, rows, expert(x[rows]) * w[rows, slots, None])
+                # (under bf16 autocast the expert's output is bf16; the sum stays in x's dtype)
+                out.index_add_(0, rows, (expert(x[rows]) * w[rows, slots, None]).to(out.dtype))
         if self.shared is not None:
             out = out + self.shared(x)
         frac = counts.float() / idx.numel()
