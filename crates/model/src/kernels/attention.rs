@@ -676,13 +676,7 @@ mod tests {
             let got = run_as_in_the_model(causal_attention, shape);
             let want = run_as_in_the_model(causal_attention_reference, shape);
             for (what, (a, w)) in ["out", "dqkv"].iter().zip(got.iter().zip(&want)) {
-                assert_eq!(a.len(), w.len(), "{what}");
-                for (i, (x, y)) in a.iter().zip(w).enumerate() {
-                    assert!(
-                        (x - y).abs() <= 2e-5 * (1.0 + y.abs()),
-                        "{what} {shape:?} [{i}]: {x} vs {y}"
-                    );
-                }
+                crate::kernels::assert_close(&format!("{what} {shape:?}"), a, w, 2e-5);
             }
         }
     }
@@ -708,14 +702,8 @@ mod tests {
             let got = run(causal_attention, [b, h, tq, d], [b, kvh, tk, d]);
             let want = run(causal_attention_reference, [b, h, tq, d], [b, kvh, tk, d]);
             for (what, (a, w)) in ["out", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
-                assert_eq!(a.len(), w.len(), "{what}");
-                assert!(!a.is_empty(), "{what}");
-                for (x, y) in a.iter().zip(w) {
-                    assert!(
-                        (x - y).abs() <= 2e-5 * (1.0 + y.abs()),
-                        "{what} {b}x{h}/{kvh}x{tq}/{tk}x{d}: {x} vs {y}"
-                    );
-                }
+                let case = format!("{what} {b}x{h}/{kvh}x{tq}/{tk}x{d}");
+                crate::kernels::assert_close(&case, a, w, 2e-5);
             }
         }
     }

@@ -397,13 +397,7 @@ mod tests {
     }
 
     fn assert_close(what: &str, a: &[f32], b: &[f32]) {
-        assert_eq!(a.len(), b.len(), "{what}: lengths");
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
-                "{what}[{i}]: {x} vs {y}"
-            );
-        }
+        crate::kernels::assert_close(what, a, b, 1e-5);
     }
 
     #[test]

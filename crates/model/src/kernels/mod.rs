@@ -56,3 +56,17 @@ pub(crate) fn test_values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Asserts `got` and `want` hold the same number of values (at least one) and each pair is
+/// within `tol · (1 + |want|)`; `what` names the tensor and case in the message.
+#[cfg(test)]
+pub(crate) fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    assert!(!got.is_empty(), "{what}: no values");
+    for (i, (x, y)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "{what}[{i}]: {x} vs {y}"
+        );
+    }
+}

@@ -252,13 +252,7 @@ mod tests {
             let got = run(rms_norm, shape);
             let want = run(rms_norm_reference, shape);
             for (what, (a, b)) in ["y", "dx", "dw"].iter().zip(got.iter().zip(&want)) {
-                assert_eq!(a.len(), b.len(), "{what}");
-                for (x, y) in a.iter().zip(b) {
-                    assert!(
-                        (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                        "{what} {shape:?}: {x} vs {y}"
-                    );
-                }
+                crate::kernels::assert_close(&format!("{what} {shape:?}"), a, b, 1e-4);
             }
         }
     }

@@ -246,14 +246,7 @@ mod tests {
             let got = run(rope, x, angles);
             let want = run(rope_reference, x, angles);
             for (what, (a, w)) in ["y", "dx"].iter().zip(got.iter().zip(&want)) {
-                assert_eq!(a.len(), w.len(), "{what}");
-                assert!(!a.is_empty(), "{what}");
-                for (p, r) in a.iter().zip(w) {
-                    assert!(
-                        (p - r).abs() <= 1e-6 * (1.0 + r.abs()),
-                        "{what} {x:?}: {p} vs {r}"
-                    );
-                }
+                crate::kernels::assert_close(&format!("{what} {x:?}"), a, w, 1e-6);
             }
         }
     }

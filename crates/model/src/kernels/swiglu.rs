@@ -175,13 +175,7 @@ mod tests {
             let got = run(swiglu, rows, cols);
             let want = run(swiglu_reference, rows, cols);
             for (what, (a, b)) in ["y", "dgate", "dup"].iter().zip(got.iter().zip(&want)) {
-                assert_eq!(a.len(), b.len());
-                for (x, y) in a.iter().zip(b) {
-                    assert!(
-                        (x - y).abs() <= 2e-6 * (1.0 + y.abs()),
-                        "{what} {rows}x{cols}: {x} vs {y}"
-                    );
-                }
+                crate::kernels::assert_close(&format!("{what} {rows}x{cols}"), a, b, 2e-6);
             }
         }
     }
