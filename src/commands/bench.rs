@@ -31,6 +31,10 @@ pub struct BenchArgs {
     new_tokens: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Decode this Hugging Face checkpoint folder instead of a random model of `--shape` (to
+    /// time the very model another program decodes, as bench/llamacpp_compare.py does).
+    #[arg(long)]
+    hf: Option<std::path::PathBuf>,
     /// Precision of the weight products: f32, or bf16 (bf16 × bf16 → f32, as PyTorch's bf16
     /// autocast; needs AVX512-BF16).
     #[arg(long, default_value = "f32")]
@@ -41,7 +45,7 @@ pub struct BenchArgs {
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
-    use nuwa_train::bench::{bench_decode, bench_shape, bench_train};
+    use nuwa_train::bench::{bench_decode, bench_shape, bench_train, time_decode};
     let device = device::parse_device(&a.device)?;
     let peak = nuwa_core::hardware::peak_flops(&a.device, None)?;
     let shape = bench_shape(&a.shape)?;
@@ -52,8 +56,19 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         bail!("--precision bf16: this CPU has no AVX512-BF16 (or this build no CPU backend)");
     }
     let result = match a.what {
+        BenchKind::Train if a.hf.is_some() => {
+            bail!("--hf: only `nuwa bench decode` takes a checkpoint")
+        }
         BenchKind::Train => bench_train(&shape, &device, a.warmup, a.steps, peak)?,
-        BenchKind::Decode => bench_decode(&shape, &device, a.new_tokens, a.steps, peak)?,
+        BenchKind::Decode => match &a.hf {
+            Some(dir) => {
+                let ckpt = nuwa_hf::HfCheckpoint::open(dir)?;
+                let model = ckpt.load_model(&device)?;
+                let name = dir.display().to_string();
+                time_decode(&name, &model, &ckpt.config, &device, a.new_tokens, a.steps, peak)?
+            }
+            None => bench_decode(&shape, &device, a.new_tokens, a.steps, peak)?,
+        },
     };
     if a.json {
         println!("{}", serde_json::to_string(&result)?);

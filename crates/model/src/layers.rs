@@ -4,6 +4,7 @@
 
 use crate::cache::{Attend, KvStore, Positions};
 use crate::kernels::attention::{causal_attention, repeat_kv};
+use crate::trace;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig};
 use burn::tensor::activation::softmax;
@@ -247,9 +248,15 @@ impl Attention {
             Some(n) => n.forward(x),
             None => x,
         };
-        let q = apply_rope(norm(heads(0, h), &self.query_layernorm), cos, sin);
-        let k = apply_rope(norm(heads(h, kvh), &self.key_layernorm), cos, sin);
-        let v = heads(h + kvh, kvh);
+        let q = trace::tap(
+            "attention.query",
+            apply_rope(norm(heads(0, h), &self.query_layernorm), cos, sin),
+        );
+        let k = trace::tap(
+            "attention.key",
+            apply_rope(norm(heads(h, kvh), &self.key_layernorm), cos, sin),
+        );
+        let v = trace::tap("attention.value", heads(h + kvh, kvh));
         let attend = match store {
             Some(store) => store.store(layer, k, v),
             None => Attend {
@@ -276,6 +283,7 @@ impl Attention {
                 self.dropout.forward(softmax(scores, 3)).matmul(values)
             }
         };
+        let out = trace::tap("attention.core", out);
         forward_rows(&self.dense, out.swap_dims(1, 2).reshape([b, t, h * d]))
     }
 }

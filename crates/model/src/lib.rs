@@ -9,6 +9,7 @@ pub mod model;
 pub mod moe;
 pub mod names;
 pub mod path;
+pub mod trace;
 pub mod weights;
 
 pub use cache::{KvCache, KvStore, Positions};

@@ -18,6 +18,7 @@ use crate::cache::{KvCache, KvStore, Positions};
 use crate::layers::{linear, Attention, RmsNorm, Rope, SwiGlu, INIT_STD};
 use crate::moe::{Moe, RouterStats};
 use crate::path::{by_path, ReadParam};
+use crate::trace;
 use crate::ModelConfig;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear};
@@ -59,19 +60,29 @@ impl DecoderLayer {
         index: usize,
         store: Option<&mut dyn KvStore>,
     ) -> (Tensor<3>, Option<RouterStats>) {
-        let h = self.input_layernorm.forward(x.clone());
-        let attn = self.attention.forward(h, cos, sin, index, store);
+        // Taps (see trace.rs) name this layer `layers.N`; an MTP layer's decoder is traced by
+        // its output only.
+        let _scope = (index != usize::MAX).then(|| trace::scope(|| format!("layers.{index}")));
+        let h = trace::tap(
+            "input_layernorm",
+            self.input_layernorm.forward(x.clone()),
+        );
+        let attn = trace::tap("attention", self.attention.forward(h, cos, sin, index, store));
         let x = x + self.dropout.forward(attn);
-        let normed = self.post_attention_layernorm.forward(x.clone());
+        let normed = trace::tap(
+            "post_attention_layernorm",
+            self.post_attention_layernorm.forward(x.clone()),
+        );
         let (ffn, stats) = match (&self.mlp, &self.moe) {
             (_, Some(moe)) => {
                 let (y, stats) = moe.forward(normed);
-                (y, Some(stats))
+                (trace::tap("moe", y), Some(stats))
             }
-            (Some(mlp), None) => (mlp.forward(normed), None),
+            (Some(mlp), None) => (trace::tap("mlp", mlp.forward(normed)), None),
             (None, None) => (Tensor::zeros(normed.dims(), &normed.device()), None),
         };
-        (x + self.dropout.forward(ffn), stats)
+        let out = x + self.dropout.forward(ffn);
+        (trace::tap("", out), stats)
     }
 }
 
@@ -214,7 +225,7 @@ impl LanguageModel {
             Logits::Last => hidden.narrow(1, len - 1, 1),
         };
         ForwardOutput {
-            logits: self.head(x),
+            logits: trace::tap("lm_head", self.head(x)),
             router,
         }
     }
@@ -231,9 +242,11 @@ impl LanguageModel {
             .as_ref()
             .map_or(Positions::Span(0), |s| s.positions(len));
         let (cos, sin) = self.rope.angles(&positions, len, &device);
-        let mut x = self
-            .embedding_dropout
-            .forward(self.word_embeddings.forward(tokens));
+        let mut x = trace::tap(
+            "word_embeddings",
+            self.embedding_dropout
+                .forward(self.word_embeddings.forward(tokens)),
+        );
         let mut router = Vec::new();
         for (index, layer) in self.layers.iter().enumerate() {
             let layer_store = store.as_mut().map(|s| &mut **s as &mut dyn KvStore);
@@ -244,7 +257,7 @@ impl LanguageModel {
         if let Some(store) = store {
             store.advance(len);
         }
-        (self.norm.forward(x), router)
+        (trace::tap("norm", self.norm.forward(x)), router)
     }
 
     /// Training's forward pass: the logits at every position and, per MTP layer k (1-based),
@@ -255,7 +268,7 @@ impl LanguageModel {
         let device = tokens.device();
         let [b, len] = tokens.dims();
         let (mut hidden, mut router) = self.trunk(tokens.clone(), None);
-        let logits = self.head(hidden.clone());
+        let logits = trace::tap("lm_head", self.head(hidden.clone()));
         let (cos, sin) = self.rope.angles(&Positions::Span(0), len, &device);
         let mut mtp_logits = Vec::with_capacity(self.mtp_layers.len());
         for (i, mtp) in self.mtp_layers.iter().enumerate() {

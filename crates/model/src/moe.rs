@@ -4,6 +4,7 @@
 //! and vLLM store them): the layout a grouped GEMM and expert-parallel slicing both need.
 
 use crate::layers::{linear, SwiGlu};
+use crate::trace;
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear};
 use burn::tensor::activation::{log_softmax, sigmoid, silu, softmax};
@@ -219,7 +220,7 @@ impl Moe {
         let num_experts = self.experts.len();
         let device = x.device();
 
-        let logits = self.warm_up(self.gate.forward(x.clone()));
+        let logits = trace::tap("moe.gate", self.warm_up(self.gate.forward(x.clone())));
         let by_scores = self.sigmoid || self.n_group > 1 || self.expert_bias.is_some();
         let (probs, top_w, assignments) = if by_scores {
             self.route_by_scores(logits.clone())
@@ -234,6 +235,8 @@ impl Moe {
             let assignments: Vec<i64> = top_i.into_data().iter::<i64>().collect();
             (probs, top_w, assignments)
         };
+
+        trace::tap_ids("moe.experts_chosen", &assignments, vec![n, self.top_k]);
 
         // Group the (token, slot) assignments by expert on the host: this is the one sync
         // per MoE layer, and what lets each expert see only its own tokens.

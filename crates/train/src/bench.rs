@@ -98,6 +98,12 @@ pub struct BenchResult {
     /// process (a Python that imported torch) would report its parent's memory as its own.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_mib: Option<f64>,
+    /// Decoding only: the prompt and the greedy output, so that another program's decoding of
+    /// the same checkpoint can be checked token by token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_ids: Option<Vec<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_ids: Option<Vec<u32>>,
 }
 
 /// This process's peak resident memory in MiB, from `/proc/self/status` (Linux only).
@@ -237,6 +243,8 @@ pub fn bench_train(
         mfu: peak_flops.map(|p| bench.flops_per_step / step / p),
         threads: threads(),
         phases: Some(phases),
+        prompt_ids: None,
+        output_ids: None,
     })
 }
 
@@ -248,8 +256,29 @@ pub fn bench_decode(
     repeats: usize,
     peak_flops: Option<f64>,
 ) -> Result<BenchResult> {
-    let cfg = &shape.model;
-    let model = LanguageModel::new(cfg, device, 0);
+    let model = LanguageModel::new(&shape.model, device, 0);
+    time_decode(
+        &shape.name,
+        &model,
+        &shape.model,
+        device,
+        new_tokens,
+        repeats,
+        peak_flops,
+    )
+}
+
+/// Greedy decoding of `new_tokens` after a 16-token prompt, batch 1, with the KV cache, on a
+/// given model (`nuwa bench decode --hf DIR` times a checkpoint another program also runs).
+pub fn time_decode(
+    name: &str,
+    model: &LanguageModel,
+    cfg: &ModelConfig,
+    device: &Device,
+    new_tokens: usize,
+    repeats: usize,
+    peak_flops: Option<f64>,
+) -> Result<BenchResult> {
     let prompt: Vec<u32> = random_tokens(16, cfg.vocab_size, 2)
         .iter()
         .map(|&i| i as u32)
@@ -260,9 +289,11 @@ pub fn bench_decode(
         ..Default::default()
     };
     let mut times = Vec::new();
+    let mut output = Vec::new();
     for i in 0..repeats + 1 {
         let started = Instant::now();
-        let out = generate(&model, &prompt, &opts, device, |_| {});
+        let out = generate(model, &prompt, &opts, device, |_| {});
+        output = out.clone();
         if i > 0 {
             times.push(started.elapsed().as_secs_f64() / out.len().max(1) as f64);
         }
@@ -271,7 +302,7 @@ pub fn bench_decode(
     let per_token = median(times);
     Ok(BenchResult {
         peak_rss_mib: peak_rss_mib(),
-        shape: shape.name.clone(),
+        shape: name.to_string(),
         kind: "decode".into(),
         tokens_per_s: 1.0 / per_token,
         median_step_s: per_token,
@@ -281,5 +312,7 @@ pub fn bench_decode(
         mfu: peak_flops.map(|p| 2.0 * cfg.counts(1).active_params as f64 / per_token / p),
         threads: threads(),
         phases: None,
+        prompt_ids: Some(prompt),
+        output_ids: Some(output),
     })
 }
