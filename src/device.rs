@@ -1,5 +1,9 @@
 //! `--device cpu | cuda:N | rocm:N | vulkan:N | wgpu:N | metal:N`: the Burn device to run on.
 //! Each GPU kind needs its cargo feature; asking for one that is not compiled in says which.
+//! `cpu` is the fastest CPU backend built in (flex); `flex` and `ndarray` name a CPU backend
+//! explicitly (a build with both can compare them: `nuwa parity --devices cpu,ndarray`).
+//! `wgpu:N` is the N-th adapter wgpu finds, whatever its kind: on a machine whose only
+//! Vulkan driver is a software one (Mesa's lavapipe), `wgpu:0` is that CPU adapter.
 
 use anyhow::{bail, Result};
 use burn::tensor::Device;
@@ -22,6 +26,19 @@ pub fn parse_device(name: &str) -> Result<Device> {
     match kind {
         "cpu" if index == 0 => cpu_device(name),
         "cpu" => bail!("--device {name}: there is one CPU device; use `cpu`"),
+        "flex" => {
+            #[cfg(feature = "flex")]
+            return Ok(Device::flex());
+            #[cfg(not(feature = "flex"))]
+            return missing("flex");
+        }
+        "ndarray" => {
+            #[cfg(feature = "ndarray")]
+            #[allow(deprecated)]
+            return Ok(Device::ndarray());
+            #[cfg(not(feature = "ndarray"))]
+            return missing("ndarray");
+        }
         "cuda" => {
             #[cfg(feature = "cuda")]
             return Ok(Device::cuda(index));
@@ -42,7 +59,7 @@ pub fn parse_device(name: &str) -> Result<Device> {
         }
         "wgpu" => {
             #[cfg(feature = "wgpu")]
-            return Ok(Device::wgpu(burn::tensor::DeviceKind::DiscreteGpu(index)));
+            return wgpu_adapter(name, index);
             #[cfg(not(feature = "wgpu"))]
             return missing("wgpu");
         }
@@ -52,7 +69,24 @@ pub fn parse_device(name: &str) -> Result<Device> {
             #[cfg(not(feature = "metal"))]
             return missing("metal");
         }
-        _ => bail!("--device {name}: unknown device kind `{kind}` (expected cpu, cuda:N, rocm:N, vulkan:N, wgpu:N or metal:N)"),
+        _ => bail!("--device {name}: unknown device kind `{kind}` (expected cpu, cuda:N, rocm:N, vulkan:N, wgpu:N, metal:N, flex or ndarray)"),
+    }
+}
+
+/// The `index`-th adapter wgpu enumerates (discrete, integrated, virtual or CPU alike).
+#[cfg(feature = "wgpu")]
+fn wgpu_adapter(name: &str, index: usize) -> Result<Device> {
+    let adapters = Device::enumerate(burn::tensor::DeviceType::Wgpu);
+    match adapters.get(index) {
+        Some(device) => Ok(device.clone()),
+        None if adapters.is_empty() => bail!(
+            "--device {name}: wgpu finds no adapter (no GPU driver; on a machine without a GPU, \
+             Mesa's software Vulkan driver gives one: apt-get install mesa-vulkan-drivers)"
+        ),
+        None => bail!(
+            "--device {name}: wgpu finds {} adapter(s), numbered from 0",
+            adapters.len()
+        ),
     }
 }
 

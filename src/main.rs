@@ -11,7 +11,9 @@ mod device;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Parser, Subcommand};
-use commands::{bench, data, export, import, inspect, launch, merge, plan, sample, serve, train};
+use commands::{
+    bench, data, export, import, inspect, launch, merge, parity, plan, sample, serve, train,
+};
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +54,9 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Time training steps or decoding on the benchmark shapes (see bench/).
     Bench(bench::BenchArgs),
+    /// Check that devices train the same: one recipe on several devices (or two dumps),
+    /// compared tensor by tensor — forward, router, gradients, weights — and the loss per step.
+    Parity(parity::ParityArgs),
 }
 
 /// mimalloc's `mi_option_purge_delay` (the same index in its v2 and v3 headers).
@@ -76,6 +81,7 @@ fn main() {
         Command::Plan(a) => plan::run(*a),
         Command::Serve(a) => serve::serve(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Parity(a) => parity::parity(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -65,7 +65,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 let ckpt = nuwa_hf::HfCheckpoint::open(dir)?;
                 let model = ckpt.load_model(&device)?;
                 let name = dir.display().to_string();
-                time_decode(&name, &model, &ckpt.config, &device, a.new_tokens, a.steps, peak)?
+                time_decode(
+                    &name,
+                    &model,
+                    &ckpt.config,
+                    &device,
+                    a.new_tokens,
+                    a.steps,
+                    peak,
+                )?
             }
             None => bench_decode(&shape, &device, a.new_tokens, a.steps, peak)?,
         },

@@ -7,6 +7,7 @@ pub mod import;
 pub mod inspect;
 pub mod launch;
 pub mod merge;
+pub mod parity;
 pub mod plan;
 pub mod sample;
 pub mod serve;

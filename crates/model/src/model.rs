@@ -63,11 +63,11 @@ impl DecoderLayer {
         // Taps (see trace.rs) name this layer `layers.N`; an MTP layer's decoder is traced by
         // its output only.
         let _scope = (index != usize::MAX).then(|| trace::scope(|| format!("layers.{index}")));
-        let h = trace::tap(
-            "input_layernorm",
-            self.input_layernorm.forward(x.clone()),
+        let h = trace::tap("input_layernorm", self.input_layernorm.forward(x.clone()));
+        let attn = trace::tap(
+            "attention",
+            self.attention.forward(h, cos, sin, index, store),
         );
-        let attn = trace::tap("attention", self.attention.forward(h, cos, sin, index, store));
         let x = x + self.dropout.forward(attn);
         let normed = trace::tap(
             "post_attention_layernorm",

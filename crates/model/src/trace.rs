@@ -191,7 +191,10 @@ mod tests {
         {
             let _layer = scope(|| "layers.1".into());
             let out = tap("mlp", x.clone());
-            assert_eq!(out.into_data().iter::<f32>().collect::<Vec<_>>(), [1.5, 2.5]);
+            assert_eq!(
+                out.into_data().iter::<f32>().collect::<Vec<_>>(),
+                [1.5, 2.5]
+            );
             tap_ids("moe.experts_chosen", &[3, 0], vec![1, 2]);
             tap("", x.clone());
         }

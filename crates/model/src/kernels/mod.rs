@@ -34,11 +34,29 @@ pub fn runs_on<const D: usize>(t: &burn::tensor::Tensor<D>) -> bool {
     t.dtype() == burn::tensor::DType::F32 && has_kernel(&t.device())
 }
 
+thread_local! {
+    static REFERENCE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every op this thread dispatches on its reference composition, as
+/// `NUWA_KERNELS=reference` does for a whole process (`nuwa parity --devices cpu,cpu-reference`
+/// compares the two paths in one process).
+pub fn with_reference_path<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            REFERENCE_ONLY.with(|r| r.set(self.0));
+        }
+    }
+    let _restore = Restore(REFERENCE_ONLY.with(|r| r.replace(true)));
+    f()
+}
+
 /// Whether the kernels run on `device` (flex, directly or under autodiff, and not switched
 /// off); elsewhere every op takes its reference composition.
 pub fn has_kernel(device: &burn::tensor::Device) -> bool {
     #[cfg(feature = "flex")]
-    if kernels_enabled() && flex_tensor::is_flex(device) {
+    if kernels_enabled() && !REFERENCE_ONLY.with(|r| r.get()) && flex_tensor::is_flex(device) {
         return true;
     }
     let _ = device;

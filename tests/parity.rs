@@ -1,0 +1,221 @@
+//! `nuwa parity`: the same training on two devices (or two paths of one), compared tensor by
+//! tensor. On every build: the CPU with its kernels against the CPU with every op on its
+//! plain Burn composition, and a deliberately perturbed op located where it was perturbed.
+//! With `--features ndarray` / `--features wgpu` (CI builds both, with Mesa's software Vulkan
+//! driver installed), the other backends against flex.
+#![cfg(feature = "flex")]
+
+mod common;
+
+use common::{assert_clean_error, nuwa, TempDir};
+use nuwa_model::trace::Perturbation;
+use nuwa_model::ModelConfig;
+use nuwa_parity::{run_targets, Kind, Recipe, Target};
+use serde_json::Value;
+
+fn recipe(preset: &str, steps: usize) -> Recipe {
+    let mut model = ModelConfig::preset(preset).unwrap();
+    model.num_hidden_layers = 3;
+    Recipe {
+        model,
+        seed: 7,
+        batch_size: 2,
+        seq_len: 32,
+        steps,
+        lr: 1e-3,
+        weight_decay: 0.1,
+        grad_clip: 1.0,
+        aux_loss_coef: 0.015,
+        z_loss_coef: 1e-4,
+    }
+}
+
+fn cpu(name: &str, reference_path: bool) -> Target {
+    Target {
+        name: name.into(),
+        device: burn::tensor::Device::flex(),
+        reference_path,
+    }
+}
+
+#[test]
+fn the_kernels_and_the_reference_path_agree_tensor_by_tensor() {
+    for preset in ["tiny-dense", "tiny-moe"] {
+        let r = recipe(preset, 5);
+        let (report, runs) = run_targets(
+            &r,
+            &[cpu("cpu", false), cpu("cpu-reference", true)],
+            None,
+            |_| {},
+        )
+        .unwrap();
+        let pair = &report.pairs[0];
+        assert!(pair.ok, "{preset}: {}", report.verdicts()[0]);
+        // Everything the step computes was compared: taps of every layer, the router's
+        // choices on MoE, a gradient and an updated weight per parameter.
+        let count = |k: Kind| pair.entries.iter().filter(|e| e.kind == k).count();
+        let params = runs[0]
+            .dump
+            .entries
+            .iter()
+            .filter(|e| e.kind == Kind::Weight)
+            .count();
+        assert!(count(Kind::Forward) >= 3 * 8 + 3, "{preset}");
+        assert_eq!(count(Kind::Gradient), params, "{preset}");
+        assert_eq!(
+            count(Kind::Router),
+            if preset == "tiny-moe" { 2 } else { 0 }
+        );
+        assert_eq!(pair.loss_a.len(), 5);
+        // The two paths are different arithmetic, not the same code twice.
+        assert!(
+            pair.entries.iter().any(|e| e.distance.max_abs > 0.0),
+            "{preset}: bit-identical, so nothing was switched"
+        );
+    }
+}
+
+#[test]
+fn a_perturbed_op_is_found_where_it_was_perturbed() {
+    for (preset, op) in [
+        ("tiny-moe", "layers.1.attention.core"),
+        ("tiny-moe", "layers.2.moe.gate"),
+        ("tiny-dense", "layers.2.mlp"),
+        ("tiny-dense", "layers.0.attention.key"),
+    ] {
+        let r = recipe(preset, 2);
+        let perturb = Perturbation {
+            name: op.into(),
+            delta: 1e-2,
+        };
+        let (report, _) = run_targets(
+            &r,
+            &[cpu("cpu", false), cpu("cpu-perturbed", false)],
+            Some((1, perturb)),
+            |_| {},
+        )
+        .unwrap();
+        let pair = &report.pairs[0];
+        assert!(!pair.ok);
+        assert_eq!(
+            pair.first_divergence.as_deref(),
+            Some(format!("forward {op}").as_str()),
+            "{preset}"
+        );
+        assert!(report.verdicts()[0].contains(op));
+    }
+}
+
+fn run_cli(devices: &str, preset: &str, steps: &str, dir: &TempDir) -> Value {
+    let out_dir = dir
+        .path()
+        .join(format!("report-{}", devices.replace([',', ':'], "-")));
+    let out = nuwa(&[
+        "parity",
+        "--devices",
+        devices,
+        "--preset",
+        preset,
+        "--steps",
+        steps,
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--dump-dir",
+        dir.path().join("dumps").to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{devices} {preset}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("matches"), "{stdout}");
+    assert!(out_dir.join("parity.md").is_file());
+    assert!(out_dir.join("loss-difference.svg").is_file());
+    let json = std::fs::read_to_string(out_dir.join("parity.json")).unwrap();
+    serde_json::from_str(&json).unwrap()
+}
+
+#[test]
+fn the_command_reports_and_its_dumps_compare_again() {
+    let dir = TempDir::new("parity-cli");
+    let report = run_cli("cpu,cpu-reference", "tiny-moe", "3", &dir);
+    assert_eq!(report["pairs"][0]["ok"], Value::Bool(true));
+    assert_eq!(report["pairs"][0]["loss_a"].as_array().unwrap().len(), 3);
+
+    // The dumps it wrote, compared on their own, agree the same way.
+    let dumps = dir.path().join("dumps");
+    let (a, b) = (dumps.join("cpu-reference"), dumps.join("cpu"));
+    let out_dir = dir.path().join("compare");
+    let out = nuwa(&[
+        "parity",
+        "compare",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("matches"));
+
+    // A dump of another model does not match: the command says where they part and fails.
+    let moe = dir.path().join("moe");
+    std::fs::rename(&b, &moe).unwrap();
+    run_cli("cpu,cpu-reference", "tiny-dense", "1", &dir);
+    let out = nuwa(&[
+        "parity",
+        "compare",
+        b.to_str().unwrap(),
+        moe.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("part first at"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Bad input: one clear line.
+    std::fs::write(a.join("tensors.safetensors"), b"truncated").unwrap();
+    let out = nuwa(&[
+        "parity",
+        "compare",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+    ]);
+    assert_clean_error(&out, "tensors.safetensors");
+    let out = nuwa(&["parity", "--devices", "cpu"]);
+    assert_clean_error(&out, "--devices");
+    let out = nuwa(&["parity", "--devices", "cpu,tpu:0"]);
+    assert_clean_error(&out, "tpu");
+}
+
+/// The other CPU backend, executed: every tensor of a step and 20 steps' losses against flex.
+#[cfg(feature = "ndarray")]
+#[test]
+fn ndarray_trains_as_flex_does() {
+    let dir = TempDir::new("parity-ndarray");
+    for preset in ["tiny-dense", "tiny-moe"] {
+        let report = run_cli("cpu,ndarray", preset, "20", &dir);
+        assert_eq!(report["pairs"][0]["ok"], Value::Bool(true), "{preset}");
+    }
+}
+
+/// wgpu (on a machine without a GPU: Mesa's software Vulkan driver) against flex.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_trains_as_flex_does() {
+    let dir = TempDir::new("parity-wgpu");
+    for preset in ["tiny-dense", "tiny-moe"] {
+        let report = run_cli("cpu,wgpu:0", preset, "20", &dir);
+        assert_eq!(report["pairs"][0]["ok"], Value::Bool(true), "{preset}");
+    }
+}
