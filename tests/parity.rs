@@ -46,6 +46,7 @@ fn the_kernels_and_the_reference_path_agree_tensor_by_tensor() {
             &r,
             &[cpu("cpu", false), cpu("cpu-reference", true)],
             None,
+            None,
             |_| {},
         )
         .unwrap();
@@ -91,6 +92,7 @@ fn a_perturbed_op_is_found_where_it_was_perturbed() {
         let (report, _) = run_targets(
             &r,
             &[cpu("cpu", false), cpu("cpu-perturbed", false)],
+            None,
             Some((1, perturb)),
             |_| {},
         )
@@ -218,4 +220,92 @@ fn wgpu_trains_as_flex_does() {
         let report = run_cli("cpu,wgpu:0", preset, "20", &dir);
         assert_eq!(report["pairs"][0]["ok"], Value::Bool(true), "{preset}");
     }
+}
+
+fn losses(run: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v.get("loss").and_then(Value::as_f64))
+        .collect()
+}
+
+#[test]
+fn dumps_and_parity_checks_in_a_training_run_leave_the_training_unchanged() {
+    let dir = TempDir::new("parity-train");
+    let train = |name: &str, extra: &[&str]| {
+        let run = dir.path().join(name);
+        let mut args = vec![
+            "train",
+            "--preset",
+            "tiny-moe",
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--quiet",
+            "--sample-tokens",
+            "0",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = nuwa(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        run
+    };
+    let plain = train("plain", &[]);
+    let dumped = train("dumped", &["--dump-tensors", "1,3"]);
+    let checked = train("checked", &["--parity-every", "2"]);
+    assert_eq!(losses(&plain), losses(&dumped));
+    assert_eq!(losses(&plain), losses(&checked));
+    assert_eq!(losses(&plain).len(), 4);
+
+    // Steps 2 and 4 carry the divergence from the reference path, within tolerance.
+    let records: Vec<Value> = std::fs::read_to_string(checked.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &Value| v.get("loss").is_some())
+        .collect();
+    let checks: Vec<&Value> = records
+        .iter()
+        .filter(|r| r.get("parity_ok").is_some())
+        .collect();
+    assert_eq!(checks.len(), 2);
+    for c in checks {
+        assert_eq!(c["parity_ok"], Value::Bool(true), "{c}");
+        assert_eq!(c["parity_device"], "cpu-reference");
+        let g = c["parity_gradient_max"].as_f64().unwrap();
+        assert!(g > 0.0 && g < 1e-3, "{c}");
+    }
+
+    // The dumps hold the steps asked for, and the same step dumped twice compares equal.
+    let d1 = dumped.join("dumps/step-00000001");
+    assert!(dumped.join("dumps/step-00000003/dump.json").is_file());
+    assert!(!dumped.join("dumps/step-00000002").exists());
+    let again = train("again", &["--dump-tensors", "1"]);
+    let out = nuwa(&[
+        "parity",
+        "compare",
+        d1.to_str().unwrap(),
+        again.join("dumps/step-00000001").to_str().unwrap(),
+        "--out",
+        dir.path().join("report").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let out = nuwa(&["train", "--dump-tensors", "0", "--steps", "1"]);
+    assert_clean_error(&out, "--dump-tensors 0");
 }

@@ -39,6 +39,7 @@ fn options(run: &Path, config: RunConfig, resume: bool) -> TrainOptions {
         resume_overrides: Default::default(),
         allow_data_change: false,
         sync_checkpoints: false,
+        step_hook: None,
     }
 }
 

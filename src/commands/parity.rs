@@ -37,6 +37,10 @@ pub struct RunArgs {
     /// A model config file (HF config.json or TOML) instead of a preset.
     #[arg(long)]
     model_config: Option<PathBuf>,
+    /// A Hugging Face checkpoint folder: its model and weights instead of a seeded one (its
+    /// dump can then be compared with tests/reference/torch_dump.py's of the same folder).
+    #[arg(long, conflicts_with_all = ["preset", "model_config"])]
+    hf: Option<PathBuf>,
     /// Training steps; the first is compared tensor by tensor, the loss of every one.
     #[arg(long, default_value_t = 20)]
     steps: usize,
@@ -128,9 +132,14 @@ fn run(a: RunArgs) -> Result<(Report, PathBuf)> {
         .iter()
         .map(|d| target(d))
         .collect::<Result<Vec<_>>>()?;
-    let mut model = match &a.model_config {
-        Some(path) => ModelConfig::from_file(path)?,
-        None => ModelConfig::preset(&a.preset)?,
+    let (mut model, weights) = match (&a.hf, &a.model_config) {
+        (Some(dir), _) => {
+            let ckpt = nuwa_hf::HfCheckpoint::open(dir)?;
+            nuwa_hf::import::check_fits_in_memory(&ckpt.config, 2 * a.devices.len() as u64)?;
+            (ckpt.config.clone(), Some(ckpt.load_weights()?))
+        }
+        (None, Some(path)) => (ModelConfig::from_file(path)?, None),
+        (None, None) => (ModelConfig::preset(&a.preset)?, None),
     };
     // Dropout draws from each device's own generator; parity compares the arithmetic.
     model.embedding_dropout = 0.0;
@@ -156,7 +165,7 @@ fn run(a: RunArgs) -> Result<(Report, PathBuf)> {
         aux_loss_coef: defaults.aux_loss_coef,
         z_loss_coef: defaults.z_loss_coef,
     };
-    let (report, runs) = nuwa_parity::run_targets(&recipe, &targets, None, |name| {
+    let (report, runs) = nuwa_parity::run_targets(&recipe, &targets, weights, None, |name| {
         eprintln!("parity: {} steps on {name}", recipe.steps);
     })?;
     if let Some(dir) = &a.dump_dir {

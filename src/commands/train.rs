@@ -101,6 +101,21 @@ pub struct TrainArgs {
     /// Write each checkpoint before the next step instead of in the background.
     #[arg(long)]
     sync_checkpoints: bool,
+    /// Dump every tensor of these steps (forward activations, router choices, gradients,
+    /// weights after the step) for `nuwa parity compare`, e.g. `1,100`.
+    #[arg(long, value_delimiter = ',')]
+    dump_tensors: Vec<u64>,
+    /// Where --dump-tensors writes (default: RUN/dumps); one folder per step.
+    #[arg(long, requires = "dump_tensors")]
+    dump_dir: Option<PathBuf>,
+    /// Every N steps, recompute the step's first micro-batch on --parity-device too and record
+    /// the divergence in metrics.jsonl (parity_ok, parity_loss_rel, parity_forward_max, …).
+    #[arg(long, default_value_t = 0)]
+    parity_every: u64,
+    /// The second device for --parity-every: cpu-reference (this CPU with every op on its
+    /// plain composition), ndarray, wgpu:N, …
+    #[arg(long, default_value = "cpu-reference")]
+    parity_device: String,
     /// Data-parallel over processes (start with mpirun or `nuwa launch`).
     #[arg(long, value_enum)]
     dist: Option<DistKind>,
@@ -375,6 +390,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         );
     })
     .context("installing the Ctrl-C handler")?;
+    let run_dir_for_hooks = run_dir.clone();
     let report = nuwa_train::train(TrainOptions {
         run_dir,
         config,
@@ -389,6 +405,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         resume_overrides,
         allow_data_change: a.allow_data_change,
         sync_checkpoints: a.sync_checkpoints,
+        step_hook: step_hook(&a, &device_name, &run_dir_for_hooks)?,
     })?;
     if rank != 0 {
         return Ok(());
@@ -432,4 +449,43 @@ pub fn train(a: TrainArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--dump-tensors` / `--parity-every`: work beside the training (one at a time).
+fn step_hook(
+    a: &TrainArgs,
+    device_name: &str,
+    run_dir: &std::path::Path,
+) -> Result<Option<Box<dyn nuwa_train::StepHook>>> {
+    use nuwa_parity::hooks::{DumpHook, ParityHook};
+    if !a.dump_tensors.is_empty() && a.parity_every > 0 {
+        bail!("--dump-tensors and --parity-every: use one at a time");
+    }
+    if let Some(zero) = a.dump_tensors.iter().find(|&&s| s == 0) {
+        bail!("--dump-tensors {zero}: steps count from 1");
+    }
+    if !a.dump_tensors.is_empty() {
+        return Ok(Some(Box::new(DumpHook {
+            steps: a.dump_tensors.iter().copied().collect(),
+            dir: a.dump_dir.clone().unwrap_or_else(|| run_dir.join("dumps")),
+            source: device_name.to_string(),
+        })));
+    }
+    if a.parity_every > 0 {
+        let (name, reference_path) = match a.parity_device.strip_suffix("-reference") {
+            Some(base) => (base, true),
+            None => (a.parity_device.as_str(), false),
+        };
+        return Ok(Some(Box::new(ParityHook {
+            every: a.parity_every,
+            here: device_name.to_string(),
+            other: nuwa_parity::Target {
+                name: a.parity_device.clone(),
+                device: device::parse_device(name)
+                    .map_err(|e| anyhow::anyhow!("--parity-device: {e}"))?,
+                reference_path,
+            },
+        })));
+    }
+    Ok(None)
 }

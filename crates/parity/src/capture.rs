@@ -2,7 +2,7 @@
 //! one host copy), the same batches, the same AdamW steps — the first step recorded tensor by
 //! tensor, every step's loss kept.
 
-use crate::dump::{Dump, Entry, Kind};
+use crate::dump::{Dump, DumpBatch, Entry, Kind};
 use anyhow::{bail, Result};
 use burn::module::Param;
 use burn::optim::GradientsParams;
@@ -41,6 +41,26 @@ pub struct Recipe {
     pub z_loss_coef: f64,
 }
 
+/// How a step is taken besides its batch.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSettings {
+    pub lr: f64,
+    pub grad_clip: f64,
+    pub aux_loss_coef: f64,
+    pub z_loss_coef: f64,
+}
+
+impl Recipe {
+    pub fn settings(&self) -> StepSettings {
+        StepSettings {
+            lr: self.lr,
+            grad_clip: self.grad_clip,
+            aux_loss_coef: self.aux_loss_coef,
+            z_loss_coef: self.z_loss_coef,
+        }
+    }
+}
+
 /// What one device computed.
 pub struct DeviceRun {
     pub name: String,
@@ -74,6 +94,16 @@ pub fn batch(recipe: &Recipe, i: usize) -> Batch {
     }
 }
 
+/// A batch as a dump records it.
+pub fn dump_batch(b: &Batch) -> DumpBatch {
+    DumpBatch {
+        batch_size: b.batch_size,
+        seq_len: b.seq_len,
+        inputs: b.inputs.clone(),
+        targets: b.targets.clone(),
+    }
+}
+
 struct GradOf<'a>(&'a GradientsParams);
 
 impl ReadParam for GradOf<'_> {
@@ -99,7 +129,7 @@ pub fn step(
     opt: &mut AdamW,
     batch: &Batch,
     device: &Device,
-    recipe: &Recipe,
+    recipe: &StepSettings,
     record: Option<Option<Perturbation>>,
 ) -> (f64, LanguageModel, Vec<Entry>) {
     let recorder = record.map(Recorder::start);
@@ -171,8 +201,14 @@ pub fn run_on(
         let mut dump = None;
         for i in 0..recipe.steps {
             let record = (i == 0).then(|| perturb.clone());
-            let (loss, next, entries) =
-                step(model, &mut opt, &batch(recipe, i), &ad, recipe, record);
+            let (loss, next, entries) = step(
+                model,
+                &mut opt,
+                &batch(recipe, i),
+                &ad,
+                &recipe.settings(),
+                record,
+            );
             model = next;
             losses.push(loss);
             if i == 0 {
@@ -180,6 +216,7 @@ pub fn run_on(
                     source: target.name.clone(),
                     step: 1,
                     loss,
+                    batch: Some(dump_batch(&batch(recipe, 0))),
                     entries,
                 });
             }

@@ -238,6 +238,7 @@ mod tests {
             source: "a".into(),
             step: 1,
             loss: 1.0,
+            batch: None,
             entries: vec![
                 entry(Kind::Forward, "layers.0.attention", vec![1.0, 2.0]),
                 entry(Kind::Router, "layers.0.moe.experts_chosen", vec![1.0, 2.0]),

@@ -64,7 +64,20 @@ pub struct DumpIndex {
     pub step: u64,
     /// The step's training loss (cross-entropy plus the weighted router losses).
     pub loss: f64,
+    /// The step's batch, so another implementation can compute the same step
+    /// (tests/reference/torch_dump.py reads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<DumpBatch>,
     pub entries: Vec<EntryName>,
+}
+
+/// Token ids of a batch, row after row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DumpBatch {
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub inputs: Vec<u32>,
+    pub targets: Vec<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +85,7 @@ pub struct Dump {
     pub source: String,
     pub step: u64,
     pub loss: f64,
+    pub batch: Option<DumpBatch>,
     pub entries: Vec<Entry>,
 }
 
@@ -95,6 +109,7 @@ impl Dump {
             source: self.source.clone(),
             step: self.step,
             loss: self.loss,
+            batch: self.batch.clone(),
             entries: self
                 .entries
                 .iter()
@@ -148,6 +163,7 @@ impl Dump {
             source: index.source,
             step: index.step,
             loss: index.loss,
+            batch: index.batch,
             entries,
         })
     }
@@ -164,6 +180,12 @@ mod tests {
             source: "cpu".into(),
             step: 1,
             loss: 4.25,
+            batch: Some(DumpBatch {
+                batch_size: 1,
+                seq_len: 2,
+                inputs: vec![5, 6],
+                targets: vec![6, 7],
+            }),
             entries: vec![
                 Entry {
                     kind: Kind::Forward,
@@ -183,6 +205,7 @@ mod tests {
         let back = Dump::read(&dir).unwrap();
         assert_eq!(back.source, "cpu");
         assert_eq!(back.loss, 4.25);
+        assert_eq!(back.batch, dump.batch);
         assert_eq!(back.entries.len(), 2);
         assert_eq!(back.entries[0].name, "layers.0.attention");
         assert_eq!(back.entries[0].values, [0.5, -1.5]);

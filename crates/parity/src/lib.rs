@@ -7,6 +7,7 @@
 pub mod capture;
 pub mod compare;
 pub mod dump;
+pub mod hooks;
 pub mod report;
 
 pub use capture::{initial_weights, run_on, DeviceRun, Recipe, Target};
@@ -14,17 +15,22 @@ pub use compare::{compare, Distance, PairReport, Tolerance};
 pub use dump::{Dump, Entry, Kind};
 pub use report::{DeviceSummary, Report};
 
-/// Runs `recipe` on every target and compares each with the first.
+/// Runs `recipe` on every target from `weights` (or the recipe's seeded initialisation) and
+/// compares each with the first.
 pub fn run_targets(
     recipe: &Recipe,
     targets: &[Target],
+    weights: Option<std::collections::BTreeMap<String, nuwa_model::weights::HostTensor>>,
     perturb: Option<(usize, nuwa_model::trace::Perturbation)>,
     mut progress: impl FnMut(&str),
 ) -> anyhow::Result<(Report, Vec<DeviceRun>)> {
     let Some(first) = targets.first() else {
         anyhow::bail!("--devices: name at least two devices");
     };
-    let weights = initial_weights(recipe, &first.device)?;
+    let weights = match weights {
+        Some(w) => w,
+        None => initial_weights(recipe, &first.device)?,
+    };
     let mut runs = Vec::new();
     for (i, target) in targets.iter().enumerate() {
         progress(&target.name);

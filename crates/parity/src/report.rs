@@ -147,22 +147,26 @@ impl Report {
 /// One line: whether `a` matches `b`, and where they first part.
 pub fn verdict(p: &PairReport) -> String {
     if p.ok {
-        let worst = |k: Kind| {
-            p.entries
-                .iter()
-                .filter(|e| e.kind == k)
-                .map(|e| e.distance.scaled)
-                .fold(0.0, f64::max)
-        };
+        let worst: Vec<String> = [Kind::Forward, Kind::Gradient, Kind::Weight]
+            .into_iter()
+            .filter_map(|k| {
+                let scaled = p
+                    .entries
+                    .iter()
+                    .filter(|e| e.kind == k)
+                    .map(|e| e.distance.scaled);
+                scaled
+                    .reduce(f64::max)
+                    .map(|w| format!("{} {w:.1e}", k.as_str()))
+            })
+            .collect();
         format!(
-            "{} matches {}: {} tensors within tolerance (worst scaled error: forward {:.1e}, \
-             gradients {:.1e}, weights {:.1e}); loss within {:.1e} relative over {} step(s)",
+            "{} matches {}: {} tensors within tolerance (worst scaled error: {}); loss within \
+             {:.1e} relative over {} step(s)",
             p.a,
             p.b,
             p.entries.len(),
-            worst(Kind::Forward),
-            worst(Kind::Gradient),
-            worst(Kind::Weight),
+            worst.join(", "),
             p.loss_max_rel,
             p.loss_a.len().min(p.loss_b.len())
         )

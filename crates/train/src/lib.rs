@@ -12,4 +12,6 @@ pub mod step;
 pub mod strategy;
 pub mod trainer;
 
-pub use trainer::{train, ResumeOverrides, StepRecord, TrainOptions, TrainReport};
+pub use trainer::{
+    train, ResumeOverrides, StepHook, StepRecord, StepView, TrainOptions, TrainReport,
+};

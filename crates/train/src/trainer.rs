@@ -13,6 +13,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use nuwa_core::rng::splitmix64;
+use nuwa_data::Batch;
 use nuwa_model::weights::HostTensor;
 use nuwa_model::LanguageModel;
 use nuwa_run::checkpoint::{self, DataRecord, Snapshot, TrainerState};
@@ -51,6 +52,62 @@ pub struct TrainOptions {
     pub allow_data_change: bool,
     /// Write each checkpoint before the next step instead of in the background.
     pub sync_checkpoints: bool,
+    /// Runs before every optimiser step (`nuwa train --dump-tensors`, `--parity-every`).
+    pub step_hook: Option<Box<dyn StepHook>>,
+}
+
+/// What a step is about to compute with, for a [`StepHook`].
+pub struct StepView<'a> {
+    /// 1-based.
+    pub step: u64,
+    pub model: &'a LanguageModel,
+    pub model_config: &'a nuwa_model::ModelConfig,
+    pub opt: &'a AdamW,
+    /// The step's first micro-batch (this process's rows of it).
+    pub batch: &'a Batch,
+    pub train: &'a nuwa_run::TrainConfig,
+    /// The step's learning rate.
+    pub lr: f64,
+    /// The training device (with autodiff).
+    pub device: &'a Device,
+}
+
+/// Work done beside the training, before each step, on copies of what the step uses (the
+/// model and optimizer are shared, never changed: the run trains exactly as without it).
+/// What it returns goes into the step's metrics.jsonl line.
+pub trait StepHook {
+    fn before_step(&mut self, view: &StepView) -> Result<Map<String, Value>>;
+}
+
+/// Runs the hook on the batch step `done` will draw first.
+fn run_hook(
+    hook: &mut (dyn StepHook + 'static),
+    s: &Session,
+    strategy: &dyn Parallelism,
+    done: u64,
+    lr: f64,
+    device: &Device,
+) -> Result<Map<String, Value>> {
+    let t = &s.cfg.train;
+    let rows = strategy.rows();
+    if rows.count == 0 {
+        return Ok(Map::new());
+    }
+    let mut peek = s.sampler.clone();
+    let mut batch = peek.next_batch(&s.data.train, t.batch_size, t.seq_len)?;
+    if rows.shared {
+        batch = batch.rows(rows.first, rows.first + rows.count);
+    }
+    hook.before_step(&StepView {
+        step: done,
+        model: &s.model,
+        model_config: &s.cfg.model,
+        opt: &s.opt,
+        batch: &batch,
+        train: t,
+        lr,
+        device,
+    })
 }
 
 /// The settings `--resume` may change; `None` keeps the run's own.
@@ -247,6 +304,7 @@ fn train_step(
     stop: bool,
     peak_flops: Option<f64>,
     device: &Device,
+    hook: Option<&mut (dyn StepHook + 'static)>,
 ) -> Result<(Session, Stepped)> {
     let t = s.cfg.train.clone();
     let tokens = (t.batch_size * t.grad_accum * t.seq_len) as f64;
@@ -262,6 +320,12 @@ fn train_step(
     if let Some(mix) = routing_mix(&t, done) {
         s.model.set_routing_mix(mix);
     }
+    // Before the step: `combined_step` seeds the device again, so whatever random numbers the
+    // hook draws leave the step's own (dropout) unchanged.
+    let hooked = match hook {
+        Some(hook) => run_hook(hook, &s, strategy, done, lr, device)?,
+        None => Map::new(),
+    };
     let (grads, totals) = combined_step(&mut s, strategy, done, stop, device)?;
     if retry.is_some() {
         s.sampler.cursor = fresh;
@@ -294,6 +358,7 @@ fn train_step(
     let mfu = peak_flops.map(|p| tokens / seconds * s.flops_per_token / p);
     let mut metrics = step_metrics(&s, done, &totals, lr, norm, seconds);
     metrics.insert("mfu".into(), json!(mfu));
+    metrics.extend(hooked);
     if !bias_max.is_empty() {
         metrics.insert("expert_load".into(), json!(totals.expert_load));
         metrics.insert("expert_bias_max_abs".into(), json!(bias_max));
@@ -353,8 +418,15 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
             interrupted = true;
             break;
         }
-        let (next, mut step) =
-            train_step(s, strategy.as_mut(), done, stop, opts.peak_flops, &device)?;
+        let (next, mut step) = train_step(
+            s,
+            strategy.as_mut(),
+            done,
+            stop,
+            opts.peak_flops,
+            &device,
+            opts.step_hook.as_deref_mut(),
+        )?;
         s = next;
         let loss = step.record.loss;
         for note in step.totals.notes.iter().filter(|_| is_main) {
