@@ -93,7 +93,7 @@ fn run_hook(
     if rows.count == 0 {
         return Ok(Map::new());
     }
-    let mut peek = s.sampler.clone();
+    let mut peek = s.sampler; // a copy: the step itself draws from the real one
     let mut batch = peek.next_batch(&s.data.train, t.batch_size, t.seq_len)?;
     if rows.shared {
         batch = batch.rows(rows.first, rows.first + rows.count);
