@@ -75,7 +75,7 @@ pub struct ParityHook {
 impl StepHook for ParityHook {
     fn before_step(&mut self, v: &StepView) -> Result<Map<String, Value>> {
         let mut metrics = Map::new();
-        if self.every == 0 || v.step % self.every != 0 {
+        if self.every == 0 || !v.step.is_multiple_of(self.every) {
             return Ok(metrics);
         }
         let go = || -> Result<Dump> {
