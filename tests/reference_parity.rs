@@ -21,8 +21,31 @@ fn fixture(name: &str) -> BTreeMap<String, HostTensor> {
     from_safetensors(&bytes, &path).unwrap()
 }
 
+/// `NUWA_TEST_DEVICE` (cpu, flex, ndarray, wgpu:N) or the build's default device: CI runs
+/// these tests once per backend a build holds.
+fn base_device() -> Device {
+    let name = std::env::var("NUWA_TEST_DEVICE").unwrap_or_default();
+    match name.as_str() {
+        "" | "cpu" => Device::default(),
+        #[cfg(feature = "flex")]
+        "flex" => Device::flex(),
+        #[cfg(feature = "ndarray")]
+        #[allow(deprecated)]
+        "ndarray" => Device::ndarray(),
+        #[cfg(feature = "wgpu")]
+        wgpu if wgpu.starts_with("wgpu:") => {
+            let index: usize = wgpu[5..].parse().expect("NUWA_TEST_DEVICE=wgpu:N");
+            Device::enumerate(burn::tensor::DeviceType::Wgpu)
+                .get(index)
+                .cloned()
+                .unwrap_or_else(|| panic!("NUWA_TEST_DEVICE={name}: no such wgpu adapter"))
+        }
+        other => panic!("NUWA_TEST_DEVICE={other}: not a device this build holds"),
+    }
+}
+
 fn device() -> Device {
-    Device::default().autodiff()
+    base_device().autodiff()
 }
 
 fn tensor<const D: usize>(t: &HostTensor, device: &Device) -> Tensor<D> {
@@ -347,7 +370,7 @@ fn ling_2_model_logits_loss_and_gradients_match_reference() {
 /// expert at a time when routing is very uneven — compute what each expert computes alone.
 #[test]
 fn batched_and_per_expert_routing_agree() {
-    let dev = Device::default();
+    let dev = base_device();
     let cfg = ModelConfig {
         hidden_size: 16,
         num_experts: 4,
@@ -381,7 +404,7 @@ fn batched_and_per_expert_routing_agree() {
 #[test]
 fn aux_free_bias_updates_over_several_steps_match_reference() {
     let f = fixture("aux_free");
-    let dev = Device::default();
+    let dev = base_device();
     let cfg = ModelConfig {
         hidden_size: 16,
         num_experts: 8,
