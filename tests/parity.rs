@@ -309,3 +309,34 @@ fn dumps_and_parity_checks_in_a_training_run_leave_the_training_unchanged() {
     let out = nuwa(&["train", "--dump-tensors", "0", "--steps", "1"]);
     assert_clean_error(&out, "--dump-tensors 0");
 }
+
+#[test]
+fn flex_repeats_itself_bit_for_bit() {
+    let dir = TempDir::new("parity-det");
+    let out = nuwa(&[
+        "parity",
+        "--deterministic",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = std::fs::read_to_string(dir.path().join("parity.json")).unwrap();
+    let report: Value = serde_json::from_str(&json).unwrap();
+    let runs = report["determinism"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for d in runs {
+        assert_eq!(d["differing"], 0, "{d}");
+        assert!(d["elements"].as_u64().unwrap() > 100_000, "{d}");
+        assert_eq!(d["losses_equal"], Value::Bool(true), "{d}");
+    }
+}

@@ -58,6 +58,11 @@ pub struct RunArgs {
     /// Also write each device's first-step dump under this folder (one subfolder per device).
     #[arg(long)]
     dump_dir: Option<PathBuf>,
+    /// Also run each device a second time and report whether it repeats itself bit for bit.
+    /// (flex is bit-exact run to run and across thread counts: its reductions have a fixed
+    /// order; a GPU backend may not be.)
+    #[arg(long)]
+    deterministic: bool,
 }
 
 #[derive(Args)]
@@ -88,6 +93,7 @@ pub fn parity(a: ParityArgs) -> Result<()> {
                 ),
                 devices: Vec::new(),
                 pairs: vec![pair],
+                determinism: Vec::new(),
             };
             report.write(&c.out)?;
             (report, c.out)
@@ -165,9 +171,36 @@ fn run(a: RunArgs) -> Result<(Report, PathBuf)> {
         aux_loss_coef: defaults.aux_loss_coef,
         z_loss_coef: defaults.z_loss_coef,
     };
-    let (report, runs) = nuwa_parity::run_targets(&recipe, &targets, weights, None, |name| {
-        eprintln!("parity: {} steps on {name}", recipe.steps);
-    })?;
+    let weights = match weights {
+        Some(w) => w,
+        None => nuwa_parity::initial_weights(&recipe, &targets[0].device)?,
+    };
+    let (mut report, runs) =
+        nuwa_parity::run_targets(&recipe, &targets, Some(weights.clone()), None, |name| {
+            eprintln!("parity: {} steps on {name}", recipe.steps);
+        })?;
+    if a.deterministic {
+        for (target, first) in targets.iter().zip(&runs) {
+            eprintln!("parity: {} steps on {} again", recipe.steps, target.name);
+            report
+                .determinism
+                .push(nuwa_parity::repeat_run(&recipe, target, &weights, first)?);
+        }
+        for d in &report.determinism {
+            println!(
+                "{}: {} run to run ({} of {} elements differ; losses {})",
+                d.device,
+                if d.bit_exact() {
+                    "bit-exact"
+                } else {
+                    "not bit-exact"
+                },
+                d.differing,
+                d.elements,
+                if d.losses_equal { "equal" } else { "differ" }
+            );
+        }
+    }
     if let Some(dir) = &a.dump_dir {
         for r in &runs {
             r.dump.write(&dir.join(r.name.replace(':', "-")))?;

@@ -13,7 +13,7 @@ pub mod report;
 pub use capture::{initial_weights, run_on, DeviceRun, Recipe, Target};
 pub use compare::{compare, Distance, PairReport, Tolerance};
 pub use dump::{Dump, Entry, Kind};
-pub use report::{DeviceSummary, Report};
+pub use report::{Determinism, DeviceSummary, Report};
 
 /// Runs `recipe` on every target from `weights` (or the recipe's seeded initialisation) and
 /// compares each with the first.
@@ -83,6 +83,35 @@ pub fn run_targets(
         ),
         devices,
         pairs,
+        determinism: Vec::new(),
     };
     Ok((report, runs))
+}
+
+/// Runs `recipe` on `target` again from `weights` and says whether it repeated `first` bit
+/// for bit.
+pub fn repeat_run(
+    recipe: &Recipe,
+    target: &Target,
+    weights: &std::collections::BTreeMap<String, nuwa_model::weights::HostTensor>,
+    first: &DeviceRun,
+) -> anyhow::Result<Determinism> {
+    let again = run_on(target, recipe, weights, None)?;
+    let d = compare(
+        &again.dump,
+        &first.dump,
+        &again.losses,
+        &first.losses,
+        &Tolerance::F32,
+    );
+    Ok(Determinism {
+        device: target.name.clone(),
+        differing: d.entries.iter().map(|e| e.distance.differing).sum(),
+        elements: d
+            .entries
+            .iter()
+            .map(|e| e.shape.iter().product::<usize>())
+            .sum(),
+        losses_equal: again.losses == first.losses,
+    })
 }

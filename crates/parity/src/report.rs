@@ -25,6 +25,26 @@ pub struct Report {
     pub devices: Vec<DeviceSummary>,
     /// Each device against the first.
     pub pairs: Vec<PairReport>,
+    /// `--deterministic`: each device run twice, against itself.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub determinism: Vec<Determinism>,
+}
+
+/// Whether a device computes bit for bit the same when it runs the same recipe again.
+#[derive(Debug, Clone, Serialize)]
+pub struct Determinism {
+    pub device: String,
+    /// Elements of the recorded step that differ between the two runs.
+    pub differing: usize,
+    pub elements: usize,
+    /// Whether every step's loss repeated exactly.
+    pub losses_equal: bool,
+}
+
+impl Determinism {
+    pub fn bit_exact(&self) -> bool {
+        self.differing == 0 && self.losses_equal
+    }
 }
 
 impl Report {
@@ -62,6 +82,24 @@ impl Report {
                     s,
                     "| {} | {:.1} | {:.0} | {:.6} |",
                     d.name, d.seconds, d.tokens_per_s, d.final_loss
+                );
+            }
+            s.push('\n');
+        }
+        if !self.determinism.is_empty() {
+            let _ = writeln!(
+                s,
+                "## Run to run (`--deterministic`)\n\n| device | bit-exact | elements differing | losses equal |\n|---|---|---:|---|"
+            );
+            for d in &self.determinism {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} of {} | {} |",
+                    d.device,
+                    if d.bit_exact() { "yes" } else { "**no**" },
+                    d.differing,
+                    d.elements,
+                    d.losses_equal
                 );
             }
             s.push('\n');
