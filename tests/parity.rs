@@ -68,6 +68,11 @@ fn the_kernels_and_the_reference_path_agree_tensor_by_tensor() {
             if preset == "tiny-moe" { 2 } else { 0 }
         );
         assert_eq!(pair.loss_a.len(), 5);
+        // MoE: every step's router choices compared.
+        assert_eq!(
+            pair.route_flips.len(),
+            if preset == "tiny-moe" { 5 } else { 0 }
+        );
         // The two paths are different arithmetic, not the same code twice.
         assert!(
             pair.entries.iter().any(|e| e.distance.max_abs > 0.0),

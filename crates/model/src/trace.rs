@@ -35,6 +35,8 @@ struct State {
     scope: Vec<String>,
     taps: Vec<Tapped>,
     perturb: Option<Perturbation>,
+    /// Record only the router's choices (cheap enough for every step of a run).
+    router_only: bool,
 }
 
 thread_local! {
@@ -49,6 +51,17 @@ impl Recorder {
         STATE.with(|s| {
             *s.borrow_mut() = Some(State {
                 perturb,
+                ..State::default()
+            })
+        });
+        Recorder
+    }
+
+    /// Records only the router's choices ([`tap_ids`]): a few integers per token.
+    pub fn start_router_only() -> Recorder {
+        STATE.with(|s| {
+            *s.borrow_mut() = Some(State {
+                router_only: true,
                 ..State::default()
             })
         });
@@ -117,7 +130,7 @@ fn full_name(st: &State, name: &str) -> String {
 /// output); `norm`; `lm_head` (logits).
 pub fn tap<const D: usize>(name: &str, t: Tensor<D>) -> Tensor<D> {
     let Some((full, delta)) = STATE.with(|s| {
-        s.borrow().as_ref().map(|st| {
+        s.borrow().as_ref().filter(|st| !st.router_only).map(|st| {
             let full = full_name(st, name);
             let delta = st
                 .perturb

@@ -68,6 +68,8 @@ pub struct DeviceRun {
     pub dump: Dump,
     /// The training loss of every step.
     pub losses: Vec<f64>,
+    /// Every step's router choices, all MoE layers concatenated (empty for a dense model).
+    pub routes: Vec<Vec<f32>>,
     pub seconds: f64,
     pub tokens_per_s: f64,
 }
@@ -123,7 +125,8 @@ fn entries(kind: Kind, tensors: BTreeMap<String, HostTensor>) -> impl Iterator<I
 }
 
 /// One AdamW step on `batch`, as the trainer takes it (cross-entropy plus the weighted router
-/// and MTP losses, gradient clipping); with `record`, every tensor of the step goes into a dump.
+/// and MTP losses, gradient clipping); with `record`, every tensor of the step goes into a
+/// dump, else only the router's choices are returned.
 pub fn step(
     model: LanguageModel,
     opt: &mut AdamW,
@@ -132,7 +135,11 @@ pub fn step(
     recipe: &StepSettings,
     record: Option<Option<Perturbation>>,
 ) -> (f64, LanguageModel, Vec<Entry>) {
-    let recorder = record.map(Recorder::start);
+    let full = record.is_some();
+    let recorder = match record {
+        Some(perturb) => Recorder::start(perturb),
+        None => Recorder::start_router_only(),
+    };
     let losses = forward_losses(&model, batch, device, None);
     let mut total = losses.ce.clone();
     if let (Some(lb), Some(z)) = (&losses.load_balance, &losses.z_loss) {
@@ -141,7 +148,7 @@ pub fn step(
     if let Some(mtp) = &losses.mtp {
         total = total + mtp.clone() * model.mtp_loss_weight;
     }
-    let taps = recorder.map(Recorder::finish);
+    let taps = recorder.finish();
     let loss = total.clone().into_scalar::<f32>() as f64;
     let grads = GradientsParams::from_grads(total.backward(), &model);
     let norm = grad_norm(&model, &grads);
@@ -151,7 +158,7 @@ pub fn step(
         1.0
     };
     let mut out = Vec::new();
-    if let Some(taps) = taps {
+    {
         out.extend(taps.into_iter().map(|t| Entry {
             kind: if t.name.ends_with("experts_chosen") {
                 Kind::Router
@@ -162,6 +169,8 @@ pub fn step(
             shape: t.shape,
             values: t.values,
         }));
+    }
+    if full {
         let grads_by_path: BTreeMap<String, HostTensor> = by_path(&model, GradOf(&grads))
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, v)))
@@ -169,7 +178,7 @@ pub fn step(
         out.extend(entries(Kind::Gradient, grads_by_path));
     }
     let model = opt.step(model, grads, recipe.lr, scale);
-    if !out.is_empty() {
+    if full {
         out.extend(entries(Kind::Weight, collect_weights(&model)));
     }
     (loss, model, out)
@@ -198,6 +207,7 @@ pub fn run_on(
         });
         let started = Instant::now();
         let mut losses = Vec::with_capacity(recipe.steps);
+        let mut routes = Vec::with_capacity(recipe.steps);
         let mut dump = None;
         for i in 0..recipe.steps {
             let record = (i == 0).then(|| perturb.clone());
@@ -211,6 +221,13 @@ pub fn run_on(
             );
             model = next;
             losses.push(loss);
+            routes.push(
+                entries
+                    .iter()
+                    .filter(|e| e.kind == Kind::Router)
+                    .flat_map(|e| e.values.iter().copied())
+                    .collect(),
+            );
             if i == 0 {
                 dump = Some(Dump {
                     source: target.name.clone(),
@@ -229,6 +246,7 @@ pub fn run_on(
             name: target.name.clone(),
             dump,
             losses,
+            routes,
             seconds,
             tokens_per_s: (recipe.steps * recipe.batch_size * recipe.seq_len) as f64 / seconds,
         })

@@ -120,8 +120,17 @@ pub struct PairReport {
     pub only_in_a: Vec<String>,
     pub loss_a: Vec<f64>,
     pub loss_b: Vec<f64>,
-    /// Largest |loss_a − loss_b| / |loss_b| over the steps both ran.
+    /// Largest |loss_a − loss_b| / |loss_b| over the steps both ran before the router's
+    /// choices first differed (the losses are compared up to there).
     pub loss_max_rel: f64,
+    /// Per step: how many router choices differ (MoE models; empty for dense ones).
+    pub route_flips: Vec<usize>,
+    /// The first step (1-based) whose router choices differ. From there the two runs follow
+    /// different trajectories — a near-tie between two experts went the other way, as it can
+    /// under any change of summation order — so later losses are reported, not judged.
+    pub first_route_flip: Option<usize>,
+    /// Largest relative loss difference from that step on.
+    pub loss_max_rel_after_flip: f64,
     /// `KIND NAME` of the first tensor out of tolerance, in computation order.
     pub first_divergence: Option<String>,
     pub ok: bool,
@@ -156,6 +165,20 @@ fn compare_entry(a: &Entry, b: &Entry, tol: &Tolerance) -> EntryReport {
 
 /// Compares `a` with the reference `b`: every tensor of `a` that `b` also has, and the losses.
 pub fn compare(a: &Dump, b: &Dump, loss_a: &[f64], loss_b: &[f64], tol: &Tolerance) -> PairReport {
+    compare_runs(a, b, loss_a, loss_b, &[], &[], tol)
+}
+
+/// [`compare`], with each step's router choices (for MoE: the losses are judged up to the
+/// first step whose routing differs).
+pub fn compare_runs(
+    a: &Dump,
+    b: &Dump,
+    loss_a: &[f64],
+    loss_b: &[f64],
+    routes_a: &[Vec<f32>],
+    routes_b: &[Vec<f32>],
+    tol: &Tolerance,
+) -> PairReport {
     let index: HashMap<(Kind, &str), &Entry> = b
         .entries
         .iter()
@@ -169,17 +192,38 @@ pub fn compare(a: &Dump, b: &Dump, loss_a: &[f64], loss_b: &[f64], tol: &Toleran
             None => only_in_a.push(format!("{} {}", e.kind.as_str(), e.name)),
         }
     }
+    // A dense model records no routes: nothing to compare.
+    let routed = routes_a.iter().chain(routes_b).any(|r| !r.is_empty());
+    let route_flips: Vec<usize> = routes_a
+        .iter()
+        .take(if routed { usize::MAX } else { 0 })
+        .zip(routes_b)
+        .map(|(x, y)| {
+            let differing = x.iter().zip(y).filter(|(p, q)| p != q).count();
+            differing + x.len().abs_diff(y.len())
+        })
+        .collect();
+    let first_route_flip = route_flips.iter().position(|&n| n > 0).map(|i| i + 1);
+    let rel = |(x, y): (&f64, &f64)| {
+        let r = (x - y).abs() / y.abs().max(1e-12);
+        if r.is_nan() {
+            f64::INFINITY
+        } else {
+            r
+        }
+    };
+    let judged = first_route_flip.map_or(usize::MAX, |s| s - 1);
     let loss_max_rel = loss_a
         .iter()
         .zip(loss_b)
-        .map(|(x, y)| {
-            let r = (x - y).abs() / y.abs().max(1e-12);
-            if r.is_nan() {
-                f64::INFINITY
-            } else {
-                r
-            }
-        })
+        .take(judged)
+        .map(rel)
+        .fold(0.0, f64::max);
+    let loss_max_rel_after_flip = loss_a
+        .iter()
+        .zip(loss_b)
+        .skip(judged.min(loss_a.len()))
+        .map(rel)
         .fold(0.0, f64::max);
     let first_divergence = entries
         .iter()
@@ -195,6 +239,9 @@ pub fn compare(a: &Dump, b: &Dump, loss_a: &[f64], loss_b: &[f64], tol: &Toleran
         loss_a: loss_a.to_vec(),
         loss_b: loss_b.to_vec(),
         loss_max_rel,
+        route_flips,
+        first_route_flip,
+        loss_max_rel_after_flip,
         first_divergence,
         ok,
     }
@@ -265,6 +312,34 @@ mod tests {
         assert!(!r.ok, "the loss curves part by 5e-4 relative");
         let r = compare(&a, &a, &[1.0], &[1.0], &tol);
         assert!(r.ok);
+
+        // Routing that differs from step 2 on: the loss is judged on step 1 only.
+        let routes_a = vec![vec![1.0, 2.0], vec![1.0, 3.0], vec![1.0, 2.0]];
+        let routes_b = vec![vec![1.0, 2.0], vec![1.0, 2.0], vec![1.0, 2.0]];
+        let losses_b = [1.0, 2.0, 3.0];
+        let r = compare_runs(
+            &a,
+            &a,
+            &[1.0, 2.5, 3.0],
+            &losses_b,
+            &routes_a,
+            &routes_b,
+            &tol,
+        );
+        assert!(r.ok);
+        assert_eq!(r.first_route_flip, Some(2));
+        assert_eq!(r.route_flips, [0, 1, 0]);
+        assert!((r.loss_max_rel_after_flip - 0.25).abs() < 1e-12);
+        let r = compare_runs(
+            &a,
+            &a,
+            &[1.5, 2.5, 3.0],
+            &losses_b,
+            &routes_a,
+            &routes_b,
+            &tol,
+        );
+        assert!(!r.ok, "step 1 differs before any flip");
 
         let mut flipped = a.clone();
         flipped.entries[1].values[0] = 3.0;

@@ -11,7 +11,7 @@ pub mod hooks;
 pub mod report;
 
 pub use capture::{initial_weights, run_on, DeviceRun, Recipe, Target};
-pub use compare::{compare, Distance, PairReport, Tolerance};
+pub use compare::{compare, compare_runs, Distance, PairReport, Tolerance};
 pub use dump::{Dump, Entry, Kind};
 pub use report::{Determinism, DeviceSummary, Report};
 
@@ -41,11 +41,13 @@ pub fn run_targets(
     let pairs = runs[1..]
         .iter()
         .map(|r| {
-            compare(
+            compare_runs(
                 &r.dump,
                 &reference.dump,
                 &r.losses,
                 &reference.losses,
+                &r.routes,
+                &reference.routes,
                 &Tolerance::F32,
             )
         })

@@ -169,11 +169,21 @@ impl Report {
             if p.loss_a.len() > 1 {
                 let _ = writeln!(
                     s,
-                    "| step | loss {} | loss {} | difference |\n|---:|---:|---:|---:|",
+                    "| step | loss {} | loss {} | difference | router choices differing |\n\
+                     |---:|---:|---:|---:|---:|",
                     p.a, p.b
                 );
                 for (i, (x, y)) in p.loss_a.iter().zip(&p.loss_b).enumerate() {
-                    let _ = writeln!(s, "| {} | {x:.7} | {y:.7} | {:+.2e} |", i + 1, x - y);
+                    let flips = p
+                        .route_flips
+                        .get(i)
+                        .map_or("—".to_string(), |n| n.to_string());
+                    let _ = writeln!(
+                        s,
+                        "| {} | {x:.7} | {y:.7} | {:+.2e} | {flips} |",
+                        i + 1,
+                        x - y
+                    );
                 }
                 s.push('\n');
             }
@@ -184,6 +194,26 @@ impl Report {
 
 /// One line: whether `a` matches `b`, and where they first part.
 pub fn verdict(p: &PairReport) -> String {
+    let routing = match p.first_route_flip {
+        Some(step) => format!(
+            "; router choices first differ at step {step} ({} of them), after which the losses \
+             part by up to {:.1e} relative (a near-tie between two experts went the other way; \
+             reported, not judged)",
+            p.route_flips[step - 1],
+            p.loss_max_rel_after_flip
+        ),
+        None if !p.route_flips.is_empty() => {
+            format!(
+                "; router choices identical at all {} steps",
+                p.route_flips.len()
+            )
+        }
+        None => String::new(),
+    };
+    verdict_alone(p) + &routing
+}
+
+fn verdict_alone(p: &PairReport) -> String {
     if p.ok {
         let worst: Vec<String> = [Kind::Forward, Kind::Gradient, Kind::Weight]
             .into_iter()
@@ -206,7 +236,8 @@ pub fn verdict(p: &PairReport) -> String {
             p.entries.len(),
             worst.join(", "),
             p.loss_max_rel,
-            p.loss_a.len().min(p.loss_b.len())
+            p.first_route_flip
+                .map_or(p.loss_a.len().min(p.loss_b.len()), |s| s - 1)
         )
     } else if let Some(first) = &p.first_divergence {
         let e = p
