@@ -177,11 +177,14 @@ fn the_command_reports_and_its_dumps_compare_again() {
     let moe = dir.path().join("moe");
     std::fs::rename(&b, &moe).unwrap();
     run_cli("cpu,cpu-reference", "tiny-dense", "1", &dir);
+    let report = dir.path().join("report-mixed");
     let out = nuwa(&[
         "parity",
         "compare",
         b.to_str().unwrap(),
         moe.to_str().unwrap(),
+        "--out",
+        report.to_str().unwrap(),
     ]);
     assert!(!out.status.success());
     assert!(
@@ -197,6 +200,8 @@ fn the_command_reports_and_its_dumps_compare_again() {
         "compare",
         a.to_str().unwrap(),
         b.to_str().unwrap(),
+        "--out",
+        report.to_str().unwrap(),
     ]);
     assert_clean_error(&out, "tensors.safetensors");
     let out = nuwa(&["parity", "--devices", "cpu"]);
@@ -311,8 +316,18 @@ fn dumps_and_parity_checks_in_a_training_run_leave_the_training_unchanged() {
         String::from_utf8_lossy(&out.stdout)
     );
 
-    let out = nuwa(&["train", "--dump-tensors", "0", "--steps", "1"]);
+    let bad = dir.path().join("bad");
+    let out = nuwa(&[
+        "train",
+        "--dump-tensors",
+        "0",
+        "--run-dir",
+        bad.to_str().unwrap(),
+    ]);
     assert_clean_error(&out, "--dump-tensors 0");
+    let out = nuwa(&["train", "--parity-every", "2", "--parity-device", "tpu:0"]);
+    assert_clean_error(&out, "--parity-device");
+    assert!(!bad.exists(), "a refused run leaves nothing behind");
 }
 
 #[test]

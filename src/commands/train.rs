@@ -343,6 +343,7 @@ pub fn mpi_comm() -> Result<Box<dyn nuwa_train::parallel::Collective>> {
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
+    check_hook_flags(&a)?;
     let dist = dist_options(&a)?;
     let rank = dist.as_ref().map_or(0, |d| d.comm.rank());
     let device_name = match (&a.cluster, &dist) {
@@ -451,6 +452,21 @@ pub fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// Refuses bad `--dump-tensors` / `--parity-every` flags before anything is created.
+fn check_hook_flags(a: &TrainArgs) -> Result<()> {
+    if !a.dump_tensors.is_empty() && a.parity_every > 0 {
+        bail!("--dump-tensors and --parity-every: use one at a time");
+    }
+    if let Some(zero) = a.dump_tensors.iter().find(|&&s| s == 0) {
+        bail!("--dump-tensors {zero}: steps count from 1");
+    }
+    if a.parity_every > 0 {
+        let name = a.parity_device.trim_end_matches("-reference");
+        device::parse_device(name).map_err(|e| anyhow::anyhow!("--parity-device: {e}"))?;
+    }
+    Ok(())
+}
+
 /// `--dump-tensors` / `--parity-every`: work beside the training (one at a time).
 fn step_hook(
     a: &TrainArgs,
@@ -458,12 +474,6 @@ fn step_hook(
     run_dir: &std::path::Path,
 ) -> Result<Option<Box<dyn nuwa_train::StepHook>>> {
     use nuwa_parity::hooks::{DumpHook, ParityHook};
-    if !a.dump_tensors.is_empty() && a.parity_every > 0 {
-        bail!("--dump-tensors and --parity-every: use one at a time");
-    }
-    if let Some(zero) = a.dump_tensors.iter().find(|&&s| s == 0) {
-        bail!("--dump-tensors {zero}: steps count from 1");
-    }
     if !a.dump_tensors.is_empty() {
         return Ok(Some(Box::new(DumpHook {
             steps: a.dump_tensors.iter().copied().collect(),
