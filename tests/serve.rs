@@ -580,3 +580,108 @@ fn a_ling_2_checkpoint_is_served_like_single_sequence_greedy() {
         assert_eq!(r["choices"][0]["text"], want, "prompt {i}");
     }
 }
+
+/// Connects and sends `bytes`, leaving the connection open.
+fn half_open(url: &str, bytes: &[u8]) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut conn = std::net::TcpStream::connect(url.trim_start_matches("http://")).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    conn.write_all(bytes).unwrap();
+    conn
+}
+
+/// Seconds until the server closes `conn` (reads to EOF).
+fn closed_after(mut conn: std::net::TcpStream) -> (Duration, Vec<u8>) {
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let _ = conn.read_to_end(&mut got);
+    (started.elapsed(), got)
+}
+
+#[test]
+fn slow_or_idle_connections_are_closed_and_over_the_limit_refused() {
+    let s = server(&["--header-timeout", "1", "--max-connections", "3"]);
+    // One header line, then nothing: closed at the header deadline.
+    let (waited, got) = closed_after(half_open(&s.url, b"GET /health HTTP/1.1\r\n"));
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+    // A keep-alive connection left idle after its answer is closed the same way.
+    let mut conn = half_open(&s.url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut head = [0u8; 15];
+    conn.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200 OK");
+    let (waited, _) = closed_after(conn);
+    assert!(waited < Duration::from_secs(5), "idle for {waited:?}");
+
+    // Three idle connections fill the limit: a fourth is told 503 at once and closed.
+    let idle: Vec<_> = (0..3).map(|_| half_open(&s.url, b"")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (waited, got) = closed_after(half_open(&s.url, b""));
+    let got = String::from_utf8_lossy(&got).to_string();
+    assert!(got.starts_with("HTTP/1.1 503"), "{got}");
+    assert!(got.contains("\"code\":\"overloaded\""), "{got}");
+    assert!(waited < Duration::from_secs(2));
+    // Once they go, requests are served again.
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, r) = post(
+        &format!("{}/v1/completions", s.url),
+        &json!({"prompt": "w1", "max_tokens": 2}),
+    );
+    assert_eq!(code, 200, "{r}");
+}
+
+fn signal(s: &Server, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn sigterm_drains_requests_in_flight_then_exits() {
+    let mut s = server(&["--max-batch", "1", "--header-timeout", "1"]);
+    let url = format!("{}/v1/completions", s.url);
+    // Sixteen streams through one decoding slot: most are queued when the signal comes.
+    let streams: Vec<_> = (0..16)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let out = stream_text(
+                    &url,
+                    &json!({"prompt": prompt(i), "max_tokens": 100, "stream": true}),
+                );
+                (out, Instant::now())
+            })
+        })
+        .collect();
+    // A half-sent request must not hold the shutdown up past its header deadline.
+    let _stuck = half_open(&s.url, b"POST /v1/completions HTTP/1.1\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+    signal(&s, "TERM");
+    let signalled = Instant::now();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        std::net::TcpStream::connect(s.url.trim_start_matches("http://")).is_err(),
+        "still accepting after SIGTERM"
+    );
+    let mut finished_after_signal = 0;
+    for t in streams {
+        let ((text, done), finished) = t.join().unwrap();
+        assert!(done, "a stream in flight was cut: {text:?}");
+        finished_after_signal += (finished > signalled) as usize;
+    }
+    assert!(finished_after_signal > 0, "nothing was in flight to drain");
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(15),
+        "exit took {:?}",
+        signalled.elapsed()
+    );
+}

@@ -37,6 +37,16 @@ pub struct ServeArgs {
     /// Seconds a client may take to send its request body (then 408).
     #[arg(long, default_value_t = 30.0, value_parser = positive_seconds)]
     body_timeout: f64,
+    /// Seconds a client may take to send a request's headers (then the connection closes).
+    #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
+    header_timeout: f64,
+    /// Most connections open at once; one more is answered 503 and closed.
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// After SIGTERM or SIGINT, seconds requests in flight get to finish before the server
+    /// closes them and exits.
+    #[arg(long, default_value_t = 30.0, value_parser = positive_seconds)]
+    drain_timeout: f64,
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -46,8 +56,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         (None, Some(dir)) => ModelSource::Hf(dir),
         (None, None) => bail!("pass --run RUN_DIR or --model HF_DIR"),
     };
-    if a.max_batch == 0 || a.max_queue == 0 {
-        bail!("--max-batch and --max-queue must be positive");
+    if a.max_batch == 0 || a.max_queue == 0 || a.max_connections == 0 {
+        bail!("--max-batch, --max-queue and --max-connections must be positive");
     }
     let model = InferenceModel::load(&source, &device)?;
     nuwa_serve::serve(
@@ -61,6 +71,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             max_queue: a.max_queue,
             max_body_bytes: a.max_body_bytes,
             body_timeout: std::time::Duration::from_secs_f64(a.body_timeout),
+            header_timeout: std::time::Duration::from_secs_f64(a.header_timeout),
+            max_connections: a.max_connections,
+            drain_timeout: std::time::Duration::from_secs_f64(a.drain_timeout),
         },
     )
 }

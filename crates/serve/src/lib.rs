@@ -1,5 +1,6 @@
 //! `nuwa serve`: an OpenAI-compatible HTTP server with continuous batching over any backend.
 
+pub mod connections;
 pub mod engine;
 pub mod http;
 pub mod metrics;
@@ -18,9 +19,17 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// How long a client may take to send its request body once the headers are in.
     pub body_timeout: std::time::Duration,
+    /// How long a client may take to send a request's headers (and how long an idle
+    /// keep-alive connection is kept waiting for the next request).
+    pub header_timeout: std::time::Duration,
+    /// Most connections open at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// After SIGTERM or SIGINT: how long requests in flight may take to finish.
+    pub drain_timeout: std::time::Duration,
 }
 
-/// Serves until Ctrl-C. Prints `listening on http://ADDR` once the socket is bound.
+/// Serves until SIGTERM or SIGINT, then drains (see [`connections`]). Prints
+/// `listening on http://ADDR` once the socket is bound.
 pub fn serve(model: InferenceModel, device: burn::tensor::Device, cfg: ServeConfig) -> Result<()> {
     let context = model.model.max_positions;
     let engine = engine::start(
@@ -51,11 +60,6 @@ pub fn serve(model: InferenceModel, device: burn::tensor::Device, cfg: ServeConf
         println!("listening on http://{local} (model `{}`)", cfg.model_name);
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .context("serving HTTP")
+        connections::serve(listener, app, &cfg).await
     })
 }
