@@ -286,8 +286,27 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         &json!({"messages": [{"role": "user"}]}),
     );
     assert_eq!(code, 400, "{r}");
-    let (code, _) = post_raw(&format!("{}/v1/nothing", s.url), b"{}");
+    let (code, r) = post_raw(&format!("{}/v1/nothing", s.url), b"{}");
     assert_eq!(code, 404);
+    assert_eq!(r["error"]["code"], Value::Null, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/nothing"),
+        "{r}"
+    );
+    // The wrong method on a real route: 405 with an error object, not an empty body.
+    match ureq::get(&format!("{}/v1/completions", s.url)).call() {
+        Err(ureq::Error::Status(405, r)) => {
+            let r: Value = r.into_json().unwrap();
+            assert!(
+                r["error"]["message"].as_str().unwrap().contains("GET"),
+                "{r}"
+            );
+        }
+        other => panic!("expected 405, got {other:?}"),
+    }
     let health: Value = ureq::get(&format!("{}/health", s.url))
         .call()
         .unwrap()

@@ -62,19 +62,32 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
-        .fallback(|| async {
-            error(
+        // As OpenAI answers: an unknown URL is a 404 naming it (not `model_not_found`), and a
+        // known URL with the wrong method a 405 with an error object, not an empty body.
+        .fallback(|req: Request| async move {
+            error_with_code(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 None,
-                "no such endpoint",
+                Value::Null,
+                format!("Invalid URL ({} {})", req.method(), req.uri().path()),
+            )
+        })
+        .method_not_allowed_fallback(|req: Request| async move {
+            error_with_code(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                None,
+                Value::Null,
+                format!("{} is not allowed on {}", req.method(), req.uri().path()),
             )
         })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
 
-/// An OpenAI-style error response.
+/// An OpenAI-style error response (404 means an unknown model here; unknown URLs are the
+/// router's fallback).
 fn error(
     status: StatusCode,
     kind: &str,
@@ -86,6 +99,16 @@ fn error(
         StatusCode::SERVICE_UNAVAILABLE => json!("overloaded"),
         _ => Value::Null,
     };
+    error_with_code(status, kind, param, code, message)
+}
+
+fn error_with_code(
+    status: StatusCode,
+    kind: &str,
+    param: Option<&str>,
+    code: Value,
+    message: impl Into<String>,
+) -> Response {
     let body =
         json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}});
     (status, Json(body)).into_response()
