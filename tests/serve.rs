@@ -198,12 +198,21 @@ fn thirty_two_parallel_streams_complete_and_match_unbatched_greedy() {
         .unwrap()
         .into_string()
         .unwrap();
-    let mean: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("nuwa_batch_size_mean "))
-        .and_then(|l| l.split(' ').nth(1)?.parse().ok())
-        .unwrap();
+    let gauge = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .and_then(|l| l.split(' ').nth(1)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    };
+    let mean = gauge("nuwa_batch_size_mean");
     assert!(mean > 2.0, "requests were not batched: mean batch {mean}");
+    // Time to first token counts from arrival, so it includes the time spent queued.
+    let (ttft, queued) = (
+        gauge("nuwa_time_to_first_token_seconds_mean"),
+        gauge("nuwa_queue_time_seconds_mean"),
+    );
+    assert!(ttft > 0.0 && ttft >= queued, "ttft {ttft}, queued {queued}");
 }
 
 #[test]

@@ -27,6 +27,8 @@ pub struct Job {
     /// Log-probabilities wanted: `Some(n)` with the `n` most likely alternatives per token.
     pub logprobs: Option<usize>,
     pub events: UnboundedSender<Event>,
+    /// When the request arrived: time to first token and queue time count from here.
+    pub received: Instant,
 }
 
 /// One generated token's log-probability (raw logits, before temperature/top-k/top-p) and
@@ -122,6 +124,7 @@ struct Active {
     next_logprobs: Option<TokenLogprobs>,
     /// Those of tokens whose text is not sent yet.
     unsent_logprobs: Vec<TokenLogprob>,
+    /// The request's arrival (time to first token counts from it).
     started: Instant,
     first_token: bool,
 }
@@ -239,7 +242,8 @@ fn admit(
         prompt_tokens: ids.len(),
     });
     metrics.request();
-    let started = Instant::now();
+    metrics.queue_wait(job.received.elapsed().as_secs_f64());
+    let started = job.received;
     let logits = batch.join(&model.model, &ids);
     let mut rng = job.options.seed;
     let next = pick_token(&logits, &job.options, &mut rng);

@@ -361,6 +361,7 @@ async fn run(s: Arc<AppState>, prompt: Prompt, o: Sampling, chat: bool) -> Respo
         stop: o.stop,
         logprobs: o.logprobs,
         events: tx,
+        received: std::time::Instant::now(),
     };
     if s.engine.submit(job).is_err() {
         s.engine.metrics.rejected();

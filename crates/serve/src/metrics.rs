@@ -18,6 +18,8 @@ pub struct Metrics {
     step_us: AtomicU64,
     ttft_us: AtomicU64,
     ttft_count: AtomicU64,
+    queue_wait_us: AtomicU64,
+    queue_wait_count: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -35,6 +37,8 @@ impl Default for Metrics {
             step_us: AtomicU64::new(0),
             ttft_us: AtomicU64::new(0),
             ttft_count: AtomicU64::new(0),
+            queue_wait_us: AtomicU64::new(0),
+            queue_wait_count: AtomicU64::new(0),
         }
     }
 }
@@ -69,6 +73,12 @@ impl Metrics {
             .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
         self.ttft_count.fetch_add(1, Ordering::Relaxed);
     }
+    /// Seconds a request waited before its prefill began.
+    pub fn queue_wait(&self, seconds: f64) {
+        self.queue_wait_us
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        self.queue_wait_count.fetch_add(1, Ordering::Relaxed);
+    }
     pub fn batch_size(&self) -> u64 {
         self.batch.load(Ordering::Relaxed)
     }
@@ -78,6 +88,7 @@ impl Metrics {
         let uptime = self.started.elapsed().as_secs_f64().max(1e-9);
         let steps = g(&self.steps).max(1) as f64;
         let ttft_n = g(&self.ttft_count).max(1) as f64;
+        let wait_n = g(&self.queue_wait_count).max(1) as f64;
         let lines = [
             (
                 "nuwa_requests_total",
@@ -136,8 +147,14 @@ impl Metrics {
             (
                 "nuwa_time_to_first_token_seconds_mean",
                 "gauge",
-                "Mean seconds from admission to first token",
+                "Mean seconds from a request's arrival (queueing included) to its first token",
                 g(&self.ttft_us) as f64 / 1e6 / ttft_n,
+            ),
+            (
+                "nuwa_queue_time_seconds_mean",
+                "gauge",
+                "Mean seconds a request waited for a batch slot before its prefill",
+                g(&self.queue_wait_us) as f64 / 1e6 / wait_n,
             ),
         ];
         let mut out = String::new();
