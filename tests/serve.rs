@@ -713,3 +713,62 @@ fn sigterm_drains_requests_in_flight_then_exits() {
         signalled.elapsed()
     );
 }
+
+#[test]
+fn token_id_prompts_and_content_parts_are_read_as_openai_sends_them() {
+    let s = server(&[]);
+    let url = format!("{}/v1/completions", s.url);
+    let m = InferenceModel::load(&ModelSource::Hf(fixture()), &Device::default()).unwrap();
+    let ids = m.encode(&prompt(3)).unwrap();
+    let want = alone(&prompt(3), 8);
+    for body in [
+        json!({"prompt": ids, "max_tokens": 8, "temperature": 0}),
+        json!({"prompt": [ids], "max_tokens": 8, "temperature": 0}),
+    ] {
+        let (code, r) = post(&url, &body);
+        assert_eq!(code, 200, "{r}");
+        assert_eq!(r["choices"][0]["text"], want.as_str(), "{body}");
+    }
+    let (code, r) = post(&url, &json!({"prompt": [1, 99999999], "max_tokens": 2}));
+    assert_eq!(code, 400, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("vocabulary"),
+        "{r}"
+    );
+    let (code, r) = post(&url, &json!({"prompt": [1, -2], "max_tokens": 2}));
+    assert_eq!(code, 400, "{r}");
+
+    // Content as a list of text parts reads as the joined text.
+    let chat = format!("{}/v1/chat/completions", s.url);
+    let whole = post(
+        &chat,
+        &json!({"messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 6, "temperature": 0}),
+    );
+    let parts = post(
+        &chat,
+        &json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "w1 "}, {"type": "text", "text": "w2"}]}],
+            "max_tokens": 6, "temperature": 0}),
+    );
+    assert_eq!(whole.0, 200, "{}", whole.1);
+    assert_eq!(
+        whole.1["choices"][0]["message"]["content"],
+        parts.1["choices"][0]["message"]["content"]
+    );
+    let (code, r) = post(
+        &chat,
+        &json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}]}),
+    );
+    assert_eq!(code, 400, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("image_url"),
+        "{r}"
+    );
+}

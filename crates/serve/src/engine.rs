@@ -18,6 +18,8 @@ use tokio::sync::mpsc::UnboundedSender;
 pub enum Prompt {
     Text(String),
     Chat(Vec<Message>),
+    /// Token ids, as OpenAI's completions API accepts them (checked against the vocabulary).
+    Tokens(Vec<u32>),
 }
 
 pub struct Job {
@@ -211,6 +213,13 @@ fn admit(
     let encoded = match &job.prompt {
         Prompt::Text(t) => model.encode(t),
         Prompt::Chat(m) => model.encode_chat(m),
+        Prompt::Tokens(ids) => match ids.iter().find(|&&t| t as usize >= model.config.vocab_size) {
+            Some(bad) => Err(anyhow::anyhow!(
+                "prompt: token id {bad} is outside the vocabulary (0..{})",
+                model.config.vocab_size
+            )),
+            None => Ok(ids.clone()),
+        },
     };
     let reject = |status: u16, message: String| {
         let _ = job.events.send(Event::Rejected { status, message });

@@ -300,21 +300,61 @@ async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
         Err(r) => return r,
     };
     let prompt = match b.get("prompt") {
-        Some(Value::String(p)) => p.clone(),
+        Some(Value::String(p)) => Prompt::Text(p.clone()),
         Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
-            a[0].as_str().unwrap_or_default().to_string()
+            Prompt::Text(a[0].as_str().unwrap_or_default().to_string())
         }
+        // Token ids: `[1, 2, 3]`, or one such list in a list.
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_array() => match token_ids(&a[0]) {
+            Some(ids) => Prompt::Tokens(ids),
+            None => return bad("prompt", "token ids must be non-negative integers"),
+        },
+        Some(ids @ Value::Array(a)) if a.iter().all(Value::is_number) => match token_ids(ids) {
+            Some(ids) => Prompt::Tokens(ids),
+            None => return bad("prompt", "token ids must be non-negative integers"),
+        },
         Some(_) => {
             return bad(
                 "prompt",
-                "`prompt` must be a string (batches of prompts are not supported)",
+                "`prompt` must be a string or a list of token ids (batches of prompts are not \
+                 supported)",
             )
         }
         None => return bad("prompt", "`prompt` is required"),
     };
     match sampling(&s, &b, 16, false) {
-        Ok(opts) => run(s, Prompt::Text(prompt), opts, false).await,
+        Ok(opts) => run(s, prompt, opts, false).await,
         Err(r) => r,
+    }
+}
+
+/// `[1, 2, 3]` as token ids; `None` for anything but a list of integers in u32's range.
+fn token_ids(v: &Value) -> Option<Vec<u32>> {
+    v.as_array()?
+        .iter()
+        .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+        .collect()
+}
+
+/// A message's `content`: a string, or OpenAI's list of parts whose text parts are joined
+/// (`[{"type": "text", "text": "…"}]`); other part types (images, audio) are refused.
+fn message_text(content: &Value) -> Result<String, String> {
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => parts
+            .iter()
+            .map(
+                |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
+                    (Some(kind), _) if kind != "text" => {
+                        Err(format!("content parts of type `{kind}` are not supported"))
+                    }
+                    _ => Err("a text part needs a string `text`".to_string()),
+                },
+            )
+            .collect::<Result<Vec<&str>, String>>()
+            .map(|texts| texts.concat()),
+        _ => Err("`content` must be a string or a list of parts".to_string()),
     }
 }
 
@@ -329,12 +369,13 @@ async fn chat_completions(State(s): State<Arc<AppState>>, req: Request) -> Respo
     let mut messages = Vec::new();
     for (i, m) in list.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str);
-        let content = m.get("content").and_then(Value::as_str);
+        let content = m.get("content").map(message_text);
         match (role, content) {
-            (Some(r), Some(c)) => messages.push(Message {
+            (Some(r), Some(Ok(c))) => messages.push(Message {
                 role: r.to_string(),
-                content: c.to_string(),
+                content: c,
             }),
+            (_, Some(Err(e))) => return bad("messages", format!("messages[{i}]: {e}")),
             _ => {
                 return bad(
                     "messages",
