@@ -772,3 +772,52 @@ fn token_id_prompts_and_content_parts_are_read_as_openai_sends_them() {
         "{r}"
     );
 }
+
+#[test]
+fn logit_bias_steers_sampling_and_unsupported_fields_are_refused() {
+    let s = server(&[]);
+    let url = format!("{}/v1/completions", s.url);
+    let m = InferenceModel::load(&ModelSource::Hf(fixture()), &Device::default()).unwrap();
+    let ids = m.encode(&prompt(2)).unwrap();
+    let greedy = |bias: Value| -> String {
+        let (code, r) = post(
+            &url,
+            &json!({"prompt": ids, "max_tokens": 4, "temperature": 0, "logit_bias": bias}),
+        );
+        assert_eq!(code, 200, "{r}");
+        r["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let plain = greedy(Value::Null);
+    assert_eq!(plain, alone(&prompt(2), 4));
+    // +100 on one token makes it the only greedy choice.
+    let forced = m.encode("w7").unwrap()[0];
+    assert_eq!(
+        greedy(json!({forced.to_string(): 100})),
+        m.tokenizer.decode(&[forced; 4])
+    );
+    // −100 on the greedy first token makes the answer start otherwise.
+    let first = m.encode(&plain).unwrap()[0];
+    assert!(!greedy(json!({first.to_string(): -100})).starts_with(&m.tokenizer.decode(&[first])));
+
+    for (body, field) in [
+        (
+            json!({"prompt": "w1", "logit_bias": {"x": 1}}),
+            "logit_bias",
+        ),
+        (
+            json!({"prompt": "w1", "logit_bias": {"1": 101}}),
+            "logit_bias",
+        ),
+        (
+            json!({"prompt": "w1", "logit_bias": {"99999999": 1}}),
+            "vocabulary",
+        ),
+        (json!({"prompt": "w1", "echo": true}), "echo"),
+        (json!({"prompt": "w1", "best_of": 2}), "best_of"),
+    ] {
+        let (code, r) = post(&url, &body);
+        assert_eq!(code, 400, "{body}: {r}");
+        let text = r["error"].to_string();
+        assert!(text.contains(field), "{body}: {r}");
+    }
+}

@@ -31,6 +31,23 @@ pub struct Job {
     pub events: UnboundedSender<Event>,
     /// When the request arrived: time to first token and queue time count from here.
     pub received: Instant,
+    /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`); log-probabilities
+    /// stay those of the model.
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+/// `logits` with the job's biases added (the same slice when there are none).
+fn biased<'a>(logits: &'a [f32], bias: &[(u32, f32)]) -> std::borrow::Cow<'a, [f32]> {
+    if bias.is_empty() {
+        return std::borrow::Cow::Borrowed(logits);
+    }
+    let mut l = logits.to_vec();
+    for &(token, b) in bias {
+        if let Some(v) = l.get_mut(token as usize) {
+            *v += b;
+        }
+    }
+    std::borrow::Cow::Owned(l)
 }
 
 /// One generated token's log-probability (raw logits, before temperature/top-k/top-p) and
@@ -194,7 +211,7 @@ fn run(
         let logits = batch.step(&model.model, &tokens);
         metrics.step(active.len(), started.elapsed().as_secs_f64());
         for (a, l) in active.iter_mut().zip(&logits) {
-            a.next = pick_token(l, &a.job.options, &mut a.rng);
+            a.next = pick_token(&biased(l, &a.job.logit_bias), &a.job.options, &mut a.rng);
             a.next_logprobs = a.job.logprobs.map(|n| token_logprobs(l, a.next, n));
         }
     }
@@ -235,6 +252,20 @@ fn admit(
             return None;
         }
     };
+    if let Some((bad, _)) = job
+        .logit_bias
+        .iter()
+        .find(|(t, _)| *t as usize >= model.config.vocab_size)
+    {
+        reject(
+            400,
+            format!(
+                "logit_bias: token id {bad} is outside the vocabulary (0..{})",
+                model.config.vocab_size
+            ),
+        );
+        return None;
+    }
     if ids.len() + job.options.max_tokens > batch.capacity {
         reject(
             400,
@@ -255,7 +286,7 @@ fn admit(
     let started = job.received;
     let logits = batch.join(&model.model, &ids);
     let mut rng = job.options.seed;
-    let next = pick_token(&logits, &job.options, &mut rng);
+    let next = pick_token(&biased(&logits, &job.logit_bias), &job.options, &mut rng);
     let next_logprobs = job.logprobs.map(|n| token_logprobs(&logits, next, n));
     Some(Active {
         job,

@@ -145,6 +145,7 @@ struct Sampling {
     stream: bool,
     /// `Some(n)`: answer with each token's log-probability and the `n` most likely.
     logprobs: Option<usize>,
+    logit_bias: Vec<(u32, f32)>,
 }
 
 /// Most alternatives per token a client may ask for (OpenAI's limit).
@@ -244,6 +245,42 @@ fn sampling(
     if integer("n", 1, 1, 1).is_err() {
         return Err(bad("n", "only n = 1 is supported"));
     }
+    if integer("best_of", 1, 1, 1).is_err() {
+        return Err(bad("best_of", "only best_of = 1 is supported"));
+    }
+    if b.get("echo")
+        .is_some_and(|v| v != &Value::Bool(false) && !v.is_null())
+    {
+        return Err(bad("echo", "`echo` is not supported"));
+    }
+    // `{"50256": -100}`: token id → bias in [-100, 100], added to its logit.
+    let logit_bias = match b.get("logit_bias") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Object(m)) => {
+            let mut out = Vec::with_capacity(m.len());
+            for (k, v) in m {
+                let token: u32 = k
+                    .parse()
+                    .map_err(|_| bad("logit_bias", format!("`{k}` is not a token id")))?;
+                match v.as_f64() {
+                    Some(x) if (-100.0..=100.0).contains(&x) => out.push((token, x as f32)),
+                    _ => {
+                        return Err(bad(
+                            "logit_bias",
+                            format!("the bias of {k} must be a number in [-100, 100]"),
+                        ))
+                    }
+                }
+            }
+            out
+        }
+        Some(_) => {
+            return Err(bad(
+                "logit_bias",
+                "`logit_bias` must map token ids to numbers",
+            ))
+        }
+    };
     let stop = match b.get("stop") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
@@ -281,6 +318,7 @@ fn sampling(
     };
     Ok(Sampling {
         logprobs,
+        logit_bias,
         options: SamplingOptions {
             max_tokens,
             temperature,
@@ -403,6 +441,7 @@ async fn run(s: Arc<AppState>, prompt: Prompt, o: Sampling, chat: bool) -> Respo
         logprobs: o.logprobs,
         events: tx,
         received: std::time::Instant::now(),
+        logit_bias: o.logit_bias,
     };
     if s.engine.submit(job).is_err() {
         s.engine.metrics.rejected();
