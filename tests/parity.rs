@@ -113,6 +113,24 @@ fn a_perturbed_op_is_found_where_it_was_perturbed() {
     }
 }
 
+/// `nuwa parity compare A B --out OUT`.
+fn compare_dumps(
+    a: impl AsRef<std::path::Path>,
+    b: impl AsRef<std::path::Path>,
+    out: impl AsRef<std::path::Path>,
+) -> std::process::Output {
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let args = [
+        "parity".to_string(),
+        "compare".to_string(),
+        path(a.as_ref()),
+        path(b.as_ref()),
+        "--out".to_string(),
+        path(out.as_ref()),
+    ];
+    nuwa(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 fn run_cli(devices: &str, preset: &str, steps: &str, dir: &TempDir) -> Value {
     let out_dir = dir
         .path()
@@ -158,14 +176,7 @@ fn the_command_reports_and_its_dumps_compare_again() {
     let dumps = dir.path().join("dumps");
     let (a, b) = (dumps.join("cpu-reference"), dumps.join("cpu"));
     let out_dir = dir.path().join("compare");
-    let out = nuwa(&[
-        "parity",
-        "compare",
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-        "--out",
-        out_dir.to_str().unwrap(),
-    ]);
+    let out = compare_dumps(&a, &b, &out_dir);
     assert!(
         out.status.success(),
         "{}",
@@ -178,14 +189,7 @@ fn the_command_reports_and_its_dumps_compare_again() {
     std::fs::rename(&b, &moe).unwrap();
     run_cli("cpu,cpu-reference", "tiny-dense", "1", &dir);
     let report = dir.path().join("report-mixed");
-    let out = nuwa(&[
-        "parity",
-        "compare",
-        b.to_str().unwrap(),
-        moe.to_str().unwrap(),
-        "--out",
-        report.to_str().unwrap(),
-    ]);
+    let out = compare_dumps(&b, &moe, &report);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("part first at"),
@@ -195,14 +199,7 @@ fn the_command_reports_and_its_dumps_compare_again() {
 
     // Bad input: one clear line.
     std::fs::write(a.join("tensors.safetensors"), b"truncated").unwrap();
-    let out = nuwa(&[
-        "parity",
-        "compare",
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-        "--out",
-        report.to_str().unwrap(),
-    ]);
+    let out = compare_dumps(&a, &b, &report);
     assert_clean_error(&out, "tensors.safetensors");
     let out = nuwa(&["parity", "--devices", "cpu"]);
     assert_clean_error(&out, "--devices");
@@ -302,14 +299,11 @@ fn dumps_and_parity_checks_in_a_training_run_leave_the_training_unchanged() {
     assert!(dumped.join("dumps/step-00000003/dump.json").is_file());
     assert!(!dumped.join("dumps/step-00000002").exists());
     let again = train("again", &["--dump-tensors", "1"]);
-    let out = nuwa(&[
-        "parity",
-        "compare",
-        d1.to_str().unwrap(),
-        again.join("dumps/step-00000001").to_str().unwrap(),
-        "--out",
-        dir.path().join("report").to_str().unwrap(),
-    ]);
+    let out = compare_dumps(
+        &d1,
+        again.join("dumps/step-00000001"),
+        dir.path().join("report"),
+    );
     assert!(
         out.status.success(),
         "{}",

@@ -114,7 +114,9 @@ pub fn parity(a: ParityArgs) -> Result<()> {
     Ok(())
 }
 
-fn target(name: &str) -> Result<Target> {
+/// A device by name, `NAME-reference` meaning that device with every op on its plain Burn
+/// composition (`cpu-reference`); shared with `nuwa train --parity-device`.
+pub fn target(name: &str) -> Result<Target> {
     let (device_name, reference_path) = match name.strip_suffix("-reference") {
         Some(base) => (base, true),
         None => (name, false),

@@ -461,8 +461,7 @@ fn check_hook_flags(a: &TrainArgs) -> Result<()> {
         bail!("--dump-tensors {zero}: steps count from 1");
     }
     if a.parity_every > 0 {
-        let name = a.parity_device.trim_end_matches("-reference");
-        device::parse_device(name).map_err(|e| anyhow::anyhow!("--parity-device: {e}"))?;
+        parity_device(a)?;
     }
     Ok(())
 }
@@ -482,20 +481,15 @@ fn step_hook(
         })));
     }
     if a.parity_every > 0 {
-        let (name, reference_path) = match a.parity_device.strip_suffix("-reference") {
-            Some(base) => (base, true),
-            None => (a.parity_device.as_str(), false),
-        };
         return Ok(Some(Box::new(ParityHook {
             every: a.parity_every,
             here: device_name.to_string(),
-            other: nuwa_parity::Target {
-                name: a.parity_device.clone(),
-                device: device::parse_device(name)
-                    .map_err(|e| anyhow::anyhow!("--parity-device: {e}"))?,
-                reference_path,
-            },
+            other: parity_device(a)?,
         })));
     }
     Ok(None)
+}
+
+fn parity_device(a: &TrainArgs) -> Result<nuwa_parity::Target> {
+    super::parity::target(&a.parity_device).map_err(|e| anyhow::anyhow!("--parity-device: {e}"))
 }
