@@ -116,72 +116,112 @@ fn same_seed_same_sample_and_greedy_is_cache_consistent() {
     }
 }
 
-/// Rows of a [`DecodeBatch`] joining and leaving at different times decode exactly what each
-/// would alone (logits within float tolerance, hence the same greedy tokens).
+/// Sequences in a paged batch — joining at different times, prompts prefilled in chunks mixed
+/// into decode steps, one prompt sharing another's cached prefix, one choice forked — decode
+/// exactly what each would alone (the same greedy tokens), on the paged-attention kernel and
+/// on the reference path (blocks gathered into Burn's attention).
 #[test]
-fn batched_rows_decode_like_single_sequences() {
-    use nuwa_model::batch::DecodeBatch;
+fn paged_batch_decodes_like_single_sequences() {
     for preset in ["tiny-dense", "tiny-moe"] {
         let (model, device) = model(preset);
-        // Row 1's 60-token prompt makes the shared caches grow past 64 positions mid-run.
-        let long: Vec<u32> = (0..60).map(|i| (i * 7) % 49 + 1).collect();
-        let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3], long, vec![42]];
-        let greedy = |l: &[f32]| {
-            l.iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(i, _)| i as u32)
-                .unwrap()
-        };
-        let alone: Vec<Vec<u32>> = prompts
+        paged_run(&model, &device, preset);
+        nuwa_model::kernels::with_reference_path(|| paged_run(&model, &device, preset));
+    }
+}
+
+fn paged_run(model: &LanguageModel, device: &Device, preset: &str) {
+    use nuwa_model::batch::{Chunk, PagedBatch};
+    let greedy = |l: &[f32]| {
+        l.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .unwrap()
+    };
+    // Prompt 1 crosses several 16-position blocks; prompt 3 shares its first 40 tokens (two
+    // full blocks come from the cache) and arrives after it is done.
+    let long: Vec<u32> = (0..60).map(|i| (i * 7) % 49 + 1).collect();
+    let mut shared = long[..40].to_vec();
+    shared.extend([5, 6, 7]);
+    let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3], long, vec![42], shared];
+    let arrivals = [0, 3, 5, 40];
+    let new_tokens = 10;
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let opts = SamplingOptions {
+                max_tokens: new_tokens,
+                temperature: 0.0,
+                ..Default::default()
+            };
+            generate(model, p, &opts, device, |_| {})
+        })
+        .collect();
+    // A pool far smaller than 4 × context: admission is by blocks.
+    let per_block = PagedBatch::shape(model).bytes_per_block();
+    let mut batch = PagedBatch::new(model, device, 24 * per_block);
+    // Per sequence: (who, id, prompt position done, next token).
+    let mut live: Vec<(usize, u64, usize, Option<u32>)> = Vec::new();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let mut cached_tokens = vec![0; prompts.len()];
+    for step in 0..80 {
+        for (who, &at) in arrivals.iter().enumerate() {
+            if step == at {
+                let (id, cached) = batch
+                    .admit(&prompts[who], prompts[who].len() + new_tokens)
+                    .expect("room");
+                cached_tokens[who] = cached;
+                live.push((who, id, cached, None));
+            }
+        }
+        // Emit pending tokens; finished sequences leave.
+        live.retain(|&(who, id, _, next)| {
+            if let Some(t) = next {
+                out[who].push(t);
+            }
+            let done = out[who].len() == new_tokens;
+            if done {
+                batch.release(id);
+            }
+            !done
+        });
+        // Decode rows take one token; prompts go in chunks of 7.
+        let chunks: Vec<Chunk> = live
             .iter()
-            .map(|p| {
-                let opts = SamplingOptions {
-                    max_tokens: 10,
-                    temperature: 0.0,
-                    ..Default::default()
-                };
-                generate(&model, p, &opts, &device, |_| {})
+            .map(|(who, id, done, next)| match next {
+                Some(t) => Chunk {
+                    seq: *id,
+                    tokens: std::slice::from_ref(t),
+                    logits: true,
+                },
+                None => {
+                    let end = prompts[*who].len().min(done + 7);
+                    Chunk {
+                        seq: *id,
+                        tokens: &prompts[*who][*done..end],
+                        logits: end == prompts[*who].len(),
+                    }
+                }
             })
             .collect();
-        // Row 0 starts alone; row 1 joins after 3 steps, row 2 after 5; row 0 leaves at 10.
-        let mut batch = DecodeBatch::new(&model, &device);
-        let mut out: Vec<Vec<u32>> = vec![Vec::new(); 3];
-        let mut live: Vec<usize> = Vec::new();
-        let mut next: Vec<u32> = Vec::new();
-        for step in 0..16 {
-            for (who, at) in [(0, 0), (1, 3), (2, 5)] {
-                if step == at {
-                    let logits = batch.join(&model, &prompts[who]);
-                    live.push(who);
-                    next.push(greedy(&logits));
-                }
-            }
-            for (slot, &who) in live.iter().enumerate() {
-                out[who].push(next[slot]);
-            }
-            let keep: Vec<bool> = live.iter().map(|&w| out[w].len() < 10).collect();
-            batch.retain(&keep);
-            let kept: Vec<(usize, u32)> = live
-                .iter()
-                .zip(&next)
-                .zip(&keep)
-                .filter(|(_, k)| **k)
-                .map(|((w, n), _)| (*w, *n))
-                .collect();
-            live = kept.iter().map(|k| k.0).collect();
-            if live.is_empty() {
-                break;
-            }
-            let tokens: Vec<u32> = kept.iter().map(|k| k.1).collect();
-            next = batch
-                .step(&model, &tokens)
-                .iter()
-                .map(|l| greedy(l))
-                .collect();
+        if chunks.is_empty() {
+            continue;
         }
-        assert_eq!(out, alone, "{preset}");
+        let wanted: Vec<bool> = chunks.iter().map(|c| c.logits).collect();
+        let sizes: Vec<usize> = chunks.iter().map(|c| c.tokens.len()).collect();
+        let mut logits = batch.run(model, &chunks).into_iter();
+        for ((entry, wants), n) in live.iter_mut().zip(wanted).zip(sizes) {
+            if entry.3.is_none() {
+                entry.2 += n;
+            }
+            if wants {
+                entry.3 = Some(greedy(&logits.next().unwrap()));
+            }
+        }
     }
+    assert_eq!(out, alone, "{preset}");
+    assert_eq!(cached_tokens, vec![0, 0, 0, 32], "{preset}: two full blocks shared");
+    assert_eq!(batch.usage().used, 0, "{preset}: every block given back");
 }
 
 /// The one forward path through a contiguous store, projecting only the last position, gives

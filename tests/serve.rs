@@ -249,9 +249,9 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
             "`max_tokens`",
         ),
         (
-            json!({"prompt": "w1", "n": 2}).to_string().into_bytes(),
+            json!({"prompt": "w1", "n": 0}).to_string().into_bytes(),
             400,
-            "n = 1",
+            "[1, 16]",
         ),
         (
             json!({"prompt": "w1", "top_p": 0}).to_string().into_bytes(),
@@ -812,7 +812,9 @@ fn logit_bias_steers_sampling_and_unsupported_fields_are_refused() {
             json!({"prompt": "w1", "logit_bias": {"99999999": 1}}),
             "vocabulary",
         ),
-        (json!({"prompt": "w1", "echo": true}), "echo"),
+        (json!({"prompt": "w1", "echo": true, "logprobs": 1}), "echo"),
+        (json!({"prompt": [1, 2], "echo": true}), "echo"),
+        (json!({"prompt": "w1", "n": 17}), "n"),
         (json!({"prompt": "w1", "best_of": 2}), "best_of"),
     ] {
         let (code, r) = post(&url, &body);

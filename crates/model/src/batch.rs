@@ -1,226 +1,170 @@
 //! Decoding many sequences at once, each at its own position: the batch a serving engine runs
-//! one step at a time, with sequences joining (after a prefill of their own) and leaving
-//! between steps. Every row keeps its keys and values in a cache padded to a shared length
-//! ([`RowCaches`]), so rows of any length share one batched forward pass — the model's one
-//! forward path, with this store in place of a contiguous cache. That length follows the
-//! longest row (grown in blocks of `GROW` positions, up to the model's context) rather than
-//! being the whole context from the start: each step's cache update and attention cost what
-//! the rows use.
+//! one step at a time. Sequences are admitted against a paged key/value pool
+//! ([`crate::paged`]), and each step is one forward pass over a chunk of every sequence that
+//! has work — one token of a decoding sequence, a piece of a prompt being prefilled — packed
+//! into one row, so a long prompt shares steps with the decoding ones instead of stalling them.
 
-use crate::cache::{Attend, KvCache, KvStore, Positions};
 use crate::model::{LanguageModel, Logits};
+use crate::paged::{BlockPool, PackedStep, PoolShape, PrefixStats, SeqBlocks};
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use std::collections::HashMap;
 
-/// Masked-out attention score: large enough to vanish in the softmax, finite so nothing NaNs.
-const MASKED: f32 = -1e30;
+pub type SeqId = u64;
 
-/// The caches grow by this many positions at a time (fewer re-allocations than one by one).
-const GROW: usize = 64;
+/// One sequence's share of a step: tokens that continue it, and whether the logits after its
+/// last one are wanted (a decoding sequence, or the chunk that completes a prompt).
+pub struct Chunk<'a> {
+    pub seq: SeqId,
+    pub tokens: &'a [u32],
+    pub logits: bool,
+}
 
-/// Per-row key/value caches padded to a shared length: a [`KvStore`] for one new token per row.
-pub struct RowCaches {
-    /// Per layer: keys and values of every row, `[rows, kv_heads, allocated, head_dim]`.
-    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
-    /// Positions filled in each row.
-    lengths: Vec<usize>,
-    /// Positions every row's cache holds now (filled or padding).
-    allocated: usize,
-    /// This step's one-hot write slots `[rows, 1, allocated, 1]` and mask `[rows, 1, 1, allocated]`.
-    step: Option<(Tensor<4>, Tensor<4>)>,
+/// Pool occupancy and prefix-cache counters, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvUsage {
+    /// Blocks in the pool, and in use by some sequence.
+    pub blocks: usize,
+    pub used: usize,
+    pub block_size: usize,
+    pub prefix: PrefixStats,
+}
+
+pub struct PagedBatch {
+    pool: BlockPool,
+    seqs: HashMap<SeqId, SeqBlocks>,
+    next_id: SeqId,
     device: Device,
-}
-
-impl RowCaches {
-    fn new(num_layers: usize, device: &Device) -> Self {
-        Self {
-            layers: vec![None; num_layers],
-            lengths: Vec::new(),
-            allocated: 0,
-            step: None,
-            device: device.clone(),
-        }
-    }
-
-    /// Grows every row's cache (with zero padding) to `target` positions.
-    fn grow_to(&mut self, target: usize) {
-        if target <= self.allocated {
-            return;
-        }
-        let extra = target - self.allocated;
-        for slot in &mut self.layers {
-            if let Some((k, v)) = slot.take() {
-                *slot = Some((pad(k, extra, &self.device), pad(v, extra, &self.device)));
-            }
-        }
-        self.allocated = target;
-    }
-
-    /// Builds this step's write slots and mask (once per step, shared by every layer): each
-    /// row writes at its length and attends to every filled position up to it.
-    fn prepare_step(&mut self) -> (Tensor<4>, Tensor<4>) {
-        let (b, cap) = (self.lengths.len(), self.allocated);
-        let (mut write, mut mask) = (vec![0f32; b * cap], vec![MASKED; b * cap]);
-        for (r, &pos) in self.lengths.iter().enumerate() {
-            write[r * cap + pos] = 1.0;
-            mask[r * cap..r * cap + pos + 1].fill(0.0);
-        }
-        let t = |v: Vec<f32>, shape: [usize; 4]| {
-            Tensor::<4>::from_data(TensorData::new(v, shape), &self.device)
-        };
-        let step = (t(write, [b, 1, cap, 1]), t(mask, [b, 1, 1, cap]));
-        self.step = Some(step.clone());
-        step
-    }
-}
-
-fn pad(x: Tensor<4>, extra: usize, device: &Device) -> Tensor<4> {
-    if extra == 0 {
-        return x;
-    }
-    let [b, kvh, _, d] = x.dims();
-    Tensor::cat(vec![x, Tensor::zeros([b, kvh, extra, d], device)], 2)
-}
-
-impl KvStore for RowCaches {
-    fn positions(&self, _len: usize) -> Positions {
-        Positions::Rows(self.lengths.clone())
-    }
-
-    fn store(&mut self, layer: usize, keys: Tensor<4>, values: Tensor<4>) -> Attend {
-        let [b, kvh, _, d] = keys.dims();
-        let shape = [b, kvh, self.allocated, d];
-        let (write, mask) = match self.step.clone() {
-            Some(step) => step,
-            None => self.prepare_step(),
-        };
-        let write = write.expand(shape);
-        let keep = write.clone().neg() + 1.0;
-        let (old_k, old_v) = self.layers[layer].take().unwrap_or_else(|| {
-            (
-                Tensor::zeros(shape, &self.device),
-                Tensor::zeros(shape, &self.device),
-            )
-        });
-        let keys = old_k * keep.clone() + keys.expand(shape) * write.clone();
-        let values = old_v * keep + values.expand(shape) * write;
-        self.layers[layer] = Some((keys.clone(), values.clone()));
-        Attend {
-            keys,
-            values,
-            mask: Some(mask),
-        }
-    }
-
-    fn advance(&mut self, _len: usize) {
-        self.lengths.iter_mut().for_each(|l| *l += 1);
-        self.step = None;
-    }
-}
-
-pub struct DecodeBatch {
-    cache: RowCaches,
-    /// The most positions a row may hold: the model's context.
+    /// The most positions a sequence may hold: the model's context.
     pub capacity: usize,
 }
 
-/// Each row's logits of a `[rows, 1, vocab]` tensor, on the host.
-fn host_rows(logits: Tensor<3>) -> Vec<Vec<f32>> {
-    let [_, _, v] = logits.dims();
-    let flat: Vec<f32> = logits.into_data().iter::<f32>().collect();
-    flat.chunks(v).map(<[f32]>::to_vec).collect()
-}
+/// Positions per block.
+pub const BLOCK_SIZE: usize = 16;
 
-impl DecodeBatch {
-    pub fn new(model: &LanguageModel, device: &Device) -> Self {
+impl PagedBatch {
+    /// A pool of as many blocks as `memory_bytes` holds (at least one).
+    pub fn new(model: &LanguageModel, device: &Device, memory_bytes: usize) -> Self {
+        let shape = Self::shape(model);
+        let blocks = (memory_bytes / shape.bytes_per_block()).max(1);
         Self {
-            cache: RowCaches::new(model.num_layers(), device),
+            pool: BlockPool::new(shape, blocks),
+            seqs: HashMap::new(),
+            next_id: 0,
+            device: device.clone(),
             capacity: model.max_positions,
         }
     }
 
-    /// Positions filled in each row.
-    pub fn lengths(&self) -> &[usize] {
-        &self.cache.lengths
-    }
-
-    /// Grows every row's cache so that it holds at least `needed` positions.
-    fn reserve(&mut self, needed: usize) {
-        if needed > self.cache.allocated {
-            let grown = needed.div_ceil(GROW) * GROW;
-            self.cache.grow_to(grown.min(self.capacity).max(needed));
+    pub fn shape(model: &LanguageModel) -> PoolShape {
+        let attention = &model.layers[0].attention;
+        PoolShape {
+            layers: model.num_layers(),
+            kv_heads: attention.num_kv_heads,
+            head_dim: attention.head_dim,
+            block_size: BLOCK_SIZE,
         }
     }
 
-    pub fn rows(&self) -> usize {
-        self.cache.lengths.len()
+    /// Blocks `copies` sequences of `positions` positions take (at most: before any prefix is
+    /// shared).
+    pub fn blocks_for(&self, positions: usize, copies: usize) -> usize {
+        self.pool.shape.blocks_for(positions) * copies
     }
 
-    /// Runs `prompt` alone and adds it as the last row; returns its next-token logits.
-    /// The prompt must be shorter than the capacity.
-    pub fn join(&mut self, model: &LanguageModel, prompt: &[u32]) -> Vec<f32> {
-        let t = prompt.len();
-        let device = self.cache.device.clone();
-        let mut prefill = KvCache::new(model.num_layers());
-        let logits = model
-            .forward_with(
-                token_rows(prompt, 1, &device),
-                Some(&mut prefill),
-                Logits::Last,
-            )
-            .logits;
-        self.reserve(t + 1);
-        let allocated = self.cache.allocated;
-        for (slot, layer) in self.cache.layers.iter_mut().zip(prefill.into_layers()) {
-            let Some((k, v)) = layer else { continue };
-            let (k, v) = (
-                pad(k, allocated - t, &device),
-                pad(v, allocated - t, &device),
-            );
-            *slot = Some(match slot.take() {
-                Some((ks, vs)) => (Tensor::cat(vec![ks, k], 0), Tensor::cat(vec![vs, v], 0)),
-                None => (k, v),
-            });
-        }
-        self.cache.lengths.push(t);
-        host_rows(logits).pop().unwrap_or_default()
+    /// Blocks neither in use nor promised.
+    pub fn available_blocks(&self) -> usize {
+        self.pool.available()
     }
 
-    /// Keeps the rows where `keep` is true, in order.
-    pub fn retain(&mut self, keep: &[bool]) {
-        let cache = &mut self.cache;
-        let idx: Vec<i64> = (0..cache.lengths.len())
-            .filter(|&r| keep.get(r).copied().unwrap_or(false))
-            .map(|r| r as i64)
-            .collect();
-        if idx.len() == cache.lengths.len() {
-            return;
+    /// Admits a sequence for `prompt` that may grow to `max_positions`: its id and how many of
+    /// the prompt's positions are already computed (a cached prefix). `None` while the blocks
+    /// it needs are not free.
+    pub fn admit(&mut self, prompt: &[u32], max_positions: usize) -> Option<(SeqId, usize)> {
+        let seq = self.pool.admit(prompt, max_positions)?;
+        let cached = seq.len;
+        Some((self.insert(seq), cached))
+    }
+
+    /// A copy of `seq` sharing its blocks (another choice of the same prompt).
+    pub fn fork(&mut self, seq: SeqId, max_positions: usize) -> Option<SeqId> {
+        let copy = self.pool.fork(self.seqs.get(&seq)?, max_positions)?;
+        Some(self.insert(copy))
+    }
+
+    fn insert(&mut self, seq: SeqBlocks) -> SeqId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.seqs.insert(id, seq);
+        id
+    }
+
+    /// Positions `seq` holds.
+    pub fn len(&self, seq: SeqId) -> usize {
+        self.seqs.get(&seq).map_or(0, |s| s.len)
+    }
+
+    pub fn release(&mut self, seq: SeqId) {
+        if let Some(s) = self.seqs.remove(&seq) {
+            self.pool.release(s);
         }
-        cache.lengths = idx.iter().map(|&r| cache.lengths[r as usize]).collect();
-        if idx.is_empty() {
-            cache.layers.iter_mut().for_each(|l| *l = None);
-            cache.allocated = 0;
-            return;
+    }
+
+    pub fn usage(&self) -> KvUsage {
+        KvUsage {
+            blocks: self.pool.num_blocks(),
+            used: self.pool.used_blocks(),
+            block_size: self.pool.shape.block_size,
+            prefix: self.pool.stats,
         }
-        let n = idx.len();
-        let index = Tensor::<1, Int>::from_data(TensorData::new(idx, [n]), &cache.device);
-        for slot in &mut cache.layers {
-            if let Some((k, v)) = slot.take() {
-                *slot = Some((k.select(0, index.clone()), v.select(0, index.clone())));
+    }
+
+    /// One forward pass over `chunks` (each sequence at most once, each admitted with room for
+    /// them); returns the logits of the chunks that asked for them, in order.
+    pub fn run(&mut self, model: &LanguageModel, chunks: &[Chunk]) -> Vec<Vec<f32>> {
+        let mut at = Vec::new();
+        let mut ids = Vec::new();
+        for c in chunks {
+            if let Some(seq) = self.seqs.get_mut(&c.seq) {
+                let len = seq.len + c.tokens.len();
+                self.pool.grow(seq, len);
+            }
+            ids.extend_from_slice(c.tokens);
+            if c.logits {
+                at.push(ids.len() - 1);
             }
         }
-    }
-
-    /// Feeds one token per row; returns each row's next-token logits. Every row must have
-    /// room (`lengths[r] < capacity`).
-    pub fn step(&mut self, model: &LanguageModel, tokens: &[u32]) -> Vec<Vec<f32>> {
-        let longest = self.cache.lengths.iter().copied().max().unwrap_or(0);
-        self.reserve(longest + 1);
-        let tokens = token_rows(tokens, tokens.len(), &self.cache.device);
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        let placed: Vec<(&SeqBlocks, usize)> = chunks
+            .iter()
+            .filter_map(|c| Some((self.seqs.get(&c.seq)?, c.tokens.len())))
+            .collect();
+        let mut step = PackedStep::new(&mut self.pool, &placed, &self.device);
+        let tokens = token_rows(&ids, 1, &self.device);
+        // A step of prompt chunks only still projects one (discarded) row: the head of none
+        // is not a shape every backend takes.
+        let wanted = at.len();
+        let at = if at.is_empty() { vec![ids.len() - 1] } else { at };
         let logits = model
-            .forward_with(tokens, Some(&mut self.cache), Logits::Last)
+            .forward_with(tokens, Some(&mut step), Logits::At(at))
             .logits;
-        host_rows(logits)
+        for c in chunks {
+            if let Some(seq) = self.seqs.get_mut(&c.seq) {
+                self.pool.commit(seq, c.tokens);
+            }
+        }
+        let mut rows = host_rows(logits);
+        rows.truncate(wanted);
+        rows
     }
+}
+
+/// The rows of a `[1, n, vocab]` logits tensor, on the host.
+fn host_rows(logits: Tensor<3>) -> Vec<Vec<f32>> {
+    let [_, _, v] = logits.dims();
+    let flat: Vec<f32> = logits.into_data().iter::<f32>().collect();
+    flat.chunks(v.max(1)).map(<[f32]>::to_vec).collect()
 }
 
 /// `ids` as an `[rows, ids / rows]` token tensor.

@@ -3,8 +3,10 @@
 //! [`KvStore`] trait:
 //! - training: no store at all (every position is new, causal attention);
 //! - `sample` and prefill: [`KvCache`], one contiguous run of positions shared by every row;
-//! - the batched server: `batch::RowCaches`, each row at its own position in a padded cache.
+//! - the batched server: [`crate::paged::PackedStep`], sequences packed into one row, each
+//!   token reading its own sequence's blocks of a paged pool.
 
+use crate::kernels::attention::causal_attention;
 use burn::tensor::Tensor;
 
 /// Which positions a chunk of new tokens occupies, for the rotary embedding.
@@ -12,18 +14,9 @@ use burn::tensor::Tensor;
 pub enum Positions {
     /// Every row continues the same run: the chunk is `start..start + len`.
     Span(usize),
-    /// One new token per row, each at its own position.
-    Rows(Vec<usize>),
-}
-
-/// What a chunk's queries attend to.
-pub struct Attend {
-    /// `[batch, kv_heads, positions, head_dim]`.
-    pub keys: Tensor<4>,
-    pub values: Tensor<4>,
-    /// `None`: causal over a contiguous run (the chunk's last query sees every key).
-    /// `Some`: `[batch, 1, 1, positions]`, 0 where a row may attend, very negative elsewhere.
-    pub mask: Option<Tensor<4>>,
+    /// One row of tokens from many sequences, each token at its own position (the paged
+    /// server's packed step).
+    Tokens(Vec<usize>),
 }
 
 /// A key/value store for one forward pass over every layer.
@@ -31,8 +24,10 @@ pub trait KvStore {
     /// Positions of a chunk of `len` new tokens per row.
     fn positions(&self, len: usize) -> Positions;
     /// Stores layer `layer`'s keys and values of the chunk (`[batch, kv_heads, len, head_dim]`,
-    /// after RoPE) and returns what the chunk attends to.
-    fn store(&mut self, layer: usize, keys: Tensor<4>, values: Tensor<4>) -> Attend;
+    /// after RoPE) and returns the chunk's attention output `[batch, heads, len, head_dim]`:
+    /// its queries `q` over everything the store holds that each may see.
+    fn attend(&mut self, layer: usize, q: Tensor<4>, keys: Tensor<4>, values: Tensor<4>)
+        -> Tensor<4>;
     /// Every layer has stored the chunk: its `len` positions now count as seen.
     fn advance(&mut self, len: usize);
 }
@@ -71,7 +66,13 @@ impl KvStore for KvCache {
         Positions::Span(self.seen)
     }
 
-    fn store(&mut self, layer: usize, keys: Tensor<4>, values: Tensor<4>) -> Attend {
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: Tensor<4>,
+        keys: Tensor<4>,
+        values: Tensor<4>,
+    ) -> Tensor<4> {
         if self.layers.len() <= layer {
             self.layers.resize(layer + 1, None);
         }
@@ -83,11 +84,8 @@ impl KvStore for KvCache {
             None => (keys, values),
         };
         self.layers[layer] = Some((keys.clone(), values.clone()));
-        Attend {
-            keys,
-            values,
-            mask: None,
-        }
+        // The chunk is the last `len` of the run: causal with that offset.
+        causal_attention(q, keys, values)
     }
 
     fn advance(&mut self, len: usize) {

@@ -2,7 +2,7 @@
 //! attention and the SwiGLU feed-forward network. The MoE layer lives in `moe.rs`, the
 //! key/value stores attention reads and writes in `cache.rs`.
 
-use crate::cache::{Attend, KvStore, Positions};
+use crate::cache::{KvStore, Positions};
 use crate::kernels::attention::{causal_attention, repeat_kv};
 use crate::trace;
 use burn::module::{Module, Param};
@@ -171,12 +171,12 @@ impl Rope {
                 let take = |t: Tensor<2>| t.narrow(0, *start, len).reshape([1, 1, len, d]);
                 (take(cos), take(sin))
             }
-            Positions::Rows(rows) => {
-                let needed = rows.iter().max().map_or(0, |p| p + 1);
+            Positions::Tokens(each) => {
+                let needed = each.iter().max().map_or(0, |p| p + 1);
                 let (cos, sin) = self.tables(needed, device);
-                let ids: Vec<i64> = rows.iter().map(|&p| p as i64).collect();
-                let index = Tensor::<1, Int>::from_data(TensorData::new(ids, [rows.len()]), device);
-                let take = |t: Tensor<2>| t.select(0, index.clone()).reshape([rows.len(), 1, 1, d]);
+                let ids: Vec<i64> = each.iter().map(|&p| p as i64).collect();
+                let index = Tensor::<1, Int>::from_data(TensorData::new(ids, [each.len()]), device);
+                let take = |t: Tensor<2>| t.select(0, index.clone()).reshape([1, 1, each.len(), d]);
                 (take(cos), take(sin))
             }
         }
@@ -257,34 +257,29 @@ impl Attention {
             apply_rope(norm(heads(h, kvh), &self.key_layernorm), cos, sin),
         );
         let v = trace::tap("attention.value", heads(h + kvh, kvh));
-        let attend = match store {
-            Some(store) => store.store(layer, k, v),
-            None => Attend {
-                keys: k,
-                values: v,
-                mask: None,
-            },
-        };
-        let dropout = self.dropout.prob > 0.0 && q.device().is_autodiff();
-        let out = match attend.mask {
-            // The fused op has no dropout: with attention dropout in training, the scores are
-            // built explicitly (causal mask for a chunk that attends to itself).
-            None if !dropout => causal_attention(q, attend.keys, attend.values),
-            mask => {
-                let groups = h / kvh;
-                let (keys, values) = (
-                    repeat_kv(attend.keys, groups),
-                    repeat_kv(attend.values, groups),
-                );
-                let positions = keys.dims()[2];
-                let mask = mask.unwrap_or_else(|| causal_mask(t, positions, &q.device()));
-                let scores = q.matmul(keys.swap_dims(2, 3)) / (d as f64).sqrt()
-                    + mask.expand([b, h, t, positions]);
-                self.dropout.forward(softmax(scores, 3)).matmul(values)
-            }
+        let out = match store {
+            Some(store) => store.attend(layer, q, k, v),
+            None => self.self_attention(q, k, v),
         };
         let out = trace::tap("attention.core", out);
         forward_rows(&self.dense, out.swap_dims(1, 2).reshape([b, t, h * d]))
+    }
+}
+
+impl Attention {
+    /// A whole sequence attending to itself, causally; with attention dropout in training the
+    /// scores are built explicitly (the fused op has no dropout).
+    fn self_attention(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+        let dropout = self.dropout.prob > 0.0 && q.device().is_autodiff();
+        if !dropout {
+            return causal_attention(q, k, v);
+        }
+        let [b, h, t, d] = q.dims();
+        let groups = h / self.num_kv_heads;
+        let (keys, values) = (repeat_kv(k, groups), repeat_kv(v, groups));
+        let mask = causal_mask(t, t, &q.device());
+        let scores = q.matmul(keys.swap_dims(2, 3)) / (d as f64).sqrt() + mask.expand([b, h, t, t]);
+        self.dropout.forward(softmax(scores, 3)).matmul(values)
     }
 }
 

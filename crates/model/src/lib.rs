@@ -8,6 +8,7 @@ pub mod layers;
 pub mod model;
 pub mod moe;
 pub mod names;
+pub mod paged;
 pub mod path;
 pub mod trace;
 pub mod weights;

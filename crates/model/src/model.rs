@@ -1,7 +1,7 @@
 //! The decoder-only language model: embeddings, a stack of pre-norm decoder layers
 //! (attention + dense or MoE FFN), a final norm and the LM head. One forward path serves
 //! training (no key/value store), `sample` (a contiguous [`KvCache`]) and the batched server
-//! (per-row caches): see `cache.rs`.
+//! (a paged pool, sequences packed into one row): see `cache.rs`.
 //!
 //! Parameter names (the keys of `model.safetensors`) are the module paths below and are part
 //! of the run-folder format (docs/ARCHITECTURE.md): `word_embeddings.weight`,
@@ -139,13 +139,16 @@ pub struct ForwardOutput {
 }
 
 /// Which positions go through the LM head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Logits {
     /// Every position (training, evaluation).
     All,
     /// The last position of each row (decoding: a 4K-token prompt needs one row of logits,
     /// not 4K × vocabulary).
     Last,
+    /// These positions of the (single) row: the last token of each sequence of a packed step
+    /// whose prompt is complete.
+    At(Vec<usize>),
 }
 
 #[derive(Module, Debug)]
@@ -223,11 +226,25 @@ impl LanguageModel {
         let x = match logits {
             Logits::All => hidden,
             Logits::Last => hidden.narrow(1, len - 1, 1),
+            Logits::At(at) => {
+                let ids: Vec<i64> = at.iter().map(|&p| p as i64).collect();
+                let index = Tensor::<1, Int>::from_data(
+                    burn::tensor::TensorData::new(ids, [at.len()]),
+                    &hidden.device(),
+                );
+                hidden.select(1, index)
+            }
         };
         ForwardOutput {
             logits: trace::tap("lm_head", self.head(x)),
             router,
         }
+    }
+
+    /// The final hidden states `[batch, len, hidden]` (after the last norm, what the LM head
+    /// reads) of whole sequences: what `/v1/embeddings` pools.
+    pub fn hidden_states(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        self.trunk(tokens, None).0
     }
 
     /// Embeddings, decoder layers and the final norm: the hidden states the LM head reads.

@@ -1,14 +1,18 @@
-//! The engine: one thread owns the model and runs continuous batching. Requests wait in a
-//! bounded queue; between decode steps, waiting requests are prefilled and join the batch and
-//! finished (or abandoned) ones leave it. Each request gets its tokens back on its own channel,
-//! so a slow reader never holds up the batch.
+//! The engine: one thread owns the model and runs continuous batching over a paged key/value
+//! cache. Requests wait in a bounded queue and are admitted when the blocks their prompt and
+//! `max_tokens` need are free (a prompt's cached prefix costs nothing). Every step is one
+//! forward pass over the decoding sequences' next tokens plus as much prompt as the step's
+//! token budget leaves (chunked prefill: a long prompt never stalls the others). Finished or
+//! abandoned sequences give their blocks back between steps. Each request gets its tokens on
+//! its own channel, so a slow reader never holds up the batch.
 
 use crate::metrics::Metrics;
 use nuwa_data::TextStream;
 use nuwa_hf::{InferenceModel, Message};
-use nuwa_model::batch::DecodeBatch;
+use nuwa_model::batch::{Chunk, PagedBatch, SeqId};
 use nuwa_model::generate::pick_token;
 use nuwa_model::{token_logprobs, SamplingOptions, TokenLogprobs};
+use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,6 +38,9 @@ pub struct Job {
     /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`); log-probabilities
     /// stay those of the model.
     pub logit_bias: Vec<(u32, f32)>,
+    /// Choices wanted (`n`): they share the prompt's blocks; choice `i` samples with seed
+    /// `seed + i`.
+    pub choices: usize,
 }
 
 /// `logits` with the job's biases added (the same slice when there are none).
@@ -86,12 +93,21 @@ impl TokenLogprob {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// The prompt was accepted: its length in tokens.
-    Started { prompt_tokens: usize },
-    /// New text (may be empty while a stop string might be forming), with the log-probabilities
-    /// of the tokens it completes when they were asked for.
-    Text(String, Vec<TokenLogprob>),
+    /// The prompt was accepted: its length in tokens, and how many of them came from the
+    /// prefix cache.
+    Started {
+        prompt_tokens: usize,
+        cached_tokens: usize,
+    },
+    /// New text of choice `index` (may be empty while a stop string might be forming), with
+    /// the log-probabilities of the tokens it completes when they were asked for.
+    Text {
+        index: usize,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     Done {
+        index: usize,
         finish_reason: &'static str,
         completion_tokens: usize,
     },
@@ -101,10 +117,14 @@ pub enum Event {
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Most sequences decoded together (bounds the KV cache: rows × context).
+    /// Most sequences decoded together.
     pub max_batch: usize,
     /// Most requests waiting for a slot; beyond it requests get 503.
     pub max_queue: usize,
+    /// Bytes of the paged key/value pool (`--kv-cache-memory`).
+    pub kv_cache_bytes: usize,
+    /// Most tokens one forward pass takes: decoding rows first, prompt chunks in what is left.
+    pub max_step_tokens: usize,
 }
 
 /// The handle HTTP handlers submit jobs through.
@@ -129,8 +149,24 @@ impl EngineHandle {
     }
 }
 
-struct Active {
+/// A job whose prompt is encoded and checked, waiting for blocks.
+struct Waiting {
     job: Job,
+    ids: Vec<u32>,
+}
+
+/// Where a sequence is: computing its prompt (`done` positions of it so far), or decoding.
+enum Phase {
+    Prefill { ids: Vec<u32>, done: usize },
+    Decode,
+}
+
+struct Active {
+    job: Arc<JobShared>,
+    seq: SeqId,
+    /// Which choice of its request this sequence is.
+    index: usize,
+    phase: Phase,
     /// Tokens generated so far.
     generated: usize,
     /// Their text, as far as it is decoded, and how many bytes of it were sent.
@@ -143,9 +179,19 @@ struct Active {
     next_logprobs: Option<TokenLogprobs>,
     /// Those of tokens whose text is not sent yet.
     unsent_logprobs: Vec<TokenLogprob>,
-    /// The request's arrival (time to first token counts from it).
-    started: Instant,
-    first_token: bool,
+    /// When its last token was handed out (inter-token latency), `None` before the first.
+    last_token: Option<Instant>,
+}
+
+/// What every choice of one request shares.
+struct JobShared {
+    options: SamplingOptions,
+    stop: Vec<String>,
+    logprobs: Option<usize>,
+    events: UnboundedSender<Event>,
+    received: Instant,
+    logit_bias: Vec<(u32, f32)>,
+    choices: usize,
 }
 
 pub fn start(
@@ -167,12 +213,14 @@ fn run(
     rx: Receiver<Job>,
     metrics: Arc<Metrics>,
 ) {
-    let mut batch = DecodeBatch::new(&model.model, &device);
+    let mut batch = PagedBatch::new(&model.model, &device, cfg.kv_cache_bytes);
+    metrics.set_kv(batch.usage());
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut active: Vec<Active> = Vec::new();
     loop {
-        // Admit waiting jobs while there is room; block only when there is nothing to do.
-        while active.len() < cfg.max_batch {
-            let job = if active.is_empty() {
+        // Take in new jobs; block only when there is nothing to do.
+        while waiting.len() < cfg.max_batch.max(1) {
+            let job = if active.is_empty() && waiting.is_empty() {
                 match rx.recv() {
                     Ok(j) => j,
                     Err(_) => return, // the server is gone
@@ -184,46 +232,161 @@ fn run(
                 }
             };
             metrics.queued(-1);
-            if let Some(a) = admit(&model, &mut batch, job, &metrics) {
-                active.push(a);
+            if let Some(w) = check(&model, &batch, job) {
+                waiting.push_back(w);
             }
         }
+        // Admit in arrival order while rows and blocks allow (the first that does not fit
+        // waits, and so do those behind it: no request is starved by smaller ones).
+        while let Some(w) = waiting.front() {
+            let n = w.job.choices;
+            let positions = w.ids.len() + w.job.options.max_tokens;
+            if w.job.events.is_closed() {
+                waiting.pop_front();
+                continue;
+            }
+            if active.len() + n > cfg.max_batch.max(n)
+                || batch.blocks_for(positions, n) > batch.available_blocks()
+            {
+                break;
+            }
+            let Some(w) = waiting.pop_front() else { break };
+            let Some((seq, cached)) = batch.admit(&w.ids, positions) else {
+                waiting.push_front(w);
+                break;
+            };
+            active.push(admit(w, seq, cached, &metrics));
+        }
         if active.is_empty() {
             continue;
         }
-        // Hand out each row's pending token, then retire the rows that are finished.
-        let mut keep = Vec::with_capacity(active.len());
-        for a in active.iter_mut() {
-            keep.push(emit(&model, a, &metrics));
-        }
-        let mut row = 0;
-        active.retain(|_| {
-            row += 1;
-            keep[row - 1]
+        // Hand out each decoding row's pending token, then retire the finished rows.
+        active.retain_mut(|a| {
+            let keep = match a.phase {
+                Phase::Decode => emit(&model, a, &metrics),
+                Phase::Prefill { .. } => !a.job.events.is_closed(),
+            };
+            if !keep {
+                batch.release(a.seq);
+            }
+            keep
         });
-        batch.retain(&keep);
         metrics.set_batch(active.len());
         if active.is_empty() {
+            metrics.set_kv(batch.usage());
             continue;
         }
-        let tokens: Vec<u32> = active.iter().map(|a| a.next).collect();
         let started = Instant::now();
-        let logits = batch.step(&model.model, &tokens);
-        metrics.step(active.len(), started.elapsed().as_secs_f64());
-        for (a, l) in active.iter_mut().zip(&logits) {
-            a.next = pick_token(&biased(l, &a.job.logit_bias), &a.job.options, &mut a.rng);
-            a.next_logprobs = a.job.logprobs.map(|n| token_logprobs(l, a.next, n));
+        let plan = schedule(&active, cfg.max_step_tokens.max(1));
+        let chunks: Vec<Chunk> = plan
+            .iter()
+            .map(|&(row, ref range, logits)| Chunk {
+                seq: active[row].seq,
+                tokens: match &active[row].phase {
+                    Phase::Prefill { ids, .. } => &ids[range.clone()],
+                    Phase::Decode => std::slice::from_ref(&active[row].next),
+                },
+                logits,
+            })
+            .collect();
+        let tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        let logits = batch.run(&model.model, &chunks);
+        drop(chunks);
+        metrics.step(plan.len(), tokens, started.elapsed().as_secs_f64());
+        let mut logits = logits.into_iter();
+        for (row, range, wants) in plan {
+            let a = &mut active[row];
+            let mut prefilled = false;
+            if let Phase::Prefill { ids, done } = &mut a.phase {
+                *done = range.end;
+                if *done < ids.len() {
+                    continue;
+                }
+                a.phase = Phase::Decode;
+                prefilled = true;
+            }
+            let Some(l) = wants.then(|| logits.next()).flatten() else {
+                continue;
+            };
+            sample(a, &l);
+            if !prefilled {
+                continue;
+            }
+            // Further choices of a just-prefilled prompt: its blocks shared, the same first
+            // logits, their own seeds. Admission counted their blocks, so the forks fit.
+            for index in 1..active[row].job.choices {
+                let parent = &active[row];
+                let positions = batch.len(parent.seq) + parent.job.options.max_tokens;
+                let Some(seq) = batch.fork(parent.seq, positions) else {
+                    break;
+                };
+                let mut child = parent.child(seq, index);
+                sample(&mut child, &l);
+                active.push(child);
+            }
+        }
+        metrics.set_kv(batch.usage());
+    }
+}
+
+/// This step's work: `(row, token range, logits wanted)` — every decoding row's one token,
+/// then prompt chunks, oldest first, in the token budget that is left (at least one chunk,
+/// so a step always makes progress).
+fn schedule(active: &[Active], budget: usize) -> Vec<(usize, std::ops::Range<usize>, bool)> {
+    let mut plan = Vec::new();
+    let mut left = budget;
+    for (row, a) in active.iter().enumerate() {
+        if let Phase::Decode = a.phase {
+            plan.push((row, 0..1, true));
+            left = left.saturating_sub(1);
+        }
+    }
+    for (row, a) in active.iter().enumerate() {
+        if let Phase::Prefill { ids, done } = &a.phase {
+            if left == 0 && !plan.is_empty() {
+                break;
+            }
+            let end = ids.len().min(done + left.max(1));
+            left = left.saturating_sub(end - done);
+            plan.push((row, *done..end, end == ids.len()));
+        }
+    }
+    plan
+}
+
+/// Samples a row's next token from its logits (its bias, its sampler, its random state).
+fn sample(a: &mut Active, logits: &[f32]) {
+    a.next = pick_token(
+        &biased(logits, &a.job.logit_bias),
+        &a.job.options,
+        &mut a.rng,
+    );
+    a.next_logprobs = a.job.logprobs.map(|n| token_logprobs(logits, a.next, n));
+}
+
+impl Active {
+    /// Choice `index` of the same request, continuing from the same prompt in `seq`.
+    fn child(&self, seq: SeqId, index: usize) -> Active {
+        Active {
+            job: self.job.clone(),
+            seq,
+            index,
+            phase: Phase::Decode,
+            generated: 0,
+            stream: TextStream::default(),
+            text: String::new(),
+            sent: 0,
+            rng: self.job.options.seed.wrapping_add(index as u64),
+            next: 0,
+            next_logprobs: None,
+            unsent_logprobs: Vec::new(),
+            last_token: None,
         }
     }
 }
 
-/// Encodes and checks a job, prefills it and samples its first token; `None` if rejected.
-fn admit(
-    model: &InferenceModel,
-    batch: &mut DecodeBatch,
-    job: Job,
-    metrics: &Metrics,
-) -> Option<Active> {
+/// Encodes and checks a job; `None` (the client told why) if it cannot be served.
+fn check(model: &InferenceModel, batch: &PagedBatch, job: Job) -> Option<Waiting> {
     if job.events.is_closed() {
         return None; // the client left while queued
     }
@@ -266,7 +429,8 @@ fn admit(
         );
         return None;
     }
-    if ids.len() + job.options.max_tokens > batch.capacity {
+    let positions = ids.len() + job.options.max_tokens;
+    if positions > batch.capacity {
         reject(
             400,
             format!(
@@ -278,42 +442,77 @@ fn admit(
         );
         return None;
     }
+    let usage = batch.usage();
+    if batch.blocks_for(positions, job.choices) > usage.blocks {
+        reject(
+            400,
+            format!(
+                "the prompt ({} tokens) and max_tokens ({}) for {} choice(s) need more key/value \
+                 cache than the server has ({} positions; --kv-cache-memory)",
+                ids.len(),
+                job.options.max_tokens,
+                job.choices,
+                usage.blocks * usage.block_size
+            ),
+        );
+        return None;
+    }
+    Some(Waiting { job, ids })
+}
+
+/// Starts an admitted job's prefill (after the positions its cached prefix already holds).
+fn admit(w: Waiting, seq: SeqId, cached: usize, metrics: &Metrics) -> Active {
+    let job = w.job;
     let _ = job.events.send(Event::Started {
-        prompt_tokens: ids.len(),
+        prompt_tokens: w.ids.len(),
+        cached_tokens: cached,
     });
     metrics.request();
     metrics.queue_wait(job.received.elapsed().as_secs_f64());
-    let started = job.received;
-    let logits = batch.join(&model.model, &ids);
-    let mut rng = job.options.seed;
-    let next = pick_token(&biased(&logits, &job.logit_bias), &job.options, &mut rng);
-    let next_logprobs = job.logprobs.map(|n| token_logprobs(&logits, next, n));
-    Some(Active {
-        job,
+    metrics.prompt(w.ids.len(), cached);
+    let shared = JobShared {
+        options: job.options,
+        stop: job.stop,
+        logprobs: job.logprobs,
+        events: job.events,
+        received: job.received,
+        logit_bias: job.logit_bias,
+        choices: job.choices.max(1),
+    };
+    Active {
+        rng: shared.options.seed,
+        job: Arc::new(shared),
+        seq,
+        index: 0,
+        phase: Phase::Prefill {
+            ids: w.ids,
+            done: cached,
+        },
         generated: 0,
         stream: TextStream::default(),
         text: String::new(),
         sent: 0,
-        rng,
-        next,
-        next_logprobs,
+        next: 0,
+        next_logprobs: None,
         unsent_logprobs: Vec::new(),
-        started,
-        first_token: true,
-    })
+        last_token: None,
+    }
 }
 
 /// Sends the row's pending token as text; false when the row is finished.
-/// Admission checked that prompt + max_tokens fits the context, so a row never overflows.
+/// Admission promised the blocks of prompt + max_tokens, so a row never runs out of room.
 fn emit(model: &InferenceModel, a: &mut Active, metrics: &Metrics) -> bool {
     if a.job.events.is_closed() {
-        metrics.cancelled();
+        if a.index == 0 {
+            metrics.cancelled();
+        }
         return false; // client disconnected: free the slot
     }
-    if a.first_token {
-        metrics.first_token(a.started.elapsed().as_secs_f64());
-        a.first_token = false;
+    match a.last_token {
+        None => metrics.first_token(a.job.received.elapsed().as_secs_f64()),
+        Some(t) => metrics.inter_token(t.elapsed().as_secs_f64()),
     }
+    a.last_token = Some(Instant::now());
     let is_eos = model.eos.contains(&a.next);
     if !is_eos {
         a.generated += 1;
@@ -363,15 +562,17 @@ fn emit(model: &InferenceModel, a: &mut Active, metrics: &Metrics) -> bool {
     };
     if end > a.sent && text.is_char_boundary(a.sent) {
         let logprobs = std::mem::take(&mut a.unsent_logprobs);
-        let _ = a
-            .job
-            .events
-            .send(Event::Text(text[a.sent..end].to_string(), logprobs));
+        let _ = a.job.events.send(Event::Text {
+            index: a.index,
+            text: text[a.sent..end].to_string(),
+            logprobs,
+        });
         a.sent = end;
     }
     match finish {
         Some(reason) => {
             let _ = a.job.events.send(Event::Done {
+                index: a.index,
                 finish_reason: reason,
                 completion_tokens: a.generated,
             });

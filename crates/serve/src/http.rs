@@ -146,7 +146,14 @@ struct Sampling {
     /// `Some(n)`: answer with each token's log-probability and the `n` most likely.
     logprobs: Option<usize>,
     logit_bias: Vec<(u32, f32)>,
+    /// Choices wanted (`n`).
+    choices: usize,
+    /// Completions: answer with the prompt before each completion.
+    echo: bool,
 }
+
+/// Most choices one request may ask for.
+const MAX_CHOICES: u64 = 16;
 
 /// Most alternatives per token a client may ask for (OpenAI's limit).
 const MAX_TOP_LOGPROBS: u64 = 20;
@@ -242,17 +249,16 @@ fn sampling(
     }
     let top_k = integer("top_k", 0, 0, 1 << 20)? as usize;
     let seed = integer("seed", 0, 0, u64::MAX)?;
-    if integer("n", 1, 1, 1).is_err() {
-        return Err(bad("n", "only n = 1 is supported"));
-    }
+    let choices = integer("n", 1, 1, MAX_CHOICES)? as usize;
     if integer("best_of", 1, 1, 1).is_err() {
         return Err(bad("best_of", "only best_of = 1 is supported"));
     }
-    if b.get("echo")
-        .is_some_and(|v| v != &Value::Bool(false) && !v.is_null())
-    {
-        return Err(bad("echo", "`echo` is not supported"));
-    }
+    let echo = match b.get("echo") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) if !chat => true,
+        Some(Value::Bool(true)) => return Err(bad("echo", "`echo` is a completions field")),
+        Some(_) => return Err(bad("echo", "`echo` must be true or false")),
+    };
     // `{"50256": -100}`: token id → bias in [-100, 100], added to its logit.
     let logit_bias = match b.get("logit_bias") {
         None | Some(Value::Null) => Vec::new(),
@@ -316,9 +322,17 @@ fn sampling(
             Some(_) => Some(integer("logprobs", 0, 0, MAX_TOP_LOGPROBS)? as usize),
         }
     };
+    if echo && logprobs.is_some() {
+        return Err(bad(
+            "echo",
+            "`echo` with `logprobs` (log-probabilities of the prompt) is not supported",
+        ));
+    }
     Ok(Sampling {
         logprobs,
         logit_bias,
+        choices,
+        echo,
         options: SamplingOptions {
             max_tokens,
             temperature,
@@ -361,6 +375,9 @@ async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
         None => return bad("prompt", "`prompt` is required"),
     };
     match sampling(&s, &b, 16, false) {
+        Ok(opts) if opts.echo && !matches!(prompt, Prompt::Text(_)) => {
+            bad("echo", "`echo` needs a text prompt")
+        }
         Ok(opts) => run(s, prompt, opts, false).await,
         Err(r) => r,
     }
@@ -434,7 +451,12 @@ async fn chat_completions(State(s): State<Arc<AppState>>, req: Request) -> Respo
 /// Submits a job and answers with its completion, whole or streamed.
 async fn run(s: Arc<AppState>, prompt: Prompt, o: Sampling, chat: bool) -> Response {
     let (tx, mut rx) = unbounded_channel();
+    let echo = match (&prompt, o.echo) {
+        (Prompt::Text(t), true) => Some(t.clone()),
+        _ => None,
+    };
     let job = Job {
+        choices: o.choices,
         prompt,
         options: o.options,
         stop: o.stop,
@@ -452,8 +474,14 @@ async fn run(s: Arc<AppState>, prompt: Prompt, o: Sampling, chat: bool) -> Respo
             "the server is at capacity; retry later",
         );
     }
-    let prompt_tokens = match rx.recv().await {
-        Some(Event::Started { prompt_tokens }) => prompt_tokens,
+    let prompt = match rx.recv().await {
+        Some(Event::Started {
+            prompt_tokens,
+            cached_tokens,
+        }) => PromptUsage {
+            tokens: prompt_tokens,
+            cached: cached_tokens,
+        },
         Some(Event::Rejected { status, message }) => {
             s.engine.metrics.rejected();
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
@@ -473,11 +501,17 @@ async fn run(s: Arc<AppState>, prompt: Prompt, o: Sampling, chat: bool) -> Respo
         if chat { "chatcmpl" } else { "cmpl" },
         s.next_id.fetch_add(1, Ordering::Relaxed)
     );
-    let logprobs = o.logprobs.is_some();
+    let answer = Answer {
+        id,
+        chat,
+        logprobs: o.logprobs.is_some(),
+        choices: o.choices,
+        echo,
+    };
     if o.stream {
-        stream(s, rx, id, chat, logprobs)
+        stream(s, rx, answer)
     } else {
-        whole(s, rx, id, chat, prompt_tokens, logprobs).await
+        whole(s, rx, answer, prompt).await
     }
 }
 
@@ -525,62 +559,87 @@ fn completion_logprobs(tokens: &[TokenLogprob], start: usize) -> Value {
     })
 }
 
+/// How a request wants its answer.
+struct Answer {
+    id: String,
+    chat: bool,
+    logprobs: bool,
+    choices: usize,
+    /// The prompt text to put before each completion (`echo`).
+    echo: Option<String>,
+}
+
+/// A prompt's length and how much of it came from the prefix cache.
+struct PromptUsage {
+    tokens: usize,
+    cached: usize,
+}
+
 async fn whole(
     s: Arc<AppState>,
     mut rx: UnboundedReceiver<Event>,
-    id: String,
-    chat: bool,
-    prompt_tokens: usize,
-    want_logprobs: bool,
+    a: Answer,
+    prompt: PromptUsage,
 ) -> Response {
-    let mut text = String::new();
-    let mut tokens = Vec::new();
-    let (mut reason, mut completion) = ("stop", 0);
+    let n = a.choices;
+    let start = a.echo.clone().unwrap_or_default();
+    let mut texts = vec![start; n];
+    let mut tokens = vec![Vec::new(); n];
+    let mut reasons = vec!["stop"; n];
+    let mut completion = 0;
     while let Some(e) = rx.recv().await {
         match e {
-            Event::Text(t, lps) => {
-                text.push_str(&t);
-                tokens.extend(lps);
+            Event::Text {
+                index,
+                text,
+                logprobs,
+            } if index < n => {
+                texts[index].push_str(&text);
+                tokens[index].extend(logprobs);
             }
             Event::Done {
+                index,
                 finish_reason,
                 completion_tokens,
-            } => {
-                reason = finish_reason;
-                completion = completion_tokens;
-                break;
+            } if index < n => {
+                reasons[index] = finish_reason;
+                completion += completion_tokens;
             }
             _ => {}
         }
     }
-    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                       "total_tokens": prompt_tokens + completion});
-    let logprobs = match (want_logprobs, chat) {
-        (false, _) => Value::Null,
-        (true, true) => chat_logprobs(&tokens),
-        (true, false) => completion_logprobs(&tokens, 0),
-    };
-    let body = if chat {
-        json!({"id": id, "object": "chat.completion", "created": s.created, "model": s.model,
-               "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                            "finish_reason": reason, "logprobs": logprobs}],
-               "usage": usage})
+    let usage = json!({"prompt_tokens": prompt.tokens, "completion_tokens": completion,
+                       "total_tokens": prompt.tokens + completion,
+                       "prompt_tokens_details": {"cached_tokens": prompt.cached}});
+    let choices: Vec<Value> = (0..n)
+        .map(|i| {
+            let logprobs = match (a.logprobs, a.chat) {
+                (false, _) => Value::Null,
+                (true, true) => chat_logprobs(&tokens[i]),
+                (true, false) => completion_logprobs(&tokens[i], 0),
+            };
+            let text = std::mem::take(&mut texts[i]);
+            if a.chat {
+                json!({"index": i, "message": {"role": "assistant", "content": text},
+                       "finish_reason": reasons[i], "logprobs": logprobs})
+            } else {
+                json!({"index": i, "text": text, "finish_reason": reasons[i], "logprobs": logprobs})
+            }
+        })
+        .collect();
+    let object = if a.chat {
+        "chat.completion"
     } else {
-        json!({"id": id, "object": "text_completion", "created": s.created, "model": s.model,
-               "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": logprobs}],
-               "usage": usage})
+        "text_completion"
     };
-    Json(body).into_response()
+    Json(json!({"id": a.id, "object": object, "created": s.created, "model": s.model,
+                "choices": choices, "usage": usage}))
+    .into_response()
 }
 
-fn stream(
-    s: Arc<AppState>,
-    rx: UnboundedReceiver<Event>,
-    id: String,
-    chat: bool,
-    want_logprobs: bool,
-) -> Response {
-    let (object, created, model) = (
+fn stream(s: Arc<AppState>, rx: UnboundedReceiver<Event>, a: Answer) -> Response {
+    let chat = a.chat;
+    let (object, created, model, id) = (
         if chat {
             "chat.completion.chunk"
         } else {
@@ -588,38 +647,60 @@ fn stream(
         },
         s.created,
         s.model.clone(),
+        a.id,
     );
-    // Characters of completion text streamed so far (the legacy format's `text_offset`).
-    let mut streamed = 0;
-    let mut chunk = move |delta: Option<&str>,
+    let want_logprobs = a.logprobs;
+    // Characters of completion text streamed so far per choice (the legacy `text_offset`).
+    let mut streamed = vec![0; a.choices];
+    let mut chunk = move |index: usize,
+                          delta: Option<&str>,
                           reason: Option<&str>,
                           lps: &[TokenLogprob]|
           -> Value {
+        let offset = streamed.get(index).copied().unwrap_or(0);
         let logprobs = match (want_logprobs && delta.is_some(), chat) {
             (false, _) => Value::Null,
             (true, true) => chat_logprobs(lps),
-            (true, false) => completion_logprobs(lps, streamed),
+            (true, false) => completion_logprobs(lps, offset),
         };
-        streamed += delta.map_or(0, |t| t.chars().count());
+        if let Some(n) = streamed.get_mut(index) {
+            *n += delta.map_or(0, |t| t.chars().count());
+        }
         let choice = if chat {
             let d = match delta {
                 Some(t) => json!({"content": t}),
                 None => json!({}),
             };
-            json!({"index": 0, "delta": d, "finish_reason": reason, "logprobs": logprobs})
+            json!({"index": index, "delta": d, "finish_reason": reason, "logprobs": logprobs})
         } else {
-            json!({"index": 0, "text": delta.unwrap_or(""), "finish_reason": reason, "logprobs": logprobs})
+            json!({"index": index, "text": delta.unwrap_or(""), "finish_reason": reason, "logprobs": logprobs})
         };
         json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]})
     };
-    let first = chat.then(|| {
-        let mut c = chunk(None, None, &[]);
-        c["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
-        c
-    });
+    // Chat opens each choice with its role; an echoed prompt comes before each completion.
+    let first: Vec<Value> = (0..a.choices)
+        .filter_map(|i| {
+            if chat {
+                let mut c = chunk(i, None, None, &[]);
+                c["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
+                Some(c)
+            } else {
+                a.echo.as_deref().map(|p| chunk(i, Some(p), None, &[]))
+            }
+        })
+        .collect();
+    let mut chunk = chunk;
     let events = UnboundedReceiverStream::new(rx).filter_map(move |e| match e {
-        Event::Text(t, lps) if !t.is_empty() => Some(chunk(Some(&t), None, &lps)),
-        Event::Done { finish_reason, .. } => Some(chunk(None, Some(finish_reason), &[])),
+        Event::Text {
+            index,
+            text,
+            logprobs,
+        } if !text.is_empty() => Some(chunk(index, Some(&text), None, &logprobs)),
+        Event::Done {
+            index,
+            finish_reason,
+            ..
+        } => Some(chunk(index, None, Some(finish_reason), &[])),
         _ => None,
     });
     let data = tokio_stream::iter(first)

@@ -16,6 +16,10 @@ pub struct ServeConfig {
     pub model_name: String,
     pub max_batch: usize,
     pub max_queue: usize,
+    /// Bytes of the paged key/value cache.
+    pub kv_cache_bytes: usize,
+    /// Most tokens one forward pass takes.
+    pub max_step_tokens: usize,
     pub max_body_bytes: usize,
     /// How long a client may take to send its request body once the headers are in.
     pub body_timeout: std::time::Duration,
@@ -38,6 +42,8 @@ pub fn serve(model: InferenceModel, device: burn::tensor::Device, cfg: ServeConf
         engine::EngineConfig {
             max_batch: cfg.max_batch.max(1),
             max_queue: cfg.max_queue.max(1),
+            kv_cache_bytes: cfg.kv_cache_bytes,
+            max_step_tokens: cfg.max_step_tokens.max(1),
         },
     );
     let state = Arc::new(http::AppState::new(
