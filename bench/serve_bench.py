@@ -1,15 +1,19 @@
-"""Serving throughput with continuous batching: aggregate decode tokens/s at 1, 8 and 32
-concurrent streams against the same requests one at a time, and latency percentiles.
-Writes bench/serve_results.json and docs/SERVING.md (regenerated, never edited by hand).
+"""Serving benchmark: `nuwa serve` and llama.cpp's server (llama-cpp-python from PyPI) on the
+same model (shape D trained briefly by nuwa, exported, converted with llama.cpp's converter),
+the same machine and the same threads. Measures aggregate completion tokens/s and time to
+first token at 1, 8 and 32 concurrent streams, and the prefix cache: a shared ~1K-token system
+prompt, time to first token of a second request against the first. Also reports the tiny test
+fixture. Writes bench/serve_results.json and docs/SERVING.md (regenerated, never by hand).
 
-    cargo build --release
-    python3 bench/serve_bench.py [--model tests/fixtures/hf/llama] [--requests 32] [--max-tokens 64]
+    bash bench/setup.sh && cargo build --release
+    .venv-bench/bin/python bench/serve_bench.py [--threads 2] [--requests 64] [--max-tokens 64]
 """
 
 import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -17,22 +21,43 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import llamacpp_compare as lc  # noqa: E402  (model preparation shared with the decode benchmark)
+
 NUWA = os.path.join(ROOT, "target", "release", "nuwa")
-
-
-# Prompts every benchmark model can encode: words of the fixture's vocabulary, which the
-# built-in corpus's character tokenizer also covers.
+SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")
+# Prompts every benchmark model can encode (words of the fixture's vocabulary).
 PROMPTS = [f"w{i} w{(i * 7) % 80}" for i in range(80)]
+CONTEXT = 2048
 
 
-def post(url, body):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req) as r:
-        return json.loads(r.read())
+def request(url, body, stream):
+    """Sends one completion; returns (completion tokens, seconds to first text, seconds)."""
+    body = dict(body, stream=stream)
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    t0 = time.perf_counter()
+    first = None
+    with urllib.request.urlopen(req, timeout=600) as r:
+        if not stream:
+            out = json.loads(r.read())
+            return out["usage"]["completion_tokens"], None, time.perf_counter() - t0
+        pieces = 0
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if chunk["choices"] and chunk["choices"][0].get("text"):
+                pieces += 1
+                if first is None:
+                    first = time.perf_counter() - t0
+    return pieces, first, time.perf_counter() - t0
 
 
-def run(url, requests, concurrency, max_tokens):
-    latencies, tokens, lock = [], [0], threading.Lock()
+def load(url, requests, concurrency, max_tokens):
+    """`requests` streamed completions by `concurrency` clients: tokens/s and TTFT."""
+    ttfts, tokens, lock = [], [0], threading.Lock()
     queue = list(range(requests))
 
     def worker():
@@ -41,12 +66,12 @@ def run(url, requests, concurrency, max_tokens):
                 if not queue:
                     return
                 i = queue.pop()
-            t0 = time.perf_counter()
-            r = post(url, {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
-                           "temperature": 0.8, "seed": i})
+            n, first, _ = request(url, {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+                                        "temperature": 0.8, "seed": i}, stream=True)
             with lock:
-                latencies.append(time.perf_counter() - t0)
-                tokens[0] += r["usage"]["completion_tokens"]
+                tokens[0] += n
+                if first is not None:
+                    ttfts.append(first)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -55,52 +80,173 @@ def run(url, requests, concurrency, max_tokens):
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    latencies.sort()
-    pct = lambda p: latencies[min(len(latencies) - 1, int(len(latencies) * p))]
+    ttfts.sort()
+    pct = lambda p: ttfts[min(len(ttfts) - 1, int(len(ttfts) * p))] if ttfts else float("nan")
     return {"concurrency": concurrency, "requests": requests, "tokens": tokens[0],
-            "tokens_per_s": tokens[0] / wall, "p50_s": pct(0.5), "p99_s": pct(0.99)}
+            "tokens_per_s": tokens[0] / wall, "ttft_p50_s": pct(0.5), "ttft_p99_s": pct(0.99)}
+
+
+def prefix_cache(url, system):
+    """TTFT of two requests sharing `system` (first computes it, the second may reuse it)."""
+    out = []
+    for question in ["Who speaks first?", "What is the last word?"]:
+        _, first, _ = request(url, {"prompt": system + "\n" + question, "max_tokens": 4,
+                                    "temperature": 0.0}, stream=True)
+        out.append(first)
+    return {"first_ttft_s": out[0], "second_ttft_s": out[1], "ratio": out[1] / out[0]}
+
+
+def wait_ready(url, proc, seconds=120):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url + "/v1/models", timeout=2).read()
+            return
+        except Exception:
+            time.sleep(0.5)
+    sys.exit("server did not start")
+
+
+def serve_nuwa(source, threads):
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    proc = subprocess.Popen([NUWA, "serve", *source, "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    line = proc.stdout.readline()
+    base = next(w for w in line.split() if w.startswith("http://"))
+    wait_ready(base, proc)
+    return proc, base
+
+
+def serve_llama(gguf, threads, port=8391):
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf,
+                             "--n_threads", str(threads), "--n_threads_batch", str(threads),
+                             "--n_ctx", str(CONTEXT), "--port", str(port), "--host", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(base, proc)
+    return proc, base
+
+
+def measure(server, args, system):
+    proc, base = server
+    try:
+        url = base + "/v1/completions"
+        request(url, {"prompt": PROMPTS[0], "max_tokens": 8}, stream=False)  # warm up
+        rows = [load(url, args.requests, c, args.max_tokens) for c in (1, 8, 32)]
+        prefix = prefix_cache(url, system) if system else None
+    finally:
+        proc.terminate()
+        proc.wait()
+    for r in rows:
+        r["x_one_stream"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return {"rows": rows, "prefix": prefix}
+
+
+def long_context_copy(hf, work):
+    """The HF folder with a 2K context (same weights) so a 1K system prompt fits."""
+    out = os.path.join(work, "hf-2k")
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(hf):
+        if name != "config.json" and not os.path.exists(os.path.join(out, name)):
+            os.symlink(os.path.abspath(os.path.join(hf, name)), os.path.join(out, name))
+    with open(os.path.join(hf, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["max_position_embeddings"] = CONTEXT
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return out
+
+
+def system_prompt(tokens):
+    """About `tokens` BPE tokens of Shakespeare (~4 characters each)."""
+    with open(SHAKESPEARE) as f:
+        return f.read()[: tokens * 4]
+
+
+def table(title, rows):
+    lines = [f"**{title}**", "",
+             "| streams | tokens/s | × one stream | TTFT p50 | TTFT p99 |", "|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['concurrency']} | {r['tokens_per_s']:.0f} | {r['x_one_stream']:.2f} | "
+                     f"{1e3 * r['ttft_p50_s']:.0f} ms | {1e3 * r['ttft_p99_s']:.0f} ms |")
+    return lines + [""]
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default=os.path.join(ROOT, "tests", "fixtures", "hf", "llama"),
-                   help="an HF folder to serve")
-    p.add_argument("--run", help="a run folder to serve instead (e.g. one `nuwa train` wrote)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--work", default=os.path.join(lc.CACHE, "llamacpp-d"))
+    p.add_argument("--no-llama", action="store_true", help="nuwa only")
     a = p.parse_args()
     if not os.path.exists(NUWA):
         sys.exit("build nuwa first: cargo build --release")
-    source = ["--run", a.run] if a.run else ["--model", a.model]
-    server = subprocess.Popen([NUWA, "serve", *source, "--port", "0"], stdout=subprocess.PIPE, text=True)
-    try:
-        line = server.stdout.readline()
-        base = next(w for w in line.split() if w.startswith("http://"))
-        url = base + "/v1/completions"
-        rows = [run(url, a.requests, c, a.max_tokens) for c in (1, 8, 32)]
-    finally:
-        server.terminate()
-        server.wait()
-    single = rows[0]["tokens_per_s"]
-    for r in rows:
-        r["speedup_over_one_at_a_time"] = r["tokens_per_s"] / single
-        print(f"{r['concurrency']:>3} streams: {r['tokens_per_s']:8.0f} tok/s  x{r['speedup_over_one_at_a_time']:.2f}"
-              f"  p50 {1e3 * r['p50_s']:.0f} ms  p99 {1e3 * r['p99_s']:.0f} ms")
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "model": a.run or os.path.relpath(a.model, ROOT), "max_tokens": a.max_tokens, "rows": rows}
+    os.makedirs(a.work, exist_ok=True)
+    hf = long_context_copy(lc.make_model(a.work, NUWA, 150, a.threads), a.work)
+    system = system_prompt(1000)
+    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "threads": a.threads, "requests": a.requests, "max_tokens": a.max_tokens}
+    print("tiny fixture (nuwa)", flush=True)
+    fixture = os.path.join(ROOT, "tests", "fixtures", "hf", "llama")
+    results["fixture"] = measure(serve_nuwa(["--model", fixture], a.threads), a, None)
+    print("shape D (nuwa)", flush=True)
+    results["nuwa"] = measure(serve_nuwa(["--model", hf], a.threads), a, system)
+    if not a.no_llama:
+        import llama_cpp
+
+        gguf = os.path.join(a.work, "d-f32.gguf")
+        lc.convert(lc.make_model(a.work, NUWA, 150, a.threads), lc.llama_cpp_sources(None), gguf)
+        print("shape D (llama.cpp server)", flush=True)
+        results["llama_cpp_python"] = llama_cpp.__version__
+        results["llama"] = measure(serve_llama(gguf, a.threads), a, system)
+    for name in ["fixture", "nuwa", "llama"]:
+        for r in results.get(name, {}).get("rows", []):
+            print(f"{name:>8} {r['concurrency']:>3} streams: {r['tokens_per_s']:7.0f} tok/s "
+                  f"x{r['x_one_stream']:.2f}  TTFT p50 {1e3 * r['ttft_p50_s']:.0f} ms "
+                  f"p99 {1e3 * r['ttft_p99_s']:.0f} ms")
+    if "llama" in results:
+        results["ratio"] = {str(n["concurrency"]): n["tokens_per_s"] / l["tokens_per_s"]
+                            for n, l in zip(results["nuwa"]["rows"], results["llama"]["rows"])}
+        print("nuwa ÷ llama.cpp tokens/s:", {k: round(v, 2) for k, v in results["ratio"].items()})
+    for name in ["nuwa", "llama"]:
+        if results.get(name, {}).get("prefix"):
+            pc = results[name]["prefix"]
+            print(f"{name} prefix cache: TTFT {1e3 * pc['first_ttft_s']:.0f} ms then "
+                  f"{1e3 * pc['second_ttft_s']:.0f} ms (x{pc['ratio']:.2f})")
     with open(os.path.join(ROOT, "bench", "serve_results.json"), "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump(results, f, indent=2)
+    write_doc(results, a)
+
+
+def write_doc(r, a):
     lines = ["# Serving throughput", "",
-             "Generated by `bench/serve_bench.py` — do not edit by hand. `nuwa serve` on this machine's CPU,",
-             f"model `{report['model']}`, {a.requests} completion requests of {a.max_tokens} tokens each, sent by",
-             "N concurrent clients; 1 client is the one-at-a-time baseline.", "",
-             f"- date: {report['date']}", "",
-             "| concurrent streams | aggregate tokens/s | × one at a time | p50 latency | p99 latency |",
-             "|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['concurrency']} | {r['tokens_per_s']:.0f} | {r['speedup_over_one_at_a_time']:.2f} | "
-                     f"{1e3 * r['p50_s']:.0f} ms | {1e3 * r['p99_s']:.0f} ms |")
-    lines.append("")
+             "Generated by `bench/serve_bench.py` — do not edit by hand. Completion requests "
+             f"({a.requests} per row, {a.max_tokens} tokens each, temperature 0.8, streamed) sent by N "
+             "concurrent clients; 1 client is the one-at-a-time baseline. Time to first token (TTFT) "
+             "is measured by the client, from sending the request to the first text.", "",
+             f"- date: {r['date']}; threads: {r['threads']}",
+             "- model: shape D (hidden 384, 6 layers, vocabulary 8192; 20.5M parameters, f32), "
+             "trained 150 steps by nuwa on tinyshakespeare, exported, and for llama.cpp converted "
+             "with its `convert_hf_to_gguf.py --outtype f32`; context raised to 2048 for the "
+             "prefix test", ""]
+    lines += table("nuwa serve, shape D", r["nuwa"]["rows"])
+    if "llama" in r:
+        lines += table(f"llama.cpp server (llama-cpp-python {r['llama_cpp_python']}), shape D",
+                       r["llama"]["rows"])
+        lines += ["**nuwa ÷ llama.cpp, aggregate tokens/s:** " + ", ".join(
+            f"{k} streams {v:.2f}×" for k, v in r["ratio"].items()), ""]
+    lines += ["**Prefix cache** (a ~1K-token system prompt, then a second request sharing it):", "",
+              "| server | first TTFT | second TTFT | second ÷ first |", "|---|---:|---:|---:|"]
+    for name, label in [("nuwa", "nuwa"), ("llama", "llama.cpp")]:
+        pc = r.get(name, {}).get("prefix")
+        if pc:
+            lines.append(f"| {label} | {1e3 * pc['first_ttft_s']:.0f} ms | "
+                         f"{1e3 * pc['second_ttft_s']:.0f} ms | {pc['ratio']:.2f} |")
+    lines += [""] + table("nuwa serve, tiny test fixture (`tests/fixtures/hf/llama`; a decode "
+                          "step here is fixed overhead)", r["fixture"]["rows"])
     with open(os.path.join(ROOT, "docs", "SERVING.md"), "w") as f:
         f.write("\n".join(lines))
 

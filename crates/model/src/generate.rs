@@ -91,12 +91,22 @@ pub fn pick_token(logits: &[f32], opts: &SamplingOptions, rng_state: &mut u64) -
     if opts.temperature <= 0.0 {
         return argmax();
     }
+    // Only top-k and top-p need the tokens by likelihood: without them every token stays a
+    // candidate, in vocabulary order (sorting a vocabulary per token costs more than the
+    // model's decode step at large batch). With top-k, only the k best are sorted.
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if opts.top_k > 0 {
+    let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
+    if opts.top_k > 0 && opts.top_k < order.len() {
+        order.select_nth_unstable_by(opts.top_k - 1, by_logit);
         order.truncate(opts.top_k);
+        order.sort_by(by_logit);
+    } else if opts.top_p < 1.0 {
+        order.sort_by(by_logit);
     }
-    let max = logits[order[0]] as f64;
+    if order.is_empty() {
+        return argmax();
+    }
+    let max = order.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max) as f64;
     let mut probs: Vec<f64> = order
         .iter()
         .map(|&i| ((logits[i] as f64 - max) / opts.temperature).exp())

@@ -98,15 +98,24 @@ fn chain(prev: u64, tokens: &[u32]) -> u64 {
     h
 }
 
+/// `n` zeros, every page written.
+fn touched(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    v.resize(n, 0.0);
+    v
+}
+
 impl BlockPool {
     pub fn new(shape: PoolShape, num_blocks: usize) -> Self {
         let floats = num_blocks * shape.block_floats();
         Self {
             shape,
             num_blocks,
-            // Zeroed allocations: pages are only touched as blocks are used.
-            keys: (0..shape.layers).map(|_| vec![0.0; floats]).collect(),
-            values: (0..shape.layers).map(|_| vec![0.0; floats]).collect(),
+            // Written through at the start, so the memory is the server's from the first
+            // request on (a lazily mapped pool would fault and clear pages inside decode steps
+            // until every block had been used once).
+            keys: (0..shape.layers).map(|_| touched(floats)).collect(),
+            values: (0..shape.layers).map(|_| touched(floats)).collect(),
             refs: vec![0; num_blocks],
             free: (0..num_blocks as BlockId).collect(),
             free_count: num_blocks,
@@ -419,10 +428,18 @@ fn paged_attention(
         let kv_head = head / groups;
         let query = &q[i * d..(i + 1) * d];
         let seen = place.position + 1;
+        // Block by block: a block's positions of one head are contiguous `[block_size, d]`.
+        let blocks = || {
+            tables[place.seq][..seen.div_ceil(bs)]
+                .iter()
+                .enumerate()
+                .map(move |(i, &b)| (pool.slot(b, kv_head, 0), bs.min(seen - i * bs)))
+        };
         let mut scores = Vec::with_capacity(seen);
-        for p in 0..seen {
-            let at = pool.slot(tables[place.seq][p / bs], kv_head, p % bs);
-            scores.push(dot(query, &keys[at..at + d]) * scale);
+        for (at, n) in blocks() {
+            for key in keys[at..at + n * d].chunks_exact(d) {
+                scores.push(dot(query, key) * scale);
+            }
         }
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut total = 0.0;
@@ -430,11 +447,12 @@ fn paged_attention(
             *x = (*x - max).exp();
             total += *x;
         }
-        for (p, w) in scores.iter().enumerate() {
-            let at = pool.slot(tables[place.seq][p / bs], kv_head, p % bs);
-            let w = w / total;
-            for (o, v) in o.iter_mut().zip(&values[at..at + d]) {
-                *o += w * v;
+        let mut weights = scores.iter().map(|w| w / total);
+        for (at, n) in blocks() {
+            for (value, w) in values[at..at + n * d].chunks_exact(d).zip(&mut weights) {
+                for (o, v) in o.iter_mut().zip(value) {
+                    *o += w * v;
+                }
             }
         }
     });

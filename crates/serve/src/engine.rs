@@ -12,6 +12,7 @@ use nuwa_hf::{InferenceModel, Message};
 use nuwa_model::batch::{Chunk, PagedBatch, SeqId};
 use nuwa_model::generate::pick_token;
 use nuwa_model::{token_logprobs, SamplingOptions, TokenLogprobs};
+use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -293,27 +294,37 @@ fn run(
         let logits = batch.run(&model.model, &chunks);
         drop(chunks);
         metrics.step(plan.len(), tokens, started.elapsed().as_secs_f64());
+        // Each row's new logits (decoding rows, and prompts completed this step).
         let mut logits = logits.into_iter();
+        let mut row_logits: Vec<Option<Vec<f32>>> = vec![None; active.len()];
+        let mut prefilled = Vec::new();
         for (row, range, wants) in plan {
             let a = &mut active[row];
-            let mut prefilled = false;
             if let Phase::Prefill { ids, done } = &mut a.phase {
                 *done = range.end;
                 if *done < ids.len() {
                     continue;
                 }
                 a.phase = Phase::Decode;
-                prefilled = true;
+                prefilled.push(row);
             }
-            let Some(l) = wants.then(|| logits.next()).flatten() else {
-                continue;
-            };
-            sample(a, &l);
-            if !prefilled {
-                continue;
+            if wants {
+                row_logits[row] = logits.next();
             }
-            // Further choices of a just-prefilled prompt: its blocks shared, the same first
-            // logits, their own seeds. Admission counted their blocks, so the forks fit.
+        }
+        // Sampling (a pass over the vocabulary per row) runs on every core at once.
+        active
+            .par_iter_mut()
+            .zip(&row_logits)
+            .for_each(|(a, l)| {
+                if let Some(l) = l {
+                    sample(a, l);
+                }
+            });
+        // Further choices of a just-prefilled prompt: its blocks shared, the same first
+        // logits, their own seeds. Admission counted their blocks, so the forks fit.
+        for row in prefilled {
+            let Some(l) = &row_logits[row] else { continue };
             for index in 1..active[row].job.choices {
                 let parent = &active[row];
                 let positions = batch.len(parent.seq) + parent.job.options.max_tokens;
@@ -321,7 +332,7 @@ fn run(
                     break;
                 };
                 let mut child = parent.child(seq, index);
-                sample(&mut child, &l);
+                sample(&mut child, l);
                 active.push(child);
             }
         }

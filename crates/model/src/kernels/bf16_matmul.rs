@@ -70,7 +70,7 @@ pub fn weight_product(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     if BF16.load(Ordering::Relaxed) && super::runs_on(&x) {
         return flex::bf16_matmul(x, w);
     }
-    x.matmul(w)
+    super::skinny::product(x, w)
 }
 
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]

@@ -19,6 +19,7 @@ pub mod rms_norm;
 pub mod rope;
 #[cfg(feature = "flex")]
 pub mod simd;
+pub mod skinny;
 pub mod swiglu;
 
 use std::sync::OnceLock;
