@@ -24,4 +24,3 @@ pub fn positive_seconds(v: &str) -> Result<f64, String> {
         _ => Err(format!("`{v}` is not a positive number of seconds")),
     }
 }
-

@@ -220,7 +220,11 @@ fn paged_run(model: &LanguageModel, device: &Device, preset: &str) {
         }
     }
     assert_eq!(out, alone, "{preset}");
-    assert_eq!(cached_tokens, vec![0, 0, 0, 32], "{preset}: two full blocks shared");
+    assert_eq!(
+        cached_tokens,
+        vec![0, 0, 0, 32],
+        "{preset}: two full blocks shared"
+    );
     assert_eq!(batch.usage().used, 0, "{preset}: every block given back");
 }
 

@@ -823,3 +823,308 @@ fn logit_bias_steers_sampling_and_unsupported_fields_are_refused() {
         assert!(text.contains(field), "{body}: {r}");
     }
 }
+
+/// A tiny model over bytes (so any JSON can be written), briefly trained on JSON lines, with a
+/// ChatML template and a 1K context: what the grammar tests serve.
+fn byte_model(dir: &Path) -> PathBuf {
+    let nuwa = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_nuwa"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let text: String = (0..2000)
+        .map(|i| format!("{}\n", json!({"name": format!("w{i}"), "age": i % 90})))
+        .collect();
+    let txt = dir.join("lines.txt");
+    std::fs::write(&txt, text).unwrap();
+    let p = |x: &str| dir.join(x).to_str().unwrap().to_string();
+    nuwa(&[
+        "data",
+        "prepare",
+        "--input",
+        &p("lines.txt"),
+        "--tokenizer",
+        "byte",
+        "--out",
+        &p("data"),
+    ]);
+    nuwa(&[
+        "train",
+        "--preset",
+        "tiny-dense",
+        "--data",
+        &p("data"),
+        "--steps",
+        "20",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "8",
+        "--run-dir",
+        &p("run"),
+        "--quiet",
+        "--sample-tokens",
+        "0",
+    ]);
+    nuwa(&["export", &p("run"), "--out", &p("hf")]);
+    let hf = dir.join("hf");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    config["max_position_embeddings"] = json!(1024);
+    std::fs::write(hf.join("config.json"), config.to_string()).unwrap();
+    let template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    std::fs::write(
+        hf.join("tokenizer_config.json"),
+        json!({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template})
+            .to_string(),
+    )
+    .unwrap();
+    hf
+}
+
+/// The schema of the constrained-output tests, checked by hand (an independent validator).
+fn valid_person(text: &str) -> Result<(), String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("{e}: {text:?}"))?;
+    let o = v.as_object().ok_or(format!("not an object: {text}"))?;
+    let name = o["name"].as_str().ok_or(format!("name: {text}"))?;
+    let age = o["age"].as_i64().ok_or(format!("age: {text}"))?;
+    let keys: Vec<&String> = o.keys().collect();
+    if name.chars().count() > 8 || !(0..=120).contains(&age) || keys.len() != 3 {
+        return Err(format!("out of schema: {text}"));
+    }
+    o["ok"].as_bool().ok_or(format!("ok: {text}"))?;
+    Ok(())
+}
+
+/// `response_format: json_schema` output always parses and validates (100 seeded samples, as
+/// 10 requests of `n = 10`); `json_object` gives an object; a bad schema is a 400 naming the
+/// field; forced tool calls parse into `tool_calls` with arguments valid for the function.
+#[test]
+fn constrained_outputs_and_tool_calls_always_parse() {
+    let dir = std::env::temp_dir().join(format!("nuwa-serve-grammar-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let hf = byte_model(&dir);
+    let s = server_of(&hf, &[]);
+    let url = format!("{}/v1/completions", s.url);
+    let schema = json!({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "ok": {"type": "boolean"}},
+        "required": ["name", "age", "ok"], "additionalProperties": false});
+    let mut seen = std::collections::HashSet::new();
+    for seed in 0..10 {
+        let (code, r) = post(
+            &url,
+            &json!({"prompt": "{", "max_tokens": 80, "n": 10, "seed": seed, "temperature": 1.0,
+                    "response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "person", "schema": schema}}}),
+        );
+        assert_eq!(code, 200, "{r}");
+        let choices = r["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 10);
+        for c in choices {
+            let text = c["text"].as_str().unwrap();
+            assert_eq!(c["finish_reason"], "stop", "{text}");
+            valid_person(text).unwrap();
+            seen.insert(text.to_string());
+        }
+    }
+    assert!(
+        seen.len() > 10,
+        "samples should differ: {} distinct",
+        seen.len()
+    );
+
+    let (code, r) = post(
+        &url,
+        &json!({"prompt": "x", "max_tokens": 60, "response_format": {"type": "json_object"}}),
+    );
+    assert_eq!(code, 200, "{r}");
+    let text = r["choices"][0]["text"].as_str().unwrap();
+    if r["choices"][0]["finish_reason"] == "stop" {
+        assert!(
+            serde_json::from_str::<Value>(text).unwrap().is_object(),
+            "{text}"
+        );
+    } else {
+        assert!(text.starts_with('{'), "{text}");
+    }
+    let (code, r) = post(
+        &url,
+        &json!({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "strin"}}}}),
+    );
+    assert_eq!(code, 400, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("response_format"),
+        "{r}"
+    );
+
+    let chat = format!("{}/v1/chat/completions", s.url);
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"],
+            "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "add", "parameters": {"type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"], "additionalProperties": false}}}]);
+    for (choice, names) in [
+        (json!("required"), vec!["get_weather", "add"]),
+        (
+            json!({"type": "function", "function": {"name": "add"}}),
+            vec!["add"],
+        ),
+    ] {
+        for seed in 0..5 {
+            let (code, r) = post(
+                &chat,
+                &json!({"messages": [{"role": "user", "content": "What is 2 + 3?"}],
+                        "tools": tools, "tool_choice": choice, "max_tokens": 80, "seed": seed}),
+            );
+            assert_eq!(code, 200, "{r}");
+            assert_eq!(r["choices"][0]["finish_reason"], "tool_calls", "{r}");
+            let call = &r["choices"][0]["message"]["tool_calls"][0];
+            let name = call["function"]["name"].as_str().unwrap();
+            assert!(names.contains(&name), "{r}");
+            let args: Value =
+                serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+            match name {
+                // Integers of any size (JSON's, not i64's).
+                "add" => {
+                    let raw = call["function"]["arguments"].as_str().unwrap();
+                    assert!(args["a"].is_number() && args["b"].is_number(), "{raw}");
+                    assert!(!raw.contains(['.', 'e', 'E']), "integers only: {raw}");
+                }
+                _ => assert!(
+                    args["city"].as_str().unwrap().chars().count() <= 10,
+                    "{args}"
+                ),
+            }
+            assert!(call["id"].as_str().unwrap().starts_with("call_"));
+        }
+    }
+    // A conversation that carries a call and its result back is accepted.
+    let (code, r) = post(
+        &chat,
+        &json!({"messages": [
+            {"role": "user", "content": "2 + 3?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "add", "arguments": "{\"a\":2,\"b\":3}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "5"}],
+                "tools": tools, "max_tokens": 5}),
+    );
+    assert_eq!(code, 200, "{r}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `n` choices at temperature 0 all equal the single answer; embeddings are the mean-pooled
+/// last hidden state (same input, same vector; base64 the same floats); a repeated long prompt
+/// reports cached tokens and answers exactly as without the cache.
+#[test]
+fn n_choices_embeddings_and_prefix_cache() {
+    let s = server(&[]);
+    let url = format!("{}/v1/completions", s.url);
+    let one = |body: Value| post(&url, &body).1;
+    let single = one(json!({"prompt": "w1 w2", "max_tokens": 8, "temperature": 0.0}));
+    let many = one(json!({"prompt": "w1 w2", "max_tokens": 8, "temperature": 0.0, "n": 3}));
+    let texts: Vec<&Value> = many["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["text"])
+        .collect();
+    assert_eq!(texts, vec![&single["choices"][0]["text"]; 3]);
+    assert_eq!(many["usage"]["completion_tokens"], 24);
+
+    let long: String = (0..60).map(|i| format!("w{} ", (i * 7) % 80)).collect();
+    let first = one(json!({"prompt": long, "max_tokens": 6, "temperature": 0.0}));
+    let second = one(json!({"prompt": long, "max_tokens": 6, "temperature": 0.0}));
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= 48, "{second}");
+    assert_eq!(first["choices"][0]["text"], second["choices"][0]["text"]);
+
+    let emb = format!("{}/v1/embeddings", s.url);
+    let (code, r) = post(&emb, &json!({"input": ["w1 w2", "w3", "w1 w2"]}));
+    assert_eq!(code, 200, "{r}");
+    let vec_of = |v: &Value| -> Vec<f32> {
+        v["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let data = r["data"].as_array().unwrap();
+    let (a, b, c) = (vec_of(&data[0]), vec_of(&data[1]), vec_of(&data[2]));
+    let m = InferenceModel::load(&ModelSource::Hf(fixture()), &Device::default()).unwrap();
+    assert_eq!(a.len(), m.config.hidden_size);
+    assert_eq!(a, c);
+    assert_ne!(a, b);
+    // Against the model: the mean over positions of its final hidden states.
+    let ids = m.encode("w1 w2").unwrap();
+    let hidden = m
+        .model
+        .hidden_states(nuwa_model::batch::token_rows(&ids, 1, &Device::default()))
+        .mean_dim(1);
+    let want: Vec<f32> = hidden.into_data().iter::<f32>().collect();
+    let diff = a
+        .iter()
+        .zip(&want)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-5, "{diff}");
+    assert_eq!(
+        r["usage"]["prompt_tokens"],
+        (2 * ids.len() + m.encode("w3").unwrap().len()) as u64
+    );
+    let (_, r64) = post(
+        &emb,
+        &json!({"input": "w1 w2", "encoding_format": "base64"}),
+    );
+    let text = r64["data"][0]["embedding"].as_str().unwrap();
+    let decoded = decode_base64(text);
+    let floats: Vec<f32> = decoded
+        .chunks(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(floats, a);
+    let (code, r) = post(&emb, &json!({"input": 3}));
+    assert_eq!(
+        (code, r["error"]["param"].as_str()),
+        (400, Some("input")),
+        "{r}"
+    );
+}
+
+fn decode_base64(s: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    };
+    let mut out = Vec::new();
+    for chunk in s.as_bytes().chunks(4) {
+        let n = chunk
+            .iter()
+            .take_while(|&&c| c != b'=')
+            .enumerate()
+            .fold(0u32, |n, (i, &c)| n | (value(c) as u32) << (18 - 6 * i));
+        let bytes = chunk.iter().filter(|&&c| c != b'=').count() - 1;
+        out.extend((0..bytes).map(|i| (n >> (16 - 8 * i)) as u8));
+    }
+    out
+}

@@ -145,7 +145,11 @@ impl PagedBatch {
         // A step of prompt chunks only still projects one (discarded) row: the head of none
         // is not a shape every backend takes.
         let wanted = at.len();
-        let at = if at.is_empty() { vec![ids.len() - 1] } else { at };
+        let at = if at.is_empty() {
+            vec![ids.len() - 1]
+        } else {
+            at
+        };
         let logits = model
             .forward_with(tokens, Some(&mut step), Logits::At(at))
             .logits;

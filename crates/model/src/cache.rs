@@ -26,8 +26,13 @@ pub trait KvStore {
     /// Stores layer `layer`'s keys and values of the chunk (`[batch, kv_heads, len, head_dim]`,
     /// after RoPE) and returns the chunk's attention output `[batch, heads, len, head_dim]`:
     /// its queries `q` over everything the store holds that each may see.
-    fn attend(&mut self, layer: usize, q: Tensor<4>, keys: Tensor<4>, values: Tensor<4>)
-        -> Tensor<4>;
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: Tensor<4>,
+        keys: Tensor<4>,
+        values: Tensor<4>,
+    ) -> Tensor<4>;
     /// Every layer has stored the chunk: its `len` positions now count as seen.
     fn advance(&mut self, len: usize);
 }

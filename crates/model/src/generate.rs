@@ -106,7 +106,10 @@ pub fn pick_token(logits: &[f32], opts: &SamplingOptions, rng_state: &mut u64) -
     if order.is_empty() {
         return argmax();
     }
-    let max = order.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let max = order
+        .iter()
+        .map(|&i| logits[i])
+        .fold(f32::NEG_INFINITY, f32::max) as f64;
     let mut probs: Vec<f64> = order
         .iter()
         .map(|&i| ((logits[i] as f64 - max) / opts.temperature).exp())

@@ -156,8 +156,14 @@ impl BlockPool {
                 None => break,
             }
         }
-        let reviving = hits.iter().filter(|&&id| self.refs[id as usize] == 0).count();
-        let needed = self.shape.blocks_for(max_positions).saturating_sub(hits.len());
+        let reviving = hits
+            .iter()
+            .filter(|&&id| self.refs[id as usize] == 0)
+            .count();
+        let needed = self
+            .shape
+            .blocks_for(max_positions)
+            .saturating_sub(hits.len());
         if needed + reviving > self.available() {
             return None;
         }
@@ -196,7 +202,7 @@ impl BlockPool {
         for &id in &copy.blocks {
             self.own(id);
         }
-        if seq.len % bs != 0 {
+        if !seq.len.is_multiple_of(bs) {
             let from = seq.blocks[shared] as usize;
             let to = self.take(&mut copy) as usize;
             let n = self.shape.block_floats();
@@ -360,8 +366,15 @@ impl<'a> PackedStep<'a> {
                     &self.device,
                 )
             };
-            let (k, v) = (gather(&self.pool.keys[layer]), gather(&self.pool.values[layer]));
-            outs.push(causal_attention_reference(q.clone().narrow(2, start, n), k, v));
+            let (k, v) = (
+                gather(&self.pool.keys[layer]),
+                gather(&self.pool.values[layer]),
+            );
+            outs.push(causal_attention_reference(
+                q.clone().narrow(2, start, n),
+                k,
+                v,
+            ));
             start += n;
         }
         Tensor::cat(outs, 2)
@@ -389,14 +402,7 @@ impl KvStore for PackedStep<'_> {
             return self.attend_reference(layer, q);
         }
         let [_, h, t, d] = q.dims();
-        let out = paged_attention(
-            &host(q),
-            h,
-            &self.tokens,
-            &self.tables,
-            self.pool,
-            layer,
-        );
+        let out = paged_attention(&host(q), h, &self.tokens, &self.tables, self.pool, layer);
         Tensor::from_data(TensorData::new(out, [1, h, t, d]), &self.device)
     }
 
@@ -527,7 +533,13 @@ mod tests {
         other[0] = 99;
         let d = p.admit(&other, 12).unwrap();
         assert_eq!(d.len, 0);
-        assert_eq!(p.stats, PrefixStats { lookups: 7, hits: 3 });
+        assert_eq!(
+            p.stats,
+            PrefixStats {
+                lookups: 7,
+                hits: 3
+            }
+        );
         for s in [a, b, c, d] {
             p.release(s);
         }

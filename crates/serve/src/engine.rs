@@ -6,7 +6,9 @@
 //! abandoned sequences give their blocks back between steps. Each request gets its tokens on
 //! its own channel, so a slow reader never holds up the batch.
 
+use crate::constrain::{Constraint, Grammars};
 use crate::metrics::Metrics;
+use llguidance::Matcher;
 use nuwa_data::TextStream;
 use nuwa_hf::{InferenceModel, Message};
 use nuwa_model::batch::{Chunk, PagedBatch, SeqId};
@@ -42,6 +44,10 @@ pub struct Job {
     /// Choices wanted (`n`): they share the prompt's blocks; choice `i` samples with seed
     /// `seed + i`.
     pub choices: usize,
+    /// A grammar the output must follow (`response_format`, forced tool calls).
+    pub constraint: Option<Constraint>,
+    /// Answer with the prompt's mean-pooled final hidden state instead of generating.
+    pub embed: bool,
 }
 
 /// `logits` with the job's biases added (the same slice when there are none).
@@ -114,6 +120,8 @@ pub enum Event {
     },
     /// The request cannot be served: an HTTP status and a message.
     Rejected { status: u16, message: String },
+    /// An embedding request's vector and its prompt's length.
+    Embedding { vector: Vec<f32>, tokens: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -154,6 +162,7 @@ impl EngineHandle {
 struct Waiting {
     job: Job,
     ids: Vec<u32>,
+    matcher: Option<Matcher>,
 }
 
 /// Where a sequence is: computing its prompt (`done` positions of it so far), or decoding.
@@ -182,6 +191,10 @@ struct Active {
     unsent_logprobs: Vec<TokenLogprob>,
     /// When its last token was handed out (inter-token latency), `None` before the first.
     last_token: Option<Instant>,
+    /// The request's grammar, fed every token sampled.
+    matcher: Option<Matcher>,
+    /// The grammar is complete: the pending token ends the sequence.
+    grammar_done: bool,
 }
 
 /// What every choice of one request shares.
@@ -215,6 +228,8 @@ fn run(
     metrics: Arc<Metrics>,
 ) {
     let mut batch = PagedBatch::new(&model.model, &device, cfg.kv_cache_bytes);
+    // Built at the first constrained request (it reads the whole vocabulary).
+    let mut grammars: Option<Result<Grammars, String>> = None;
     metrics.set_kv(batch.usage());
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut active: Vec<Active> = Vec::new();
@@ -233,7 +248,14 @@ fn run(
                 }
             };
             metrics.queued(-1);
-            if let Some(w) = check(&model, &batch, job) {
+            if job.embed {
+                embed(&model, &device, job);
+                continue;
+            }
+            if job.constraint.is_some() && grammars.is_none() {
+                grammars = Some(Grammars::new(&model).map_err(|e| format!("{e:#}")));
+            }
+            if let Some(w) = check(&model, &batch, grammars.as_ref(), job) {
                 waiting.push_back(w);
             }
         }
@@ -312,18 +334,24 @@ fn run(
                 row_logits[row] = logits.next();
             }
         }
+        // Further choices start from the grammar as it was before the first token.
+        let snapshots: Vec<Option<Matcher>> = prefilled
+            .iter()
+            .map(|&row| active[row].matcher.as_ref().map(Matcher::deep_clone))
+            .collect();
         // Sampling (a pass over the vocabulary per row) runs on every core at once.
-        active
-            .par_iter_mut()
-            .zip(&row_logits)
-            .for_each(|(a, l)| {
-                if let Some(l) = l {
-                    sample(a, l);
-                }
-            });
+        let eos = grammars
+            .as_ref()
+            .and_then(|g| g.as_ref().ok())
+            .map_or(0, |g| g.eos);
+        active.par_iter_mut().zip(&row_logits).for_each(|(a, l)| {
+            if let Some(l) = l {
+                sample(a, l, eos);
+            }
+        });
         // Further choices of a just-prefilled prompt: its blocks shared, the same first
         // logits, their own seeds. Admission counted their blocks, so the forks fit.
-        for row in prefilled {
+        for (row, snapshot) in prefilled.into_iter().zip(snapshots) {
             let Some(l) = &row_logits[row] else { continue };
             for index in 1..active[row].job.choices {
                 let parent = &active[row];
@@ -332,7 +360,8 @@ fn run(
                     break;
                 };
                 let mut child = parent.child(seq, index);
-                sample(&mut child, l);
+                child.matcher = snapshot.as_ref().map(Matcher::deep_clone);
+                sample(&mut child, l, eos);
                 active.push(child);
             }
         }
@@ -365,13 +394,36 @@ fn schedule(active: &[Active], budget: usize) -> Vec<(usize, std::ops::Range<usi
     plan
 }
 
-/// Samples a row's next token from its logits (its bias, its sampler, its random state).
-fn sample(a: &mut Active, logits: &[f32]) {
+/// Samples a row's next token from its logits (its bias, its grammar, its sampler, its random
+/// state). A complete grammar ends the row with `eos`.
+fn sample(a: &mut Active, logits: &[f32], eos: u32) {
+    let biased = biased(logits, &a.job.logit_bias);
+    let allowed = match a.matcher.as_mut() {
+        Some(m) if m.is_stopped() => {
+            a.next = eos;
+            a.grammar_done = true;
+            return;
+        }
+        Some(m) => match crate::constrain::masked(m, &biased) {
+            Ok(l) => Some(l),
+            Err(_) => {
+                a.next = eos;
+                a.grammar_done = true;
+                return;
+            }
+        },
+        None => None,
+    };
     a.next = pick_token(
-        &biased(logits, &a.job.logit_bias),
+        allowed.as_deref().unwrap_or(&biased),
         &a.job.options,
         &mut a.rng,
     );
+    if let Some(m) = a.matcher.as_mut() {
+        if a.next == eos || m.consume_token(a.next).is_err() {
+            a.grammar_done = true;
+        }
+    }
     a.next_logprobs = a.job.logprobs.map(|n| token_logprobs(logits, a.next, n));
 }
 
@@ -392,12 +444,62 @@ impl Active {
             next_logprobs: None,
             unsent_logprobs: Vec::new(),
             last_token: None,
+            matcher: None,
+            grammar_done: false,
         }
     }
 }
 
+/// Answers an embedding job: the mean over positions of the final hidden states.
+fn embed(model: &InferenceModel, device: &burn::tensor::Device, job: Job) {
+    let ids = match &job.prompt {
+        Prompt::Text(t) => model.encode(t),
+        Prompt::Tokens(ids) => Ok(ids.clone()),
+        Prompt::Chat(m) => model.encode_chat(m),
+    };
+    let event = match ids {
+        Ok(ids) if ids.is_empty() => Event::Rejected {
+            status: 400,
+            message: "input: encodes to no tokens".into(),
+        },
+        Ok(ids) if ids.iter().any(|&t| t as usize >= model.config.vocab_size) => Event::Rejected {
+            status: 400,
+            message: format!(
+                "input: a token id is outside the vocabulary (0..{})",
+                model.config.vocab_size
+            ),
+        },
+        Ok(ids) if ids.len() > model.model.max_positions => Event::Rejected {
+            status: 400,
+            message: format!(
+                "input: {} tokens is more than this model's context ({})",
+                ids.len(),
+                model.model.max_positions
+            ),
+        },
+        Ok(ids) => {
+            let tokens = nuwa_model::batch::token_rows(&ids, 1, device);
+            let hidden = model.model.hidden_states(tokens).mean_dim(1);
+            Event::Embedding {
+                vector: hidden.into_data().iter::<f32>().collect(),
+                tokens: ids.len(),
+            }
+        }
+        Err(e) => Event::Rejected {
+            status: 400,
+            message: format!("input: {e:#}"),
+        },
+    };
+    let _ = job.events.send(event);
+}
+
 /// Encodes and checks a job; `None` (the client told why) if it cannot be served.
-fn check(model: &InferenceModel, batch: &PagedBatch, job: Job) -> Option<Waiting> {
+fn check(
+    model: &InferenceModel,
+    batch: &PagedBatch,
+    grammars: Option<&Result<Grammars, String>>,
+    job: Job,
+) -> Option<Waiting> {
     if job.events.is_closed() {
         return None; // the client left while queued
     }
@@ -468,7 +570,30 @@ fn check(model: &InferenceModel, batch: &PagedBatch, job: Job) -> Option<Waiting
         );
         return None;
     }
-    Some(Waiting { job, ids })
+    let matcher = match (&job.constraint, grammars) {
+        (None, _) => None,
+        (Some(c), Some(Ok(g))) => match g.matcher(c) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                reject(400, format!("response_format: {e}"));
+                return None;
+            }
+        },
+        (Some(_), _) => {
+            let why = grammars
+                .and_then(|g| g.as_ref().err())
+                .cloned()
+                .unwrap_or_default();
+            reject(
+                400,
+                format!(
+                    "response_format: constrained decoding is not available for this model: {why}"
+                ),
+            );
+            return None;
+        }
+    };
+    Some(Waiting { job, ids, matcher })
 }
 
 /// Starts an admitted job's prefill (after the positions its cached prefix already holds).
@@ -491,6 +616,8 @@ fn admit(w: Waiting, seq: SeqId, cached: usize, metrics: &Metrics) -> Active {
         choices: job.choices.max(1),
     };
     Active {
+        matcher: w.matcher,
+        grammar_done: false,
         rng: shared.options.seed,
         job: Arc::new(shared),
         seq,
@@ -524,7 +651,7 @@ fn emit(model: &InferenceModel, a: &mut Active, metrics: &Metrics) -> bool {
         Some(t) => metrics.inter_token(t.elapsed().as_secs_f64()),
     }
     a.last_token = Some(Instant::now());
-    let is_eos = model.eos.contains(&a.next);
+    let is_eos = a.grammar_done || model.eos.contains(&a.next);
     if !is_eos {
         a.generated += 1;
         let piece = a.stream.push(&model.tokenizer, a.next);

@@ -1,9 +1,12 @@
 //! The OpenAI-compatible HTTP API over the engine: `/v1/completions`, `/v1/chat/completions`
-//! (with `stream: true` as server-sent events), `/v1/models`, `/health`, `/metrics`.
+//! (with `stream: true` as server-sent events; `response_format` and `tools` constrained by a
+//! grammar), `/v1/embeddings`, `/v1/models`, `/health`, `/metrics`.
 //! Every bad request gets a 4xx with an OpenAI-style error object; nothing a client sends can
 //! take the server down.
 
+use crate::constrain::Constraint;
 use crate::engine::{EngineHandle, Event, Job, Prompt, TokenLogprob};
+use crate::tools::{self, ToolUse};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
@@ -12,7 +15,6 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use nuwa_hf::Message;
 use nuwa_model::SamplingOptions;
 use serde_json::{json, Value};
 use std::convert::Infallible;
@@ -59,6 +61,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
@@ -150,6 +153,32 @@ struct Sampling {
     choices: usize,
     /// Completions: answer with the prompt before each completion.
     echo: bool,
+    /// `response_format`: the grammar the output must follow.
+    constraint: Option<Constraint>,
+}
+
+/// `response_format`: `text`, `json_object`, or `json_schema` with its `schema`.
+#[allow(clippy::result_large_err)] // a finished error response, built once per bad request
+fn response_format(b: &serde_json::Map<String, Value>) -> Result<Option<Constraint>, Response> {
+    let Some(f) = b.get("response_format").filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match f.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Constraint::JsonSchema(json!({"type": "object"})))),
+        Some("json_schema") => match f.get("json_schema").and_then(|j| j.get("schema")) {
+            Some(schema @ Value::Object(_)) => Ok(Some(Constraint::JsonSchema(schema.clone()))),
+            Some(Value::Bool(true)) => Ok(Some(Constraint::JsonSchema(json!({})))),
+            _ => Err(bad(
+                "response_format",
+                "`json_schema` needs `{\"json_schema\": {\"name\": …, \"schema\": {…}}}`",
+            )),
+        },
+        _ => Err(bad(
+            "response_format",
+            "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\"",
+        )),
+    }
 }
 
 /// Most choices one request may ask for.
@@ -328,7 +357,9 @@ fn sampling(
             "`echo` with `logprobs` (log-probabilities of the prompt) is not supported",
         ));
     }
+    let constraint = response_format(b)?;
     Ok(Sampling {
+        constraint,
         logprobs,
         logit_bias,
         choices,
@@ -424,12 +455,14 @@ async fn chat_completions(State(s): State<Arc<AppState>>, req: Request) -> Respo
     let mut messages = Vec::new();
     for (i, m) in list.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str);
-        let content = m.get("content").map(message_text);
+        let calls = m.get("tool_calls").filter(|c| !c.is_null());
+        // An assistant turn that only called tools has `content: null`.
+        let content = match m.get("content") {
+            None | Some(Value::Null) if calls.is_some() => Some(Ok(String::new())),
+            c => c.map(message_text),
+        };
         match (role, content) {
-            (Some(r), Some(Ok(c))) => messages.push(Message {
-                role: r.to_string(),
-                content: c,
-            }),
+            (Some(r), Some(Ok(c))) => messages.push(tools::history_message(r, c, calls)),
             (_, Some(Err(e))) => return bad("messages", format!("messages[{i}]: {e}")),
             _ => {
                 return bad(
@@ -442,20 +475,168 @@ async fn chat_completions(State(s): State<Arc<AppState>>, req: Request) -> Respo
     if messages.is_empty() {
         return bad("messages", "`messages` must not be empty");
     }
-    match sampling(&s, &b, 128, true) {
-        Ok(opts) => run(s, Prompt::Chat(messages), opts, true).await,
-        Err(r) => r,
-    }
+    let tool_use = match tools::read(&b) {
+        Ok(t) => t,
+        Err((field, message)) => return bad(field, message),
+    };
+    let mut opts = match sampling(&s, &b, 128, true) {
+        Ok(opts) => opts,
+        Err(r) => return r,
+    };
+    let tool_use = match tool_use {
+        Some((t, constraint)) => {
+            if constraint.is_some() {
+                if opts.constraint.is_some() {
+                    return bad(
+                        "response_format",
+                        "`response_format` cannot be combined with a forced `tool_choice`",
+                    );
+                }
+                opts.constraint = constraint;
+            }
+            tools::offer(&mut messages, &t);
+            Some(t)
+        }
+        None => None,
+    };
+    run_with(s, Prompt::Chat(messages), opts, true, tool_use).await
 }
 
-/// Submits a job and answers with its completion, whole or streamed.
+/// `/v1/embeddings`: each input's mean-pooled final hidden state.
+async fn embeddings(State(s): State<Arc<AppState>>, req: Request) -> Response {
+    let b = match read_body(&s, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let inputs: Vec<Prompt> = match b.get("input") {
+        Some(Value::String(t)) => vec![Prompt::Text(t.clone())],
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => a
+            .iter()
+            .map(|t| Prompt::Text(t.as_str().unwrap_or_default().to_string()))
+            .collect(),
+        Some(ids @ Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_number) => {
+            match token_ids(ids) {
+                Some(ids) => vec![Prompt::Tokens(ids)],
+                None => return bad("input", "token ids must be non-negative integers"),
+            }
+        }
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_array) => {
+            match a.iter().map(token_ids).collect::<Option<Vec<_>>>() {
+                Some(lists) => lists.into_iter().map(Prompt::Tokens).collect(),
+                None => return bad("input", "token ids must be non-negative integers"),
+            }
+        }
+        _ => {
+            return bad(
+                "input",
+                "`input` must be a string, a list of strings, or token ids (a list, or lists)",
+            )
+        }
+    };
+    let base64 = match b.get("encoding_format").and_then(Value::as_str) {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return bad(
+                "encoding_format",
+                format!("`encoding_format` must be \"float\" or \"base64\", got `{other}`"),
+            )
+        }
+    };
+    let mut data = Vec::new();
+    let mut total = 0;
+    for (index, prompt) in inputs.into_iter().enumerate() {
+        let (tx, mut rx) = unbounded_channel();
+        let job = Job {
+            prompt,
+            options: SamplingOptions::default(),
+            stop: Vec::new(),
+            logprobs: None,
+            events: tx,
+            received: std::time::Instant::now(),
+            logit_bias: Vec::new(),
+            choices: 1,
+            constraint: None,
+            embed: true,
+        };
+        if s.engine.submit(job).is_err() {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                None,
+                "the server is at capacity; retry later",
+            );
+        }
+        match rx.recv().await {
+            Some(Event::Embedding { vector, tokens }) => {
+                total += tokens;
+                let embedding = if base64 {
+                    let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    Value::String(base64_encode(&bytes))
+                } else {
+                    json!(vector)
+                };
+                data.push(json!({"object": "embedding", "index": index, "embedding": embedding}));
+            }
+            Some(Event::Rejected { status, message }) => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+                return error(status, "invalid_request_error", Some("input"), message);
+            }
+            _ => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    None,
+                    "the engine stopped",
+                )
+            }
+        }
+    }
+    Json(json!({"object": "list", "data": data, "model": s.model,
+                "usage": {"prompt_tokens": total, "total_tokens": total}}))
+    .into_response()
+}
+
+/// Standard base64 with padding (what OpenAI's clients decode for `encoding_format: "base64"`).
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | (b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 async fn run(s: Arc<AppState>, prompt: Prompt, o: Sampling, chat: bool) -> Response {
+    run_with(s, prompt, o, chat, None).await
+}
+
+/// [`run`] with tools in play: the answer's calls are parsed out of its text.
+async fn run_with(
+    s: Arc<AppState>,
+    prompt: Prompt,
+    o: Sampling,
+    chat: bool,
+    tools: Option<ToolUse>,
+) -> Response {
     let (tx, mut rx) = unbounded_channel();
     let echo = match (&prompt, o.echo) {
         (Prompt::Text(t), true) => Some(t.clone()),
         _ => None,
     };
     let job = Job {
+        constraint: o.constraint.clone(),
+        embed: false,
         choices: o.choices,
         prompt,
         options: o.options,
@@ -507,8 +688,13 @@ async fn run(s: Arc<AppState>, prompt: Prompt, o: Sampling, chat: bool) -> Respo
         logprobs: o.logprobs.is_some(),
         choices: o.choices,
         echo,
+        tools,
     };
-    if o.stream {
+    if o.stream && answer.tools.is_some() {
+        // Calls are known only once the answer is complete: it is sent as one delta.
+        let (whole_answer, _) = collect(rx, answer.choices, None).await;
+        stream_collected(s, answer, whole_answer)
+    } else if o.stream {
         stream(s, rx, answer)
     } else {
         whole(s, rx, answer, prompt).await
@@ -567,6 +753,118 @@ struct Answer {
     choices: usize,
     /// The prompt text to put before each completion (`echo`).
     echo: Option<String>,
+    /// Tools offered: calls are parsed out of the answer.
+    tools: Option<ToolUse>,
+}
+
+/// Every choice's text, log-probabilities and finish reason, and the completion tokens.
+struct Collected {
+    texts: Vec<String>,
+    tokens: Vec<Vec<TokenLogprob>>,
+    reasons: Vec<&'static str>,
+    completion: usize,
+}
+
+async fn collect(
+    mut rx: UnboundedReceiver<Event>,
+    n: usize,
+    echo: Option<&str>,
+) -> (Collected, ()) {
+    let mut c = Collected {
+        texts: vec![echo.unwrap_or_default().to_string(); n],
+        tokens: vec![Vec::new(); n],
+        reasons: vec!["stop"; n],
+        completion: 0,
+    };
+    while let Some(e) = rx.recv().await {
+        match e {
+            Event::Text {
+                index,
+                text,
+                logprobs,
+            } if index < n => {
+                c.texts[index].push_str(&text);
+                c.tokens[index].extend(logprobs);
+            }
+            Event::Done {
+                index,
+                finish_reason,
+                completion_tokens,
+            } if index < n => {
+                c.reasons[index] = finish_reason;
+                c.completion += completion_tokens;
+            }
+            _ => {}
+        }
+    }
+    (c, ())
+}
+
+/// A chat choice's message: its text, or the tool calls parsed out of it (then
+/// `finish_reason: "tool_calls"`).
+fn chat_message(
+    text: String,
+    tools: Option<&ToolUse>,
+    reason: &'static str,
+    id: u64,
+) -> (Value, &'static str) {
+    if let Some(t) = tools {
+        let (rest, calls) = tools::parse(&text, t, id);
+        if !calls.is_empty() {
+            let content = if rest.is_empty() {
+                Value::Null
+            } else {
+                Value::String(rest)
+            };
+            return (
+                json!({"role": "assistant", "content": content, "tool_calls": calls}),
+                "tool_calls",
+            );
+        }
+    }
+    (json!({"role": "assistant", "content": text}), reason)
+}
+
+/// A collected answer sent as a stream: per choice its role, its content or calls, its end.
+fn stream_collected(s: Arc<AppState>, a: Answer, c: Collected) -> Response {
+    let mut events = Vec::new();
+    let chunk = |choice: Value| {
+        json!({"id": a.id, "object": "chat.completion.chunk", "created": s.created,
+               "model": s.model, "choices": [choice]})
+    };
+    for (i, text) in c.texts.into_iter().enumerate() {
+        let (message, reason) = chat_message(text, a.tools.as_ref(), c.reasons[i], 0);
+        events.push(chunk(
+            json!({"index": i, "delta": {"role": "assistant", "content": ""},
+                                 "finish_reason": null, "logprobs": null}),
+        ));
+        let mut delta = json!({});
+        if let Some(content) = message["content"].as_str() {
+            delta["content"] = json!(content);
+        }
+        if let Some(calls) = message["tool_calls"].as_array() {
+            let indexed: Vec<Value> = calls
+                .iter()
+                .enumerate()
+                .map(|(k, call)| {
+                    let mut call = call.clone();
+                    call["index"] = json!(k);
+                    call
+                })
+                .collect();
+            delta["tool_calls"] = json!(indexed);
+        }
+        events.push(chunk(
+            json!({"index": i, "delta": delta, "finish_reason": null, "logprobs": null}),
+        ));
+        events.push(chunk(
+            json!({"index": i, "delta": {}, "finish_reason": reason, "logprobs": null}),
+        ));
+    }
+    let data = tokio_stream::iter(events)
+        .map(|v| Ok::<_, Infallible>(SseEvent::default().data(v.to_string())))
+        .chain(tokio_stream::once(Ok(SseEvent::default().data("[DONE]"))));
+    Sse::new(data).into_response()
 }
 
 /// A prompt's length and how much of it came from the prefix cache.
@@ -577,53 +875,31 @@ struct PromptUsage {
 
 async fn whole(
     s: Arc<AppState>,
-    mut rx: UnboundedReceiver<Event>,
+    rx: UnboundedReceiver<Event>,
     a: Answer,
     prompt: PromptUsage,
 ) -> Response {
-    let n = a.choices;
-    let start = a.echo.clone().unwrap_or_default();
-    let mut texts = vec![start; n];
-    let mut tokens = vec![Vec::new(); n];
-    let mut reasons = vec!["stop"; n];
-    let mut completion = 0;
-    while let Some(e) = rx.recv().await {
-        match e {
-            Event::Text {
-                index,
-                text,
-                logprobs,
-            } if index < n => {
-                texts[index].push_str(&text);
-                tokens[index].extend(logprobs);
-            }
-            Event::Done {
-                index,
-                finish_reason,
-                completion_tokens,
-            } if index < n => {
-                reasons[index] = finish_reason;
-                completion += completion_tokens;
-            }
-            _ => {}
-        }
-    }
-    let usage = json!({"prompt_tokens": prompt.tokens, "completion_tokens": completion,
-                       "total_tokens": prompt.tokens + completion,
+    let (c, ()) = collect(rx, a.choices, a.echo.as_deref()).await;
+    let usage = json!({"prompt_tokens": prompt.tokens, "completion_tokens": c.completion,
+                       "total_tokens": prompt.tokens + c.completion,
                        "prompt_tokens_details": {"cached_tokens": prompt.cached}});
-    let choices: Vec<Value> = (0..n)
-        .map(|i| {
+    let first_call = s.next_id.fetch_add(a.choices as u64, Ordering::Relaxed);
+    let choices: Vec<Value> = c
+        .texts
+        .into_iter()
+        .enumerate()
+        .map(|(i, text)| {
             let logprobs = match (a.logprobs, a.chat) {
                 (false, _) => Value::Null,
-                (true, true) => chat_logprobs(&tokens[i]),
-                (true, false) => completion_logprobs(&tokens[i], 0),
+                (true, true) => chat_logprobs(&c.tokens[i]),
+                (true, false) => completion_logprobs(&c.tokens[i], 0),
             };
-            let text = std::mem::take(&mut texts[i]);
             if a.chat {
-                json!({"index": i, "message": {"role": "assistant", "content": text},
-                       "finish_reason": reasons[i], "logprobs": logprobs})
+                let (message, reason) =
+                    chat_message(text, a.tools.as_ref(), c.reasons[i], first_call + i as u64);
+                json!({"index": i, "message": message, "finish_reason": reason, "logprobs": logprobs})
             } else {
-                json!({"index": i, "text": text, "finish_reason": reasons[i], "logprobs": logprobs})
+                json!({"index": i, "text": text, "finish_reason": c.reasons[i], "logprobs": logprobs})
             }
         })
         .collect();
@@ -632,8 +908,10 @@ async fn whole(
     } else {
         "text_completion"
     };
-    Json(json!({"id": a.id, "object": object, "created": s.created, "model": s.model,
-                "choices": choices, "usage": usage}))
+    Json(
+        json!({"id": a.id, "object": object, "created": s.created, "model": s.model,
+                "choices": choices, "usage": usage}),
+    )
     .into_response()
 }
 
@@ -689,7 +967,6 @@ fn stream(s: Arc<AppState>, rx: UnboundedReceiver<Event>, a: Answer) -> Response
             }
         })
         .collect();
-    let mut chunk = chunk;
     let events = UnboundedReceiverStream::new(rx).filter_map(move |e| match e {
         Event::Text {
             index,

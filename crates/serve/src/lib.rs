@@ -1,9 +1,11 @@
 //! `nuwa serve`: an OpenAI-compatible HTTP server with continuous batching over any backend.
 
 pub mod connections;
+pub mod constrain;
 pub mod engine;
 pub mod http;
 pub mod metrics;
+pub mod tools;
 
 use anyhow::{Context, Result};
 use nuwa_hf::InferenceModel;

@@ -1,7 +1,7 @@
 //! Server counters, exposed at `GET /metrics` in the Prometheus text format.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use nuwa_model::batch::KvUsage;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Instant;
 
 pub struct Metrics {
@@ -98,7 +98,8 @@ impl Metrics {
     }
     /// An admitted prompt's length and how much of it the prefix cache held.
     pub fn prompt(&self, tokens: usize, cached: usize) {
-        self.prompt_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+        self.prompt_tokens
+            .fetch_add(tokens as u64, Ordering::Relaxed);
         self.cached_prompt_tokens
             .fetch_add(cached as u64, Ordering::Relaxed);
     }

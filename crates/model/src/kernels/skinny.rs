@@ -9,7 +9,9 @@ use burn::tensor::Tensor;
 /// The product on the kernel where the backend has it (flex, not under autodiff), else Burn's.
 pub fn product(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     #[cfg(feature = "flex")]
-    if super::runs_on(&x) && !x.device().is_autodiff() && x.dims()[0] > 1 {
+    let ([m, k], n) = (x.dims(), w.dims()[1]);
+    // Tiny products stay on Burn's path: a parallel gemm call costs more than they do.
+    if m > 1 && m * k * n >= 1 << 18 && super::runs_on(&x) && !x.device().is_autodiff() {
         return flex::product(x, w);
     }
     x.matmul(w)
@@ -65,11 +67,11 @@ mod flex {
                     1,
                     false,
                     wd.as_ptr(),
-                    ws[0] as isize,
-                    ws[1] as isize,
+                    ws[0],
+                    ws[1],
                     xd.as_ptr(),
-                    xs[0] as isize,
-                    xs[1] as isize,
+                    xs[0],
+                    xs[1],
                     0.0,
                     1.0,
                     false,
@@ -92,10 +94,10 @@ mod tests {
     #[test]
     fn equals_burns_matmul() {
         let device = Device::default();
-        for rows in [2, 5, 33] {
+        for rows in [2, 5, 33, 300] {
             let x = Tensor::<2>::random([rows, 24], Distribution::Default, &device);
-            let w = Tensor::<2>::random([24, 40], Distribution::Default, &device);
-            let wt = Tensor::<2>::random([40, 24], Distribution::Default, &device).transpose();
+            let w = Tensor::<2>::random([24, 400], Distribution::Default, &device);
+            let wt = Tensor::<2>::random([400, 24], Distribution::Default, &device).transpose();
             for w in [w, wt] {
                 let want = x.clone().matmul(w.clone());
                 let got = super::product(x.clone(), w);
