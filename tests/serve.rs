@@ -675,8 +675,8 @@ fn signal(s: &Server, name: &str) {
 fn sigterm_drains_requests_in_flight_then_exits() {
     let mut s = server(&["--max-batch", "1", "--header-timeout", "1"]);
     let url = format!("{}/v1/completions", s.url);
-    // Sixteen streams through one decoding slot: most are queued when the signal comes.
-    let streams: Vec<_> = (0..16)
+    // 48 streams through one decoding slot: most are queued when the signal comes.
+    let streams: Vec<_> = (0..48)
         .map(|i| {
             let url = url.clone();
             std::thread::spawn(move || {

@@ -167,8 +167,17 @@ impl PagedBatch {
 /// The rows of a `[1, n, vocab]` logits tensor, on the host.
 fn host_rows(logits: Tensor<3>) -> Vec<Vec<f32>> {
     let [_, _, v] = logits.dims();
-    let flat: Vec<f32> = logits.into_data().iter::<f32>().collect();
+    let flat = host_f32(logits);
     flat.chunks(v.max(1)).map(<[f32]>::to_vec).collect()
+}
+
+/// A tensor's values on the host as f32: the buffer itself when it is f32 (a copy of one
+/// allocation), else converted element by element.
+pub fn host_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    if t.dtype() != burn::tensor::DType::F32 {
+        return t.into_data().iter::<f32>().collect();
+    }
+    t.into_data().try_into_vec::<f32>().unwrap_or_default()
 }
 
 /// `ids` as an `[rows, ids / rows]` token tensor.

@@ -195,7 +195,7 @@ pub fn generate_scored(
     let prefill = |cache: &mut KvCache, tokens: &[u32]| -> Vec<f32> {
         let tokens = token_rows(tokens, 1, device);
         let out = model.forward_with(tokens, Some(cache), Logits::Last);
-        out.logits.into_data().iter::<f32>().collect()
+        crate::batch::host_f32(out.logits)
     };
     let mut logits = prefill(&mut cache, &all[all.len().saturating_sub(window)..]);
     for i in 0..opts.max_tokens {

@@ -382,7 +382,7 @@ impl<'a> PackedStep<'a> {
 }
 
 fn host(t: Tensor<4>) -> Vec<f32> {
-    t.into_data().iter::<f32>().collect()
+    crate::batch::host_f32(t)
 }
 
 impl KvStore for PackedStep<'_> {
@@ -423,49 +423,100 @@ fn paged_attention(
     layer: usize,
 ) -> Vec<f32> {
     let s = pool.shape;
-    let (d, bs, t) = (s.head_dim, s.block_size, tokens.len());
+    let (d, t) = (s.head_dim, tokens.len());
     let groups = heads / s.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let (keys, values) = (&pool.keys[layer], &pool.values[layer]);
     let mut out = vec![0f32; heads * t * d];
+    // Each task runs under the CPU's widest SIMD (the loops vectorise to it).
+    let arch = pulp::Arch::new();
     out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
         let (head, token) = (i / t, i % t);
         let place = &tokens[token];
-        let kv_head = head / groups;
-        let query = &q[i * d..(i + 1) * d];
-        let seen = place.position + 1;
+        arch.dispatch(OneQuery {
+            query: &q[i * d..(i + 1) * d],
+            blocks: &tables[place.seq],
+            seen: place.position + 1,
+            kv_head: head / groups,
+            scale,
+            pool,
+            keys,
+            values,
+            out: o,
+        });
+    });
+    out
+}
+
+/// One query's attention over its sequence's first `seen` positions.
+struct OneQuery<'a> {
+    query: &'a [f32],
+    blocks: &'a [BlockId],
+    seen: usize,
+    kv_head: usize,
+    scale: f32,
+    pool: &'a BlockPool,
+    keys: &'a [f32],
+    values: &'a [f32],
+    out: &'a mut [f32],
+}
+
+impl pulp::WithSimd for OneQuery<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let (d, bs, seen) = (self.query.len(), self.pool.shape.block_size, self.seen);
         // Block by block: a block's positions of one head are contiguous `[block_size, d]`.
+        let pool = self.pool;
+        let kv_head = self.kv_head;
         let blocks = || {
-            tables[place.seq][..seen.div_ceil(bs)]
+            self.blocks[..seen.div_ceil(bs)]
                 .iter()
                 .enumerate()
                 .map(move |(i, &b)| (pool.slot(b, kv_head, 0), bs.min(seen - i * bs)))
         };
         let mut scores = Vec::with_capacity(seen);
         for (at, n) in blocks() {
-            for key in keys[at..at + n * d].chunks_exact(d) {
-                scores.push(dot(query, key) * scale);
+            for key in self.keys[at..at + n * d].chunks_exact(d) {
+                scores.push(dot(self.query, key) * self.scale);
             }
         }
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut total = 0.0;
         for x in scores.iter_mut() {
-            *x = (*x - max).exp();
-            total += *x;
+            *x = exp(*x - max);
         }
-        let mut weights = scores.iter().map(|w| w / total);
+        for x in &scores {
+            total += x;
+        }
+        let inv = 1.0 / total;
+        let mut weights = scores.iter();
         for (at, n) in blocks() {
-            for (value, w) in values[at..at + n * d].chunks_exact(d).zip(&mut weights) {
-                for (o, v) in o.iter_mut().zip(value) {
+            for (value, w) in self.values[at..at + n * d]
+                .chunks_exact(d)
+                .zip(&mut weights)
+            {
+                let w = w * inv;
+                for (o, v) in self.out.iter_mut().zip(value) {
                     *o += w * v;
                 }
             }
         }
-    });
-    out
+    }
+}
+
+/// `e^x`, vectorisable where the CPU kernels are built.
+#[cfg(feature = "flex")]
+use crate::kernels::simd::exp;
+#[cfg(not(feature = "flex"))]
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    x.exp()
 }
 
 /// A dot product in eight independent lanes (so the compiler vectorises it).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
