@@ -1128,3 +1128,89 @@ fn decode_base64(s: &str) -> Vec<u8> {
     }
     out
 }
+
+/// Streamed completion log-probabilities equal what `nuwa sample --logprobs` prints for the
+/// same prompt and greedy decoding; `stream_options.include_usage` ends the stream with the
+/// token counts.
+#[test]
+fn streamed_logprobs_equal_nuwa_sample() {
+    let out = Command::new(env!("CARGO_BIN_EXE_nuwa"))
+        .args([
+            "sample",
+            "--init-from",
+            fixture().to_str().unwrap(),
+            "--prompt",
+            "w5 w6 w7",
+        ])
+        .args(["--max-tokens", "6", "--temperature", "0", "--logprobs", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!cli.is_empty());
+    let s = server(&[]);
+    let stream = ureq::post(&format!("{}/v1/completions", s.url))
+        .send_json(
+            json!({"prompt": "w5 w6 w7", "max_tokens": 6, "temperature": 0,
+                          "logprobs": 2, "stream": true,
+                          "stream_options": {"include_usage": true}}),
+        )
+        .unwrap();
+    let (mut tokens, mut logprobs, mut tops) = (Vec::new(), Vec::new(), Vec::new());
+    let mut usage = Value::Null;
+    for line in BufReader::new(stream.into_reader()).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        if chunk["choices"].as_array().unwrap().is_empty() {
+            usage = chunk["usage"].clone();
+            continue;
+        }
+        assert!(usage.is_null(), "the usage chunk comes last");
+        let lp = &chunk["choices"][0]["logprobs"];
+        if lp.is_null() {
+            continue;
+        }
+        tokens.extend(lp["tokens"].as_array().unwrap().iter().cloned());
+        logprobs.extend(
+            lp["token_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap()),
+        );
+        tops.extend(lp["top_logprobs"].as_array().unwrap().iter().cloned());
+    }
+    assert_eq!(tokens.len(), cli.len());
+    assert_eq!(usage["completion_tokens"], cli.len() as u64, "{usage}");
+    assert_eq!(
+        usage["total_tokens"],
+        usage["prompt_tokens"].as_u64().unwrap() + cli.len() as u64
+    );
+    for (i, line) in cli.iter().enumerate() {
+        assert_eq!(tokens[i], line["token"], "token {i}");
+        assert!(
+            (logprobs[i] - line["logprob"].as_f64().unwrap()).abs() < 1e-5,
+            "token {i}"
+        );
+        for alt in line["top_logprobs"].as_array().unwrap() {
+            let got = tops[i][alt["token"].as_str().unwrap()].as_f64().unwrap();
+            assert!(
+                (got - alt["logprob"].as_f64().unwrap()).abs() < 1e-5,
+                "token {i}"
+            );
+        }
+    }
+}

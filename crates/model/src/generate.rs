@@ -91,6 +91,9 @@ pub fn pick_token(logits: &[f32], opts: &SamplingOptions, rng_state: &mut u64) -
     if opts.temperature <= 0.0 {
         return argmax();
     }
+    if opts.top_k == 0 && opts.top_p >= 1.0 {
+        return sample_all(logits, opts.temperature, rng_state).unwrap_or_else(argmax);
+    }
     // Only top-k and top-p need the tokens by likelihood: without them every token stays a
     // candidate, in vocabulary order (sorting a vocabulary per token costs more than the
     // model's decode step at large batch). With top-k, only the k best are sorted.
@@ -141,6 +144,44 @@ pub fn pick_token(logits: &[f32], opts: &SamplingOptions, rng_state: &mut u64) -
         }
     }
     order[order.len() - 1] as u32
+}
+
+/// Samples from the whole vocabulary at `temperature`, in vocabulary order: the weights
+/// `e^((l − max) / T)` in f32 with a vectorisable `exp` (a pass over the vocabulary per token
+/// that libm's f64 `exp` made cost more than a batched decode step), summed in f64. `None` if
+/// no logit is finite.
+fn sample_all(logits: &[f32], temperature: f64, rng_state: &mut u64) -> Option<u32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return None;
+    }
+    let inv = (1.0 / temperature) as f32;
+    let weights: Vec<f32> = logits.iter().map(|&l| exp((l - max) * inv)).collect();
+    let total: f64 = weights.iter().map(|&w| w as f64).sum();
+    let mut rng = SplitMix(*rng_state);
+    let target = rng.next_f64() * total;
+    *rng_state = rng.0;
+    let mut cumulative = 0.0;
+    let mut last = None;
+    for (i, &w) in weights.iter().enumerate() {
+        if w > 0.0 {
+            last = Some(i as u32);
+        }
+        cumulative += w as f64;
+        if target < cumulative {
+            return Some(i as u32);
+        }
+    }
+    last
+}
+
+/// `e^x`, vectorisable where the CPU kernels are built.
+#[cfg(feature = "flex")]
+use crate::kernels::simd::exp;
+#[cfg(not(feature = "flex"))]
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    x.exp()
 }
 
 /// Continues `prompt` by `opts.max_tokens` tokens. The model attends to at most `opts.window`
@@ -219,6 +260,30 @@ pub fn generate_scored(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sampling the whole vocabulary draws each token as often as its softmax probability at
+    /// the temperature says (and never a token at −∞).
+    #[test]
+    fn full_vocabulary_sampling_follows_the_softmax() {
+        let logits = [0.0f32, 1.0, 2.0, f32::NEG_INFINITY, 0.5];
+        let opts = SamplingOptions {
+            temperature: 0.7,
+            ..Default::default()
+        };
+        let weights: Vec<f64> = logits.iter().map(|&l| (l as f64 / 0.7).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut counts = [0usize; 5];
+        let mut rng = 42;
+        let n = 40_000;
+        for _ in 0..n {
+            counts[pick_token(&logits, &opts, &mut rng) as usize] += 1;
+        }
+        assert_eq!(counts[3], 0);
+        for (c, w) in counts.iter().zip(&weights) {
+            let (got, want) = (*c as f64 / n as f64, w / total);
+            assert!((got - want).abs() < 0.01, "{got} vs {want}");
+        }
+    }
 
     #[test]
     fn greedy_and_top_k_one_agree() {

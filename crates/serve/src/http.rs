@@ -155,6 +155,8 @@ struct Sampling {
     echo: bool,
     /// `response_format`: the grammar the output must follow.
     constraint: Option<Constraint>,
+    /// `stream_options.include_usage`: end a stream with a usage chunk.
+    include_usage: bool,
 }
 
 /// `response_format`: `text`, `json_object`, or `json_schema` with its `schema`.
@@ -358,7 +360,22 @@ fn sampling(
         ));
     }
     let constraint = response_format(b)?;
+    let include_usage = match b.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Bool(true)) => true,
+            Some(_) => {
+                return Err(bad(
+                    "stream_options",
+                    "`stream_options.include_usage` must be true or false",
+                ))
+            }
+        },
+        Some(_) => return Err(bad("stream_options", "`stream_options` must be an object")),
+    };
     Ok(Sampling {
+        include_usage,
         constraint,
         logprobs,
         logit_bias,
@@ -695,7 +712,8 @@ async fn run_with(
         let (whole_answer, _) = collect(rx, answer.choices, None).await;
         stream_collected(s, answer, whole_answer)
     } else if o.stream {
-        stream(s, rx, answer)
+        let usage = o.include_usage.then_some(prompt);
+        stream(s, rx, answer, usage)
     } else {
         whole(s, rx, answer, prompt).await
     }
@@ -915,7 +933,14 @@ async fn whole(
     .into_response()
 }
 
-fn stream(s: Arc<AppState>, rx: UnboundedReceiver<Event>, a: Answer) -> Response {
+/// The answer as server-sent events, as its text arrives; with `usage` (`stream_options:
+/// {"include_usage": true}`) a last chunk with no choices carries the token counts.
+fn stream(
+    s: Arc<AppState>,
+    mut rx: UnboundedReceiver<Event>,
+    a: Answer,
+    usage: Option<PromptUsage>,
+) -> Response {
     let chat = a.chat;
     let (object, created, model, id) = (
         if chat {
@@ -928,6 +953,7 @@ fn stream(s: Arc<AppState>, rx: UnboundedReceiver<Event>, a: Answer) -> Response
         a.id,
     );
     let want_logprobs = a.logprobs;
+    let (usage_id, usage_model) = (id.clone(), model.clone());
     // Characters of completion text streamed so far per choice (the legacy `text_offset`).
     let mut streamed = vec![0; a.choices];
     let mut chunk = move |index: usize,
@@ -967,19 +993,43 @@ fn stream(s: Arc<AppState>, rx: UnboundedReceiver<Event>, a: Answer) -> Response
             }
         })
         .collect();
-    let events = UnboundedReceiverStream::new(rx).filter_map(move |e| match e {
-        Event::Text {
-            index,
-            text,
-            logprobs,
-        } if !text.is_empty() => Some(chunk(index, Some(&text), None, &logprobs)),
-        Event::Done {
-            index,
-            finish_reason,
-            ..
-        } => Some(chunk(index, None, Some(finish_reason), &[])),
-        _ => None,
+    // A task turns engine events into chunks (and counts the tokens for the usage chunk).
+    let (tx, chunks) = unbounded_channel::<Value>();
+    let usage_object = object;
+    tokio::spawn(async move {
+        let mut completion = 0;
+        while let Some(e) = rx.recv().await {
+            let c = match e {
+                Event::Text {
+                    index,
+                    text,
+                    logprobs,
+                } if !text.is_empty() => chunk(index, Some(&text), None, &logprobs),
+                Event::Done {
+                    index,
+                    finish_reason,
+                    completion_tokens,
+                } => {
+                    completion += completion_tokens;
+                    chunk(index, None, Some(finish_reason), &[])
+                }
+                _ => continue,
+            };
+            if tx.send(c).is_err() {
+                return; // the client left
+            }
+        }
+        if let Some(p) = usage {
+            let _ = tx.send(
+                json!({"id": usage_id, "object": usage_object, "created": created,
+                "model": usage_model, "choices": [],
+                "usage": {"prompt_tokens": p.tokens, "completion_tokens": completion,
+                          "total_tokens": p.tokens + completion,
+                          "prompt_tokens_details": {"cached_tokens": p.cached}}}),
+            );
+        }
     });
+    let events = UnboundedReceiverStream::new(chunks);
     let data = tokio_stream::iter(first)
         .chain(events)
         .map(|v| Ok::<_, Infallible>(SseEvent::default().data(v.to_string())))

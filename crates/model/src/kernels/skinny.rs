@@ -16,7 +16,7 @@ pub fn product(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     {
         let ([m, k], n) = (x.dims(), w.dims()[1]);
         // Tiny products stay on Burn's path: a parallel call costs more than they do.
-        if m * k * n >= 1 << 18 && super::runs_on(&x) && !x.device().is_autodiff() {
+        if m > 1 && m * k * n >= 1 << 18 && super::runs_on(&x) && !x.device().is_autodiff() {
             return flex::product(x, w);
         }
     }
@@ -58,6 +58,10 @@ impl pulp::WithSimd for Strip<'_> {
         while m0 + TILE <= self.m {
             self.tile::<S, TILE>(simd, m0);
             m0 += TILE;
+        }
+        while m0 + 2 <= self.m {
+            self.tile::<S, 2>(simd, m0);
+            m0 += 2;
         }
         while m0 < self.m {
             self.tile::<S, 1>(simd, m0);
