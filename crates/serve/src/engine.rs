@@ -216,7 +216,10 @@ pub fn start(
     let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(cfg.max_queue.max(1));
     let metrics = Arc::new(Metrics::default());
     let m = metrics.clone();
-    std::thread::spawn(move || run(model, device, cfg, rx, m));
+    // The model thread is one of rayon's workers: the parallel ops it starts (products,
+    // attention, sampling) then run with it taking part, instead of putting it to sleep and
+    // waking it once per op.
+    rayon::spawn(move || run(model, device, cfg, rx, m));
     EngineHandle { queue: tx, metrics }
 }
 

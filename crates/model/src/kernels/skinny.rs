@@ -83,11 +83,22 @@ impl Strip<'_> {
     fn tile<S: pulp::Simd, const R: usize>(&self, simd: S, m0: usize) {
         let width = Self::width::<S>();
         let mut acc = [[simd.splat_f32s(0.0); VECS]; R];
+        // The strip's columns of every weight row, and the tile's rows of `x`, checked once:
+        // the loop below reads them through pointers.
+        assert!(self.k == 0 || (self.k - 1) * self.ldw + self.j0 + width <= self.w.len());
+        assert!(self.k == 0 || (m0 + R - 1) * self.xr + (self.k - 1) * self.xc < self.x.len());
+        let w = self.w.as_ptr();
+        let x = self.x.as_ptr();
         for kk in 0..self.k {
-            let (row, _) = S::as_simd_f32s(&self.w[kk * self.ldw + self.j0..][..width]);
-            let b: [S::f32s; VECS] = std::array::from_fn(|v| row[v]);
+            // SAFETY: in bounds by the asserts above; unaligned reads of whole vectors.
+            let b: [S::f32s; VECS] = std::array::from_fn(|v| unsafe {
+                std::ptr::read_unaligned(
+                    w.add(kk * self.ldw + self.j0 + v * S::F32_LANES) as *const S::f32s
+                )
+            });
             for (i, acc) in acc.iter_mut().enumerate() {
-                let a = simd.splat_f32s(self.x[(m0 + i) * self.xr + kk * self.xc]);
+                // SAFETY: in bounds by the asserts above.
+                let a = simd.splat_f32s(unsafe { *x.add((m0 + i) * self.xr + kk * self.xc) });
                 for v in 0..VECS {
                     acc[v] = simd.mul_add_f32s(a, b[v], acc[v]);
                 }
