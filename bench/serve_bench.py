@@ -290,7 +290,8 @@ def write_doc(r, a):
         lines += [
                   "llama-cpp-python's server (the llama.cpp server on PyPI) runs one request at a "
                   "time behind a lock — it has no continuous batching, so its throughput does not "
-                  "grow with streams and its TTFT grows with the queue. llama.cpp's own C++ "
+                  "grow with streams (here it fell, the waiting requests contending for the lock) "
+                  "and its TTFT grows with the queue. llama.cpp's own C++ "
                   "`llama-server` batches (the ×11 at 32 streams its maintainers report); it is not "
                   "on PyPI and is not measured here. At one stream the comparison is engine against "
                   "engine plus each server's per-token overhead (llama-cpp-python streams every "

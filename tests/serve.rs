@@ -1214,3 +1214,66 @@ fn streamed_logprobs_equal_nuwa_sample() {
         }
     }
 }
+
+/// The key/value budget: a pool of a few blocks admits requests as blocks free up (both of two
+/// requests that cannot run together are answered), refuses one that could never fit with a
+/// 400 naming the cache, and a budget too large for the machine or smaller than a block stops
+/// the server with one line.
+#[test]
+fn the_kv_cache_budget_admits_by_blocks_and_bad_budgets_are_refused() {
+    let block = {
+        let m = InferenceModel::load(&ModelSource::Hf(fixture()), &Device::default()).unwrap();
+        nuwa_model::batch::PagedBatch::shape(&m.model).bytes_per_block()
+    };
+    // Four blocks: 64 positions.
+    let s = server(&["--kv-cache-memory", &(4 * block).to_string()]);
+    let url = format!("{}/v1/completions", s.url);
+    let (code, r) = post(&url, &json!({"prompt": "w1 w2", "max_tokens": 100}));
+    assert_eq!(code, 400, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("kv-cache-memory"),
+        "{r}"
+    );
+    // Each needs 3 of the 4 blocks: they run one after the other, and both complete.
+    let handles: Vec<_> = (0..2)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                post(
+                    &url,
+                    &json!({"prompt": prompt(i), "max_tokens": 40, "temperature": 0}),
+                )
+            })
+        })
+        .collect();
+    for h in handles {
+        let (code, r) = h.join().unwrap();
+        assert_eq!(code, 200, "{r}");
+    }
+    for (budget, needle) in [
+        ("900000GB", "available memory"),
+        ("16", "one key/value block"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_nuwa"))
+            .args([
+                "serve",
+                "--model",
+                fixture().to_str().unwrap(),
+                "--port",
+                "0",
+            ])
+            .args(["--kv-cache-memory", budget])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--kv-cache-memory") && err.contains(needle),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}
