@@ -345,9 +345,14 @@ fn overload_is_refused_and_a_disconnect_frees_its_slot() {
     let codes: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert!(codes.contains(&503), "{codes:?}");
     assert!(codes.contains(&200), "{codes:?}");
-    // A client that leaves mid-stream frees its slot for the next request.
+    // A client that leaves mid-stream frees its slot for the next request (the end token is
+    // biased away, so the answer cannot finish on its own first).
+    let m = InferenceModel::load(&ModelSource::Hf(fixture()), &Device::default()).unwrap();
+    let no_end: serde_json::Map<String, Value> =
+        m.eos.iter().map(|e| (e.to_string(), json!(-100))).collect();
     let r = ureq::post(&url)
-        .send_json(json!({"prompt": "w1", "max_tokens": 120, "stream": true}))
+        .send_json(json!({"prompt": "w1", "max_tokens": 120, "stream": true,
+                          "logit_bias": no_end}))
         .unwrap();
     let mut reader = r.into_reader();
     let mut first = [0u8; 64];

@@ -286,12 +286,18 @@ fn run(
         if active.is_empty() {
             continue;
         }
-        // Hand out each decoding row's pending token, then retire the finished rows.
-        active.retain_mut(|a| {
-            let keep = match a.phase {
+        // Hand out each decoding row's pending token (detokenising and looking for stop
+        // strings on every core at once), then retire the finished rows.
+        let keep: Vec<bool> = active
+            .par_iter_mut()
+            .map(|a| match a.phase {
                 Phase::Decode => emit(&model, a, &metrics),
                 Phase::Prefill { .. } => !a.job.events.is_closed(),
-            };
+            })
+            .collect();
+        let mut rows = keep.iter();
+        active.retain(|a| {
+            let keep = rows.next().copied().unwrap_or(false);
             if !keep {
                 batch.release(a.seq);
             }
