@@ -326,38 +326,66 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     assert_eq!(code, 200);
 }
 
-#[test]
-fn overload_is_refused_and_a_disconnect_frees_its_slot() {
-    let s = server(&["--max-batch", "1", "--max-queue", "1"]);
-    let url = format!("{}/v1/completions", s.url);
-    let handles: Vec<_> = (0..8)
+/// `n` greedy completions of `prompt(i)` sent at once, each on its own thread; their answers.
+fn greedy_at_once(url: &str, n: usize, max_tokens: usize) -> Vec<(u16, Value)> {
+    let handles: Vec<_> = (0..n)
         .map(|i| {
-            let url = url.clone();
+            let url = url.to_string();
             std::thread::spawn(move || {
                 post(
                     &url,
-                    &json!({"prompt": prompt(i), "max_tokens": 100, "temperature": 0}),
+                    &json!({"prompt": prompt(i), "max_tokens": max_tokens, "temperature": 0}),
                 )
-                .0
             })
         })
         .collect();
-    let codes: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn overload_is_refused_and_a_disconnect_frees_its_slot() {
+    let s = server(&[
+        "--max-batch",
+        "1",
+        "--max-queue",
+        "1",
+        "--kv-cache-memory",
+        "64MiB",
+    ]);
+    let url = format!("{}/v1/completions", s.url);
+    let codes: Vec<u16> = greedy_at_once(&url, 8, 100)
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
     assert!(codes.contains(&503), "{codes:?}");
     assert!(codes.contains(&200), "{codes:?}");
-    // A client that leaves mid-stream frees its slot for the next request (the end token is
+    // A client that leaves mid-stream frees its slots for the next request (the end token is
     // biased away, so the answer cannot finish on its own first).
     let m = InferenceModel::load(&ModelSource::Hf(fixture()), &Device::default()).unwrap();
     let no_end: serde_json::Map<String, Value> =
         m.eos.iter().map(|e| (e.to_string(), json!(-100))).collect();
-    let r = ureq::post(&url)
-        .send_json(json!({"prompt": "w1", "max_tokens": 120, "stream": true,
-                          "logit_bias": no_end}))
-        .unwrap();
-    let mut reader = r.into_reader();
-    let mut first = [0u8; 64];
-    let _ = reader.read(&mut first).unwrap();
-    drop(reader);
+    // Sixteen choices of 120 tokens: long enough that the client is gone well before the end,
+    // even on a loaded machine.
+    let body = json!({"prompt": "w1", "max_tokens": 120, "n": 16, "stream": true,
+                      "logit_bias": no_end})
+    .to_string();
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // Raw socket: read up to the first event, then close (an HTTP client may read on to
+    // reuse the connection).
+    let mut conn = half_open(&s.url, request.as_bytes());
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("data:") {
+        let mut buf = [0u8; 256];
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the first event");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let _ = conn.shutdown(std::net::Shutdown::Both);
+    drop(conn);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let m = ureq::get(&format!("{}/metrics", s.url))
@@ -1243,19 +1271,7 @@ fn the_kv_cache_budget_admits_by_blocks_and_bad_budgets_are_refused() {
         "{r}"
     );
     // Each needs 3 of the 4 blocks: they run one after the other, and both complete.
-    let handles: Vec<_> = (0..2)
-        .map(|i| {
-            let url = url.clone();
-            std::thread::spawn(move || {
-                post(
-                    &url,
-                    &json!({"prompt": prompt(i), "max_tokens": 40, "temperature": 0}),
-                )
-            })
-        })
-        .collect();
-    for h in handles {
-        let (code, r) = h.join().unwrap();
+    for (code, r) in greedy_at_once(&url, 2, 40) {
         assert_eq!(code, 200, "{r}");
     }
     for (budget, needle) in [

@@ -117,6 +117,26 @@ fn error_with_code(
     (status, Json(body)).into_response()
 }
 
+/// The queue is full: 503, retry later.
+fn at_capacity() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        None,
+        "the server is at capacity; retry later",
+    )
+}
+
+/// The engine thread is gone (it never should be): 500.
+fn engine_stopped() -> Response {
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        None,
+        "the engine stopped",
+    )
+}
+
 fn bad(param: &str, message: impl Into<String>) -> Response {
     error(
         StatusCode::BAD_REQUEST,
@@ -577,12 +597,8 @@ async fn embeddings(State(s): State<Arc<AppState>>, req: Request) -> Response {
             embed: true,
         };
         if s.engine.submit(job).is_err() {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                None,
-                "the server is at capacity; retry later",
-            );
+            s.engine.metrics.rejected();
+            return at_capacity();
         }
         match rx.recv().await {
             Some(Event::Embedding { vector, tokens }) => {
@@ -599,14 +615,7 @@ async fn embeddings(State(s): State<Arc<AppState>>, req: Request) -> Response {
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
                 return error(status, "invalid_request_error", Some("input"), message);
             }
-            _ => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    None,
-                    "the engine stopped",
-                )
-            }
+            _ => return engine_stopped(),
         }
     }
     Json(json!({"object": "list", "data": data, "model": s.model,
@@ -665,12 +674,7 @@ async fn run_with(
     };
     if s.engine.submit(job).is_err() {
         s.engine.metrics.rejected();
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            None,
-            "the server is at capacity; retry later",
-        );
+        return at_capacity();
     }
     let prompt = match rx.recv().await {
         Some(Event::Started {
@@ -685,14 +689,7 @@ async fn run_with(
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
             return error(status, "invalid_request_error", None, message);
         }
-        _ => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                None,
-                "the engine stopped",
-            )
-        }
+        _ => return engine_stopped(),
     };
     let id = format!(
         "{}-{}",

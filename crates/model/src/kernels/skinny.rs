@@ -29,7 +29,9 @@ pub const SKINNY_ROWS: usize = 64;
 /// Vectors per row of a register tile (a strip is this many SIMD vectors wide), and rows per
 /// tile: 4 × 4 accumulators plus 4 weight vectors and a broadcast fit the 32 AVX-512 registers
 /// (and nearly the 16 of AVX2).
+#[cfg(feature = "flex")]
 const VECS: usize = 4;
+#[cfg(feature = "flex")]
 const TILE: usize = 4;
 
 /// One task: `out [m, n] = x · w` over one strip of output columns. `x` is read at
