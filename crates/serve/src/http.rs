@@ -706,7 +706,7 @@ async fn run_with(
     };
     if o.stream && answer.tools.is_some() {
         // Calls are known only once the answer is complete: it is sent as one delta.
-        let (whole_answer, _) = collect(rx, answer.choices, None).await;
+        let whole_answer = collect(rx, answer.choices, None).await;
         stream_collected(s, answer, whole_answer)
     } else if o.stream {
         let usage = o.include_usage.then_some(prompt);
@@ -780,11 +780,7 @@ struct Collected {
     completion: usize,
 }
 
-async fn collect(
-    mut rx: UnboundedReceiver<Event>,
-    n: usize,
-    echo: Option<&str>,
-) -> (Collected, ()) {
+async fn collect(mut rx: UnboundedReceiver<Event>, n: usize, echo: Option<&str>) -> Collected {
     let mut c = Collected {
         texts: vec![echo.unwrap_or_default().to_string(); n],
         tokens: vec![Vec::new(); n],
@@ -812,7 +808,7 @@ async fn collect(
             _ => {}
         }
     }
-    (c, ())
+    c
 }
 
 /// A chat choice's message: its text, or the tool calls parsed out of it (then
@@ -894,7 +890,7 @@ async fn whole(
     a: Answer,
     prompt: PromptUsage,
 ) -> Response {
-    let (c, ()) = collect(rx, a.choices, a.echo.as_deref()).await;
+    let c = collect(rx, a.choices, a.echo.as_deref()).await;
     let usage = json!({"prompt_tokens": prompt.tokens, "completion_tokens": c.completion,
                        "total_tokens": prompt.tokens + c.completion,
                        "prompt_tokens_details": {"cached_tokens": prompt.cached}});
