@@ -29,6 +29,11 @@ impl Drop for Server {
     }
 }
 
+/// The fixture loaded in this process (to compute what the server should answer).
+fn fixture_model() -> InferenceModel {
+    InferenceModel::load(&ModelSource::Hf(fixture()), &Device::default()).unwrap()
+}
+
 fn server(extra: &[&str]) -> Server {
     server_of(&fixture(), extra)
 }
@@ -361,7 +366,7 @@ fn overload_is_refused_and_a_disconnect_frees_its_slot() {
     assert!(codes.contains(&200), "{codes:?}");
     // A client that leaves mid-stream frees its slots for the next request (the end token is
     // biased away, so the answer cannot finish on its own first).
-    let m = InferenceModel::load(&ModelSource::Hf(fixture()), &Device::default()).unwrap();
+    let m = fixture_model();
     let no_end: serde_json::Map<String, Value> =
         m.eos.iter().map(|e| (e.to_string(), json!(-100))).collect();
     // Sixteen choices of 120 tokens: long enough that the client is gone well before the end,
@@ -751,7 +756,7 @@ fn sigterm_drains_requests_in_flight_then_exits() {
 fn token_id_prompts_and_content_parts_are_read_as_openai_sends_them() {
     let s = server(&[]);
     let url = format!("{}/v1/completions", s.url);
-    let m = InferenceModel::load(&ModelSource::Hf(fixture()), &Device::default()).unwrap();
+    let m = fixture_model();
     let ids = m.encode(&prompt(3)).unwrap();
     let want = alone(&prompt(3), 8);
     for body in [
@@ -810,7 +815,7 @@ fn token_id_prompts_and_content_parts_are_read_as_openai_sends_them() {
 fn logit_bias_steers_sampling_and_unsupported_fields_are_refused() {
     let s = server(&[]);
     let url = format!("{}/v1/completions", s.url);
-    let m = InferenceModel::load(&ModelSource::Hf(fixture()), &Device::default()).unwrap();
+    let m = fixture_model();
     let ids = m.encode(&prompt(2)).unwrap();
     let greedy = |bias: Value| -> String {
         let (code, r) = post(
@@ -1101,7 +1106,7 @@ fn n_choices_embeddings_and_prefix_cache() {
     };
     let data = r["data"].as_array().unwrap();
     let (a, b, c) = (vec_of(&data[0]), vec_of(&data[1]), vec_of(&data[2]));
-    let m = InferenceModel::load(&ModelSource::Hf(fixture()), &Device::default()).unwrap();
+    let m = fixture_model();
     assert_eq!(a.len(), m.config.hidden_size);
     assert_eq!(a, c);
     assert_ne!(a, b);
@@ -1255,7 +1260,7 @@ fn streamed_logprobs_equal_nuwa_sample() {
 #[test]
 fn the_kv_cache_budget_admits_by_blocks_and_bad_budgets_are_refused() {
     let block = {
-        let m = InferenceModel::load(&ModelSource::Hf(fixture()), &Device::default()).unwrap();
+        let m = fixture_model();
         nuwa_model::batch::PagedBatch::shape(&m.model).bytes_per_block()
     };
     // Four blocks: 64 positions.

@@ -56,11 +56,13 @@ impl PagedBatch {
     }
 
     pub fn shape(model: &LanguageModel) -> PoolShape {
-        let attention = &model.layers[0].attention;
+        let (kv_heads, head_dim) = model.layers.first().map_or((1, model.head_dim), |l| {
+            (l.attention.num_kv_heads, l.attention.head_dim)
+        });
         PoolShape {
             layers: model.num_layers(),
-            kv_heads: attention.num_kv_heads,
-            head_dim: attention.head_dim,
+            kv_heads,
+            head_dim,
             block_size: BLOCK_SIZE,
         }
     }
@@ -121,9 +123,14 @@ impl PagedBatch {
     /// One forward pass over `chunks` (each sequence at most once, each admitted with room for
     /// them); returns the logits of the chunks that asked for them, in order.
     pub fn run(&mut self, model: &LanguageModel, chunks: &[Chunk]) -> Vec<Vec<f32>> {
+        // A chunk of a sequence not (or no longer) admitted is dropped whole, tokens and all.
+        let chunks: Vec<&Chunk> = chunks
+            .iter()
+            .filter(|c| self.seqs.contains_key(&c.seq))
+            .collect();
         let mut at = Vec::new();
         let mut ids = Vec::new();
-        for c in chunks {
+        for c in &chunks {
             if let Some(seq) = self.seqs.get_mut(&c.seq) {
                 let len = seq.len + c.tokens.len();
                 self.pool.grow(seq, len);
@@ -153,7 +160,7 @@ impl PagedBatch {
         let logits = model
             .forward_with(tokens, Some(&mut step), Logits::At(at))
             .logits;
-        for c in chunks {
+        for c in &chunks {
             if let Some(seq) = self.seqs.get_mut(&c.seq) {
                 self.pool.commit(seq, c.tokens);
             }

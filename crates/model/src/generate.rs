@@ -156,7 +156,10 @@ fn sample_all(logits: &[f32], temperature: f64, rng_state: &mut u64) -> Option<u
         return None;
     }
     let inv = (1.0 / temperature) as f32;
-    let weights: Vec<f32> = logits.iter().map(|&l| exp((l - max) * inv)).collect();
+    let weights: Vec<f32> = logits
+        .iter()
+        .map(|&l| crate::kernels::exp((l - max) * inv))
+        .collect();
     let total: f64 = weights.iter().map(|&w| w as f64).sum();
     let mut rng = SplitMix(*rng_state);
     let target = rng.next_f64() * total;
@@ -173,15 +176,6 @@ fn sample_all(logits: &[f32], temperature: f64, rng_state: &mut u64) -> Option<u
         }
     }
     last
-}
-
-/// `e^x`, vectorisable where the CPU kernels are built.
-#[cfg(feature = "flex")]
-use crate::kernels::simd::exp;
-#[cfg(not(feature = "flex"))]
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    x.exp()
 }
 
 /// Continues `prompt` by `opts.max_tokens` tokens. The model attends to at most `opts.window`

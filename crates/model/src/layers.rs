@@ -264,9 +264,7 @@ impl Attention {
         let out = trace::tap("attention.core", out);
         forward_rows(&self.dense, out.swap_dims(1, 2).reshape([b, t, h * d]))
     }
-}
 
-impl Attention {
     /// A whole sequence attending to itself, causally; with attention dropout in training the
     /// scores are built explicitly (the fused op has no dropout).
     fn self_attention(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
@@ -277,29 +275,18 @@ impl Attention {
         let [b, h, t, d] = q.dims();
         let groups = h / self.num_kv_heads;
         let (keys, values) = (repeat_kv(k, groups), repeat_kv(v, groups));
-        let mask = causal_mask(t, t, &q.device());
+        let mask = causal_mask(t, &q.device());
         let scores = q.matmul(keys.swap_dims(2, 3)) / (d as f64).sqrt() + mask.expand([b, h, t, t]);
         self.dropout.forward(softmax(scores, 3)).matmul(values)
     }
 }
 
-/// An additive mask `[1, 1, len, positions]`: query `i` (the last `len` of `positions`) sees
-/// keys up to its own position.
-fn causal_mask(len: usize, positions: usize, device: &Device) -> Tensor<4> {
-    let offset = positions - len;
+/// An additive causal mask `[1, 1, len, len]`: query `i` sees keys `0..=i`.
+fn causal_mask(len: usize, device: &Device) -> Tensor<4> {
     let values: Vec<f32> = (0..len)
-        .flat_map(|i| {
-            (0..positions).map(move |j| {
-                if j <= i + offset {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
+        .flat_map(|i| (0..len).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
-    Tensor::<2>::from_data(TensorData::new(values, [len, positions]), device)
-        .reshape([1, 1, len, positions])
+    Tensor::<2>::from_data(TensorData::new(values, [len, len]), device).reshape([1, 1, len, len])
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.

@@ -14,6 +14,7 @@
 //! attention over it is a Rust kernel ([`paged_attention`]), and the reference path gathers
 //! each sequence's blocks into a tensor for Burn's attention.
 
+use crate::batch::host_f32;
 use crate::cache::{KvStore, Positions};
 use crate::kernels::attention::causal_attention_reference;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -381,10 +382,6 @@ impl<'a> PackedStep<'a> {
     }
 }
 
-fn host(t: Tensor<4>) -> Vec<f32> {
-    crate::batch::host_f32(t)
-}
-
 impl KvStore for PackedStep<'_> {
     fn positions(&self, _len: usize) -> Positions {
         Positions::Tokens(self.tokens.iter().map(|p| p.position).collect())
@@ -397,12 +394,19 @@ impl KvStore for PackedStep<'_> {
         keys: Tensor<4>,
         values: Tensor<4>,
     ) -> Tensor<4> {
-        self.write(layer, &host(keys), &host(values));
+        self.write(layer, &host_f32(keys), &host_f32(values));
         if !crate::kernels::has_kernel(&q.device()) {
             return self.attend_reference(layer, q);
         }
         let [_, h, t, d] = q.dims();
-        let out = paged_attention(&host(q), h, &self.tokens, &self.tables, self.pool, layer);
+        let out = paged_attention(
+            &host_f32(q),
+            h,
+            &self.tokens,
+            &self.tables,
+            self.pool,
+            layer,
+        );
         Tensor::from_data(TensorData::new(out, [1, h, t, d]), &self.device)
     }
 
@@ -485,7 +489,7 @@ impl pulp::WithSimd for OneQuery<'_> {
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut total = 0.0;
         for x in scores.iter_mut() {
-            *x = exp(*x - max);
+            *x = crate::kernels::exp(*x - max);
         }
         for x in &scores {
             total += x;
@@ -504,15 +508,6 @@ impl pulp::WithSimd for OneQuery<'_> {
             }
         }
     }
-}
-
-/// `e^x`, vectorisable where the CPU kernels are built.
-#[cfg(feature = "flex")]
-use crate::kernels::simd::exp;
-#[cfg(not(feature = "flex"))]
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    x.exp()
 }
 
 /// A dot product in eight independent lanes (so the compiler vectorises it).

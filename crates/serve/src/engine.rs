@@ -346,7 +346,14 @@ fn run(
         // Further choices start from the grammar as it was before the first token.
         let snapshots: Vec<Option<Matcher>> = prefilled
             .iter()
-            .map(|&row| active[row].matcher.as_ref().map(Matcher::deep_clone))
+            .map(|&row| {
+                let a = &active[row];
+                let forks = a.job.choices > 1;
+                a.matcher
+                    .as_ref()
+                    .filter(|_| forks)
+                    .map(Matcher::deep_clone)
+            })
             .collect();
         // Sampling (a pass over the vocabulary per row) runs on every core at once.
         let eos = grammars

@@ -76,6 +76,7 @@ pub fn weight_product(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
 mod flex {
     use crate::kernels::bf16_gemm::{matmul, Mat};
+    use crate::kernels::flex_tensor::readable;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
     use burn::backend::autodiff::grads::Gradients;
@@ -103,15 +104,6 @@ mod flex {
     pub fn bf16_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
         let out = <Dispatch as Bf16MatmulOps>::bf16_matmul(x.into_dispatch(), w.into_dispatch());
         Tensor::from_dispatch(out)
-    }
-
-    /// A 2-d tensor with non-negative strides (copied when it has a negative one).
-    fn readable(t: FlexTensor) -> FlexTensor {
-        if t.layout().strides().iter().all(|&s| s >= 0) {
-            t
-        } else {
-            t.to_contiguous()
-        }
     }
 
     /// `t` as a matrix read in place.

@@ -13,6 +13,16 @@ pub fn contiguous(t: FlexTensor) -> FlexTensor {
     }
 }
 
+/// A 2-d tensor with non-negative strides, read in place by the matmul kernels (copied when it
+/// has a negative one).
+pub fn readable(t: FlexTensor) -> FlexTensor {
+    if t.layout().strides().iter().all(|&s| s >= 0) {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
 /// Whether `device`, or the device under its autodiff, is flex.
 pub fn is_flex(device: &Device) -> bool {
     matches!(

@@ -24,6 +24,16 @@ pub mod swiglu;
 
 use std::sync::OnceLock;
 
+/// `e^x` for host loops outside the flex kernels (sampling, paged attention): the vectorisable
+/// polynomial of [`simd::exp`] where the CPU kernels are built, else libm's.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    #[cfg(feature = "flex")]
+    return simd::exp(x);
+    #[cfg(not(feature = "flex"))]
+    return x.exp();
+}
+
 /// Whether the kernels are in use (not `NUWA_KERNELS=reference`), read once per process.
 pub fn kernels_enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();

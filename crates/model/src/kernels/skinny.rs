@@ -119,6 +119,7 @@ impl Strip<'_> {
 }
 
 /// Columns `j0..n` (those past the last full strip), plainly.
+#[cfg(feature = "flex")]
 #[allow(clippy::too_many_arguments)]
 fn rest(
     x: &[f32],
@@ -145,6 +146,7 @@ fn rest(
 #[cfg(feature = "flex")]
 mod flex {
     use super::{rest, Strip, SKINNY_ROWS};
+    use crate::kernels::flex_tensor::readable;
     use burn::backend::flex::{Flex, FlexTensor};
     use burn::backend::tensor::FloatTensor;
     use burn::backend::{backend_extension, Dispatch};
@@ -159,15 +161,6 @@ mod flex {
     pub fn product(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
         let out = <Dispatch as SkinnyOps>::skinny_product(x.into_dispatch(), w.into_dispatch());
         Tensor::from_dispatch(out)
-    }
-
-    /// A 2-d tensor with non-negative strides (copied when it has a negative one).
-    fn readable(t: FlexTensor) -> FlexTensor {
-        if t.layout().strides().iter().all(|&s| s >= 0) {
-            t
-        } else {
-            t.to_contiguous()
-        }
     }
 
     impl SkinnyOps for Flex {
