@@ -134,6 +134,11 @@ pub struct TrainArgs {
     /// Record every rank's parameter hash after each step in metrics.jsonl.
     #[arg(long)]
     hash_params: bool,
+    /// Expert parallelism: ranks per expert-parallel group (each group holds every routed
+    /// expert once, split among its ranks; attention and shared experts stay data-parallel).
+    /// The world's ranks must divide into groups of this size.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    ep: u64,
     /// Test-only fault injection: STEP:RANK kills that rank with SIGKILL during that step.
     #[arg(long, hide = true)]
     fault_kill_at: Option<String>,
@@ -329,16 +334,20 @@ pub fn dist_options(a: &TrainArgs) -> Result<Option<nuwa_train::parallel::DistOp
             throttle_from: a.throttle_from,
         },
         hash_params: a.hash_params,
+        ep: a.ep as usize,
+        placement: None,
     }))
 }
 
 #[cfg(feature = "mpi")]
-pub fn mpi_comm() -> Result<Box<dyn nuwa_train::parallel::Collective>> {
-    Ok(Box::new(nuwa_dist::mpi_comm::MpiCollective::init()?))
+pub fn mpi_comm() -> Result<std::sync::Arc<dyn nuwa_train::parallel::Collective>> {
+    Ok(std::sync::Arc::new(
+        nuwa_dist::mpi_comm::MpiCollective::init()?,
+    ))
 }
 
 #[cfg(not(feature = "mpi"))]
-pub fn mpi_comm() -> Result<Box<dyn nuwa_train::parallel::Collective>> {
+pub fn mpi_comm() -> Result<std::sync::Arc<dyn nuwa_train::parallel::Collective>> {
     bail!("--dist mpi: this nuwa was built without MPI; rebuild with `cargo build --release --features mpi` (needs Open MPI)")
 }
 

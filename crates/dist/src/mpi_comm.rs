@@ -3,11 +3,15 @@
 
 use anyhow::{anyhow, Result};
 use mpi::collective::SystemOperation;
+use mpi::datatype::{Partition, PartitionMut};
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use nuwa_train::parallel::Collective;
 
+/// The communicator. MPI is initialised for one thread at a time (`Threading::Serialized`):
+/// the trainer calls it from its own thread, and from Burn's autodiff backward, which runs on
+/// the thread that called `backward` — never from two threads at once.
 pub struct MpiCollective {
     world: SimpleCommunicator,
     // Finalises MPI when dropped, so it must outlive `world`.
@@ -18,12 +22,32 @@ impl MpiCollective {
     /// Initialises MPI; fails when it was already initialised or nuwa was not started by
     /// `mpirun`-like tooling that MPI understands.
     pub fn init() -> Result<Self> {
-        let universe = mpi::initialize().ok_or_else(|| anyhow!("MPI could not be initialised"))?;
+        let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+            .ok_or_else(|| anyhow!("MPI could not be initialised"))?;
         Ok(Self {
             world: universe.world(),
             _universe: universe,
         })
     }
+}
+
+// SAFETY: see the type's comment — calls are serialised by the training loop, and MPI was
+// initialised with `Threading::Serialized`, which allows calls from any one thread at a time.
+unsafe impl Send for MpiCollective {}
+unsafe impl Sync for MpiCollective {}
+
+/// MPI counts and displacements (`i32`) of consecutive blocks of `counts` values.
+fn partition(counts: &[usize]) -> (Vec<i32>, Vec<i32>) {
+    let counts: Vec<i32> = counts.iter().map(|&c| c as i32).collect();
+    let displs = counts
+        .iter()
+        .scan(0, |at, &c| {
+            let d = *at;
+            *at += c;
+            Some(d)
+        })
+        .collect();
+    (counts, displs)
 }
 
 impl Collective for MpiCollective {
@@ -45,5 +69,14 @@ impl Collective for MpiCollective {
     }
     fn barrier(&self) {
         self.world.barrier();
+    }
+    fn all_to_all_v(&self, send: &[f32], send_counts: &[usize], recv_counts: &[usize]) -> Vec<f32> {
+        let mut recv = vec![0.0f32; recv_counts.iter().sum()];
+        let (sc, sd) = partition(send_counts);
+        let (rc, rd) = partition(recv_counts);
+        let sendbuf = Partition::new(send, &sc[..], &sd[..]);
+        let mut recvbuf = PartitionMut::new(&mut recv[..], &rc[..], &rd[..]);
+        self.world.all_to_all_varcount_into(&sendbuf, &mut recvbuf);
+        recv
     }
 }

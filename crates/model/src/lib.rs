@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod cache;
 pub mod config;
+pub mod expert_parallel;
 pub mod layers;
 pub mod model;
 pub mod moe;

@@ -152,6 +152,9 @@ pub struct Moe {
     /// `mix · logits + (1 − mix) · noise`; 1 means no noise. Set by the trainer every step.
     #[module(skip)]
     pub routing_mix: f64,
+    /// Expert parallelism: `experts` holds this rank's share, the rest live on other ranks.
+    #[module(skip)]
+    pub expert_group: Option<crate::expert_parallel::ExpertGroup>,
 }
 
 impl Moe {
@@ -175,6 +178,7 @@ impl Moe {
             topk_group: cfg.topk_group,
             routed_scaling_factor: cfg.routed_scaling_factor,
             routing_mix: 1.0,
+            expert_group: None,
         }
     }
 
@@ -217,7 +221,8 @@ impl Moe {
     /// `x`: `[tokens, hidden]`.
     pub fn forward_tokens(&self, x: Tensor<2>) -> (Tensor<2>, RouterStats) {
         let [n, hidden] = x.dims();
-        let num_experts = self.experts.len();
+        // Every routed expert, wherever it lives (this rank may hold only some).
+        let num_experts = self.gate.weight.val().dims()[1];
         let device = x.device();
 
         let logits = trace::tap("moe.gate", self.warm_up(self.gate.forward(x.clone())));
@@ -254,7 +259,10 @@ impl Moe {
             .reshape([n * self.top_k])
             .select(0, int_tensor(&all_slots, &device))
             .reshape([all_slots.len(), 1]);
-        let y = self.experts.forward_routed(x.clone(), &tokens) * weight;
+        let y = match &self.expert_group {
+            Some(group) => group.forward_routed(&self.experts, x.clone(), &tokens),
+            None => self.experts.forward_routed(x.clone(), &tokens),
+        } * weight;
         let routed = Tensor::zeros([n, hidden], &device).select_assign(
             0,
             int_tensor(&all_tokens, &device),

@@ -154,3 +154,33 @@ pub fn assign_weights<M: Module>(
     }
     Ok(model)
 }
+
+/// Replaces the float parameters of `model` named in `source` (keeping their ids, so optimiser
+/// state and gradients still find them), whatever their shape was: how expert parallelism
+/// moves experts between ranks. Parameters not named keep their values.
+pub fn replace_weights<M: Module>(model: M, source: &BTreeMap<String, HostTensor>) -> M {
+    struct Replace<'a> {
+        path: ModulePath,
+        source: &'a BTreeMap<String, HostTensor>,
+    }
+    impl ModuleMapper for Replace<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.enter(name);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let (id, tensor, mapper) = param.consume();
+            let value = match self.source.get(&self.path.current()) {
+                Some(host) => host_tensor_like(host.data.clone(), host.shape.clone(), &tensor),
+                None => tensor,
+            };
+            Param::from_mapped_value(id, value, mapper)
+        }
+    }
+    model.map(&mut Replace {
+        path: ModulePath::default(),
+        source,
+    })
+}

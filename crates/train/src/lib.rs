@@ -2,6 +2,7 @@
 //! checkpoints that resume exactly.
 
 pub mod bench;
+pub mod expert;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
 pub mod metrics;

@@ -4,28 +4,18 @@
 //! The communicator itself (MPI) lives in `nuwa-dist`; the trainer only sees [`Collective`], so
 //! the single-process path and every test of the math run without MPI.
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use nuwa_core::proportional_shares;
+use std::collections::HashSet;
 use std::time::Duration;
 
-/// What data-parallel training needs from a communicator. Every rank calls the same
-/// collectives in the same order.
-pub trait Collective {
-    fn rank(&self) -> usize;
-    fn size(&self) -> usize;
-    /// Element-wise sum across ranks, in place.
-    fn all_reduce_sum(&self, buf: &mut [f32]);
-    /// Every rank's `values` (all the same length), concatenated in rank order.
-    fn all_gather(&self, values: &[f64]) -> Vec<f64>;
-    /// Waits for every rank.
-    fn barrier(&self);
-}
+pub use nuwa_core::{Collective, SoloCollective};
 
 /// How one rank takes part in a data-parallel run.
 pub struct DistOptions {
-    pub comm: Box<dyn Collective>,
+    pub comm: std::sync::Arc<dyn Collective>,
     /// Re-balance the shares of the global batch every this many steps (and after the
     /// profiling step, the second: the first is warm-up); 0 keeps the equal split.
     pub rebalance_every: u64,
@@ -43,6 +33,11 @@ pub struct DistOptions {
     pub faults: crate::faults::Faults,
     /// Record a hash of every rank's parameters after each step (costs a host copy).
     pub hash_params: bool,
+    /// Ranks per expert-parallel group (1: every rank holds every expert).
+    pub ep: usize,
+    /// Experts per member of an expert-parallel group, as a plan fixed them (`None`: equal
+    /// at first, then sized by the measured speeds).
+    pub placement: Option<Vec<usize>>,
 }
 
 /// Keeps each rank's expected speed (sequences per second of compute) and its share.
@@ -112,6 +107,8 @@ impl Balancer {
 
 struct Flatten<'a> {
     grads: &'a mut GradientsParams,
+    /// Parameters left out (expert slices, which differ between ranks).
+    skip: &'a HashSet<ParamId>,
     flat: Vec<f32>,
     /// (offset, shape) of each parameter in `flat`, in visiting order.
     layout: Vec<(usize, Vec<usize>)>,
@@ -119,6 +116,9 @@ struct Flatten<'a> {
 
 impl ModuleVisitor for Flatten<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if self.skip.contains(&param.id) {
+            return;
+        }
         let shape = param.lazy_shape().to_vec();
         let n: usize = shape.iter().product();
         let offset = self.flat.len();
@@ -135,6 +135,7 @@ impl ModuleVisitor for Flatten<'_> {
 
 struct Unflatten<'a> {
     flat: &'a [f32],
+    skip: &'a HashSet<ParamId>,
     layout: std::slice::Iter<'a, (usize, Vec<usize>)>,
     grads: GradientsParams,
     device: Device,
@@ -142,6 +143,9 @@ struct Unflatten<'a> {
 
 impl ModuleVisitor for Unflatten<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if self.skip.contains(&param.id) {
+            return;
+        }
         if let Some((offset, shape)) = self.layout.next() {
             let n: usize = shape.iter().product();
             let data = TensorData::new(self.flat[*offset..offset + n].to_vec(), shape.clone());
@@ -156,16 +160,19 @@ impl ModuleVisitor for Unflatten<'_> {
 pub const BUCKET_ELEMENTS: usize = 1 << 22;
 
 /// Sums gradients across ranks through host memory, in fp32 and in fixed-size buckets, so
-/// devices of any vendor can take part. Returns the seconds spent in the collectives.
+/// devices of any vendor can take part; the parameters in `skip` keep their own gradients.
+/// Returns the seconds spent in the collectives.
 pub fn all_reduce_gradients<M: Module>(
     model: &M,
     grads: GradientsParams,
     comm: &dyn Collective,
+    skip: &HashSet<ParamId>,
     device: &Device,
 ) -> (GradientsParams, f64) {
     let mut grads = grads;
     let mut f = Flatten {
         grads: &mut grads,
+        skip,
         flat: Vec::new(),
         layout: Vec::new(),
     };
@@ -178,8 +185,10 @@ pub fn all_reduce_gradients<M: Module>(
     let comm_s = started.elapsed().as_secs_f64();
     let mut u = Unflatten {
         flat: &flat,
+        skip,
         layout: layout.iter(),
-        grads: GradientsParams::new(),
+        // What was skipped stays as it was.
+        grads,
         device: device.clone(),
     };
     model.visit(&mut u);
@@ -270,23 +279,6 @@ impl Watchdog {
         self.entered_ms
             .store(0, std::sync::atomic::Ordering::SeqCst);
     }
-}
-
-/// The single-process "communicator": sums and gathers over one rank.
-pub struct SoloCollective;
-
-impl Collective for SoloCollective {
-    fn rank(&self) -> usize {
-        0
-    }
-    fn size(&self) -> usize {
-        1
-    }
-    fn all_reduce_sum(&self, _: &mut [f32]) {}
-    fn all_gather(&self, values: &[f64]) -> Vec<f64> {
-        values.to_vec()
-    }
-    fn barrier(&self) {}
 }
 
 #[cfg(test)]

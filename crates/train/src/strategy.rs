@@ -3,14 +3,18 @@
 //! micro-batch sized by its measured speed, all-reduces the gradients and watches for hung
 //! and straggling ranks. Expert and pipeline parallelism are further implementations.
 
+use crate::optim::AdamW;
 use crate::parallel::{
     all_reduce_gradients, gather_hashes, parameter_hash, Balancer, Collective, DistOptions,
     Watchdog,
 };
 use crate::step::{GlobalBatch, LocalStep, Rows};
+use anyhow::{bail, Result};
 use burn::optim::GradientsParams;
 use burn::tensor::Device;
+use nuwa_model::expert_parallel::{ExpertGroup, Placement};
 use nuwa_model::LanguageModel;
+use nuwa_run::checkpoint::Snapshot;
 use nuwa_run::RunConfig;
 use serde_json::{json, Map, Value};
 use std::time::Instant;
@@ -41,7 +45,41 @@ pub trait Parallelism {
     /// end of a step, rather than this one at once).
     fn is_distributed(&self) -> bool;
     /// The run is set up (resumed at `start_step`, with `cfg`): plan the coming steps.
-    fn start(&mut self, _cfg: &RunConfig, _start_step: u64) {}
+    fn start(&mut self, _cfg: &RunConfig, _start_step: u64) -> Result<()> {
+        Ok(())
+    }
+    /// The model (and optimiser) as set up whole: keep this process's part of it. `device`
+    /// is the plain device (the optimiser's state lives there).
+    fn prepare(
+        &mut self,
+        model: LanguageModel,
+        _opt: &mut AdamW,
+        _device: &Device,
+    ) -> LanguageModel {
+        model
+    }
+    /// Each process holds a different part of the model: every process evaluates and takes
+    /// part in gathering each checkpoint.
+    fn shards_model(&self) -> bool {
+        false
+    }
+    /// The whole model's gradient norm.
+    fn grad_norm(&self, model: &LanguageModel, grads: &GradientsParams) -> f64 {
+        crate::optim::grad_norm(model, grads)
+    }
+    /// Makes `snapshot` whole (each process's parts gathered); collective when
+    /// [`Parallelism::shards_model`].
+    fn gather_snapshot(&self, _snapshot: &mut Snapshot) {}
+    /// After the update: re-place work between processes if the last measurements asked for
+    /// it (collective).
+    fn after_step(
+        &mut self,
+        model: LanguageModel,
+        _opt: &mut AdamW,
+        _device: &Device,
+    ) -> LanguageModel {
+        model
+    }
     /// Waits for every process (rank 0 writes shared files first).
     fn barrier(&self);
     /// This process's rows of every micro-batch of the coming step.
@@ -77,8 +115,9 @@ impl Parallelism for SingleProcess {
         false
     }
     fn barrier(&self) {}
-    fn start(&mut self, cfg: &RunConfig, _start_step: u64) {
+    fn start(&mut self, cfg: &RunConfig, _start_step: u64) -> Result<()> {
         self.batch_size = cfg.train.batch_size;
+        Ok(())
     }
     fn rows(&self) -> Rows {
         Rows {
@@ -131,6 +170,10 @@ pub struct DataParallel {
     mtp_layers: usize,
     start_step: u64,
     device: Device,
+    /// Expert parallelism, when the layout has it (`ep` > 1 and a MoE model).
+    experts_group: Option<ExpertGroup>,
+    /// A new placement measured at the last step, applied after its update.
+    pending_placement: Option<Placement>,
 }
 
 impl DataParallel {
@@ -147,8 +190,29 @@ impl DataParallel {
             mtp_layers: 0,
             start_step: 0,
             device: device.clone(),
+            experts_group: None,
+            pending_placement: None,
             opts,
         }
+    }
+
+    /// The placement the measured speeds ask for, when it differs from the current one (each
+    /// member's speed is the mean of its replicas').
+    fn measured_placement(&self) -> Option<Placement> {
+        let group = self.experts_group.as_ref()?;
+        if self.opts.placement.is_some() || self.opts.rebalance_every == 0 {
+            return None; // fixed by the plan, or the naive baseline
+        }
+        let speeds = &self.balancer.speeds;
+        let mut member = vec![0.0; group.ep];
+        for (r, s) in speeds.iter().enumerate() {
+            member[r % group.ep] += s.unwrap_or(0.0) / group.replicas() as f64;
+        }
+        if member.iter().any(|&s| s <= 0.0) {
+            return None;
+        }
+        let placement = Placement::proportional(group.placement.experts(), &member);
+        (placement != group.placement).then_some(placement)
     }
 
     /// Every rank's tokens per expert over the step, summed, per MoE layer (a rank with no
@@ -209,7 +273,7 @@ impl Parallelism for DataParallel {
         self.comm().barrier();
     }
 
-    fn start(&mut self, cfg: &RunConfig, start_step: u64) {
+    fn start(&mut self, cfg: &RunConfig, start_step: u64) -> Result<()> {
         let t = &cfg.train;
         let ranks = self.comm().size();
         let moe_layers = (0..cfg.model.num_hidden_layers)
@@ -227,11 +291,71 @@ impl Parallelism for DataParallel {
         self.balancer = Balancer::new(t.batch_size, ranks, &self.opts.max_seqs);
         self.batch_size = t.batch_size;
         self.start_step = start_step;
+        let ep = self.opts.ep;
+        if ep > 1 {
+            if !cfg.model.is_moe() {
+                bail!("--ep {ep}: expert parallelism needs a MoE model (this one is dense)");
+            }
+            check_expert_layout(ep, ranks, cfg.model.num_experts, t.batch_size)?;
+            let placement = match &self.opts.placement {
+                Some(counts) => Placement {
+                    counts: counts.clone(),
+                },
+                None => Placement::equal(cfg.model.num_experts, ep),
+            };
+            let group = ExpertGroup::new(self.opts.comm.clone(), ep, placement);
+            self.experts_group = Some(group);
+        }
+        Ok(())
+    }
+
+    fn prepare(&mut self, model: LanguageModel, opt: &mut AdamW, device: &Device) -> LanguageModel {
+        match &self.experts_group {
+            Some(group) => {
+                crate::expert::slice_optimizer(opt, group, device);
+                model.shard_experts(group)
+            }
+            None => model,
+        }
+    }
+
+    fn shards_model(&self) -> bool {
+        self.experts_group.is_some()
+    }
+
+    fn grad_norm(&self, model: &LanguageModel, grads: &GradientsParams) -> f64 {
+        match &self.experts_group {
+            Some(group) => crate::expert::grad_norm(model, grads, group),
+            None => crate::optim::grad_norm(model, grads),
+        }
+    }
+
+    fn gather_snapshot(&self, snapshot: &mut Snapshot) {
+        if let Some(group) = &self.experts_group {
+            crate::expert::gather_experts(&mut snapshot.weights, group);
+            crate::expert::gather_experts(&mut snapshot.optimizer, group);
+        }
+    }
+
+    fn after_step(
+        &mut self,
+        model: LanguageModel,
+        opt: &mut AdamW,
+        device: &Device,
+    ) -> LanguageModel {
+        let (Some(new), Some(old)) = (self.pending_placement.take(), &self.experts_group) else {
+            return model;
+        };
+        let group = ExpertGroup::new(self.opts.comm.clone(), old.ep, new);
+        let model = crate::expert::replace_experts(model, opt, &group, device);
+        self.experts_group = Some(group);
+        model
     }
 
     fn rows(&self) -> Rows {
         let shares = &self.balancer.shares;
         let rank = self.rank();
+        debug_assert!(self.experts_group.is_none() || shares.iter().all(|&s| s > 0));
         Rows {
             first: shares[..rank].iter().sum(),
             count: shares[rank],
@@ -263,6 +387,13 @@ impl Parallelism for DataParallel {
         mut local: LocalStep,
         stop: bool,
     ) -> (GradientsParams, ReducedStep) {
+        // Time in exchanges (expert parallelism) is waiting and moving rows, not this rank's
+        // compute: it is reported apart, and speeds are measured without it.
+        let a2a_s = self
+            .experts_group
+            .as_ref()
+            .map_or(0.0, |g| g.take_exchange_seconds());
+        local.compute_s = (local.compute_s - a2a_s).max(0.0);
         #[cfg(feature = "fault-injection")]
         {
             local.compute_s = self
@@ -275,7 +406,17 @@ impl Parallelism for DataParallel {
         let waited = Instant::now();
         self.comm().barrier();
         let wait_s = waited.elapsed().as_secs_f64();
-        let (grads, comm_s) = all_reduce_gradients(model, local.grads, self.comm(), &self.device);
+        let skip = match &self.experts_group {
+            Some(_) => model.expert_param_ids(),
+            None => Default::default(),
+        };
+        let (mut grads, mut comm_s) =
+            all_reduce_gradients(model, local.grads, self.comm(), &skip, &self.device);
+        if let Some(group) = &self.experts_group {
+            let started = Instant::now();
+            crate::expert::reduce_expert_grads(model, &mut grads, group, &self.device);
+            comm_s += started.elapsed().as_secs_f64();
+        }
         let mine = [
             local.ce,
             local.load_balance.unwrap_or(0.0),
@@ -286,12 +427,14 @@ impl Parallelism for DataParallel {
             local.rows as f64,
             stop as u8 as f64,
             local.mtp_loss.unwrap_or(0.0),
+            a2a_s,
         ];
         let all = self.comm().all_gather(&mine);
         let expert_load = self.global_load(&local.step_load);
         self.watchdog.leave();
         let col = |i: usize| -> Vec<f64> { all.chunks(mine.len()).map(|c| c[i]).collect() };
         let (computes, waits, comms, seqs) = (col(3), col(4), col(5), col(6));
+        let a2a = col(9);
         let (slow_now, stragglers, notes) = self.stragglers(step, &computes);
         // A process's first step is warm-up (first allocations, page faults) and says
         // little about its speed: the profile is the second step, planned on at once.
@@ -304,17 +447,26 @@ impl Parallelism for DataParallel {
         if every > 0 && due {
             self.balancer
                 .rebalance(self.batch_size, &self.opts.max_seqs);
+            if self.experts_group.is_some() {
+                // Every rank takes part in every exchange, so each needs a row.
+                at_least_one_each(&mut self.balancer.shares);
+                self.pending_placement = self.measured_placement();
+            }
         }
         let ranks: Vec<Value> = (0..computes.len())
             .map(|r| {
                 json!({"rank": r, "seqs": seqs[r], "compute_s": computes[r],
-                       "wait_s": waits[r], "comm_s": comms[r]})
+                       "wait_s": waits[r], "comm_s": comms[r], "a2a_s": a2a[r]})
             })
             .collect();
-        let metrics = json!({
+        let mut metrics = json!({
             "ranks": ranks, "stragglers": stragglers, "compute_s": local.compute_s,
             "wait_s": wait_s, "comm_s": comm_s,
         });
+        if let Some(group) = &self.experts_group {
+            metrics["a2a_s"] = json!(a2a_s);
+            metrics["expert_placement"] = json!(group.placement.counts);
+        }
         // A rank with no rows this step has no router losses of its own, yet the batch does.
         let is_moe = self.moe.is_some() || local.load_balance.is_some();
         let totals = ReducedStep {
@@ -337,5 +489,33 @@ impl Parallelism for DataParallel {
             let hex: Vec<String> = hashes.iter().map(|h| format!("{h:016x}")).collect();
             metrics.insert("param_hashes".into(), json!(hex));
         }
+    }
+}
+
+/// Refuses an expert-parallel layout that cannot run, naming what does not divide.
+pub fn check_expert_layout(ep: usize, ranks: usize, experts: usize, batch: usize) -> Result<()> {
+    if ranks % ep != 0 {
+        bail!("--ep {ep}: the {ranks} rank(s) do not divide into expert-parallel groups of {ep}");
+    }
+    if experts < ep {
+        bail!("--ep {ep}: the model has {experts} routed experts, fewer than the group's {ep} ranks (each must own one)");
+    }
+    if batch < ranks {
+        bail!("--batch-size {batch}: expert parallelism needs at least one sequence per rank ({ranks} ranks)");
+    }
+    Ok(())
+}
+
+/// Moves one row from the largest shares to any empty one.
+fn at_least_one_each(shares: &mut [usize]) {
+    while let Some(empty) = shares.iter().position(|&s| s == 0) {
+        let Some(largest) = (0..shares.len()).max_by_key(|&r| shares[r]) else {
+            return;
+        };
+        if shares[largest] <= 1 {
+            return;
+        }
+        shares[largest] -= 1;
+        shares[empty] += 1;
     }
 }

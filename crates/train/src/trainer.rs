@@ -2,7 +2,7 @@
 //! combination across processes, the optimiser update, metrics, evaluation, checkpoints.
 
 use crate::metrics::plot_losses;
-use crate::optim::{grad_norm, AdamW};
+use crate::optim::AdamW;
 use crate::parallel::DistOptions;
 use crate::setup::{open_session, Session};
 use crate::step::{evaluate, local_step};
@@ -153,7 +153,7 @@ fn progress_bar(show: bool, steps: u64, start: u64) -> ProgressBar {
 
 /// Saves the session's state after `step` optimiser steps (rank 0 only): copies it to host
 /// memory and hands it to the writer. Returns the seconds the step was held up.
-fn save(s: &mut Session, step: u64) -> Result<f64> {
+fn save(s: &mut Session, strategy: &dyn Parallelism, step: u64) -> Result<f64> {
     let start = Instant::now();
     let state = TrainerState {
         step,
@@ -165,7 +165,8 @@ fn save(s: &mut Session, step: u64) -> Result<f64> {
         spikes: s.spikes.clone(),
         data: Some(DataRecord::of(&s.data)),
     };
-    let snapshot = Snapshot::take(&s.model, s.opt.to_host(), state)?;
+    let mut snapshot = Snapshot::take(&s.model, s.opt.to_host(), state)?;
+    strategy.gather_snapshot(&mut snapshot);
     if let Some(writer) = s.writer.as_mut() {
         writer.submit(snapshot)?;
     }
@@ -237,9 +238,8 @@ fn update(
     opt: &mut AdamW,
     grads: GradientsParams,
     lr: f64,
-    clip: f64,
+    (norm, clip): (f64, f64),
 ) -> Result<(LanguageModel, f64)> {
-    let norm = grad_norm(&model, &grads);
     if !norm.is_finite() {
         // Applied, it would poison every weight: stop with the last good checkpoint.
         bail!("the gradient norm is {norm}");
@@ -270,27 +270,30 @@ fn routing_mix(t: &nuwa_run::TrainConfig, done: u64) -> Option<f64> {
 /// verdict's learning rate. Returns the session, the learning rate applied and the gradient norm.
 fn apply_verdict(
     mut s: Session,
-    grads: GradientsParams,
+    (grads, norm): (GradientsParams, f64),
     verdict: Verdict,
     lr: f64,
     done: u64,
 ) -> Result<(Session, f64, f64)> {
     let lr = match verdict {
-        Verdict::Skip => {
-            let norm = grad_norm(&s.model, &grads);
-            return Ok((s, 0.0, norm));
-        }
+        Verdict::Skip => return Ok((s, 0.0, norm)),
         Verdict::LowerLr(scale) => lr * scale,
         Verdict::Accept => lr,
     };
     let kept = checkpoint::checkpoints_dir(&s.run);
-    let (model, norm) =
-        update(s.model, &mut s.opt, grads, lr, s.cfg.train.grad_clip).map_err(|e| {
-            e.context(format!(
-                "step {done}: stopping without an update (last good checkpoint kept in {})",
-                kept.display()
-            ))
-        })?;
+    let (model, norm) = update(
+        s.model,
+        &mut s.opt,
+        grads,
+        lr,
+        (norm, s.cfg.train.grad_clip),
+    )
+    .map_err(|e| {
+        e.context(format!(
+            "step {done}: stopping without an update (last good checkpoint kept in {})",
+            kept.display()
+        ))
+    })?;
     s.model = model;
     Ok((s, lr, norm))
 }
@@ -345,7 +348,8 @@ fn train_step(
         retried,
         data_cursor,
     );
-    let (mut s, lr, norm) = apply_verdict(s, grads, verdict, lr, done)?;
+    let norm = strategy.grad_norm(&s.model, &grads);
+    let (mut s, lr, norm) = apply_verdict(s, (grads, norm), verdict, lr, done)?;
     // Aux-loss-free balancing: every rank applies the same global load, so biases stay equal.
     let bias_max = match t.expert_bias_update_rate > 0.0 && verdict != Verdict::Skip {
         true => s
@@ -406,8 +410,11 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
     };
     let is_main = strategy.rank() == 0;
     let mut s = open_session(&opts, strategy.as_ref())?;
-    strategy.start(&s.cfg, s.start_step);
+    strategy.start(&s.cfg, s.start_step)?;
     let (t, device) = (s.cfg.train.clone(), opts.device.clone().autodiff());
+    s.model = strategy.prepare(s.model, &mut s.opt, &opts.device);
+    // Every process evaluates and saves when each holds a different part of the model.
+    let shared_work = is_main || strategy.shards_model();
     let bar = progress_bar(opts.show_progress && is_main, t.steps, s.start_step);
     let (mut records, mut last_val, mut interrupted) = (Vec::new(), None, false);
     // The newest step with a checkpoint (a resumed run starts at one).
@@ -428,11 +435,12 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
             opts.step_hook.as_deref_mut(),
         )?;
         s = next;
+        s.model = strategy.after_step(s.model, &mut s.opt, &opts.device);
         let loss = step.record.loss;
         for note in step.totals.notes.iter().filter(|_| is_main) {
             bar.println(note);
         }
-        if is_main && (done % t.eval_every.max(1) == 0 || done == t.steps) {
+        if shared_work && (done % t.eval_every.max(1) == 0 || done == t.steps) {
             let val = evaluate(&s.model.valid(), &s.evals, &opts.device);
             if !val.is_finite() {
                 bail!("step {done}: validation loss is {val}; stopping (no checkpoint of it is written)");
@@ -444,8 +452,8 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
             ));
         }
         let checkpoint_due = done % t.checkpoint_every.max(1) == 0 || done == t.steps;
-        if is_main && (checkpoint_due || step.totals.stop) {
-            let blocked = save(&mut s, done)?;
+        if shared_work && (checkpoint_due || step.totals.stop) {
+            let blocked = save(&mut s, strategy.as_ref(), done)?;
             saved = Some(done);
             step.metrics
                 .insert("checkpoint_blocked_seconds".into(), json!(blocked));
@@ -472,10 +480,10 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
         }
     }
     bar.finish_and_clear();
-    if interrupted && is_main {
+    if interrupted && shared_work {
         let step = records.last().map_or(s.start_step, |r| r.step);
         if saved != Some(step) {
-            save(&mut s, step)?;
+            save(&mut s, strategy.as_ref(), step)?;
         }
     }
     if let Some(writer) = s.writer.as_mut() {

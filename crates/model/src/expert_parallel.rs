@@ -1,0 +1,440 @@
+//! Expert parallelism: the routed experts of every MoE layer split across the members of an
+//! expert-parallel (EP) group, each token sent to the ranks that own its experts and the
+//! outputs sent back (Megatron's all-to-all token dispatcher, in host memory so ranks on any
+//! backend can take part).
+//!
+//! The world's ranks form `world / ep` groups of `ep` consecutive ranks; every group holds all
+//! experts, split the same way ([`Placement`]: contiguous ranges, sized by each member's speed),
+//! and the attention, router and shared experts are replicated (data-parallel). Within a
+//! layer, rank `r`:
+//! 1. routes its own tokens, and all ranks share their tokens-per-expert counts (one gather);
+//! 2. sends each (token, expert) row to the expert's owner in its group — rows sorted by
+//!    expert are already sorted by owner, the ranges being contiguous ([`exchange`], an
+//!    all-to-all(v));
+//! 3. runs its experts on what it received, grouped by expert;
+//! 4. sends the outputs back the way they came (the same exchange, counts reversed), where they
+//!    are weighted and summed into their tokens as in one process.
+//!
+//! The exchange is an autodiff op whose backward is the reverse exchange, so gradients cross
+//! ranks inside one `backward()` call. Every rank's exchanges lie on one chain (layer after
+//! layer), so backward meets them in the same order on every rank, as the collectives need.
+
+use crate::moe::Experts;
+use burn::tensor::{Int, Tensor, TensorData};
+use nuwa_core::Collective;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How many routed experts each member of an EP group owns, member after member, in
+/// contiguous ranges: member `m` owns experts `counts[..m].sum() .. counts[..=m].sum()`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Placement {
+    pub counts: Vec<usize>,
+}
+
+impl Placement {
+    /// `experts` split as equally as they go (the first members take the remainder).
+    pub fn equal(experts: usize, members: usize) -> Self {
+        Self::proportional(experts, &vec![1.0; members])
+    }
+
+    /// `experts` split in proportion to `speeds` (tokens per second each member's experts can
+    /// process), every member owning at least one.
+    pub fn proportional(experts: usize, speeds: &[f64]) -> Self {
+        let members = speeds.len();
+        let spare = experts.saturating_sub(members);
+        let mut counts = nuwa_core::proportional_shares(spare, speeds, &[]);
+        counts.iter_mut().for_each(|c| *c += 1);
+        Self { counts }
+    }
+
+    pub fn experts(&self) -> usize {
+        self.counts.iter().sum()
+    }
+
+    pub fn members(&self) -> usize {
+        self.counts.len()
+    }
+
+    /// The experts member `m` owns.
+    pub fn range(&self, m: usize) -> Range<usize> {
+        let start: usize = self.counts[..m].iter().sum();
+        start..start + self.counts[m]
+    }
+
+    /// The member that owns `expert`.
+    pub fn owner(&self, expert: usize) -> usize {
+        let mut end = 0;
+        for (m, &c) in self.counts.iter().enumerate() {
+            end += c;
+            if expert < end {
+                return m;
+            }
+        }
+        self.counts.len().saturating_sub(1)
+    }
+}
+
+/// This rank's place in expert parallelism, shared by every MoE layer of its model.
+#[derive(Clone)]
+pub struct ExpertGroup {
+    pub comm: Arc<dyn Collective>,
+    /// Ranks per EP group.
+    pub ep: usize,
+    pub placement: Placement,
+    /// Nanoseconds spent inside exchanges (forward and backward) since the last
+    /// [`ExpertGroup::take_exchange_seconds`].
+    exchange_ns: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for ExpertGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExpertGroup")
+            .field("rank", &self.comm.rank())
+            .field("ep", &self.ep)
+            .field("placement", &self.placement)
+            .finish()
+    }
+}
+
+impl ExpertGroup {
+    /// `comm`'s ranks in groups of `ep`; `placement` has one entry per member.
+    pub fn new(comm: Arc<dyn Collective>, ep: usize, placement: Placement) -> Self {
+        Self {
+            comm,
+            ep,
+            placement,
+            exchange_ns: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// This rank's position in its group.
+    pub fn member(&self) -> usize {
+        self.comm.rank() % self.ep
+    }
+
+    /// The world rank of member 0 of this rank's group.
+    fn first(&self) -> usize {
+        self.comm.rank() / self.ep * self.ep
+    }
+
+    /// How many groups hold each expert (the data-parallel degree of the experts).
+    pub fn replicas(&self) -> usize {
+        self.comm.size() / self.ep
+    }
+
+    /// The experts this rank owns.
+    pub fn local_experts(&self) -> Range<usize> {
+        self.placement.range(self.member())
+    }
+
+    /// Seconds spent in exchanges since the last call (waiting for peers included).
+    pub fn take_exchange_seconds(&self) -> f64 {
+        self.exchange_ns.swap(0, Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// Rows of `[n, hidden]` per world rank, the same exchange for every column.
+    fn exchange(&self, x: Tensor<2>, send_rows: Vec<usize>, recv_rows: Vec<usize>) -> Tensor<2> {
+        let route = Route {
+            comm: self.comm.clone(),
+            send_rows,
+            recv_rows,
+            clock: self.exchange_ns.clone(),
+        };
+        exchange(x, route)
+    }
+
+    /// The routed experts on this rank's tokens, wherever the experts live: `tokens[e]` are the
+    /// rows of `x` `[tokens, hidden]` routed to (global) expert `e`. Returns one output row per
+    /// (expert, token) pair, expert after expert — what `Experts::forward_routed` returns in
+    /// one process. `experts` holds this rank's experts only.
+    pub fn forward_routed(
+        &self,
+        experts: &Experts,
+        x: Tensor<2>,
+        tokens: &[Vec<i64>],
+    ) -> Tensor<2> {
+        let device = x.device();
+        let (world, num_experts) = (self.comm.size(), tokens.len());
+        // Every rank's tokens per expert: what each sends and receives follows from it.
+        let mine: Vec<f64> = tokens.iter().map(|t| t.len() as f64).collect();
+        let counts: Vec<usize> = self
+            .comm
+            .all_gather(&mine)
+            .iter()
+            .map(|&c| c as usize)
+            .collect();
+        let count = |rank: usize, expert: usize| counts[rank * num_experts + expert];
+        let (first, me) = (self.first(), self.comm.rank());
+        let mut send_rows = vec![0; world];
+        for (e, t) in tokens.iter().enumerate() {
+            send_rows[first + self.placement.owner(e)] += t.len();
+        }
+        let local = self.local_experts();
+        let mut recv_rows = vec![0; world];
+        for (member, rows) in recv_rows[first..first + self.ep].iter_mut().enumerate() {
+            *rows = local.clone().map(|e| count(first + member, e)).sum();
+        }
+        // Received rows come source after source, each source's expert after expert; the
+        // experts want them expert after expert.
+        let mut by_expert: Vec<Vec<i64>> = vec![Vec::new(); local.len()];
+        let mut row = 0i64;
+        for member in 0..self.ep {
+            for (j, e) in local.clone().enumerate() {
+                let n = count(first + member, e) as i64;
+                by_expert[j].extend(row..row + n);
+                row += n;
+            }
+        }
+        debug_assert_eq!(me / self.ep * self.ep, first);
+        let sent = x.select(0, int_tensor(&tokens.concat(), &device));
+        let received = self.exchange(sent, send_rows.clone(), recv_rows.clone());
+        let outputs = if row == 0 {
+            received // nothing to compute; still on the graph, so backward exchanges too
+        } else {
+            // Back from expert-after-expert to the order the rows arrived in.
+            let order = by_expert.concat();
+            let mut inverse = vec![0i64; order.len()];
+            for (at, &r) in order.iter().enumerate() {
+                inverse[r as usize] = at as i64;
+            }
+            experts
+                .forward_routed(received, &by_expert)
+                .select(0, int_tensor(&inverse, &device))
+        };
+        self.exchange(outputs, recv_rows, send_rows)
+    }
+}
+
+fn int_tensor(values: &[i64], device: &burn::tensor::Device) -> Tensor<1, Int> {
+    Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), device)
+}
+
+/// One all-to-all(v) of rows: `send_rows[r]` rows go to rank `r`, `recv_rows[r]` come from it.
+#[derive(Clone)]
+pub struct Route {
+    comm: Arc<dyn Collective>,
+    send_rows: Vec<usize>,
+    recv_rows: Vec<usize>,
+    clock: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("send_rows", &self.send_rows)
+            .field("recv_rows", &self.recv_rows)
+            .finish()
+    }
+}
+
+impl Route {
+    /// The same exchange the other way: what was received goes back where it came from.
+    fn reversed(&self) -> Self {
+        Self {
+            send_rows: self.recv_rows.clone(),
+            recv_rows: self.send_rows.clone(),
+            ..self.clone()
+        }
+    }
+
+    /// Exchanges host rows of `cols` values.
+    fn run(&self, values: &[f32], cols: usize) -> Vec<f32> {
+        let started = Instant::now();
+        let elements = |rows: &[usize]| rows.iter().map(|r| r * cols).collect::<Vec<_>>();
+        let out = self.comm.all_to_all_v(
+            values,
+            &elements(&self.send_rows),
+            &elements(&self.recv_rows),
+        );
+        let ns = started.elapsed().as_nanos() as u64;
+        self.clock.fetch_add(ns, Ordering::Relaxed);
+        out
+    }
+
+    fn received(&self) -> usize {
+        self.recv_rows.iter().sum()
+    }
+}
+
+/// The exchange as a tensor op: `x` `[Σ send_rows, cols]` → `[Σ recv_rows, cols]`.
+pub fn exchange(x: Tensor<2>, route: Route) -> Tensor<2> {
+    ops::exchange(x, route)
+}
+
+mod ops {
+    use super::Route;
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+    use burn::backend::autodiff::Autodiff;
+    use burn::backend::tensor::FloatTensor;
+    use burn::backend::{backend_extension, Backend, Dispatch, TensorMetadata};
+    use burn::tensor::{Tensor, TensorData};
+
+    #[backend_extension(Flex: cfg(feature = "flex"), Autodiff)]
+    pub trait ExchangeOps: Backend {
+        fn exchange_rows(x: FloatTensor<Self>, route: Route) -> FloatTensor<Self>;
+    }
+
+    pub fn exchange(x: Tensor<2>, route: Route) -> Tensor<2> {
+        Tensor::from_dispatch(<Dispatch as ExchangeOps>::exchange_rows(
+            x.into_dispatch(),
+            route,
+        ))
+    }
+
+    /// Through host memory, so any backend can take part.
+    fn host_exchange<B: Backend>(x: FloatTensor<B>, route: &Route) -> FloatTensor<B> {
+        let device = x.device();
+        let cols = x.shape().dims::<2>()[1];
+        let data = burn::tensor::try_read_sync(B::float_into_data(x))
+            .and_then(Result::ok)
+            .map(|d| d.iter::<f32>().collect::<Vec<f32>>())
+            .unwrap_or_default();
+        let out = route.run(&data, cols);
+        B::float_from_data(TensorData::new(out, [route.received(), cols]), &device)
+    }
+
+    #[cfg(feature = "flex")]
+    impl ExchangeOps for burn::backend::flex::Flex {
+        fn exchange_rows(x: FloatTensor<Self>, route: Route) -> FloatTensor<Self> {
+            host_exchange::<Self>(x, &route)
+        }
+    }
+
+    impl<B: ExchangeOps, C: CheckpointStrategy> ExchangeOps for Autodiff<B, C> {
+        fn exchange_rows(x: FloatTensor<Self>, route: Route) -> FloatTensor<Self> {
+            #[derive(Debug)]
+            struct ExchangeBackward;
+
+            impl<B: ExchangeOps> Backward<B, 1> for ExchangeBackward {
+                type State = Route;
+
+                fn backward(
+                    self,
+                    ops: Ops<Self::State, 1>,
+                    grads: &mut Gradients,
+                    _: &mut Checkpointer,
+                ) {
+                    let [node] = ops.parents;
+                    let dy = grads.consume::<B>(&ops.node);
+                    // The exchange is a permutation of rows across ranks: its adjoint sends
+                    // each row's gradient back where the row came from.
+                    let dx = B::exchange_rows(dy, ops.state.reversed());
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, dx);
+                    }
+                }
+            }
+
+            match ExchangeBackward
+                .prepare::<C>([x.node()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => {
+                    let out = B::exchange_rows(x.into_primitive(), route.clone());
+                    prep.finish(route, out)
+                }
+                OpsKind::UnTracked(prep) => {
+                    prep.finish(B::exchange_rows(x.into_primitive(), route))
+                }
+            }
+        }
+    }
+}
+
+/// Whether `name` (a parameter path, or an optimiser-state name built on one) is a routed
+/// expert weight, stacked `[experts, ..]`: the tensors expert parallelism splits.
+pub fn is_routed_expert(name: &str) -> bool {
+    let param = name
+        .strip_suffix(".exp_avg_sq")
+        .or_else(|| name.strip_suffix(".exp_avg"))
+        .unwrap_or(name);
+    ["gate_proj", "up_proj", "down_proj"]
+        .iter()
+        .any(|w| param.ends_with(&format!(".moe.experts.{w}")))
+}
+
+impl crate::LanguageModel {
+    /// Every MoE layer, the decoder's first and the MTP layers' after.
+    pub fn moe_layers_mut(&mut self) -> impl Iterator<Item = &mut crate::moe::Moe> {
+        let mtp = self.mtp_layers.iter_mut().map(|m| &mut m.decoder);
+        self.layers
+            .iter_mut()
+            .chain(mtp)
+            .filter_map(|l| l.moe.as_mut())
+    }
+
+    pub fn moe_layers(&self) -> impl Iterator<Item = &crate::moe::Moe> {
+        let mtp = self.mtp_layers.iter().map(|m| &m.decoder);
+        self.layers.iter().chain(mtp).filter_map(|l| l.moe.as_ref())
+    }
+
+    /// Keeps of every MoE layer only the experts `group` gives this rank, and sends the rest
+    /// of its tokens to their owners from now on. The model must hold every expert.
+    pub fn shard_experts(mut self, group: &ExpertGroup) -> Self {
+        let local = group.local_experts();
+        for moe in self.moe_layers_mut() {
+            let narrow = |p: burn::module::Param<Tensor<3>>| {
+                p.map(|t| {
+                    let tracked = t.is_require_grad();
+                    let part = t.narrow(0, local.start, local.len()).detach();
+                    if tracked {
+                        part.require_grad()
+                    } else {
+                        part
+                    }
+                })
+            };
+            let e = &mut moe.experts;
+            let (g, u, d) = (e.gate_proj.clone(), e.up_proj.clone(), e.down_proj.clone());
+            e.gate_proj = narrow(g);
+            e.up_proj = narrow(u);
+            e.down_proj = narrow(d);
+            moe.expert_group = Some(group.clone());
+        }
+        self
+    }
+
+    /// The ids of the routed expert weights (which expert parallelism does not all-reduce).
+    pub fn expert_param_ids(&self) -> std::collections::HashSet<burn::module::ParamId> {
+        self.moe_layers()
+            .flat_map(|m| {
+                let e = &m.experts;
+                [e.gate_proj.id, e.up_proj.id, e.down_proj.id]
+            })
+            .collect()
+    }
+
+    /// The expert-parallel group the model runs in, if any.
+    pub fn expert_group(&self) -> Option<&ExpertGroup> {
+        self.moe_layers().find_map(|m| m.expert_group.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placements_cover_every_expert_once() {
+        let p = Placement::proportional(8, &[3.0, 1.0]);
+        assert_eq!(p.counts, [6, 2]);
+        assert_eq!(p.range(1), 6..8);
+        assert_eq!((p.owner(5), p.owner(6)), (0, 1));
+        let p = Placement::proportional(4, &[100.0, 1.0, 1.0]);
+        assert_eq!(p.counts, [2, 1, 1], "every member owns one");
+        assert_eq!(Placement::equal(5, 2).counts.iter().sum::<usize>(), 5);
+        assert!(is_routed_expert(
+            "layers.1.moe.experts.down_proj.exp_avg_sq"
+        ));
+        assert!(!is_routed_expert(
+            "layers.1.moe.shared_experts.down_proj.weight"
+        ));
+    }
+}

@@ -1,0 +1,222 @@
+//! Expert parallelism's side of a training step (the exchange itself is in
+//! `nuwa_model::expert_parallel`): each rank holds a slice of every MoE layer's routed experts,
+//! so their gradients, their share of the gradient norm, their optimiser moments and their
+//! checkpoints are handled apart from the replicated parameters.
+//!
+//! A checkpoint holds every expert whole: the slices are gathered before it is written, so it
+//! loads on any number of ranks and any placement (resharding is slicing on load), and exports
+//! to one HF folder as a single process's would.
+
+use crate::optim::AdamW;
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor, TensorData};
+use nuwa_model::expert_parallel::{is_routed_expert, ExpertGroup};
+use nuwa_model::weights::HostTensor;
+use nuwa_model::LanguageModel;
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
+
+/// Element ranges of this rank's slice in a whole stacked tensor of `experts` experts.
+fn slice_of(local: &Range<usize>, local_len: usize) -> (usize, Range<usize>) {
+    let per = local_len / local.len().max(1);
+    (per, local.start * per..local.end * per)
+}
+
+/// Every rank's slices summed into whole tensors `[experts × per]`; `contribute` says whether
+/// this rank's slice counts (one replica of each expert must, the others add zeros).
+fn gather_whole(group: &ExpertGroup, slice: &[f32], contribute: bool) -> Vec<f32> {
+    let (experts, local) = (group.placement.experts(), group.local_experts());
+    let (per, range) = slice_of(&local, slice.len());
+    let mut whole = vec![0.0f32; experts * per];
+    if contribute {
+        whole[range].copy_from_slice(slice);
+    }
+    group.comm.all_reduce_sum(&mut whole);
+    whole
+}
+
+/// Replaces this rank's expert slices in `tensors` (weights `[local, ..]` or flat optimiser
+/// moments) with whole tensors gathered from their owners. Collective: every rank calls it
+/// with the same names.
+pub fn gather_experts(tensors: &mut BTreeMap<String, HostTensor>, group: &ExpertGroup) {
+    let first_replica = group.comm.rank() < group.ep;
+    let experts = group.placement.experts();
+    for (name, t) in tensors.iter_mut() {
+        if !is_routed_expert(name) {
+            continue;
+        }
+        let whole = gather_whole(group, &t.data, first_replica);
+        let mut shape = t.shape.clone();
+        shape[0] = if shape.len() == 1 {
+            whole.len()
+        } else {
+            experts
+        };
+        *t = HostTensor { shape, data: whole };
+    }
+}
+
+/// This rank's slices of whole expert tensors (the inverse of [`gather_experts`]).
+pub fn slice_experts(
+    tensors: &BTreeMap<String, HostTensor>,
+    group: &ExpertGroup,
+) -> BTreeMap<String, HostTensor> {
+    let (experts, local) = (group.placement.experts(), group.local_experts());
+    tensors
+        .iter()
+        .filter(|(name, _)| is_routed_expert(name))
+        .map(|(name, t)| {
+            let per = t.data.len() / experts.max(1);
+            let data = t.data[local.start * per..local.end * per].to_vec();
+            let mut shape = t.shape.clone();
+            shape[0] = if shape.len() == 1 {
+                data.len()
+            } else {
+                local.len()
+            };
+            (name.clone(), HostTensor { shape, data })
+        })
+        .collect()
+}
+
+/// Keeps of the optimiser's whole expert moments (as a checkpoint restores them) only this
+/// rank's slices.
+pub fn slice_optimizer(opt: &mut AdamW, group: &ExpertGroup, device: &Device) {
+    let moments = opt.to_host();
+    let sliced = slice_experts(&moments, group);
+    apply_moments(opt, &sliced, device);
+}
+
+/// Sets the named moments (`PARAM.exp_avg`, `PARAM.exp_avg_sq`) of `opt`.
+fn apply_moments(opt: &mut AdamW, tensors: &BTreeMap<String, HostTensor>, device: &Device) {
+    let flat = |t: &HostTensor| {
+        Tensor::<1>::from_data(TensorData::new(t.data.clone(), [t.data.len()]), device)
+    };
+    for (name, t) in tensors {
+        if let Some(param) = name.strip_suffix(".exp_avg") {
+            if let Some(m) = opt.state.get_mut(param) {
+                m.exp_avg = flat(t);
+            }
+        } else if let Some(param) = name.strip_suffix(".exp_avg_sq") {
+            if let Some(m) = opt.state.get_mut(param) {
+                m.exp_avg_sq = flat(t);
+            }
+        }
+    }
+}
+
+/// Moves the experts to a new placement: whole weights and moments gathered from their
+/// owners, then each rank keeps its new slices. Collective.
+pub fn replace_experts(
+    model: LanguageModel,
+    opt: &mut AdamW,
+    new: &ExpertGroup,
+    device: &Device,
+) -> LanguageModel {
+    let Some(old) = model.expert_group().cloned() else {
+        return model;
+    };
+    let mut weights: BTreeMap<String, HostTensor> = nuwa_model::weights::collect_weights(&model)
+        .into_iter()
+        .filter(|(n, _)| is_routed_expert(n))
+        .collect();
+    let mut moments: BTreeMap<String, HostTensor> = opt
+        .to_host()
+        .into_iter()
+        .filter(|(n, _)| is_routed_expert(n))
+        .collect();
+    gather_experts(&mut weights, &old);
+    gather_experts(&mut moments, &old);
+    let model = nuwa_model::weights::replace_weights(model, &slice_experts(&weights, new));
+    apply_moments(opt, &slice_experts(&moments, new), device);
+    let mut model = model;
+    for moe in model.moe_layers_mut() {
+        moe.expert_group = Some(new.clone());
+    }
+    model
+}
+
+struct TakeExperts<'a> {
+    ids: &'a HashSet<ParamId>,
+    grads: &'a mut GradientsParams,
+    out: Vec<(ParamId, Vec<usize>, Vec<f32>)>,
+}
+
+impl ModuleVisitor for TakeExperts<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if !self.ids.contains(&param.id) {
+            return;
+        }
+        let shape = param.lazy_shape().to_vec();
+        let data = match self.grads.remove::<D>(param.id) {
+            Some(g) => g.into_data().iter::<f32>().collect(),
+            None => vec![0.0; shape.iter().product()],
+        };
+        self.out.push((param.id, shape, data));
+    }
+}
+
+/// Sums the expert gradients of the groups that hold the same experts (each group computed
+/// them on its own tokens). Nothing to do with one group.
+pub fn reduce_expert_grads(
+    model: &LanguageModel,
+    grads: &mut GradientsParams,
+    group: &ExpertGroup,
+    device: &Device,
+) {
+    if group.replicas() == 1 {
+        return;
+    }
+    let ids = model.expert_param_ids();
+    let mut take = TakeExperts {
+        ids: &ids,
+        grads,
+        out: Vec::new(),
+    };
+    model.visit(&mut take);
+    let local = group.local_experts();
+    for (id, shape, data) in take.out {
+        let whole = gather_whole(group, &data, true);
+        let (_, range) = slice_of(&local, data.len());
+        let sum = TensorData::new(whole[range].to_vec(), shape);
+        match sum.shape().len() {
+            3 => grads.register::<3>(id, Tensor::from_data(sum, device)),
+            _ => grads.register::<2>(id, Tensor::from_data(sum, device)),
+        }
+    }
+}
+
+struct SquaredNorm<'a> {
+    ids: &'a HashSet<ParamId>,
+    grads: &'a GradientsParams,
+    dense: f64,
+    experts: f64,
+}
+
+impl ModuleVisitor for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            let sq = g.powi_scalar(2).sum().into_scalar::<f32>() as f64;
+            match self.ids.contains(&param.id) {
+                true => self.experts += sq,
+                false => self.dense += sq,
+            }
+        }
+    }
+}
+
+/// The whole model's gradient norm: the replicated parameters' part (the same on every rank)
+/// plus every expert's once (each group holds each expert).
+pub fn grad_norm(model: &LanguageModel, grads: &GradientsParams, group: &ExpertGroup) -> f64 {
+    let ids = model.expert_param_ids();
+    let mut v = SquaredNorm {
+        ids: &ids,
+        grads,
+        dense: 0.0,
+        experts: 0.0,
+    };
+    model.visit(&mut v);
+    let experts: f64 = group.comm.all_gather(&[v.experts]).iter().sum();
+    (v.dense + experts / group.replicas() as f64).sqrt()
+}
