@@ -87,6 +87,9 @@ pub struct ExpertGroup {
     /// Nanoseconds spent inside exchanges (forward and backward) since the last
     /// [`ExpertGroup::take_exchange_seconds`].
     exchange_ns: Arc<AtomicU64>,
+    /// (token, expert) rows this rank's experts ran forward since the last
+    /// [`ExpertGroup::take_expert_rows`]: its share of the experts' work.
+    expert_rows: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ExpertGroup {
@@ -107,6 +110,7 @@ impl ExpertGroup {
             ep,
             placement,
             exchange_ns: Arc::new(AtomicU64::new(0)),
+            expert_rows: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -133,6 +137,11 @@ impl ExpertGroup {
     /// Seconds spent in exchanges since the last call (waiting for peers included).
     pub fn take_exchange_seconds(&self) -> f64 {
         self.exchange_ns.swap(0, Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// Rows this rank's experts ran since the last call.
+    pub fn take_expert_rows(&self) -> u64 {
+        self.expert_rows.swap(0, Ordering::Relaxed)
     }
 
     /// Rows of `[n, hidden]` per world rank, the same exchange for every column.
@@ -189,6 +198,7 @@ impl ExpertGroup {
             }
         }
         debug_assert_eq!(me / self.ep * self.ep, first);
+        self.expert_rows.fetch_add(row as u64, Ordering::Relaxed);
         let sent = x.select(0, int_tensor(&tokens.concat(), &device));
         let received = self.exchange(sent, send_rows.clone(), recv_rows.clone());
         let outputs = if row == 0 {

@@ -167,6 +167,9 @@ pub struct DataParallel {
     moe: Option<(usize, usize)>,
     /// Routed experts per MoE layer.
     experts: usize,
+    /// Experts per token, and tokens per sequence.
+    top_k: usize,
+    seq_len: usize,
     mtp_layers: usize,
     start_step: u64,
     device: Device,
@@ -174,6 +177,10 @@ pub struct DataParallel {
     experts_group: Option<ExpertGroup>,
     /// A new placement measured at the last step, applied after its update.
     pending_placement: Option<Placement>,
+    /// Training FLOPs per token outside the routed experts, and per routed (token, expert)
+    /// row: what turns a rank's rows and expert rows into its work, for its speed.
+    flops_dense: f64,
+    flops_expert_row: f64,
 }
 
 impl DataParallel {
@@ -187,11 +194,15 @@ impl DataParallel {
             batch_size: 0,
             moe: None,
             experts: 0,
+            top_k: 0,
+            seq_len: 0,
             mtp_layers: 0,
             start_step: 0,
             device: device.clone(),
             experts_group: None,
             pending_placement: None,
+            flops_dense: 0.0,
+            flops_expert_row: 0.0,
             opts,
         }
     }
@@ -281,6 +292,8 @@ impl Parallelism for DataParallel {
             .count()
             + cfg.model.num_nextn_predict_layers;
         self.experts = cfg.model.num_experts;
+        self.top_k = cfg.model.num_experts_per_tok;
+        self.seq_len = t.seq_len * t.grad_accum;
         self.mtp_layers = cfg.model.num_nextn_predict_layers;
         self.moe = (ranks > 1 && cfg.model.is_moe()).then(|| {
             (
@@ -305,6 +318,12 @@ impl Parallelism for DataParallel {
             };
             let group = ExpertGroup::new(self.opts.comm.clone(), ep, placement);
             self.experts_group = Some(group);
+            let m = &cfg.model;
+            // Forward and backward (×3) of three h×w products (×2 FLOPs a multiply-add).
+            self.flops_expert_row = 18.0 * (m.hidden_size * m.moe_intermediate_size) as f64;
+            let total = m.counts(t.seq_len).train_flops_per_token;
+            let routed = self.flops_expert_row * m.num_experts_per_tok as f64;
+            self.flops_dense = (total - routed).max(total * 0.1);
         }
         Ok(())
     }
@@ -375,6 +394,11 @@ impl Parallelism for DataParallel {
 
     #[allow(unused_variables)]
     fn begin_step(&mut self, step: u64) {
+        if let Some(group) = &self.experts_group {
+            // Evaluation between steps ran experts too; count only the step's.
+            group.take_expert_rows();
+            group.take_exchange_seconds();
+        }
         #[cfg(feature = "fault-injection")]
         self.opts.faults.begin_step(step, self.rank());
     }
@@ -389,10 +413,22 @@ impl Parallelism for DataParallel {
     ) -> (GradientsParams, ReducedStep) {
         // Time in exchanges (expert parallelism) is waiting and moving rows, not this rank's
         // compute: it is reported apart, and speeds are measured without it.
-        let a2a_s = self
+        let (a2a_s, expert_rows) = self
             .experts_group
             .as_ref()
-            .map_or(0.0, |g| g.take_exchange_seconds());
+            .map_or((0.0, 0), |g| (g.take_exchange_seconds(), g.take_expert_rows()));
+        // This rank's work in sequences' worth: its rows, and under expert parallelism the
+        // expert rows it ran for every rank (in place of its own tokens' expert work).
+        let work = match self.experts_group {
+            Some(_) => {
+                let tokens = (local.rows * self.seq_len) as f64;
+                let flops = tokens * self.flops_dense + expert_rows as f64 * self.flops_expert_row;
+                let per_seq = self.seq_len as f64
+                    * (self.flops_dense + self.flops_expert_row * self.top_k as f64);
+                flops / per_seq
+            }
+            None => local.rows as f64,
+        };
         local.compute_s = (local.compute_s - a2a_s).max(0.0);
         #[cfg(feature = "fault-injection")]
         {
@@ -428,18 +464,19 @@ impl Parallelism for DataParallel {
             stop as u8 as f64,
             local.mtp_loss.unwrap_or(0.0),
             a2a_s,
+            work,
         ];
         let all = self.comm().all_gather(&mine);
         let expert_load = self.global_load(&local.step_load);
         self.watchdog.leave();
         let col = |i: usize| -> Vec<f64> { all.chunks(mine.len()).map(|c| c[i]).collect() };
         let (computes, waits, comms, seqs) = (col(3), col(4), col(5), col(6));
-        let a2a = col(9);
+        let (a2a, work) = (col(9), col(10));
         let (slow_now, stragglers, notes) = self.stragglers(step, &computes);
         // A process's first step is warm-up (first allocations, page faults) and says
         // little about its speed: the profile is the second step, planned on at once.
         if step > self.start_step + 1 {
-            self.balancer.observe(&seqs, &computes, &slow_now);
+            self.balancer.observe(&work, &computes, &slow_now);
         }
         // `rebalance_every` 0 keeps the equal split (the naive baseline).
         let every = self.opts.rebalance_every;
