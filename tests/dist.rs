@@ -387,3 +387,179 @@ fn a_hung_rank_times_out_and_the_job_restarts() {
     assert!(stderr.contains("a peer rank is hung or dead"), "{stderr}");
     assert_eq!(metrics(&run).len(), 6);
 }
+
+/// The newest checkpoint's weights of a run.
+fn last_weights(run: &Path) -> BTreeMap<String, nuwa_model::weights::HostTensor> {
+    let dir = run.join("checkpoints");
+    let mut steps: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    steps.sort();
+    let file = steps.last().unwrap().join("model.safetensors");
+    nuwa_model::weights::from_safetensors(&std::fs::read(&file).unwrap(), "test").unwrap()
+}
+
+/// The largest difference between two runs' final weights (same names and shapes).
+fn weights_differ_by(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (last_weights(a), last_weights(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .map(|(name, t)| {
+            assert_eq!(t.shape, b[name].shape, "{name}");
+            t.data
+                .iter()
+                .zip(&b[name].data)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        })
+        .fold(0.0, f32::max)
+}
+
+fn moe_args(run: &Path, steps: &str) -> Vec<String> {
+    let mut args = sized_args(run, steps, "8", "64");
+    args[1] = "tiny-moe".into();
+    let at = args.iter().position(|a| a == "--seq-len").unwrap();
+    args[at + 1] = "32".into();
+    args
+}
+
+#[test]
+fn expert_parallel_layouts_train_as_one_process() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-ep");
+    let single = tmp.path().join("single");
+    let reference = one_process(&moe_args(&single, "6"), &single);
+    // (ranks, ranks per expert group, throttles): EP 2, EP 4, and DP 2 × EP 2, one rank slow
+    // so the measured placement gives it fewer experts and rows.
+    for (np, ep, throttle) in [(2, 2, "1,4"), (4, 4, "1,1,4,1"), (4, 2, "1,4,1,1")] {
+        let run = tmp.path().join(format!("np{np}-ep{ep}"));
+        let mut args = moe_args(&run, "6");
+        let ep_flag = ep.to_string();
+        args.extend(
+            [
+                "--ep",
+                &ep_flag,
+                "--rebalance-every",
+                "2",
+                "--throttle",
+                throttle,
+            ]
+            .map(String::from),
+        );
+        mpirun(np, &args);
+        let got = metrics(&run);
+        assert_eq!(got.len(), reference.len());
+        for (step, rec) in &got {
+            for key in ["loss", "load_balance_loss", "z_loss"] {
+                let (a, b) = (
+                    rec[key].as_f64().unwrap(),
+                    reference[step][key].as_f64().unwrap(),
+                );
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "np {np} ep {ep} step {step}: {key} {a} vs one process {b}"
+                );
+            }
+            let placement = rec["expert_placement"].as_array().unwrap();
+            assert_eq!(placement.len(), ep, "np {np} ep {ep}");
+            let experts: u64 = placement.iter().map(|c| c.as_u64().unwrap()).sum();
+            assert_eq!(experts, 8, "every expert placed once");
+        }
+        let last = got.values().last().unwrap();
+        let placement = last["expert_placement"].as_array().unwrap();
+        assert!(
+            placement.iter().any(|c| c != &placement[0]),
+            "np {np} ep {ep}: the throttled rank should own fewer experts: {placement:?}"
+        );
+        // The checkpoint gathers every expert from its owner: the whole model, as one
+        // process trained it.
+        let diff = weights_differ_by(&run, &single);
+        assert!(diff < 1e-5, "np {np} ep {ep}: weights differ by {diff}");
+    }
+}
+
+#[test]
+fn a_killed_expert_parallel_rank_restarts_on_fewer_ranks_resharded() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-ep-kill");
+    let run = tmp.path().join("run");
+    let mut args = moe_args(&run, "8");
+    args.extend(
+        [
+            "--ep",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "--fault-kill-at",
+            "5:1",
+        ]
+        .map(String::from),
+    );
+    // DP 2 × EP 2; rank 1 dies in step 5; the job goes on from step 4 on 3 ranks, one expert
+    // group of 3 (the checkpoint holds every expert whole, so it loads on any layout).
+    let stderr = launch(4, &args);
+    assert!(
+        stderr.contains("restarting from checkpoint step 4 on 3 rank(s)"),
+        "{stderr}"
+    );
+    let steps = metrics(&run);
+    assert_eq!(
+        steps.keys().copied().collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
+    let mut ids: Vec<u64> = steps
+        .values()
+        .flat_map(|r| {
+            let start = r["sample_start"].as_u64().unwrap();
+            start..start + r["sample_count"].as_u64().unwrap()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, (0..64).collect::<Vec<_>>(), "every sample once");
+    assert_eq!(steps[&4]["expert_placement"].as_array().unwrap().len(), 2);
+    assert_eq!(steps[&5]["expert_placement"].as_array().unwrap().len(), 3);
+    // The same run in one process, stopped and resumed nowhere: the losses agree.
+    let single = tmp.path().join("single");
+    let reference = one_process(&moe_args(&single, "8"), &single);
+    for (step, rec) in &steps {
+        let (a, b) = (
+            rec["loss"].as_f64().unwrap(),
+            reference[step]["loss"].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() < 1e-5,
+            "step {step}: loss {a} vs one process {b}"
+        );
+    }
+}
+
+#[test]
+fn an_expert_layout_that_does_not_divide_is_one_clear_error() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-ep-bad");
+    let run = tmp.path().join("run");
+    let mut args = moe_args(&run, "2");
+    args.extend(["--ep", "3"].map(String::from));
+    let out = Command::new("mpirun")
+        .args([
+            "--oversubscribe",
+            "-np",
+            "2",
+            NUWA,
+            "train",
+            "--dist",
+            "mpi",
+        ])
+        .args(&args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--ep 3: the 2 rank(s) do not divide into expert-parallel groups of 3"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

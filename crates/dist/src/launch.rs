@@ -51,6 +51,39 @@ fn restart_args(args: &[String], run: &Path) -> Vec<String> {
     out
 }
 
+/// The expert-parallel group size for a restart on `np` ranks: kept when it still divides
+/// them, else the largest divisor of `np` below it — or, when that is 1, all `np` ranks as
+/// one group, so the experts stay split. The checkpoint holds every expert whole, so any
+/// group size loads it.
+pub fn ep_for(np: usize, ep: usize) -> usize {
+    if ep <= 1 || np.is_multiple_of(ep) {
+        return ep.min(np).max(1);
+    }
+    match (1..ep).rev().find(|d| np.is_multiple_of(*d)) {
+        Some(1) | None => np,
+        Some(d) => d,
+    }
+}
+
+/// `args` with `--ep` (or `--ep=`) set for `np` ranks.
+fn with_ep_for(args: &[String], np: usize) -> Vec<String> {
+    let mut out = args.to_vec();
+    for i in 0..out.len() {
+        let value = match out[i].strip_prefix("--ep=") {
+            Some(v) => Some((i, v.to_string(), true)),
+            None if out[i] == "--ep" => out.get(i + 1).map(|v| (i + 1, v.clone(), false)),
+            None => None,
+        };
+        if let Some((at, v, inline)) = value {
+            if let Ok(ep) = v.parse::<usize>() {
+                let new = ep_for(np, ep).to_string();
+                out[at] = if inline { format!("--ep={new}") } else { new };
+            }
+        }
+    }
+    out
+}
+
 fn last_step(run: &Path) -> Option<u64> {
     list_checkpoints(run).last().map(|c| c.0)
 }
@@ -99,7 +132,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<usize> {
             last_step(&run).map_or("none (from scratch)".into(), |s| s.to_string())
         );
         np = next;
-        args = restart_args(&opts.train_args, &run);
+        args = with_ep_for(&restart_args(&opts.train_args, &run), np);
     }
     bail!(
         "the job still failed after {} restart(s); the last good checkpoint is kept in {}",
@@ -128,5 +161,17 @@ mod tests {
         assert_eq!(run_dir(&args), Some(PathBuf::from("/nowhere/run")));
         let again = restart_args(&args, Path::new("/nowhere/run"));
         assert_eq!(again, ["--steps", "9", "--run-dir", "/nowhere/run"]);
+    }
+
+    #[test]
+    fn expert_groups_shrink_to_divide_the_ranks_left() {
+        assert_eq!(ep_for(4, 2), 2);
+        assert_eq!(ep_for(3, 2), 3, "all three ranks as one group");
+        assert_eq!(ep_for(6, 4), 3);
+        assert_eq!(ep_for(2, 4), 2);
+        assert_eq!(ep_for(5, 1), 1);
+        let args: Vec<String> = ["--ep", "2", "--steps", "3"].map(String::from).to_vec();
+        assert_eq!(with_ep_for(&args, 3)[1], "3");
+        assert_eq!(with_ep_for(&["--ep=4".to_string()], 2)[0], "--ep=2");
     }
 }

@@ -413,10 +413,9 @@ impl Parallelism for DataParallel {
     ) -> (GradientsParams, ReducedStep) {
         // Time in exchanges (expert parallelism) is waiting and moving rows, not this rank's
         // compute: it is reported apart, and speeds are measured without it.
-        let (a2a_s, expert_rows) = self
-            .experts_group
-            .as_ref()
-            .map_or((0.0, 0), |g| (g.take_exchange_seconds(), g.take_expert_rows()));
+        let (a2a_s, expert_rows) = self.experts_group.as_ref().map_or((0.0, 0), |g| {
+            (g.take_exchange_seconds(), g.take_expert_rows())
+        });
         // This rank's work in sequences' worth: its rows, and under expert parallelism the
         // expert rows it ran for every rank (in place of its own tokens' expert work).
         let work = match self.experts_group {
