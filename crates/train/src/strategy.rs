@@ -530,7 +530,7 @@ impl Parallelism for DataParallel {
 
 /// Refuses an expert-parallel layout that cannot run, naming what does not divide.
 pub fn check_expert_layout(ep: usize, ranks: usize, experts: usize, batch: usize) -> Result<()> {
-    if ranks % ep != 0 {
+    if !ranks.is_multiple_of(ep) {
         bail!("--ep {ep}: the {ranks} rank(s) do not divide into expert-parallel groups of {ep}");
     }
     if experts < ep {
