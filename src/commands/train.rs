@@ -139,6 +139,11 @@ pub struct TrainArgs {
     /// The world's ranks must divide into groups of this size.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     ep: u64,
+    /// Pipeline parallelism: stages, each a run of decoder layers sized by its ranks' measured
+    /// speed, over the step's `--grad-accum` micro-batches with the 1F1B schedule. The world's
+    /// ranks must divide into this many stages (the ranks of a stage are data-parallel).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pp: u64,
     /// Test-only fault injection: STEP:RANK kills that rank with SIGKILL during that step.
     #[arg(long, hide = true)]
     fault_kill_at: Option<String>,
@@ -336,6 +341,8 @@ pub fn dist_options(a: &TrainArgs) -> Result<Option<nuwa_train::parallel::DistOp
         hash_params: a.hash_params,
         ep: a.ep as usize,
         placement: None,
+        pp: a.pp as usize,
+        stage_layers: None,
     }))
 }
 

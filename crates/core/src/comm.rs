@@ -16,6 +16,16 @@ pub trait Collective: Send + Sync {
     /// rank after rank; returns what every rank sent this one, `recv_counts[r]` values from
     /// rank `r`, rank after rank. Both sides must agree on the counts.
     fn all_to_all_v(&self, send: &[f32], send_counts: &[usize], recv_counts: &[usize]) -> Vec<f32>;
+    /// The ranks that pass the same `color`, as a communicator of their own (ranked in this
+    /// one's order). Collective over this communicator.
+    fn split(&self, color: usize) -> std::sync::Arc<dyn Collective>;
+    /// Sends `data` to rank `to` (blocking until it may be reused).
+    fn send(&self, to: usize, data: &[f32]);
+    /// Receives `len` values from rank `from`.
+    fn recv(&self, from: usize, len: usize) -> Vec<f32>;
+    /// Sends `data` to `to` and receives `len` values from `from` at once, so two ranks that
+    /// exchange with each other cannot deadlock.
+    fn send_recv(&self, to: usize, data: &[f32], from: usize, len: usize) -> Vec<f32>;
 }
 
 /// The single-process "communicator": sums, gathers and exchanges over one rank.
@@ -35,5 +45,17 @@ impl Collective for SoloCollective {
     fn barrier(&self) {}
     fn all_to_all_v(&self, send: &[f32], _: &[usize], _: &[usize]) -> Vec<f32> {
         send.to_vec()
+    }
+    fn split(&self, _: usize) -> std::sync::Arc<dyn Collective> {
+        std::sync::Arc::new(SoloCollective)
+    }
+    fn send(&self, to: usize, _: &[f32]) {
+        unreachable!("a single process has no rank {to} to send to")
+    }
+    fn recv(&self, from: usize, _: usize) -> Vec<f32> {
+        unreachable!("a single process has no rank {from} to receive from")
+    }
+    fn send_recv(&self, to: usize, _: &[f32], _: usize, _: usize) -> Vec<f32> {
+        unreachable!("a single process has no rank {to} to exchange with")
     }
 }

@@ -5,17 +5,21 @@ use anyhow::{anyhow, Result};
 use mpi::collective::SystemOperation;
 use mpi::datatype::{Partition, PartitionMut};
 use mpi::environment::Universe;
+use mpi::point_to_point::send_receive_into;
+use mpi::topology::Color;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use nuwa_train::parallel::Collective;
+use std::sync::Arc;
 
 /// The communicator. MPI is initialised for one thread at a time (`Threading::Serialized`):
 /// the trainer calls it from its own thread, and from Burn's autodiff backward, which runs on
 /// the thread that called `backward` — never from two threads at once.
 pub struct MpiCollective {
     world: SimpleCommunicator,
-    // Finalises MPI when dropped, so it must outlive `world`.
-    _universe: Universe,
+    // Finalises MPI when dropped, so it must outlive `world` and every communicator split
+    // from it (which hold it through an `Arc`).
+    _universe: Arc<Universe>,
 }
 
 impl MpiCollective {
@@ -26,7 +30,7 @@ impl MpiCollective {
             .ok_or_else(|| anyhow!("MPI could not be initialised"))?;
         Ok(Self {
             world: universe.world(),
-            _universe: universe,
+            _universe: Arc::new(universe),
         })
     }
 }
@@ -78,5 +82,36 @@ impl Collective for MpiCollective {
         let mut recvbuf = PartitionMut::new(&mut recv[..], &rc[..], &rd[..]);
         self.world.all_to_all_varcount_into(&sendbuf, &mut recvbuf);
         recv
+    }
+    fn split(&self, color: usize) -> Arc<dyn Collective> {
+        // Every rank passes a colour, so every rank gets a communicator.
+        let world = self
+            .world
+            .split_by_color(Color::with_value(color as i32))
+            .unwrap_or_else(|| unreachable!("a rank with a colour is in its group"));
+        Arc::new(MpiCollective {
+            world,
+            _universe: self._universe.clone(),
+        })
+    }
+    fn send(&self, to: usize, data: &[f32]) {
+        self.world.process_at_rank(to as i32).send(data);
+    }
+    fn recv(&self, from: usize, len: usize) -> Vec<f32> {
+        let mut buf = vec![0.0f32; len];
+        self.world
+            .process_at_rank(from as i32)
+            .receive_into(&mut buf[..]);
+        buf
+    }
+    fn send_recv(&self, to: usize, data: &[f32], from: usize, len: usize) -> Vec<f32> {
+        let mut buf = vec![0.0f32; len];
+        send_receive_into(
+            data,
+            &self.world.process_at_rank(to as i32),
+            &mut buf[..],
+            &self.world.process_at_rank(from as i32),
+        );
+        buf
     }
 }

@@ -29,13 +29,16 @@ fn normals(key: u64, n: usize, std: f64) -> Vec<f32> {
     out
 }
 
-struct Init {
+struct Init<'a> {
     seed: u64,
     std: f64,
     path: ModulePath,
+    /// Which parameters to initialise; the others are left as they are (unallocated, when
+    /// the module was built lazily).
+    keep: &'a dyn Fn(&str) -> bool,
 }
 
-impl ModuleMapper for Init {
+impl ModuleMapper for Init<'_> {
     fn enter_module(&mut self, name: &str, _: &str) {
         self.path.enter(name);
     }
@@ -44,6 +47,9 @@ impl ModuleMapper for Init {
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let path = self.path.current();
+        if !(self.keep)(&path) {
+            return param;
+        }
         let (id, tensor, mapper) = param.consume();
         let shape = tensor.dims();
         let numel: usize = shape.iter().product();
@@ -76,10 +82,23 @@ pub fn host_tensor_like<const D: usize>(
 
 /// Re-initialises every float parameter: matrices N(0, std²), biases 0, norm gains 1.
 pub fn init_weights<M: Module>(module: M, seed: u64, std: f64) -> M {
+    init_weights_where(module, seed, std, &|_| true)
+}
+
+/// Initialises the float parameters whose path `keep` accepts, exactly as [`init_weights`]
+/// would (each parameter's values depend only on the seed and its path); the others stay
+/// unallocated — how a pipeline stage holds only its own layers.
+pub fn init_weights_where<M: Module>(
+    module: M,
+    seed: u64,
+    std: f64,
+    keep: &dyn Fn(&str) -> bool,
+) -> M {
     module.map(&mut Init {
         seed,
         std,
         path: ModulePath::default(),
+        keep,
     })
 }
 

@@ -11,6 +11,7 @@ pub mod moe;
 pub mod names;
 pub mod paged;
 pub mod path;
+pub mod stage;
 pub mod trace;
 pub mod weights;
 

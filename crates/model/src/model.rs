@@ -52,7 +52,7 @@ impl DecoderLayer {
     }
 
     /// One layer over a chunk of new tokens; `cos`/`sin` are the chunk's rotary angles.
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: Tensor<3>,
         cos: &Tensor<4>,

@@ -124,7 +124,15 @@ impl Snapshot {
         optimizer: BTreeMap<String, HostTensor>,
         state: TrainerState,
     ) -> Result<Self> {
-        let weights = collect_weights(model);
+        Self::of(collect_weights(model), optimizer, state)
+    }
+
+    /// A snapshot of weights already on the host, refusing a non-finite one.
+    pub fn of(
+        weights: BTreeMap<String, HostTensor>,
+        optimizer: BTreeMap<String, HostTensor>,
+        state: TrainerState,
+    ) -> Result<Self> {
         if let Some((name, _)) = weights
             .iter()
             .find(|(_, t)| t.data.iter().any(|x| !x.is_finite()))

@@ -8,6 +8,7 @@ pub mod faults;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;
+pub mod pipeline;
 pub mod setup;
 pub mod step;
 pub mod strategy;

@@ -121,10 +121,12 @@ impl ModuleMapper for Update<'_> {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let (id, tensor, mapper) = param.consume();
-        let Some(grad) = self.grads.remove::<D>(id) else {
-            return Param::from_mapped_value(id, tensor, mapper);
+        // A parameter without a gradient is left untouched (not even read: a pipeline stage's
+        // other layers are never allocated).
+        let Some(grad) = self.grads.remove::<D>(param.id) else {
+            return param;
         };
+        let (id, tensor, mapper) = param.consume();
         let require_grad = tensor.is_require_grad();
         let name = self.path.current();
         let updated = self.opt.update(

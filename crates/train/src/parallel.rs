@@ -38,6 +38,10 @@ pub struct DistOptions {
     /// Experts per member of an expert-parallel group, as a plan fixed them (`None`: equal
     /// at first, then sized by the measured speeds).
     pub placement: Option<Vec<usize>>,
+    /// Pipeline stages (1: none).
+    pub pp: usize,
+    /// Decoder layers per stage, as a plan fixed them (`None`: sized by the measured speeds).
+    pub stage_layers: Option<Vec<usize>>,
 }
 
 /// Keeps each rank's expected speed (sequences per second of compute) and its share.

@@ -9,9 +9,11 @@ use anyhow::{bail, Context, Result};
 use nuwa_data::TokenizerSpec;
 use nuwa_data::{eval_batches, Batch, BatchSampler, Dataset, PrepareOptions, Source, Tokenizer};
 use nuwa_model::weights::assign_weights;
+use nuwa_model::weights::HostTensor;
 use nuwa_model::LanguageModel;
 use nuwa_run::checkpoint::{self, DataRecord, Loaded};
 use nuwa_run::RunConfig;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Everything the loop needs, as of the first step to run.
@@ -194,7 +196,7 @@ fn check_training_fits(cfg: &RunConfig) -> Result<()> {
 }
 
 /// Opens or resumes the run of `opts`; rank 0 writes the run's side files.
-pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<Session> {
+pub fn open_session(opts: &TrainOptions, strategy: &mut dyn Parallelism) -> Result<Session> {
     let is_main = strategy.rank() == 0;
     let run = opts.run_dir.clone();
     checkpoint::refuse_checkpoint_dir(&run, "")?;
@@ -243,9 +245,28 @@ pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<S
             toml::to_string_pretty(&cfg)?.as_bytes(),
         )?;
     }
+    let start_at = resumed.as_ref().map_or(0, |l| l.state.step);
+    strategy.start(&cfg, start_at)?;
     let t = &cfg.train;
     let device = opts.device.clone().autodiff();
-    let mut model = LanguageModel::new(&cfg.model, &device, t.seed);
+    let stage = strategy.stage();
+    let mut model = match &stage {
+        Some(stage) => LanguageModel::new_stage(&cfg.model, stage, &device, t.seed),
+        None => LanguageModel::new(&cfg.model, &device, t.seed),
+    };
+    // A pipeline stage takes its own tensors of a whole checkpoint (any layout wrote it).
+    let load =
+        |model: LanguageModel, weights: &BTreeMap<String, HostTensor>, what: &str| match &stage {
+            Some(stage) => {
+                let own: BTreeMap<String, HostTensor> = weights
+                    .iter()
+                    .filter(|(n, _)| stage.owns(n))
+                    .map(|(n, t)| (n.clone(), t.clone()))
+                    .collect();
+                Ok(nuwa_model::weights::replace_weights(model, &own))
+            }
+            None => assign_weights(model, weights, what),
+        };
     let mut opt = AdamW::new(AdamWConfig {
         beta1: t.beta1,
         beta2: t.beta2,
@@ -256,11 +277,11 @@ pub fn open_session(opts: &TrainOptions, strategy: &dyn Parallelism) -> Result<S
     let mut spikes = nuwa_run::SpikeGuard::default();
     let (mut start_step, mut tokens_seen) = (0, 0);
     if let (Some(weights), None) = (&opts.init_weights, &resumed) {
-        model = assign_weights(model, weights, "the initial weights")?;
+        model = load(model, weights, "the initial weights")?;
     }
     if let Some(l) = &resumed {
         let what = l.dir.join(checkpoint::MODEL_FILE).display().to_string();
-        model = assign_weights(model, &l.weights, &what)?;
+        model = load(model, &l.weights, &what)?;
         // Skipped steps made no optimiser step.
         let updates = l.state.step - l.state.spikes.skipped.min(l.state.step);
         opt.restore(updates, &l.optimizer, &opts.device)?;

@@ -13,10 +13,12 @@ use anyhow::{bail, Result};
 use burn::optim::GradientsParams;
 use burn::tensor::Device;
 use nuwa_model::expert_parallel::{ExpertGroup, Placement};
+use nuwa_model::weights::HostTensor;
 use nuwa_model::LanguageModel;
 use nuwa_run::checkpoint::Snapshot;
 use nuwa_run::RunConfig;
 use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// A step after every process's part is combined (the gradients come beside it).
@@ -70,6 +72,36 @@ pub trait Parallelism {
     /// Makes `snapshot` whole (each process's parts gathered); collective when
     /// [`Parallelism::shards_model`].
     fn gather_snapshot(&self, _snapshot: &mut Snapshot) {}
+    /// The part of the model this process holds, when it holds a pipeline stage (set by
+    /// `start`): only its parameters are allocated.
+    fn stage(&self) -> Option<nuwa_model::stage::Stage> {
+        None
+    }
+    /// This process's parameters on the host, by name (a checkpoint's part).
+    fn host_weights(&self, model: &LanguageModel) -> BTreeMap<String, HostTensor> {
+        nuwa_model::weights::collect_weights(model)
+    }
+    /// Runs this process's part of a step itself (a pipeline's schedule) instead of the
+    /// trainer's data-parallel one.
+    fn run_step(
+        &mut self,
+        _model: &LanguageModel,
+        _sampler: &mut nuwa_data::BatchSampler,
+        _data: &nuwa_data::TokenShard,
+        _t: &nuwa_run::TrainConfig,
+        _device: &Device,
+    ) -> Option<Result<LocalStep>> {
+        None
+    }
+    /// The validation loss computed across processes (`None`: the trainer's own).
+    fn evaluate(
+        &self,
+        _model: &LanguageModel,
+        _batches: &[nuwa_data::Batch],
+        _device: &Device,
+    ) -> Option<f64> {
+        None
+    }
     /// After the update: re-place work between processes if the last measurements asked for
     /// it (collective).
     fn after_step(

@@ -4,6 +4,7 @@
 use crate::metrics::plot_losses;
 use crate::optim::AdamW;
 use crate::parallel::DistOptions;
+use crate::pipeline::Pipeline;
 use crate::setup::{open_session, Session};
 use crate::step::{evaluate, local_step};
 use crate::strategy::{DataParallel, Parallelism, ReducedStep, SingleProcess};
@@ -165,7 +166,7 @@ fn save(s: &mut Session, strategy: &dyn Parallelism, step: u64) -> Result<f64> {
         spikes: s.spikes.clone(),
         data: Some(DataRecord::of(&s.data)),
     };
-    let mut snapshot = Snapshot::take(&s.model, s.opt.to_host(), state)?;
+    let mut snapshot = Snapshot::of(strategy.host_weights(&s.model), s.opt.to_host(), state)?;
     strategy.gather_snapshot(&mut snapshot);
     if let Some(writer) = s.writer.as_mut() {
         writer.submit(snapshot)?;
@@ -218,16 +219,21 @@ fn combined_step(
     device.seed(splitmix64(t.seed ^ splitmix64(done - 1)));
     strategy.begin_step(done);
     let rows = strategy.rows();
-    let global = || strategy.global_batch(done);
-    let local = local_step(
-        &s.model,
-        &mut s.sampler,
-        &s.data.train,
-        t,
-        &rows,
-        global,
-        device,
-    )?;
+    let local = match strategy.run_step(&s.model, &mut s.sampler, &s.data.train, t, device) {
+        Some(local) => local?,
+        None => {
+            let global = || strategy.global_batch(done);
+            local_step(
+                &s.model,
+                &mut s.sampler,
+                &s.data.train,
+                t,
+                &rows,
+                global,
+                device,
+            )?
+        }
+    };
     Ok(strategy.reduce(done, &s.model, local, stop))
 }
 
@@ -405,12 +411,12 @@ fn train_step(
 
 pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
     let mut strategy: Box<dyn Parallelism> = match opts.dist.take() {
+        Some(d) if d.pp > 1 => Box::new(Pipeline::new(d, &opts.device)),
         Some(d) => Box::new(DataParallel::new(d, &opts.device)),
         None => Box::new(SingleProcess::default()),
     };
     let is_main = strategy.rank() == 0;
-    let mut s = open_session(&opts, strategy.as_ref())?;
-    strategy.start(&s.cfg, s.start_step)?;
+    let mut s = open_session(&opts, strategy.as_mut())?;
     let (t, device) = (s.cfg.train.clone(), opts.device.clone().autodiff());
     s.model = strategy.prepare(s.model, &mut s.opt, &opts.device);
     // Every process evaluates and saves when each holds a different part of the model.
@@ -441,7 +447,10 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
             bar.println(note);
         }
         if shared_work && (done % t.eval_every.max(1) == 0 || done == t.steps) {
-            let val = evaluate(&s.model.valid(), &s.evals, &opts.device);
+            let val = match strategy.evaluate(&s.model, &s.evals, &opts.device) {
+                Some(val) => val,
+                None => evaluate(&s.model.valid(), &s.evals, &opts.device),
+            };
             if !val.is_finite() {
                 bail!("step {done}: validation loss is {val}; stopping (no checkpoint of it is written)");
             }
