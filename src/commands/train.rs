@@ -360,6 +360,14 @@ pub fn mpi_comm() -> Result<std::sync::Arc<dyn nuwa_train::parallel::Collective>
 
 pub fn train(a: TrainArgs) -> Result<()> {
     check_hook_flags(&a)?;
+    if (a.ep > 1 || a.pp > 1) && a.dist.is_none() {
+        bail!(
+            "--ep / --pp split the model over several processes: start them with `nuwa launch              --np N -- ...` or `mpirun -np N nuwa train --dist mpi ...`"
+        );
+    }
+    if (a.ep > 1 || a.pp > 1) && (!a.dump_tensors.is_empty() || a.parity_every > 0) {
+        bail!("--dump-tensors / --parity-every need the whole model in one process; not with --ep / --pp");
+    }
     let dist = dist_options(&a)?;
     let rank = dist.as_ref().map_or(0, |d| d.comm.rank());
     let device_name = match (&a.cluster, &dist) {
@@ -423,7 +431,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
         allow_data_change: a.allow_data_change,
         sync_checkpoints: a.sync_checkpoints,
         step_hook: step_hook(&a, &device_name, &run_dir_for_hooks)?,
-    })?;
+    });
+    // Every rank finalises MPI before it exits, whether the run succeeded or not.
+    #[cfg(feature = "mpi")]
+    nuwa_dist::mpi_comm::finalize();
+    let report = report?;
     if rank != 0 {
         return Ok(());
     }

@@ -17,9 +17,24 @@ use std::sync::Arc;
 /// the thread that called `backward` — never from two threads at once.
 pub struct MpiCollective {
     world: SimpleCommunicator,
-    // Finalises MPI when dropped, so it must outlive `world` and every communicator split
-    // from it (which hold it through an `Arc`).
-    _universe: Arc<Universe>,
+}
+
+/// MPI's environment: finalised by [`finalize`] (when dropped), not when the last
+/// communicator goes, since copies of a communicator can outlive the job's end in places
+/// (an autodiff graph's saved state) the process does not wait for.
+struct Environment {
+    _universe: Universe,
+}
+
+// SAFETY: only touched by `init` and `finalize`, on the main thread.
+unsafe impl Send for Environment {}
+
+static ENVIRONMENT: std::sync::Mutex<Option<Environment>> = std::sync::Mutex::new(None);
+
+/// Finalises MPI (every rank must, before it exits); nothing may use a communicator after.
+pub fn finalize() {
+    let env = ENVIRONMENT.lock().map(|mut e| e.take());
+    drop(env);
 }
 
 impl MpiCollective {
@@ -28,10 +43,13 @@ impl MpiCollective {
     pub fn init() -> Result<Self> {
         let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Serialized)
             .ok_or_else(|| anyhow!("MPI could not be initialised"))?;
-        Ok(Self {
-            world: universe.world(),
-            _universe: Arc::new(universe),
-        })
+        let world = universe.world();
+        if let Ok(mut env) = ENVIRONMENT.lock() {
+            *env = Some(Environment {
+                _universe: universe,
+            });
+        }
+        Ok(Self { world })
     }
 }
 
@@ -89,10 +107,7 @@ impl Collective for MpiCollective {
             .world
             .split_by_color(Color::with_value(color as i32))
             .unwrap_or_else(|| unreachable!("a rank with a colour is in its group"));
-        Arc::new(MpiCollective {
-            world,
-            _universe: self._universe.clone(),
-        })
+        Arc::new(MpiCollective { world })
     }
     fn send(&self, to: usize, data: &[f32]) {
         self.world.process_at_rank(to as i32).send(data);

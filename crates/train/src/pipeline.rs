@@ -870,12 +870,20 @@ impl Parallelism for Pipeline {
                 )),
             };
             let (out, _) = model.forward_stage(stage_input, &self.stage);
-            match next {
+            let done = match next {
                 Some(to) => {
-                    self.send(to, out.detach());
+                    self.send(to, out.clone().detach());
+                    out.sum()
                 }
-                None => total += cross_entropy(out, targets).into_scalar::<f32>() as f64,
-            }
+                None => {
+                    let ce = cross_entropy(out, targets);
+                    total += ce.clone().into_scalar::<f32>() as f64;
+                    ce
+                }
+            };
+            // The parameters are tracked, so the pass left an autodiff graph: a backward
+            // consumes it (its gradients are dropped) rather than leaving it held.
+            drop(done.backward());
         }
         let last_replica0 = self.stage.last && self.d == 0;
         let mine = if last_replica0 { total } else { 0.0 };
