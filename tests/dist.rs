@@ -563,3 +563,119 @@ fn an_expert_layout_that_does_not_divide_is_one_clear_error() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// A 4-layer model trained on 4 micro-batches (`--grad-accum`) of 4 sequences per step.
+fn pipeline_args(run: &Path, preset: &str) -> Vec<String> {
+    let mut args = sized_args(run, "5", "4", "64");
+    args[1] = preset.into();
+    let layers = args.iter().position(|a| a == "--layers").unwrap();
+    args[layers + 1] = "4".into();
+    let seq = args.iter().position(|a| a == "--seq-len").unwrap();
+    args[seq + 1] = "32".into();
+    let eval = args.iter().position(|a| a == "--eval-every").unwrap();
+    args[eval + 1] = "5".into();
+    args.extend(["--grad-accum", "4"].map(String::from));
+    args
+}
+
+#[test]
+fn pipeline_layouts_train_as_one_process() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-pp");
+    for preset in ["tiny-dense", "tiny-moe"] {
+        let single = tmp.path().join(format!("{preset}-single"));
+        let reference = one_process(&pipeline_args(&single, preset), &single);
+        // PP 2 with the first stage's rank 3x slower (it should get fewer layers), DP 2 × PP 2,
+        // and for the MoE model DP 2 × EP 2 × PP 2: every axis at once.
+        let mut layouts = vec![
+            (2, "--pp=2", "--ep=1", "3,1"),
+            (4, "--pp=2", "--ep=1", "1,1,1,1"),
+        ];
+        if preset == "tiny-moe" {
+            layouts.push((4, "--pp=2", "--ep=2", "1,1,1,1"));
+        }
+        for (np, pp, ep, throttle) in layouts {
+            let run = tmp.path().join(format!("{preset}-{np}{pp}{ep}"));
+            let mut args = pipeline_args(&run, preset);
+            args.extend([pp, ep, "--throttle", throttle].map(String::from));
+            mpirun(np, &args);
+            let got = metrics(&run);
+            assert_eq!(got.len(), reference.len());
+            let what = format!("{preset} np {np} {pp} {ep}");
+            for (step, rec) in &got {
+                let mut keys = vec!["loss"];
+                if preset == "tiny-moe" {
+                    keys.extend(["load_balance_loss", "z_loss"]);
+                }
+                for key in keys {
+                    let (a, b) = (
+                        rec[key].as_f64().unwrap(),
+                        reference[step][key].as_f64().unwrap(),
+                    );
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "{what} step {step}: {key} {a} vs one process {b}"
+                    );
+                }
+                assert_eq!(rec["ranks"].as_array().unwrap().len(), np);
+            }
+            let (a, b) = (
+                got[&5]["val_loss"].as_f64().unwrap(),
+                reference[&5]["val_loss"].as_f64().unwrap(),
+            );
+            assert!((a - b).abs() < 1e-5, "{what}: validation loss {a} vs {b}");
+            let stages: Vec<u64> = got[&1]["stage_layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            assert_eq!(stages.iter().sum::<u64>(), 4, "{what}: {stages:?}");
+            if throttle == "3,1" {
+                assert!(
+                    stages[0] < stages[1],
+                    "{what}: the slow first stage should hold fewer layers: {stages:?}"
+                );
+            }
+            let diff = weights_differ_by(&run, &single);
+            assert!(diff < 1e-5, "{what}: weights differ by {diff}");
+        }
+    }
+}
+
+#[test]
+fn a_pipeline_checkpoint_resumes_on_another_layout() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-pp-resume");
+    let single = tmp.path().join("single");
+    let reference = one_process(&pipeline_args(&single, "tiny-moe"), &single);
+    // Steps 1-3 as DP 2 × PP 2, then 4-5 resumed as EP 2 (no pipeline) on 2 ranks.
+    let run = tmp.path().join("run");
+    let mut first = pipeline_args(&run, "tiny-moe");
+    first.extend(["--pp", "2", "--stop-at", "3"].map(String::from));
+    mpirun(4, &first);
+    let mut again: Vec<String> = pipeline_args(&run, "tiny-moe")
+        .into_iter()
+        .filter(|a| a != "--run-dir" && a != &run.display().to_string())
+        .collect();
+    again.extend([
+        "--ep".to_string(),
+        "2".into(),
+        "--resume".into(),
+        run.display().to_string(),
+    ]);
+    mpirun(2, &again);
+    let got = metrics(&run);
+    assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    for (step, rec) in &got {
+        let (a, b) = (
+            rec["loss"].as_f64().unwrap(),
+            reference[step]["loss"].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() < 1e-5,
+            "step {step}: loss {a} vs one process {b}"
+        );
+    }
+    assert!(got[&3]["stage_layers"].is_array() && got[&4]["expert_placement"].is_array());
+}
