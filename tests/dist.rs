@@ -679,3 +679,150 @@ fn a_pipeline_checkpoint_resumes_on_another_layout() {
     }
     assert!(got[&3]["stage_layers"].is_array() && got[&4]["expert_placement"].is_array());
 }
+
+/// A plan file for `nuwa launch --plan`: tiny-moe on `ranks` of `device`.
+fn write_plan(dir: &Path, layout: &str, device: &str, ranks: usize) -> std::path::PathBuf {
+    let path = dir.join("plan.toml");
+    let text = format!(
+        "model = \"tiny-moe\"\nseq_len = 32\nglobal_batch = 16\n[layout]\n{layout}\n\
+         [[part]]\ndevice = \"{device}\"\ncount = {ranks}\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_plan_file_runs_as_planned() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-plan");
+    // DP 2 × EP 2 × PP 2: micro-batches of 2 sequences per replica (4 per step's micro-batch),
+    // 4 of them to the global batch of 16.
+    let plan = write_plan(
+        tmp.path(),
+        "pp = 2\nep = 2\ndp = 2\nmicro_batch = 2",
+        "local-cpu",
+        4,
+    );
+    let run = tmp.path().join("run");
+    let common = [
+        "--steps",
+        "3",
+        "--lr",
+        "3e-3",
+        "--quiet",
+        "--sample-tokens",
+        "0",
+        "--eval-every",
+        "1000",
+    ];
+    let out = Command::new(NUWA)
+        .args(["launch", "--plan", plan.to_str().unwrap()])
+        .args(["--mpirun-arg=-x", "--mpirun-arg=RAYON_NUM_THREADS", "--"])
+        .args(common)
+        .args(["--run-dir", run.to_str().unwrap()])
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = metrics(&run);
+    let single = tmp.path().join("single");
+    let mut args: Vec<String> = common.map(String::from).to_vec();
+    args.extend(
+        [
+            "--preset",
+            "tiny-moe",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "4",
+            "--run-dir",
+        ]
+        .map(String::from),
+    );
+    args.push(single.display().to_string());
+    let reference = one_process(&args, &single);
+    for (step, rec) in &got {
+        let (a, b) = (
+            rec["loss"].as_f64().unwrap(),
+            reference[step]["loss"].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() < 1e-5,
+            "step {step}: loss {a} vs one process {b}"
+        );
+        assert_eq!(rec["ranks"].as_array().unwrap().len(), 4);
+        assert_eq!(rec["stage_layers"].as_array().unwrap().len(), 2);
+        assert_eq!(rec["expert_placement"].as_array().unwrap().len(), 2);
+    }
+}
+
+#[test]
+fn a_plan_that_cannot_run_is_one_line_before_any_rank_starts() {
+    let tmp = TempDir::new("dist-plan-bad");
+    let cases = [
+        // (layout, device, ranks, extra launch flags, what the line says)
+        (
+            "pp = 5\ndp = 1",
+            "local-cpu",
+            5,
+            vec![],
+            "layout.pp = 5: the model has only 4 decoder layers",
+        ),
+        (
+            "ep = 16\ndp = 16",
+            "local-cpu",
+            16,
+            vec![],
+            "layout.ep = 16: more ranks per expert group than the model's 8 routed experts",
+        ),
+        (
+            "pp = 2\ndp = 2",
+            "local-cpu",
+            4,
+            vec!["--np", "6"],
+            "--np 6",
+        ),
+        (
+            "pp = 2\ndp = 2",
+            "H800-SXM",
+            4,
+            vec![],
+            "trains on the cuda backend, which this nuwa was built without",
+        ),
+        (
+            "pp = 2\ndp = 2",
+            "Ascend-910B",
+            4,
+            vec![],
+            "no backend of nuwa drives it yet",
+        ),
+        (
+            "pp = 2\ndp = 3",
+            "local-cpu",
+            4,
+            vec![],
+            "pp 2 × dp 3 = 6 ranks, but the parts list 4 devices",
+        ),
+    ];
+    for (layout, device, ranks, flags, says) in cases {
+        let plan = write_plan(tmp.path(), layout, device, ranks);
+        let out = Command::new(NUWA)
+            .args(["launch", "--plan", plan.to_str().unwrap()])
+            .args(&flags)
+            .args(["--", "--run-dir", tmp.path().join("run").to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{layout}: {stderr}");
+        assert!(stderr.contains(says), "{layout} on {device}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(!stderr.contains("attempt"), "no rank may start: {stderr}");
+        assert!(!tmp.path().join("run").exists());
+    }
+}

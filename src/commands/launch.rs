@@ -1,14 +1,18 @@
 //! `nuwa launch`: run `nuwa train --dist mpi` under mpirun, restarting from the last
 //! checkpoint when a rank fails.
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 
 #[derive(Args)]
 pub struct LaunchArgs {
-    /// Ranks (processes) to start.
+    /// Ranks (processes) to start (default with --plan: the plan's).
     #[arg(long)]
-    np: usize,
+    np: Option<usize>,
+    /// Run a plan file from `nuwa plan --out`: checked before any rank starts, then passed to
+    /// every rank as `nuwa train` flags (so a restart on fewer ranks can re-shape the layout).
+    #[arg(long)]
+    plan: Option<std::path::PathBuf>,
     /// Fewest ranks a restart may use.
     #[arg(long, default_value_t = 1)]
     min_np: usize,
@@ -26,13 +30,31 @@ pub struct LaunchArgs {
 }
 
 pub fn launch(a: LaunchArgs) -> Result<()> {
+    let mut train_args = a.train_args;
+    let np = match &a.plan {
+        Some(path) => {
+            let plan = super::plan_run::load_checked(path)?;
+            if let Some(np) = a.np.filter(|&n| n != plan.ranks()) {
+                bail!(
+                    "--np {np}: {}: the plan is for {} rank(s) (its [[part]] counts)",
+                    path.display(),
+                    plan.ranks()
+                );
+            }
+            train_args.extend(super::plan_run::train_flags(&plan));
+            plan.ranks()
+        }
+        None => {
+            a.np.ok_or_else(|| anyhow!("--np N (ranks to start) is required without --plan"))?
+        }
+    };
     let restarts = nuwa_dist::launch(&nuwa_dist::LaunchOptions {
-        np: a.np,
+        np,
         min_np: a.min_np,
         max_restarts: a.max_restarts,
         keep_size: a.keep_size,
         exe: std::env::current_exe().context("locating the nuwa executable")?,
-        train_args: a.train_args,
+        train_args,
         mpirun_args: a.mpirun_args,
     })?;
     println!("launch: the job finished after {restarts} restart(s)");

@@ -9,6 +9,7 @@ pub mod launch;
 pub mod merge;
 pub mod parity;
 pub mod plan;
+pub mod plan_run;
 pub mod sample;
 pub mod serve;
 pub mod train;

@@ -86,6 +86,9 @@ struct SearchArgs {
     /// Draw the cost-vs-time frontier (SVG).
     #[arg(long, default_value = "plan.svg")]
     plot: PathBuf,
+    /// Write the best plan as a plan file, for `nuwa launch --plan FILE -- ...` to run.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 /// `--objective`.
@@ -297,6 +300,14 @@ fn plan_search(a: SearchArgs) -> Result<()> {
         });
         nuwa_core::atomic_write(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
         println!("plans as JSON: {}", path.display());
+    }
+    if let Some(path) = &a.out {
+        nuwa_plan::PlanFile::of(best, &a.model, a.seq_len, a.global_batch).save(path)?;
+        println!(
+            "best plan written to {} (run it: nuwa launch --plan {} -- --run-dir RUN)",
+            path.display(),
+            path.display()
+        );
     }
     Ok(())
 }

@@ -144,6 +144,10 @@ pub struct TrainArgs {
     /// ranks must divide into this many stages (the ranks of a stage are data-parallel).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pp: u64,
+    /// Run a plan file from `nuwa plan --out`: its model, batch, layout (pp, ep, stage layers,
+    /// expert placement) and each rank's device.
+    #[arg(long)]
+    plan: Option<PathBuf>,
     /// Test-only fault injection: STEP:RANK kills that rank with SIGKILL during that step.
     #[arg(long, hide = true)]
     fault_kill_at: Option<String>,
@@ -285,7 +289,10 @@ fn resume_overrides(a: &TrainArgs, run: &std::path::Path) -> Result<ResumeOverri
 }
 
 /// The communicator and this rank's settings for `--dist`.
-pub fn dist_options(a: &TrainArgs) -> Result<Option<nuwa_train::parallel::DistOptions>> {
+pub fn dist_options(
+    a: &TrainArgs,
+    plan: Option<&nuwa_plan::PlanFile>,
+) -> Result<Option<nuwa_train::parallel::DistOptions>> {
     if a.dist != Some(DistKind::Mpi) {
         return Ok(None);
     }
@@ -310,6 +317,10 @@ pub fn dist_options(a: &TrainArgs) -> Result<Option<nuwa_train::parallel::DistOp
     let hang_at = step_rank("--fault-hang-at", &a.fault_hang_at)?;
     let comm = mpi_comm()?;
     let (rank, ranks) = (comm.rank(), comm.size());
+    if let (Some(plan), Some(path)) = (plan, &a.plan) {
+        plan.check_ranks(ranks)
+            .map_err(|e| anyhow!("--plan {}: {e}", path.display()))?;
+    }
     let throttle = throttles
         .get(rank)
         .copied()
@@ -340,9 +351,9 @@ pub fn dist_options(a: &TrainArgs) -> Result<Option<nuwa_train::parallel::DistOp
         },
         hash_params: a.hash_params,
         ep: a.ep as usize,
-        placement: None,
+        placement: plan.and_then(|p| p.layout.expert_placement.clone()),
         pp: a.pp as usize,
-        stage_layers: None,
+        stage_layers: plan.and_then(|p| p.layout.stage_layers.clone()),
     }))
 }
 
@@ -358,8 +369,12 @@ pub fn mpi_comm() -> Result<std::sync::Arc<dyn nuwa_train::parallel::Collective>
     bail!("--dist mpi: this nuwa was built without MPI; rebuild with `cargo build --release --features mpi` (needs Open MPI)")
 }
 
-pub fn train(a: TrainArgs) -> Result<()> {
+pub fn train(mut a: TrainArgs) -> Result<()> {
     check_hook_flags(&a)?;
+    let plan = match a.plan.clone() {
+        Some(path) => Some(apply_plan(&mut a, &path)?),
+        None => None,
+    };
     if (a.ep > 1 || a.pp > 1) && a.dist.is_none() {
         bail!(
             "--ep / --pp split the model over several processes: start them with `nuwa launch              --np N -- ...` or `mpirun -np N nuwa train --dist mpi ...`"
@@ -368,14 +383,19 @@ pub fn train(a: TrainArgs) -> Result<()> {
     if (a.ep > 1 || a.pp > 1) && (!a.dump_tensors.is_empty() || a.parity_every > 0) {
         bail!("--dump-tensors / --parity-every need the whole model in one process; not with --ep / --pp");
     }
-    let dist = dist_options(&a)?;
+    let dist = dist_options(&a, plan.as_ref())?;
     let rank = dist.as_ref().map_or(0, |d| d.comm.rank());
-    let device_name = match (&a.cluster, &dist) {
-        (Some(p), Some(_)) => nuwa_dist::ClusterFile::load(p)?.spec(rank).device,
+    let device_name = match (&a.cluster, &dist, &plan) {
+        (Some(p), Some(_), _) => nuwa_dist::ClusterFile::load(p)?.spec(rank).device,
+        (None, _, Some(plan)) => super::plan_run::device_of(plan, rank),
         _ => a.device.clone(),
     };
     let device = device::parse_device(&device_name)?;
     let mut config = run_config(&a)?;
+    if let (Some(plan), Some(path)) = (&plan, &a.plan) {
+        plan.check_model(&config.model)
+            .map_err(|e| anyhow!("--plan {}: {e}", path.display()))?;
+    }
     let init_weights = match &a.init_from {
         Some(dir) => {
             let ckpt = nuwa_hf::HfCheckpoint::open(dir)?;
@@ -478,6 +498,37 @@ pub fn train(a: TrainArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--plan FILE`: checks it and takes its model, batch and layout into the flags (a flag
+/// that says otherwise is refused).
+fn apply_plan(a: &mut TrainArgs, path: &std::path::Path) -> Result<nuwa_plan::PlanFile> {
+    {
+        use super::plan_run::take;
+        let plan = super::plan_run::load_checked(path)?;
+        if a.preset.is_none() && a.config.is_none() && a.model_config.is_none() {
+            match std::path::Path::new(&plan.model).exists() {
+                true => a.model_config = Some(PathBuf::from(&plan.model)),
+                false => a.preset = Some(plan.model.clone()),
+            }
+        }
+        take("--seq-len", &mut a.seq_len, plan.seq_len)?;
+        take("--batch-size", &mut a.batch_size, plan.batch_size())?;
+        take("--grad-accum", &mut a.grad_accum, plan.grad_accum())?;
+        let (mut ep, mut pp) = ((a.ep > 1).then_some(a.ep), (a.pp > 1).then_some(a.pp));
+        take("--ep", &mut ep, plan.layout.ep as u64)?;
+        take("--pp", &mut pp, plan.layout.pp as u64)?;
+        (a.ep, a.pp) = (plan.layout.ep as u64, plan.layout.pp as u64);
+        if plan.ranks() > 1 && a.dist.is_none() {
+            bail!(
+                "--plan {}: the plan is for {} ranks: start them with `nuwa launch --plan {} -- ...`",
+                path.display(),
+                plan.ranks(),
+                path.display()
+            );
+        }
+        Ok(plan)
+    }
 }
 
 /// Refuses bad `--dump-tensors` / `--parity-every` flags before anything is created.

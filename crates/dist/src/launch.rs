@@ -65,23 +65,59 @@ pub fn ep_for(np: usize, ep: usize) -> usize {
     }
 }
 
-/// `args` with `--ep` (or `--ep=`) set for `np` ranks.
-fn with_ep_for(args: &[String], np: usize) -> Vec<String> {
+/// Pipeline stages for a restart on `np` ranks: kept when they still divide them, else the
+/// largest number below that does (the checkpoint loads on any stages).
+pub fn pp_for(np: usize, pp: usize) -> usize {
+    (1..=pp.min(np).max(1))
+        .rev()
+        .find(|d| np.is_multiple_of(*d))
+        .unwrap_or(1)
+}
+
+/// `args` with `flag` (or `flag=`) re-shaped for `np` ranks by `resize`.
+fn with_resized(
+    args: &[String],
+    flag: &str,
+    np: usize,
+    resize: fn(usize, usize) -> usize,
+) -> Vec<String> {
     let mut out = args.to_vec();
+    let inline_prefix = format!("{flag}=");
     for i in 0..out.len() {
-        let value = match out[i].strip_prefix("--ep=") {
+        let value = match out[i].strip_prefix(&inline_prefix) {
             Some(v) => Some((i, v.to_string(), true)),
-            None if out[i] == "--ep" => out.get(i + 1).map(|v| (i + 1, v.clone(), false)),
+            None if out[i] == flag => out.get(i + 1).map(|v| (i + 1, v.clone(), false)),
             None => None,
         };
         if let Some((at, v, inline)) = value {
-            if let Ok(ep) = v.parse::<usize>() {
-                let new = ep_for(np, ep).to_string();
-                out[at] = if inline { format!("--ep={new}") } else { new };
+            if let Ok(n) = v.parse::<usize>() {
+                let new = resize(np, n).to_string();
+                out[at] = if inline {
+                    format!("{inline_prefix}{new}")
+                } else {
+                    new
+                };
             }
         }
     }
     out
+}
+
+/// `args` with `--pp` and `--ep` set for `np` ranks: stages first, then expert groups within
+/// a stage's ranks.
+fn with_ep_for(args: &[String], np: usize) -> Vec<String> {
+    let staged = with_resized(args, "--pp", np, pp_for);
+    let pp = staged
+        .windows(2)
+        .find(|w| w[0] == "--pp")
+        .and_then(|w| w[1].parse::<usize>().ok())
+        .or_else(|| {
+            staged
+                .iter()
+                .find_map(|a| a.strip_prefix("--pp=")?.parse().ok())
+        })
+        .unwrap_or(1);
+    with_resized(&staged, "--ep", np / pp.max(1), ep_for)
 }
 
 fn last_step(run: &Path) -> Option<u64> {
@@ -173,5 +209,9 @@ mod tests {
         let args: Vec<String> = ["--ep", "2", "--steps", "3"].map(String::from).to_vec();
         assert_eq!(with_ep_for(&args, 3)[1], "3");
         assert_eq!(with_ep_for(&["--ep=4".to_string()], 2)[0], "--ep=2");
+        assert_eq!(pp_for(3, 2), 1);
+        assert_eq!(pp_for(6, 4), 3);
+        let args: Vec<String> = ["--pp", "2", "--ep", "2"].map(String::from).to_vec();
+        assert_eq!(with_ep_for(&args, 6), ["--pp", "2", "--ep", "3"]);
     }
 }

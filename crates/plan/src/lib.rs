@@ -6,6 +6,7 @@
 pub mod calibration;
 pub mod catalogue;
 pub mod cost;
+pub mod planfile;
 pub mod report;
 pub mod search;
 pub mod verify;
@@ -13,6 +14,7 @@ pub mod verify;
 pub use calibration::{Calibration, Point, DEFAULT_EFFICIENCY};
 pub use catalogue::{Available, Catalogue, Device, Inventory};
 pub use cost::{Layout, Workload};
+pub use planfile::PlanFile;
 pub use search::{Constraints, Objective, Plan};
 
 use anyhow::{anyhow, Result};

@@ -87,7 +87,10 @@ fn counts(group: usize, available: usize) -> Vec<usize> {
 fn layouts(w: &Workload, per_node: usize) -> Vec<Layout> {
     let cfg = &w.model;
     let mut out = Vec::new();
-    for tp in powers_of_two_up_to(per_node.min(8)) {
+    // Only layouts `nuwa train` runs: pipeline and expert parallelism over data parallelism;
+    // tensor parallelism is not implemented yet, so tp stays 1.
+    let _ = per_node;
+    for tp in [1] {
         // Heads split over tensor-parallel ranks; KV heads split too, or are replicated when
         // there are fewer of them than ranks.
         let kv = cfg.num_key_value_heads;

@@ -4,7 +4,8 @@
 //! turn, then the backwards left). A micro-batch is one of the step's `grad_accum` batches, so
 //! a pipeline computes exactly what one process computes with the same `--grad-accum`.
 //!
-//! The world's ranks form `pp` stages of `world / pp` ranks each (stage = rank / (world / pp));
+//! The world's ranks form `world / pp` pipelines of `pp` consecutive ranks (rank = replica ·
+//! pp + stage, so a pipeline sits on one kind of device when a plan lists devices by kind);
 //! the ranks of a stage are data-parallel replicas of it (each takes an equal share of every
 //! micro-batch, and their gradients are summed), and may split its routed experts in
 //! expert-parallel groups: DP × EP × PP in one job.
@@ -142,7 +143,7 @@ impl Pipeline {
 
     /// The world rank of this rank's counterpart in stage `s`.
     fn rank_in_stage(&self, s: usize) -> usize {
-        s * self.replicas + self.d
+        self.d * self.pp + s
     }
 
     /// Seconds one decoder layer's forward and backward take here on a micro-batch (after one
@@ -196,7 +197,7 @@ impl Pipeline {
         let mut speeds = vec![f64::MAX; self.pp];
         let mut memory = vec![f64::MAX; self.pp];
         for (r, v) in all.chunks(2).enumerate() {
-            let s = r / self.replicas;
+            let s = r % self.pp;
             speeds[s] = speeds[s].min(1.0 / v[0].max(1e-9));
             memory[s] = memory[s].min(v[1]);
         }
@@ -517,9 +518,9 @@ impl Pipeline {
                 v
             })
         };
-        for j in 0..warmup {
+        for (j, batch) in batches.iter().enumerate().take(warmup) {
             let x = recv(prev, size(j), &mut p2p);
-            let f = self.forward(model, &batches[j], x, weight(j), t, device, &mut totals);
+            let f = self.forward(model, batch, x, weight(j), t, device, &mut totals);
             if let Some(to) = next {
                 p2p += self.send(to, f.out.clone().detach());
             }
@@ -599,7 +600,7 @@ impl Parallelism for Pipeline {
         check_pipeline_layout(cfg, self.pp, ranks)?;
         self.replicas = ranks / self.pp;
         let rank = self.world.rank();
-        (self.s, self.d) = (rank / self.replicas, rank % self.replicas);
+        (self.s, self.d) = (rank % self.pp, rank / self.pp);
         self.stage_comm = self.world.split(self.s);
         self.shares =
             nuwa_core::proportional_shares(cfg.train.batch_size, &vec![1.0; self.replicas], &[]);
@@ -744,7 +745,7 @@ impl Parallelism for Pipeline {
         let ranks: Vec<Value> = (0..self.world.size())
             .map(|r| {
                 let (compute, p2p, schedule) = (col(3)[r], col(4)[r], col(9)[r]);
-                json!({"rank": r, "stage": r / self.replicas, "seqs": col(6)[r],
+                json!({"rank": r, "stage": r % self.pp, "seqs": col(6)[r],
                        "compute_s": compute, "p2p_s": p2p, "comm_s": col(5)[r],
                        "a2a_s": col(8)[r],
                        "bubble": ((schedule - compute) / schedule.max(1e-9)).max(0.0)})
