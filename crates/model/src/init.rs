@@ -36,6 +36,9 @@ struct Init<'a> {
     /// Which parameters to initialise; the others are left as they are (unallocated, when
     /// the module was built lazily).
     keep: &'a dyn Fn(&str) -> bool,
+    /// The routed experts this module holds of how many: stacked expert weights get the
+    /// values of their experts in the whole stack.
+    experts: Option<(std::ops::Range<usize>, usize)>,
 }
 
 impl ModuleMapper for Init<'_> {
@@ -53,8 +56,17 @@ impl ModuleMapper for Init<'_> {
         let (id, tensor, mapper) = param.consume();
         let shape = tensor.dims();
         let numel: usize = shape.iter().product();
-        let values = if D >= 2 {
-            normals(splitmix64(self.seed ^ hash_path(&path)), numel, self.std)
+        let key = splitmix64(self.seed ^ hash_path(&path));
+        let sliced = self
+            .experts
+            .as_ref()
+            .filter(|_| D == 3 && crate::expert_parallel::is_routed_expert(&path));
+        let values = if let Some((local, total)) = sliced {
+            // The whole stack's stream, this slice of it: the same values as one process's.
+            let per = numel / local.len().max(1);
+            normals(key, total * per, self.std)[local.start * per..local.end * per].to_vec()
+        } else if D >= 2 {
+            normals(key, numel, self.std)
         } else if path.ends_with("bias") {
             vec![0.0; numel]
         } else {
@@ -94,11 +106,24 @@ pub fn init_weights_where<M: Module>(
     std: f64,
     keep: &dyn Fn(&str) -> bool,
 ) -> M {
+    init_weights_sharded(module, seed, std, keep, None)
+}
+
+/// [`init_weights_where`] for a module whose stacked routed-expert weights hold only experts
+/// `experts.0` of `experts.1`: each gets the values it has in the whole stack.
+pub fn init_weights_sharded<M: Module>(
+    module: M,
+    seed: u64,
+    std: f64,
+    keep: &dyn Fn(&str) -> bool,
+    experts: Option<(std::ops::Range<usize>, usize)>,
+) -> M {
     module.map(&mut Init {
         seed,
         std,
         path: ModulePath::default(),
         keep,
+        experts,
     })
 }
 

@@ -61,6 +61,30 @@ impl LanguageModel {
         })
     }
 
+    /// The parameters this process holds — `stage`'s (all without one) with only `group`'s
+    /// share of the routed experts (all without one) — initialised from `seed` with the values
+    /// [`LanguageModel::new`] gives them; nothing else is allocated.
+    pub fn new_part(
+        cfg: &ModelConfig,
+        device: &Device,
+        seed: u64,
+        stage: Option<&Stage>,
+        group: Option<&crate::expert_parallel::ExpertGroup>,
+    ) -> Self {
+        let mut model = Self::uninitialised(cfg, device);
+        let experts = group.map(|g| (g.local_experts(), g.placement.experts()));
+        if let Some(g) = group {
+            let local = g.local_experts().len();
+            let (h, w) = (cfg.hidden_size, cfg.moe_intermediate_size);
+            for moe in model.moe_layers_mut() {
+                moe.experts = crate::moe::Experts::new(local, h, w, device);
+                moe.expert_group = Some(g.clone());
+            }
+        }
+        let keep = |p: &str| stage.is_none_or(|s| s.owns(p));
+        crate::init::init_weights_sharded(model, seed, INIT_STD, &keep, experts)
+    }
+
     /// Training's forward pass through one stage: the stage's layers on the tokens
     /// (embedded) or the previous stage's hidden states; on the last stage, then the final
     /// norm and the LM head (logits `[batch, len, vocab]`), else the hidden states.

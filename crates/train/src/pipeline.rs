@@ -641,10 +641,17 @@ impl Parallelism for Pipeline {
         match &self.experts_group {
             Some(group) => {
                 expert::slice_optimizer(opt, group, device);
-                model.shard_experts(group)
+                match model.expert_group() {
+                    Some(_) => model, // built with its share only
+                    None => model.shard_experts(group),
+                }
             }
             None => model,
         }
+    }
+
+    fn expert_group(&self) -> Option<ExpertGroup> {
+        self.experts_group.clone()
     }
 
     fn shards_model(&self) -> bool {
@@ -737,6 +744,7 @@ impl Parallelism for Pipeline {
             stop as u8 as f64,
             a2a_s,
             schedule_s,
+            nuwa_core::hardware::peak_rss_bytes().unwrap_or(0) as f64,
         ];
         let all = self.world.all_gather(&mine);
         let col = |i: usize| -> Vec<f64> { all.chunks(mine.len()).map(|c| c[i]).collect() };
@@ -747,7 +755,7 @@ impl Parallelism for Pipeline {
                 let (compute, p2p, schedule) = (col(3)[r], col(4)[r], col(9)[r]);
                 json!({"rank": r, "stage": r % self.pp, "seqs": col(6)[r],
                        "compute_s": compute, "p2p_s": p2p, "comm_s": col(5)[r],
-                       "a2a_s": col(8)[r],
+                       "a2a_s": col(8)[r], "peak_rss_bytes": col(10)[r],
                        "bubble": ((schedule - compute) / schedule.max(1e-9)).max(0.0)})
             })
             .collect();

@@ -249,24 +249,27 @@ pub fn open_session(opts: &TrainOptions, strategy: &mut dyn Parallelism) -> Resu
     strategy.start(&cfg, start_at)?;
     let t = &cfg.train;
     let device = opts.device.clone().autodiff();
-    let stage = strategy.stage();
-    let mut model = match &stage {
-        Some(stage) => LanguageModel::new_stage(&cfg.model, stage, &device, t.seed),
-        None => LanguageModel::new(&cfg.model, &device, t.seed),
+    // A process of a pipeline or expert-parallel job allocates only its own part.
+    let (stage, group) = (strategy.stage(), strategy.expert_group());
+    let mut model = match (&stage, &group) {
+        (None, None) => LanguageModel::new(&cfg.model, &device, t.seed),
+        _ => LanguageModel::new_part(&cfg.model, &device, t.seed, stage.as_ref(), group.as_ref()),
     };
-    // A pipeline stage takes its own tensors of a whole checkpoint (any layout wrote it).
-    let load =
-        |model: LanguageModel, weights: &BTreeMap<String, HostTensor>, what: &str| match &stage {
-            Some(stage) => {
-                let own: BTreeMap<String, HostTensor> = weights
-                    .iter()
-                    .filter(|(n, _)| stage.owns(n))
-                    .map(|(n, t)| (n.clone(), t.clone()))
-                    .collect();
-                Ok(nuwa_model::weights::replace_weights(model, &own))
-            }
-            None => assign_weights(model, weights, what),
-        };
+    // It takes its own tensors of a whole checkpoint (whatever layout wrote it).
+    let load = |model: LanguageModel, weights: &BTreeMap<String, HostTensor>, what: &str| {
+        let mut own: BTreeMap<String, HostTensor> = weights
+            .iter()
+            .filter(|(n, _)| stage.as_ref().is_none_or(|s| s.owns(n)))
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        if let Some(group) = &group {
+            own.extend(crate::expert::slice_experts(&own, group));
+        }
+        match &stage {
+            Some(_) => Ok(nuwa_model::weights::replace_weights(model, &own)),
+            None => assign_weights(model, &own, what),
+        }
+    };
     let mut opt = AdamW::new(AdamWConfig {
         beta1: t.beta1,
         beta2: t.beta2,

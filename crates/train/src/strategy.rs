@@ -77,6 +77,11 @@ pub trait Parallelism {
     fn stage(&self) -> Option<nuwa_model::stage::Stage> {
         None
     }
+    /// The expert-parallel group this process is in (set by `start`): it holds only its
+    /// share of the routed experts.
+    fn expert_group(&self) -> Option<ExpertGroup> {
+        None
+    }
     /// This process's parameters on the host, by name (a checkpoint's part).
     fn host_weights(&self, model: &LanguageModel) -> BTreeMap<String, HostTensor> {
         nuwa_model::weights::collect_weights(model)
@@ -364,10 +369,17 @@ impl Parallelism for DataParallel {
         match &self.experts_group {
             Some(group) => {
                 crate::expert::slice_optimizer(opt, group, device);
-                model.shard_experts(group)
+                match model.expert_group() {
+                    Some(_) => model, // built with its share only
+                    None => model.shard_experts(group),
+                }
             }
             None => model,
         }
+    }
+
+    fn expert_group(&self) -> Option<ExpertGroup> {
+        self.experts_group.clone()
     }
 
     fn shards_model(&self) -> bool {
@@ -496,13 +508,14 @@ impl Parallelism for DataParallel {
             local.mtp_loss.unwrap_or(0.0),
             a2a_s,
             work,
+            nuwa_core::hardware::peak_rss_bytes().unwrap_or(0) as f64,
         ];
         let all = self.comm().all_gather(&mine);
         let expert_load = self.global_load(&local.step_load);
         self.watchdog.leave();
         let col = |i: usize| -> Vec<f64> { all.chunks(mine.len()).map(|c| c[i]).collect() };
         let (computes, waits, comms, seqs) = (col(3), col(4), col(5), col(6));
-        let (a2a, work) = (col(9), col(10));
+        let (a2a, work, rss) = (col(9), col(10), col(11));
         let (slow_now, stragglers, notes) = self.stragglers(step, &computes);
         // A process's first step is warm-up (first allocations, page faults) and says
         // little about its speed: the profile is the second step, planned on at once.
@@ -524,7 +537,8 @@ impl Parallelism for DataParallel {
         let ranks: Vec<Value> = (0..computes.len())
             .map(|r| {
                 json!({"rank": r, "seqs": seqs[r], "compute_s": computes[r],
-                       "wait_s": waits[r], "comm_s": comms[r], "a2a_s": a2a[r]})
+                       "wait_s": waits[r], "comm_s": comms[r], "a2a_s": a2a[r],
+                       "peak_rss_bytes": rss[r]})
             })
             .collect();
         let mut metrics = json!({
