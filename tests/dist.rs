@@ -826,3 +826,84 @@ fn a_plan_that_cannot_run_is_one_line_before_any_rank_starts() {
         assert!(!tmp.path().join("run").exists());
     }
 }
+
+#[test]
+fn memory_per_rank_falls_as_the_layout_predicts() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-memory");
+    // A MoE model whose weights, gradients and AdamW moments dominate a rank's memory.
+    let args = |run: &Path| -> Vec<String> {
+        let mut a = sized_args(run, "3", "4", "512");
+        a[1] = "tiny-moe".into();
+        let layers = a.iter().position(|x| x == "--layers").unwrap();
+        a[layers + 1] = "4".into();
+        a
+    };
+    let peak = |run: &Path| -> Vec<f64> {
+        let last = metrics(run).into_values().last().unwrap();
+        let ranks = last["ranks"].as_array().unwrap().clone();
+        ranks
+            .iter()
+            .map(|r| r["peak_rss_bytes"].as_f64().unwrap())
+            .collect()
+    };
+    let dp = tmp.path().join("dp");
+    mpirun(2, &args(&dp));
+    let weights = last_weights(&dp);
+    let size = |keep: &dyn Fn(&str) -> bool| -> f64 {
+        weights
+            .iter()
+            .filter(|(n, _)| keep(n))
+            .map(|(_, t)| t.data.len() as f64)
+            .sum()
+    };
+    let total = size(&|_| true);
+    let experts = size(&|n| n.contains(".moe.experts."));
+    let dp_peak = peak(&dp);
+    for (flag, held) in [
+        ("--ep", vec![total - experts / 2.0; 2]),
+        ("--pp", Vec::new()),
+    ] {
+        let run = tmp.path().join(flag.trim_start_matches('-'));
+        let mut a = args(&run);
+        a.extend([flag.to_string(), "2".into()]);
+        mpirun(2, &a);
+        // What each rank holds: half the experts, or its stage's layers (and the embeddings
+        // on the first, the final norm and head on the last).
+        let held = match held.is_empty() {
+            false => held,
+            true => {
+                let rec = metrics(&run).into_values().last().unwrap();
+                let stages: Vec<usize> = rec["stage_layers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as usize)
+                    .collect();
+                let layer_of = |n: &str| {
+                    n.strip_prefix("layers.")?
+                        .split('.')
+                        .next()?
+                        .parse::<usize>()
+                        .ok()
+                };
+                let first = move |n: &str| match layer_of(n) {
+                    Some(l) => l < stages[0],
+                    None => n.starts_with("word_embeddings"),
+                };
+                vec![size(&first), total - size(&first)]
+            }
+        };
+        for (r, (&got, &want)) in peak(&run).iter().zip(&held).enumerate() {
+            let measured = got / dp_peak[r];
+            let predicted = want / total;
+            assert!(
+                measured < 0.85 && measured <= predicted + 0.15,
+                "{flag} 2, rank {r}: peak RSS {:.0} MiB is {measured:.2} of data parallelism's \
+                 {:.0} MiB; holding {predicted:.2} of the parameters predicts about that",
+                got / 1048576.0,
+                dp_peak[r] / 1048576.0
+            );
+        }
+    }
+}
