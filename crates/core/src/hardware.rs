@@ -80,6 +80,14 @@ pub fn available_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// This process's peak resident memory so far (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::peak_flops;
@@ -93,12 +101,4 @@ mod tests {
         let err = peak_flops("cuda", Some("Z9")).unwrap_err().to_string();
         assert!(err.contains("Z9") && err.contains("H100"), "{err}");
     }
-}
-
-/// This process's peak resident memory so far (Linux `VmHWM`), in bytes.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
