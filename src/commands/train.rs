@@ -144,6 +144,10 @@ pub struct TrainArgs {
     /// ranks must divide into this many stages (the ranks of a stage are data-parallel).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pp: u64,
+    /// Decoder layers per pipeline stage, e.g. `3,1` (default: sized by each stage's measured
+    /// speed and memory).
+    #[arg(long, value_delimiter = ',')]
+    stage_layers: Option<Vec<usize>>,
     /// Run a plan file from `nuwa plan --out`: its model, batch, layout (pp, ep, stage layers,
     /// expert placement) and each rank's device.
     #[arg(long)]
@@ -353,7 +357,10 @@ pub fn dist_options(
         ep: a.ep as usize,
         placement: plan.and_then(|p| p.layout.expert_placement.clone()),
         pp: a.pp as usize,
-        stage_layers: plan.and_then(|p| p.layout.stage_layers.clone()),
+        stage_layers: a
+            .stage_layers
+            .clone()
+            .or_else(|| plan.and_then(|p| p.layout.stage_layers.clone())),
     }))
 }
 
