@@ -860,6 +860,17 @@ fn memory_per_rank_falls_as_the_layout_predicts() {
     let total = size(&|_| true);
     let experts = size(&|n| n.contains(".moe.experts."));
     let dp_peak = peak(&dp);
+    // What a rank takes besides the model (program, MPI, data, allocator): the same job with
+    // a model of width 32.
+    let small = tmp.path().join("small");
+    let mut small_args = args(&small);
+    let width = small_args
+        .iter()
+        .position(|x| x == "--hidden-size")
+        .unwrap();
+    small_args[width + 1] = "32".into();
+    mpirun(2, &small_args);
+    let base = peak(&small);
     for (flag, held) in [
         ("--ep", vec![total - experts / 2.0; 2]),
         ("--pp", Vec::new()),
@@ -895,14 +906,21 @@ fn memory_per_rank_falls_as_the_layout_predicts() {
             }
         };
         for (r, (&got, &want)) in peak(&run).iter().zip(&held).enumerate() {
-            let measured = got / dp_peak[r];
-            let predicted = want / total;
+            // The model's part of data parallelism's peak, scaled to what this rank holds.
+            let predicted = base[r] + (dp_peak[r] - base[r]) * want / total;
+            let mib = |b: f64| b / 1048576.0;
+            // A pipeline stage keeps more per parameter than a data-parallel rank (measured:
+            // 1.17-1.32x its share on these shapes; docs/PARALLEL.md), so its bound is looser.
+            let slack = if flag == "--pp" { 1.35 } else { 1.15 };
             assert!(
-                measured < 0.85 && measured <= predicted + 0.15,
-                "{flag} 2, rank {r}: peak RSS {:.0} MiB is {measured:.2} of data parallelism's \
-                 {:.0} MiB; holding {predicted:.2} of the parameters predicts about that",
-                got / 1048576.0,
-                dp_peak[r] / 1048576.0
+                got < 0.85 * dp_peak[r] && got <= slack * predicted,
+                "{flag} 2, rank {r}: peak RSS {:.0} MiB; data parallelism's {:.0} MiB, {:.0} MiB \
+                 without the model: holding {:.2} of the parameters predicts {:.0} MiB",
+                mib(got),
+                mib(dp_peak[r]),
+                mib(base[r]),
+                want / total,
+                mib(predicted)
             );
         }
     }

@@ -59,3 +59,67 @@ impl Collective for SoloCollective {
         unreachable!("a single process has no rank {to} to exchange with")
     }
 }
+
+/// The pace of this process's compute within a step: test-only slowdown (fault injection's
+/// `--throttle`) applied to every stretch of compute between collectives — as a slower device
+/// would be slower at each layer, not only at the end of its step — and the time spent in
+/// collectives inside the step, which is waiting, not this process's compute.
+pub mod pace {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    /// The slowdown factor's bits (1.0: none).
+    static SLOWDOWN: AtomicU64 = AtomicU64::new(0x3ff0_0000_0000_0000);
+    static WAITED_NS: AtomicU64 = AtomicU64::new(0);
+
+    thread_local! {
+        static MARK: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+
+    /// Test-only: this process computes `factor`× slower from now on (1: full speed).
+    pub fn set_slowdown(factor: f64) {
+        SLOWDOWN.store(factor.max(1.0).to_bits(), Ordering::Relaxed);
+    }
+
+    /// A step's compute begins.
+    pub fn start_step() {
+        MARK.with(|m| m.set(Some(Instant::now())));
+        WAITED_NS.store(0, Ordering::Relaxed);
+    }
+
+    /// Stretches the compute since the last mark by the slowdown; returns the time slept.
+    fn stretch() -> Duration {
+        let factor = f64::from_bits(SLOWDOWN.load(Ordering::Relaxed));
+        let since = MARK
+            .with(|m| m.get())
+            .map(|t| t.elapsed())
+            .unwrap_or_default();
+        if factor <= 1.0 || since.is_zero() {
+            return Duration::ZERO;
+        }
+        let extra = since.mul_f64(factor - 1.0);
+        std::thread::sleep(extra);
+        extra
+    }
+
+    /// Runs a collective inside a step: the compute before it stretched, its own time counted
+    /// as waiting.
+    pub fn collective<R>(f: impl FnOnce() -> R) -> R {
+        stretch();
+        let started = Instant::now();
+        let out = f();
+        WAITED_NS.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        MARK.with(|m| m.set(Some(Instant::now())));
+        out
+    }
+
+    /// A step's compute ends: returns (seconds slept stretching its last stretch, seconds
+    /// spent in collectives since [`start_step`]).
+    pub fn end_step() -> (f64, f64) {
+        let slept = stretch().as_secs_f64();
+        MARK.with(|m| m.set(None));
+        let waited = WAITED_NS.swap(0, Ordering::Relaxed) as f64 * 1e-9;
+        (slept, waited)
+    }
+}

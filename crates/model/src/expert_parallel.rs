@@ -252,16 +252,18 @@ impl Route {
 
     /// Exchanges host rows of `cols` values.
     fn run(&self, values: &[f32], cols: usize) -> Vec<f32> {
-        let started = Instant::now();
         let elements = |rows: &[usize]| rows.iter().map(|r| r * cols).collect::<Vec<_>>();
-        let out = self.comm.all_to_all_v(
-            values,
-            &elements(&self.send_rows),
-            &elements(&self.recv_rows),
-        );
-        let ns = started.elapsed().as_nanos() as u64;
-        self.clock.fetch_add(ns, Ordering::Relaxed);
-        out
+        nuwa_core::comm::pace::collective(|| {
+            let started = Instant::now();
+            let out = self.comm.all_to_all_v(
+                values,
+                &elements(&self.send_rows),
+                &elements(&self.recv_rows),
+            );
+            self.clock
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            out
+        })
     }
 
     fn received(&self) -> usize {

@@ -23,21 +23,21 @@ impl Faults {
         if self.kill_at == Some((step, rank)) {
             kill_self();
         }
+        self.pace_step(step);
     }
 
-    /// This rank computed its part of `step` in `compute_s`; returns the compute time as the
-    /// throttled device would have taken it.
-    pub fn after_compute(&self, step: u64, rank: usize, compute_s: f64) -> f64 {
-        let mut compute_s = compute_s;
-        if self.throttle > 1.0 && step >= self.throttle_from {
-            let extra = (self.throttle - 1.0) * compute_s;
-            std::thread::sleep(Duration::from_secs_f64(extra));
-            compute_s += extra;
-        }
+    /// Step `step` starts computing: a throttled rank computes slower from `throttle_from` on
+    /// (every stretch of its compute between collectives, see `nuwa_core::comm::pace`).
+    pub fn pace_step(&self, step: u64) {
+        let slow = self.throttle > 1.0 && step >= self.throttle_from;
+        nuwa_core::comm::pace::set_slowdown(if slow { self.throttle } else { 1.0 });
+    }
+
+    /// This rank computed its part of `step`: a hung device stops here.
+    pub fn after_compute(&self, step: u64, rank: usize) {
         if self.hang_at == Some((step, rank)) {
             std::thread::sleep(Duration::from_secs(3600));
         }
-        compute_s
     }
 }
 

@@ -48,7 +48,7 @@ impl GlobalBatch<'_> {
         let mut counts: Vec<f32> = local.iter().flatten().map(|&c| c as f32).collect();
         counts.resize(self.counts_len, 0.0); // a rank with no rows has nothing to add
         self.watchdog.enter(self.step);
-        self.comm.all_reduce_sum(&mut counts);
+        nuwa_core::comm::pace::collective(|| self.comm.all_reduce_sum(&mut counts));
         self.watchdog.leave();
         counts
     }

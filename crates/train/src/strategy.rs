@@ -438,6 +438,7 @@ impl Parallelism for DataParallel {
 
     #[allow(unused_variables)]
     fn begin_step(&mut self, step: u64) {
+        nuwa_core::comm::pace::start_step();
         if let Some(group) = &self.experts_group {
             // Evaluation between steps ran experts too; count only the step's.
             group.take_expert_rows();
@@ -472,14 +473,12 @@ impl Parallelism for DataParallel {
             }
             None => local.rows as f64,
         };
-        local.compute_s = (local.compute_s - a2a_s).max(0.0);
+        // A throttled rank's last stretch of compute, then its compute without the time it
+        // waited in collectives inside the step (exchanges, the router losses' counts).
+        let (slept, waited) = nuwa_core::comm::pace::end_step();
+        local.compute_s = (local.compute_s + slept - waited).max(0.0);
         #[cfg(feature = "fault-injection")]
-        {
-            local.compute_s = self
-                .opts
-                .faults
-                .after_compute(step, self.rank(), local.compute_s);
-        }
+        self.opts.faults.after_compute(step, self.rank());
         // Time spent waiting for the slowest rank, then the all-reduce itself.
         self.watchdog.enter(step);
         let waited = Instant::now();
