@@ -169,9 +169,7 @@ impl ExpertGroup {
         let (world, num_experts) = (self.comm.size(), tokens.len());
         // Every rank's tokens per expert: what each sends and receives follows from it.
         let mine: Vec<f64> = tokens.iter().map(|t| t.len() as f64).collect();
-        let counts: Vec<usize> = self
-            .comm
-            .all_gather(&mine)
+        let counts: Vec<usize> = nuwa_core::comm::pace::collective(|| self.comm.all_gather(&mine))
             .iter()
             .map(|&c| c as usize)
             .collect();
