@@ -73,6 +73,63 @@ def both_alone_at_once(steps):
         return {"tokens_per_s": sum(result(p, d)["tokens_per_s"] for p, d in zip(procs, dirs))}
 
 
+def model_file(tmp):
+    """The bench's model as a config file a plan can name (written from a run's config)."""
+    import tomllib
+    run_dir = os.path.join(tmp, "cfg")
+    result(start(1, [], 2, run_dir), run_dir)
+    with open(os.path.join(run_dir, "config.toml"), "rb") as f:
+        model = tomllib.load(f)["model"]
+
+    def value(x):
+        if isinstance(x, bool):
+            return "true" if x else "false"
+        if isinstance(x, str):
+            return f'"{x}"'
+        if isinstance(x, list):
+            return "[" + ", ".join(value(i) for i in x) + "]"
+        return repr(x)
+    path = os.path.join(tmp, "model.toml")
+    with open(path, "w") as f:
+        f.writelines(f"{k} = {value(v)}\n" for k, v in model.items() if not isinstance(v, dict))
+    return path
+
+
+def predicted_vs_measured(steps):
+    """Plan files for DP 2, DP 2 x EP 2 and PP 2 on two of this machine's cores: the cost
+    model's step time (calibrated here, two calibrations at once as the two ranks run) against
+    the runs `nuwa launch --plan` makes of them, as `nuwa plan verify` reports it."""
+    env = dict(os.environ, RAYON_NUM_THREADS="1")
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = model_file(tmp)
+        cals = [os.path.join(tmp, f"cal{i}.json") for i in range(2)]
+        procs = [subprocess.Popen([NUWA, "plan", "calibrate", "--out", c, "--steps", "3"], env=env,
+                                  stdout=subprocess.DEVNULL) for c in cals]
+        if any(p.wait() for p in procs):
+            sys.exit("nuwa plan calibrate failed")
+        for name, layout in [("DP 2", "dp = 2\nmicro_batch = 4"),
+                             ("DP 2 x EP 2", "dp = 2\nep = 2\nmicro_batch = 4"),
+                             ("PP 2", "pp = 2\ndp = 1\nmicro_batch = 8")]:
+            plan = os.path.join(tmp, "plan.toml")
+            with open(plan, "w") as f:
+                f.write(f'model = "{model}"\nseq_len = {SEQ}\nglobal_batch = {BATCH * ACCUM}\n'
+                        f'[layout]\n{layout}\n[[part]]\ndevice = "local-cpu"\ncount = 2\n')
+            subprocess.run([NUWA, "plan", "predict", "--plan", plan, "--calibration", cals[0],
+                            "--write"], check=True, stdout=subprocess.DEVNULL)
+            run_dir = os.path.join(tmp, name.replace(" ", ""))
+            subprocess.run([NUWA, "launch", "--plan", plan, "--mpirun-arg=-x",
+                            "--mpirun-arg=RAYON_NUM_THREADS", "--", "--steps", str(steps), "--quiet",
+                            "--sample-tokens", "0", "--eval-every", "100000", "--checkpoint-every",
+                            "100000", "--run-dir", run_dir], check=True, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            v = json.loads(subprocess.run([NUWA, "plan", "verify", "--plan", plan, "--run", run_dir,
+                                           "--json"], check=True, capture_output=True,
+                                          text=True).stdout)
+            out.append((name, v))
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=12)
@@ -103,6 +160,7 @@ def main():
     configs = [(n, lambda np=np, f=f: run(np, f, s)) for n, np, f in even + uneven]
     configs.append(("both alone at the same time (no communication)", lambda: both_alone_at_once(s)))
     rounds = [[c() for _, c in configs] for _ in range(max(1, a.rounds))]
+    verified = predicted_vs_measured(s)
     median = lambda i: sorted((r[i] for r in rounds), key=lambda x: x["tokens_per_s"])[len(rounds) // 2]
     results = {name: median(i) for i, (name, _) in enumerate(configs)}
     fast = results["rank at speed 1.0 alone (one process)"]["tokens_per_s"]
@@ -110,7 +168,8 @@ def main():
     together = results["both alone at the same time (no communication)"]["tokens_per_s"]
     date = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
     with open(os.path.join(ROOT, "bench", "parallel_results.json"), "w") as f:
-        json.dump({"date": date, "steps": s, "rounds": a.rounds, "results": results}, f, indent=1)
+        json.dump({"date": date, "steps": s, "rounds": a.rounds, "results": results,
+                   "predicted_vs_measured": dict(verified)}, f, indent=1)
 
     def fmt(v):
         return "" if v is None else str(v)
@@ -158,6 +217,25 @@ def main():
         lines.append(f"| {name} | {t:.0f} | {'' if alone else f'{t / (fast + slow):.0%}'} | "
                      f"{'' if alone else f'{t / together:.0%}'} | {fmt(r.get('placement'))} | "
                      f"{fmt(r.get('stage_layers'))} | {fmt(r.get('seqs'))} |")
+    lines += [
+        "",
+        "## Predicted and measured step time",
+        "",
+        "`nuwa plan predict` on a plan file for two of this machine's cores (the cost model, with",
+        "the efficiency `nuwa plan calibrate` measured here — two calibrations at once, as the two",
+        "ranks run), the plan run by `nuwa launch --plan`, compared by `nuwa plan verify --plan",
+        "--run`. Goal: within 15%. Peak RSS against the planner's memory model, which counts bf16",
+        "weights and ZeRO-1 sharded fp32 optimiser state (nuwa keeps fp32 weights, gradients and",
+        "moments on every rank that holds a parameter, and the process itself).",
+        "",
+        "| plan | predicted s/step | measured s/step | error | planner memory GB/device | peak RSS GB per rank |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, v in verified:
+        rss = [round(b / 1e9, 3) for b in v["measured_peak_rss_bytes_per_rank"]]
+        lines.append(f"| {name} | {v['predicted_step_s']:.3f} | {v['measured_step_s']:.3f} | "
+                     f"{v['relative_error']:+.0%} | {v['predicted_memory_bytes_per_part'][0] / 1e9:.3f} | "
+                     f"{rss} |")
     with open(os.path.join(ROOT, "docs", "PARALLEL.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

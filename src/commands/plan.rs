@@ -28,8 +28,12 @@ pub struct PlanArgs {
 enum PlanCommand {
     /// Measure this machine's training efficiency with short nuwa runs, for the cost model.
     Calibrate(CalibrateArgs),
-    /// Run a plan nuwa can run here and compare its predicted and measured step time.
+    /// Run a plan nuwa can run here and compare its predicted and measured step time; or,
+    /// with --plan and --run, compare a plan file's prediction with a finished run of it.
     Verify(VerifyArgs),
+    /// Predict a plan file's step time and memory per device from the cost model and the
+    /// calibration (and, with --write, store the prediction in the file).
+    Predict(PredictArgs),
     /// The arithmetic behind Ant's published cost per 1T tokens, as Markdown.
     AntExample(CatalogueArg),
 }
@@ -111,7 +115,25 @@ struct CalibrateArgs {
 }
 
 #[derive(Args)]
+struct PredictArgs {
+    #[arg(long)]
+    plan: PathBuf,
+    /// Calibration from `nuwa plan calibrate` (default nuwa-calibration.json if present).
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+    /// Write the prediction into the plan file's [predicted] table.
+    #[arg(long)]
+    write: bool,
+}
+
+#[derive(Args)]
 struct VerifyArgs {
+    /// A plan file (with --run): its prediction against the run's measured steps.
+    #[arg(long, requires = "run")]
+    plan: Option<PathBuf>,
+    /// A finished run of --plan: its metrics.jsonl.
+    #[arg(long, requires = "plan")]
+    run: Option<PathBuf>,
     /// A benchmark shape (A, B, C, C-dense) to run here.
     #[arg(long, default_value = "C-dense")]
     shape: String,
@@ -135,7 +157,11 @@ struct VerifyArgs {
 pub fn run(a: PlanArgs) -> Result<()> {
     match a.action {
         Some(PlanCommand::Calibrate(c)) => calibrate(c),
-        Some(PlanCommand::Verify(v)) => verify(v),
+        Some(PlanCommand::Verify(v)) => match (&v.plan, &v.run) {
+            (Some(plan), Some(run)) => verify_run(plan, run, v.json),
+            _ => verify(v),
+        },
+        Some(PlanCommand::Predict(p)) => predict(p),
         Some(PlanCommand::AntExample(c)) => {
             print!(
                 "{}",
@@ -361,6 +387,105 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     }
     cal.save(&a.out)?;
     println!("calibration saved in {}", a.out.display());
+    Ok(())
+}
+
+/// The cost model's prediction for a plan file, with the efficiency of the calibration.
+fn predicted(path: &Path, calibration_path: Option<&Path>) -> Result<nuwa_plan::planfile::Predicted> {
+    let plan = nuwa_plan::PlanFile::load(path)?;
+    let model = model(&plan.model)?;
+    let cal = calibration(calibration_path)?;
+    let cat = catalogue(None)?;
+    let eff = |name: &str, flops: f64| cal.efficiency(name, flops).unwrap_or(DEFAULT_EFFICIENCY);
+    nuwa_plan::planfile::predict(&plan, &model, &cat, &eff)
+        .map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+fn predict(a: PredictArgs) -> Result<()> {
+    let p = predicted(&a.plan, a.calibration.as_deref())?;
+    let mem: Vec<String> = p
+        .memory_bytes
+        .iter()
+        .map(|b| format!("{:.2} GB", b / 1e9))
+        .collect();
+    println!(
+        "{}: predicted {:.4} s per step; memory per device of each part: {}",
+        a.plan.display(),
+        p.step_seconds,
+        mem.join(", ")
+    );
+    if a.write {
+        let mut plan = nuwa_plan::PlanFile::load(&a.plan)?;
+        plan.predicted = Some(p);
+        plan.save(&a.plan)?;
+    }
+    Ok(())
+}
+
+/// A plan file's prediction against a finished run of it: the median step of the run's
+/// second half, and each rank's peak memory.
+fn verify_run(plan_path: &Path, run: &Path, json: bool) -> Result<()> {
+    let plan = nuwa_plan::PlanFile::load(plan_path)?;
+    let predicted = match &plan.predicted {
+        Some(p) => p.clone(),
+        None => predicted(plan_path, None)?,
+    };
+    let file = run.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| anyhow!("{}: cannot read ({e})", file.display()))?;
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    if records.len() < 2 {
+        bail!("{}: fewer than 2 steps to measure", file.display());
+    }
+    let timed = &records[records.len() / 2..];
+    let mut steps: Vec<f64> = timed
+        .iter()
+        .filter_map(|r| r["step_seconds"].as_f64())
+        .collect();
+    steps.sort_by(f64::total_cmp);
+    let measured = steps[steps.len() / 2];
+    let rss: Vec<f64> = timed
+        .last()
+        .and_then(|r| r["ranks"].as_array())
+        .map(|ranks| {
+            ranks
+                .iter()
+                .map(|r| r["peak_rss_bytes"].as_f64().unwrap_or(0.0))
+                .collect()
+        })
+        .unwrap_or_default();
+    let error = (predicted.step_seconds - measured) / measured;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"predicted_step_s": predicted.step_seconds,
+                "measured_step_s": measured, "relative_error": error,
+                "predicted_memory_bytes_per_part": predicted.memory_bytes,
+                "measured_peak_rss_bytes_per_rank": rss})
+        );
+        return Ok(());
+    }
+    println!(
+        "{}: predicted {:.4} s/step, measured {measured:.4} s/step (median of steps {}-{}):          error {:+.1}%",
+        plan_path.display(),
+        predicted.step_seconds,
+        records.len() - timed.len() + 1,
+        records.len(),
+        error * 100.0
+    );
+    for (r, bytes) in rss.iter().enumerate() {
+        let part = plan.device_of(r);
+        let index = plan.parts.iter().position(|p| p.device == part).unwrap_or(0);
+        let want = predicted.memory_bytes.get(index).copied().unwrap_or(0.0);
+        println!(
+            "rank {r} ({part}): peak RSS {:.3} GB, planner's memory model {:.3} GB",
+            bytes / 1e9,
+            want / 1e9
+        );
+    }
     Ok(())
 }
 

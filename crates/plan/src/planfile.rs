@@ -347,3 +347,66 @@ mod tests {
         assert_eq!(backend_of("Ascend 910B", Some("Huawei")), None);
     }
 }
+
+/// What the cost model predicts for `plan` (its model being `model`): the step time (each
+/// part's devices at the efficiency `efficiency` gives for a step's FLOPs, the slowest part
+/// setting the pace) and the memory per device of each part.
+pub fn predict(
+    plan: &PlanFile,
+    model: &ModelConfig,
+    catalogue: &crate::Catalogue,
+    efficiency: &dyn Fn(&str, f64) -> f64,
+) -> Result<Predicted> {
+    use crate::catalogue::{Inventory, InventoryEntry};
+    let inventory = Inventory {
+        currency: "-".into(),
+        device: plan
+            .parts
+            .iter()
+            .map(|p| InventoryEntry {
+                name: p.device.clone(),
+                count: p.count,
+                price_per_hour: Some(0.0),
+                bf16_tflops: None,
+                memory_gb: None,
+                domestic: None,
+                inter_node_gbs: None,
+                per_node: None,
+            })
+            .collect(),
+    };
+    let devices = inventory.resolve(catalogue, "plan")?;
+    let w = crate::Workload {
+        model: model.clone(),
+        seq_len: plan.seq_len,
+        global_batch: plan.global_batch,
+        tokens: (plan.global_batch * plan.seq_len) as f64,
+    };
+    let l = &plan.layout;
+    let layout = Layout {
+        tp: 1,
+        pp: l.pp,
+        ep: l.ep,
+        micro_batch: l.micro_batch,
+        recompute: l.recompute,
+    };
+    let dp_bw = devices
+        .iter()
+        .map(|d| d.inter_node_bytes_s.min(d.intra_node_bytes_s))
+        .fold(f64::INFINITY, f64::min);
+    let per_replica = plan.global_batch / l.dp.max(1);
+    let mut step_seconds: f64 = 0.0;
+    let mut memory_bytes = Vec::new();
+    for d in &devices {
+        // A replica's step: its share of the batch over its pp devices.
+        let flops = (per_replica * plan.seq_len) as f64 * w.flops_per_token() / l.pp as f64;
+        let eff = efficiency(&d.name, flops);
+        let t = crate::cost::step_time(&w, d, &layout, eff, per_replica, l.dp, dp_bw);
+        step_seconds = step_seconds.max(t.total);
+        memory_bytes.push(crate::cost::memory(&w, d, &layout, l.dp).total);
+    }
+    Ok(Predicted {
+        step_seconds,
+        memory_bytes,
+    })
+}
