@@ -103,11 +103,15 @@ def predicted_vs_measured(steps):
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         model = model_file(tmp)
-        cals = [os.path.join(tmp, f"cal{i}.json") for i in range(2)]
-        procs = [subprocess.Popen([NUWA, "plan", "calibrate", "--out", c, "--steps", "3"], env=env,
-                                  stdout=subprocess.DEVNULL) for c in cals]
-        if any(p.wait() for p in procs):
-            sys.exit("nuwa plan calibrate failed")
+        # The efficiency of this model here: one process on a replica's share of the batch,
+        # beside a second one (as the two ranks share the machine), calibrated from its run.
+        runs = [os.path.join(tmp, f"alone{i}") for i in range(2)]
+        procs = [start(1, ["--batch-size", str(BATCH // 2)], steps, d) for d in runs]
+        for p, d in zip(procs, runs):
+            result(p, d)
+        cals = [os.path.join(tmp, "cal.json")]
+        subprocess.run([NUWA, "plan", "calibrate", "--from-run", runs[0], "--out", cals[0]],
+                       check=True, stdout=subprocess.DEVNULL)
         for name, layout in [("DP 2", "dp = 2\nmicro_batch = 4"),
                              ("DP 2 x EP 2", "dp = 2\nep = 2\nmicro_batch = 4"),
                              ("PP 2", "pp = 2\ndp = 1\nmicro_batch = 8")]:
@@ -222,8 +226,9 @@ def main():
         "## Predicted and measured step time",
         "",
         "`nuwa plan predict` on a plan file for two of this machine's cores (the cost model, with",
-        "the efficiency `nuwa plan calibrate` measured here — two calibrations at once, as the two",
-        "ranks run), the plan run by `nuwa launch --plan`, compared by `nuwa plan verify --plan",
+        "the efficiency `nuwa plan calibrate --from-run` took from one process training this model",
+        "on a replica's share of the batch beside a second such process, as the two ranks share",
+        "the machine), the plan run by `nuwa launch --plan`, compared by `nuwa plan verify --plan",
         "--run`. Goal: within 15%. Peak RSS against the planner's memory model, which counts bf16",
         "weights and ZeRO-1 sharded fp32 optimiser state (nuwa keeps fp32 weights, gradients and",
         "moments on every rank that holds a parameter, and the process itself).",

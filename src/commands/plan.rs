@@ -112,6 +112,11 @@ struct CalibrateArgs {
     /// Timed steps per shape (the fastest counts).
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// Calibrate from a finished one-process run instead (the median step of its second
+    /// half): this machine's efficiency on that run's own model and batch, replacing the
+    /// file's points.
+    #[arg(long)]
+    from_run: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -379,7 +384,47 @@ impl StepTimer for TrainTimer {
     }
 }
 
+/// A run's training FLOPs per step and median step seconds (second half of its steps).
+fn measured_run(run: &Path) -> Result<(f64, f64)> {
+    let cfg_path = run.join("config.toml");
+    let text = std::fs::read_to_string(&cfg_path)
+        .map_err(|e| anyhow!("{}: cannot read ({e})", cfg_path.display()))?;
+    let cfg: nuwa_run::RunConfig =
+        toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", cfg_path.display()))?;
+    let t = &cfg.train;
+    let tokens = (t.batch_size * t.grad_accum * t.seq_len) as f64;
+    let flops = tokens * cfg.model.counts(t.seq_len).train_flops_per_token;
+    let file = run.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| anyhow!("{}: cannot read ({e})", file.display()))?;
+    let mut steps: Vec<f64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|r| r["step_seconds"].as_f64())
+        .collect();
+    if steps.len() < 2 {
+        bail!("{}: fewer than 2 steps to measure", file.display());
+    }
+    let mut timed = steps.split_off(steps.len() / 2);
+    timed.sort_by(f64::total_cmp);
+    Ok((flops, timed[timed.len() / 2]))
+}
+
 fn calibrate(a: CalibrateArgs) -> Result<()> {
+    if let Some(run) = &a.from_run {
+        let (flops, seconds) = measured_run(run)?;
+        let mfu = flops / seconds / nuwa_core::hardware::cpu_peak_flops();
+        let mut cal = nuwa_plan::Calibration::default();
+        cal.add(nuwa_plan::verify::LOCAL_CPU, nuwa_plan::Point { flops_per_step: flops, mfu });
+        cal.save(&a.out)?;
+        println!(
+            "{}: {flops:.2e} FLOPs per step, median step {seconds:.3} s, MFU {:.1}%; saved in {}",
+            run.display(),
+            mfu * 100.0,
+            a.out.display()
+        );
+        return Ok(());
+    }
     let mut cal = load_or_new(&a.out)?;
     let steps = TrainTimer.fastest_steps(&CALIBRATION_SHAPES, a.steps.max(1))?;
     for line in record_calibration(&mut cal, &steps) {
