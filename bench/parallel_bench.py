@@ -22,15 +22,16 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUWA = os.path.join(ROOT, "target", "release", "nuwa")
 BATCH, ACCUM, SEQ = 8, 4, 64
-MODEL = ["--preset", "tiny-moe", "--hidden-size", "256", "--layers", "4", "--batch-size",
-         str(BATCH), "--grad-accum", str(ACCUM), "--seq-len", str(SEQ), "--quiet",
-         "--sample-tokens", "0", "--eval-every", "100000", "--checkpoint-every", "100000"]
+def model(batch=BATCH):
+    return ["--preset", "tiny-moe", "--hidden-size", "256", "--layers", "4", "--batch-size",
+            str(batch), "--grad-accum", str(ACCUM), "--seq-len", str(SEQ), "--quiet",
+            "--sample-tokens", "0", "--eval-every", "100000", "--checkpoint-every", "100000"]
 TOKENS = BATCH * ACCUM * SEQ
 
 
-def start(np, flags, steps, run_dir):
+def start(np, flags, steps, run_dir, batch=BATCH):
     cmd = ["mpirun", "--oversubscribe", "-np", str(np), "-x", "RAYON_NUM_THREADS", NUWA, "train",
-           "--dist", "mpi", *MODEL, *flags, "--steps", str(steps), "--run-dir", run_dir]
+           "--dist", "mpi", *model(batch), *flags, "--steps", str(steps), "--run-dir", run_dir]
     env = dict(os.environ, RAYON_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
@@ -102,11 +103,11 @@ def predicted_vs_measured(steps):
     env = dict(os.environ, RAYON_NUM_THREADS="1")
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = model_file(tmp)
+        model_path = model_file(tmp)
         # The efficiency of this model here: one process on a replica's share of the batch,
         # beside a second one (as the two ranks share the machine), calibrated from its run.
         runs = [os.path.join(tmp, f"alone{i}") for i in range(2)]
-        procs = [start(1, ["--batch-size", str(BATCH // 2)], steps, d) for d in runs]
+        procs = [start(1, [], steps, d, batch=BATCH // 2) for d in runs]
         for p, d in zip(procs, runs):
             result(p, d)
         cals = [os.path.join(tmp, "cal.json")]
@@ -117,7 +118,7 @@ def predicted_vs_measured(steps):
                              ("PP 2", "pp = 2\ndp = 1\nmicro_batch = 8")]:
             plan = os.path.join(tmp, "plan.toml")
             with open(plan, "w") as f:
-                f.write(f'model = "{model}"\nseq_len = {SEQ}\nglobal_batch = {BATCH * ACCUM}\n'
+                f.write(f'model = "{model_path}"\nseq_len = {SEQ}\nglobal_batch = {BATCH * ACCUM}\n'
                         f'[layout]\n{layout}\n[[part]]\ndevice = "local-cpu"\ncount = 2\n')
             subprocess.run([NUWA, "plan", "predict", "--plan", plan, "--calibration", cals[0],
                             "--write"], check=True, stdout=subprocess.DEVNULL)

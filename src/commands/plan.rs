@@ -415,7 +415,13 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
         let (flops, seconds) = measured_run(run)?;
         let mfu = flops / seconds / nuwa_core::hardware::cpu_peak_flops();
         let mut cal = nuwa_plan::Calibration::default();
-        cal.add(nuwa_plan::verify::LOCAL_CPU, nuwa_plan::Point { flops_per_step: flops, mfu });
+        cal.add(
+            nuwa_plan::verify::LOCAL_CPU,
+            nuwa_plan::Point {
+                flops_per_step: flops,
+                mfu,
+            },
+        );
         cal.save(&a.out)?;
         println!(
             "{}: {flops:.2e} FLOPs per step, median step {seconds:.3} s, MFU {:.1}%; saved in {}",
@@ -436,7 +442,10 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
 }
 
 /// The cost model's prediction for a plan file, with the efficiency of the calibration.
-fn predicted(path: &Path, calibration_path: Option<&Path>) -> Result<nuwa_plan::planfile::Predicted> {
+fn predicted(
+    path: &Path,
+    calibration_path: Option<&Path>,
+) -> Result<nuwa_plan::planfile::Predicted> {
     let plan = nuwa_plan::PlanFile::load(path)?;
     let model = model(&plan.model)?;
     let cal = calibration(calibration_path)?;
@@ -523,7 +532,11 @@ fn verify_run(plan_path: &Path, run: &Path, json: bool) -> Result<()> {
     );
     for (r, bytes) in rss.iter().enumerate() {
         let part = plan.device_of(r);
-        let index = plan.parts.iter().position(|p| p.device == part).unwrap_or(0);
+        let index = plan
+            .parts
+            .iter()
+            .position(|p| p.device == part)
+            .unwrap_or(0);
         let want = predicted.memory_bytes.get(index).copied().unwrap_or(0.0);
         println!(
             "rank {r} ({part}): peak RSS {:.3} GB, planner's memory model {:.3} GB",

@@ -300,54 +300,6 @@ pub fn backend_of(device: &str, vendor: Option<&str>) -> Option<&'static str> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn plan() -> PlanFile {
-        toml::from_str(
-            "model = \"tiny-moe\"\nseq_len = 16\nglobal_batch = 8\n[layout]\npp = 2\nep = 2\ndp = 2\nmicro_batch = 2\n[[part]]\ndevice = \"local-cpu\"\ncount = 4\n",
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn a_plan_maps_to_the_trainer_and_checks_itself() {
-        let p = plan();
-        p.check_shape().unwrap();
-        assert_eq!((p.ranks(), p.batch_size(), p.grad_accum()), (4, 4, 2));
-        assert!(p
-            .check_ranks(6)
-            .unwrap_err()
-            .to_string()
-            .contains("is for 4 rank(s)"));
-        let mut bad = p.clone();
-        bad.layout.tp = 4;
-        assert!(bad
-            .check_shape()
-            .unwrap_err()
-            .to_string()
-            .contains("layout.tp = 4"));
-        let mut bad = p.clone();
-        bad.layout.ep = 3;
-        assert!(bad
-            .check_shape()
-            .unwrap_err()
-            .to_string()
-            .contains("layout.ep = 3"));
-        let mut bad = p.clone();
-        bad.global_batch = 6;
-        assert!(bad
-            .check_shape()
-            .unwrap_err()
-            .to_string()
-            .contains("global_batch = 6"));
-        assert!(toml::from_str::<PlanFile>("model = \"x\"\nsurprise = 1\n").is_err());
-        assert_eq!(backend_of("H800", Some("NVIDIA")), Some("cuda"));
-        assert_eq!(backend_of("Ascend 910B", Some("Huawei")), None);
-    }
-}
-
 /// What the cost model predicts for `plan` (its model being `model`): the step time (each
 /// part's devices at the efficiency `efficiency` gives for a step's FLOPs, the slowest part
 /// setting the pace) and the memory per device of each part.
@@ -409,4 +361,52 @@ pub fn predict(
         step_seconds,
         memory_bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> PlanFile {
+        toml::from_str(
+            "model = \"tiny-moe\"\nseq_len = 16\nglobal_batch = 8\n[layout]\npp = 2\nep = 2\ndp = 2\nmicro_batch = 2\n[[part]]\ndevice = \"local-cpu\"\ncount = 4\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_plan_maps_to_the_trainer_and_checks_itself() {
+        let p = plan();
+        p.check_shape().unwrap();
+        assert_eq!((p.ranks(), p.batch_size(), p.grad_accum()), (4, 4, 2));
+        assert!(p
+            .check_ranks(6)
+            .unwrap_err()
+            .to_string()
+            .contains("is for 4 rank(s)"));
+        let mut bad = p.clone();
+        bad.layout.tp = 4;
+        assert!(bad
+            .check_shape()
+            .unwrap_err()
+            .to_string()
+            .contains("layout.tp = 4"));
+        let mut bad = p.clone();
+        bad.layout.ep = 3;
+        assert!(bad
+            .check_shape()
+            .unwrap_err()
+            .to_string()
+            .contains("layout.ep = 3"));
+        let mut bad = p.clone();
+        bad.global_batch = 6;
+        assert!(bad
+            .check_shape()
+            .unwrap_err()
+            .to_string()
+            .contains("global_batch = 6"));
+        assert!(toml::from_str::<PlanFile>("model = \"x\"\nsurprise = 1\n").is_err());
+        assert_eq!(backend_of("H800", Some("NVIDIA")), Some("cuda"));
+        assert_eq!(backend_of("Ascend 910B", Some("Huawei")), None);
+    }
 }

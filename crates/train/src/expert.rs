@@ -220,3 +220,47 @@ pub fn grad_norm(model: &LanguageModel, grads: &GradientsParams, group: &ExpertG
     let experts: f64 = group.comm.all_gather(&[v.experts]).iter().sum();
     (v.dense + experts / group.replicas() as f64).sqrt()
 }
+
+/// The expert-parallel group a layout asks for: `ep` ranks of `comm` per group (`None` for
+/// one), each member with its share of the experts — the plan's, or an equal one.
+pub fn group_for(
+    comm: &std::sync::Arc<dyn crate::parallel::Collective>,
+    ep: usize,
+    placement: Option<&Vec<usize>>,
+    cfg: &nuwa_run::RunConfig,
+) -> anyhow::Result<Option<ExpertGroup>> {
+    use nuwa_model::expert_parallel::Placement;
+    if ep <= 1 {
+        return Ok(None);
+    }
+    let m = &cfg.model;
+    if !m.is_moe() {
+        anyhow::bail!("--ep {ep}: expert parallelism needs a MoE model (this one is dense)");
+    }
+    crate::strategy::check_expert_layout(ep, comm.size(), m.num_experts, cfg.train.batch_size)?;
+    let placement = match placement {
+        Some(counts) => Placement {
+            counts: counts.clone(),
+        },
+        None => Placement::equal(m.num_experts, ep),
+    };
+    Ok(Some(ExpertGroup::new(comm.clone(), ep, placement)))
+}
+
+/// A model holding only `group`'s share of the experts (cut down now unless it was built
+/// so), and an optimiser holding only their moments.
+pub fn keep_share(
+    model: LanguageModel,
+    opt: &mut AdamW,
+    group: Option<&ExpertGroup>,
+    device: &Device,
+) -> LanguageModel {
+    let Some(group) = group else {
+        return model;
+    };
+    slice_optimizer(opt, group, device);
+    match model.expert_group() {
+        Some(_) => model,
+        None => model.shard_experts(group),
+    }
+}

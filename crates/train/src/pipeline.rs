@@ -22,13 +22,13 @@ use crate::expert;
 use crate::optim::AdamW;
 use crate::parallel::{all_reduce_gradients, Collective, DistOptions};
 use crate::step::LocalStep;
-use crate::strategy::{check_expert_layout, Parallelism, ReducedStep};
+use crate::strategy::{Parallelism, ReducedStep};
 use anyhow::{bail, Result};
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use nuwa_data::{Batch, BatchSampler, TokenShard};
-use nuwa_model::expert_parallel::{ExpertGroup, Placement};
+use nuwa_model::expert_parallel::ExpertGroup;
 use nuwa_model::stage::{Stage, StageInput};
 use nuwa_model::weights::HostTensor;
 use nuwa_model::{cross_entropy, LanguageModel, ModulePath, RouterStats};
@@ -613,20 +613,12 @@ impl Parallelism for Pipeline {
             .count();
         self.stage_layers = self.plan_stages(cfg)?;
         self.stage = Stage::of(&self.stage_layers, self.s);
-        let ep = self.opts.ep;
-        if ep > 1 {
-            if !m.is_moe() {
-                bail!("--ep {ep}: expert parallelism needs a MoE model (this one is dense)");
-            }
-            check_expert_layout(ep, self.replicas, m.num_experts, cfg.train.batch_size)?;
-            let placement = match &self.opts.placement {
-                Some(counts) => Placement {
-                    counts: counts.clone(),
-                },
-                None => Placement::equal(m.num_experts, ep),
-            };
-            self.experts_group = Some(ExpertGroup::new(self.stage_comm.clone(), ep, placement));
-        }
+        self.experts_group = expert::group_for(
+            &self.stage_comm,
+            self.opts.ep,
+            self.opts.placement.as_ref(),
+            cfg,
+        )?;
         Ok(())
     }
 
@@ -638,16 +630,7 @@ impl Parallelism for Pipeline {
         // A resumed optimiser holds every parameter's moments: keep this stage's.
         let stage = self.stage.clone();
         opt.state.retain(|name, _| stage.owns(name));
-        match &self.experts_group {
-            Some(group) => {
-                expert::slice_optimizer(opt, group, device);
-                match model.expert_group() {
-                    Some(_) => model, // built with its share only
-                    None => model.shard_experts(group),
-                }
-            }
-            None => model,
-        }
+        expert::keep_share(model, opt, self.experts_group.as_ref(), device)
     }
 
     fn expert_group(&self) -> Option<ExpertGroup> {

@@ -341,21 +341,14 @@ impl Parallelism for DataParallel {
         self.balancer = Balancer::new(t.batch_size, ranks, &self.opts.max_seqs);
         self.batch_size = t.batch_size;
         self.start_step = start_step;
-        let ep = self.opts.ep;
-        if ep > 1 {
-            if !cfg.model.is_moe() {
-                bail!("--ep {ep}: expert parallelism needs a MoE model (this one is dense)");
-            }
-            check_expert_layout(ep, ranks, cfg.model.num_experts, t.batch_size)?;
-            let placement = match &self.opts.placement {
-                Some(counts) => Placement {
-                    counts: counts.clone(),
-                },
-                None => Placement::equal(cfg.model.num_experts, ep),
-            };
-            let group = ExpertGroup::new(self.opts.comm.clone(), ep, placement);
-            self.experts_group = Some(group);
-            let m = &cfg.model;
+        self.experts_group = crate::expert::group_for(
+            &self.opts.comm,
+            self.opts.ep,
+            self.opts.placement.as_ref(),
+            cfg,
+        )?;
+        if self.experts_group.is_some() {
+            let (m, t) = (&cfg.model, &cfg.train);
             // Forward and backward (×3) of three h×w products (×2 FLOPs a multiply-add).
             self.flops_expert_row = 18.0 * (m.hidden_size * m.moe_intermediate_size) as f64;
             let total = m.counts(t.seq_len).train_flops_per_token;
@@ -366,16 +359,7 @@ impl Parallelism for DataParallel {
     }
 
     fn prepare(&mut self, model: LanguageModel, opt: &mut AdamW, device: &Device) -> LanguageModel {
-        match &self.experts_group {
-            Some(group) => {
-                crate::expert::slice_optimizer(opt, group, device);
-                match model.expert_group() {
-                    Some(_) => model, // built with its share only
-                    None => model.shard_experts(group),
-                }
-            }
-            None => model,
-        }
+        crate::expert::keep_share(model, opt, self.experts_group.as_ref(), device)
     }
 
     fn expert_group(&self) -> Option<ExpertGroup> {
