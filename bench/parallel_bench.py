@@ -29,8 +29,10 @@ def model(batch=BATCH):
 TOKENS = BATCH * ACCUM * SEQ
 
 
-def start(np, flags, steps, run_dir, batch=BATCH):
-    cmd = ["mpirun", "--oversubscribe", "-np", str(np), "-x", "RAYON_NUM_THREADS", NUWA, "train",
+def start(np, flags, steps, run_dir, batch=BATCH, bind=True):
+    # Separate jobs at once must not be bound: each mpirun would pin its rank 0 to core 0.
+    binding = [] if bind else ["--bind-to", "none"]
+    cmd = ["mpirun", "--oversubscribe", *binding, "-np", str(np), "-x", "RAYON_NUM_THREADS", NUWA, "train",
            "--dist", "mpi", *model(batch), *flags, "--steps", str(steps), "--run-dir", run_dir]
     env = dict(os.environ, RAYON_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
@@ -69,7 +71,7 @@ def both_alone_at_once(steps):
     two processes that never communicate, the ceiling for the pair."""
     with tempfile.TemporaryDirectory() as tmp:
         dirs = [os.path.join(tmp, "fast"), os.path.join(tmp, "slow")]
-        procs = [start(1, ["--throttle", t], n, d)
+        procs = [start(1, ["--throttle", t], n, d, bind=False)
                  for t, n, d in zip(["1", "2"], [2 * steps, steps], dirs)]
         return {"tokens_per_s": sum(result(p, d)["tokens_per_s"] for p, d in zip(procs, dirs))}
 
@@ -107,7 +109,7 @@ def predicted_vs_measured(steps):
         # The efficiency of this model here: one process on a replica's share of the batch,
         # beside a second one (as the two ranks share the machine), calibrated from its run.
         runs = [os.path.join(tmp, f"alone{i}") for i in range(2)]
-        procs = [start(1, [], steps, d, batch=BATCH // 2) for d in runs]
+        procs = [start(1, [], steps, d, batch=BATCH // 2, bind=False) for d in runs]
         for p, d in zip(procs, runs):
             result(p, d)
         cals = [os.path.join(tmp, "cal.json")]

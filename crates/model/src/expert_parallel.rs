@@ -358,6 +358,18 @@ mod ops {
     }
 }
 
+/// Whether the exchange runs on `device`'s backend: the flex CPU backend in this build (the
+/// op is a backend extension with a host round trip; other backends have no entry yet).
+pub fn runs_on(device: &burn::tensor::Device) -> bool {
+    #[cfg(feature = "flex")]
+    return crate::kernels::is_flex_device(device);
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
 /// Whether `name` (a parameter path, or an optimiser-state name built on one) is a routed
 /// expert weight, stacked `[experts, ..]`: the tensors expert parallelism splits.
 pub fn is_routed_expert(name: &str) -> bool {

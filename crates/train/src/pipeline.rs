@@ -618,6 +618,7 @@ impl Parallelism for Pipeline {
             self.opts.ep,
             self.opts.placement.as_ref(),
             cfg,
+            &self.device,
         )?;
         Ok(())
     }

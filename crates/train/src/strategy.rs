@@ -346,6 +346,7 @@ impl Parallelism for DataParallel {
             self.opts.ep,
             self.opts.placement.as_ref(),
             cfg,
+            &self.device,
         )?;
         if self.experts_group.is_some() {
             let (m, t) = (&cfg.model, &cfg.train);
