@@ -115,6 +115,9 @@ pub struct Pipeline {
     device: Device,
     /// The last step's seconds blocked on neighbours, in exchanges, and in the schedule.
     last_p2p: (f64, f64, f64),
+    /// The ids of this stage's parameters: gradients are taken for these only (taking one
+    /// for another stage's parameter would allocate it).
+    owned: Vec<ParamId>,
 }
 
 impl Pipeline {
@@ -137,6 +140,7 @@ impl Pipeline {
             hidden: 0,
             device: device.clone(),
             last_p2p: (0.0, 0.0, 0.0),
+            owned: Vec::new(),
             opts,
         }
     }
@@ -316,6 +320,35 @@ impl Pipeline {
     }
 }
 
+/// The ids of the float parameters `stage` holds, in module order.
+fn stage_param_ids(model: &LanguageModel, stage: &Stage) -> Vec<ParamId> {
+    struct Ids<'a> {
+        stage: &'a Stage,
+        path: ModulePath,
+        ids: Vec<ParamId>,
+    }
+    impl ModuleVisitor for Ids<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.enter(name);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if self.stage.owns(&self.path.current()) {
+                self.ids.push(param.id);
+            }
+        }
+    }
+    let mut v = Ids {
+        stage,
+        path: ModulePath::default(),
+        ids: Vec::new(),
+    };
+    model.visit(&mut v);
+    v.ids
+}
+
 /// What a stage keeps of a micro-batch between its forward and its backward.
 struct InFlight {
     /// The stage's output (logits on the last stage, hidden states before).
@@ -472,7 +505,9 @@ impl Pipeline {
         let root = root.unwrap_or_else(|| Tensor::zeros([1], &device));
         let grads = root.backward();
         let dx = flight.input.as_ref().and_then(|x| x.grad(&grads));
-        acc.accumulate(model, GradientsParams::from_grads(grads, model));
+        let mut grads = grads;
+        let own = GradientsParams::from_params(&mut grads, model, &self.owned);
+        acc.accumulate(model, own);
         self.slow_down(started);
         totals.compute_s += started.elapsed().as_secs_f64();
         dx.map(|g| g.into_data().iter::<f32>().collect())
@@ -631,6 +666,7 @@ impl Parallelism for Pipeline {
         // A resumed optimiser holds every parameter's moments: keep this stage's.
         let stage = self.stage.clone();
         opt.state.retain(|name, _| stage.owns(name));
+        self.owned = stage_param_ids(&model, &self.stage);
         expert::keep_share(model, opt, self.experts_group.as_ref(), device)
     }
 
