@@ -187,38 +187,46 @@ pub fn reduce_expert_grads(
     }
 }
 
-struct SquaredNorm<'a> {
-    ids: &'a HashSet<ParamId>,
-    grads: &'a GradientsParams,
-    dense: f64,
-    experts: f64,
-}
-
-impl ModuleVisitor for SquaredNorm<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(g) = self.grads.get::<D>(param.id) {
-            let sq = g.powi_scalar(2).sum().into_scalar::<f32>() as f64;
-            match self.ids.contains(&param.id) {
-                true => self.experts += sq,
-                false => self.dense += sq,
+/// The squared gradient norms of the replicated parameters and of the routed expert slices
+/// this process holds, each summed on the device and read once.
+pub fn squared_norms(model: &LanguageModel, grads: &GradientsParams) -> (f64, f64) {
+    struct Squares<'a> {
+        ids: HashSet<ParamId>,
+        grads: &'a GradientsParams,
+        dense: Vec<Tensor<1>>,
+        experts: Vec<Tensor<1>>,
+    }
+    impl ModuleVisitor for Squares<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                let sq = g.powi_scalar(2).sum();
+                match self.ids.contains(&param.id) {
+                    true => self.experts.push(sq),
+                    false => self.dense.push(sq),
+                }
             }
         }
     }
+    let mut v = Squares {
+        ids: model.expert_param_ids(),
+        grads,
+        dense: Vec::new(),
+        experts: Vec::new(),
+    };
+    model.visit(&mut v);
+    let total = |parts: Vec<Tensor<1>>| match parts.is_empty() {
+        true => 0.0,
+        false => Tensor::cat(parts, 0).sum().into_scalar::<f32>() as f64,
+    };
+    (total(v.dense), total(v.experts))
 }
 
 /// The whole model's gradient norm: the replicated parameters' part (the same on every rank)
 /// plus every expert's once (each group holds each expert).
 pub fn grad_norm(model: &LanguageModel, grads: &GradientsParams, group: &ExpertGroup) -> f64 {
-    let ids = model.expert_param_ids();
-    let mut v = SquaredNorm {
-        ids: &ids,
-        grads,
-        dense: 0.0,
-        experts: 0.0,
-    };
-    model.visit(&mut v);
-    let experts: f64 = group.comm.all_gather(&[v.experts]).iter().sum();
-    (v.dense + experts / group.replicas() as f64).sqrt()
+    let (dense, experts) = squared_norms(model, grads);
+    let experts: f64 = group.comm.all_gather(&[experts]).iter().sum();
+    (dense + experts / group.replicas() as f64).sqrt()
 }
 
 /// The expert-parallel group a layout asks for: `ep` ranks of `comm` per group (`None` for

@@ -118,6 +118,8 @@ pub struct Pipeline {
     /// The ids of this stage's parameters: gradients are taken for these only (taking one
     /// for another stage's parameter would allocate it).
     owned: Vec<ParamId>,
+    /// The ids left out of the stage's all-reduce: other stages' parameters, expert slices.
+    not_all_reduced: HashSet<ParamId>,
 }
 
 impl Pipeline {
@@ -141,6 +143,7 @@ impl Pipeline {
             device: device.clone(),
             last_p2p: (0.0, 0.0, 0.0),
             owned: Vec::new(),
+            not_all_reduced: HashSet::new(),
             opts,
         }
     }
@@ -220,39 +223,6 @@ impl Pipeline {
         Ok(split_layers(layers, &speeds, head, &caps))
     }
 
-    /// Ids of the parameters this stage does not hold, and of its expert slices: both stay
-    /// out of the data-parallel all-reduce.
-    fn not_all_reduced(&self, model: &LanguageModel) -> HashSet<ParamId> {
-        struct Others<'a> {
-            stage: &'a Stage,
-            path: ModulePath,
-            ids: HashSet<ParamId>,
-        }
-        impl ModuleVisitor for Others<'_> {
-            fn enter_module(&mut self, name: &str, _: &str) {
-                self.path.enter(name);
-            }
-            fn exit_module(&mut self, _: &str, _: &str) {
-                self.path.exit();
-            }
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                if !self.stage.owns(&self.path.current()) {
-                    self.ids.insert(param.id);
-                }
-            }
-        }
-        let mut v = Others {
-            stage: &self.stage,
-            path: ModulePath::default(),
-            ids: HashSet::new(),
-        };
-        model.visit(&mut v);
-        if self.experts_group.is_some() {
-            v.ids.extend(model.expert_param_ids());
-        }
-        v.ids
-    }
-
     /// This stage's parameters on the host, by name.
     fn stage_weights(&self, model: &LanguageModel) -> BTreeMap<String, HostTensor> {
         struct Own<'a> {
@@ -320,12 +290,13 @@ impl Pipeline {
     }
 }
 
-/// The ids of the float parameters `stage` holds, in module order.
-fn stage_param_ids(model: &LanguageModel, stage: &Stage) -> Vec<ParamId> {
+/// The ids of the float parameters `stage` holds (in module order), and of those it does not.
+fn stage_param_ids(model: &LanguageModel, stage: &Stage) -> (Vec<ParamId>, HashSet<ParamId>) {
     struct Ids<'a> {
         stage: &'a Stage,
         path: ModulePath,
-        ids: Vec<ParamId>,
+        own: Vec<ParamId>,
+        others: HashSet<ParamId>,
     }
     impl ModuleVisitor for Ids<'_> {
         fn enter_module(&mut self, name: &str, _: &str) {
@@ -335,18 +306,20 @@ fn stage_param_ids(model: &LanguageModel, stage: &Stage) -> Vec<ParamId> {
             self.path.exit();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if self.stage.owns(&self.path.current()) {
-                self.ids.push(param.id);
+            match self.stage.owns(&self.path.current()) {
+                true => self.own.push(param.id),
+                false => drop(self.others.insert(param.id)),
             }
         }
     }
     let mut v = Ids {
         stage,
         path: ModulePath::default(),
-        ids: Vec::new(),
+        own: Vec::new(),
+        others: HashSet::new(),
     };
     model.visit(&mut v);
-    v.ids
+    (v.own, v.others)
 }
 
 /// What a stage keeps of a micro-batch between its forward and its backward.
@@ -666,7 +639,11 @@ impl Parallelism for Pipeline {
         // A resumed optimiser holds every parameter's moments: keep this stage's.
         let stage = self.stage.clone();
         opt.state.retain(|name, _| stage.owns(name));
-        self.owned = stage_param_ids(&model, &self.stage);
+        let (owned, mut skip) = stage_param_ids(&model, &self.stage);
+        if self.experts_group.is_some() {
+            skip.extend(model.expert_param_ids());
+        }
+        (self.owned, self.not_all_reduced) = (owned, skip);
         expert::keep_share(model, opt, self.experts_group.as_ref(), device)
     }
 
@@ -739,13 +716,13 @@ impl Parallelism for Pipeline {
         local: LocalStep,
         stop: bool,
     ) -> (GradientsParams, ReducedStep) {
-        let skip = self.not_all_reduced(model);
+        let skip = &self.not_all_reduced;
         let started = Instant::now();
         let (mut grads, _) = all_reduce_gradients(
             model,
             local.grads,
             self.stage_comm.as_ref(),
-            &skip,
+            skip,
             &self.device,
         );
         if let Some(group) = &self.experts_group {
@@ -804,31 +781,7 @@ impl Parallelism for Pipeline {
     }
 
     fn grad_norm(&self, model: &LanguageModel, grads: &GradientsParams) -> f64 {
-        let ids = model.expert_param_ids();
-        let (mut dense, mut experts) = (0.0, 0.0);
-        struct Squares<'a> {
-            ids: &'a HashSet<ParamId>,
-            grads: &'a GradientsParams,
-            dense: &'a mut f64,
-            experts: &'a mut f64,
-        }
-        impl ModuleVisitor for Squares<'_> {
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                if let Some(g) = self.grads.get::<D>(param.id) {
-                    let sq = g.powi_scalar(2).sum().into_scalar::<f32>() as f64;
-                    match self.ids.contains(&param.id) {
-                        true => *self.experts += sq,
-                        false => *self.dense += sq,
-                    }
-                }
-            }
-        }
-        model.visit(&mut Squares {
-            ids: &ids,
-            grads,
-            dense: &mut dense,
-            experts: &mut experts,
-        });
+        let (dense, experts) = expert::squared_norms(model, grads);
         // Replicated parameters once per stage (replica 0's); every expert once per group.
         let dense = if self.d == 0 { dense } else { 0.0 };
         let expert_copies = match &self.experts_group {
