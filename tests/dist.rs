@@ -388,16 +388,78 @@ fn a_hung_rank_times_out_and_the_job_restarts() {
     assert_eq!(metrics(&run).len(), 6);
 }
 
-/// The newest checkpoint's weights of a run.
-fn last_weights(run: &Path) -> BTreeMap<String, nuwa_model::weights::HostTensor> {
-    let dir = run.join("checkpoints");
-    let mut steps: Vec<_> = std::fs::read_dir(&dir)
+/// The newest checkpoint folder of a run.
+fn last_checkpoint(run: &Path) -> std::path::PathBuf {
+    let mut steps: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("step-")
+        })
         .collect();
     steps.sort();
-    let file = steps.last().unwrap().join("model.safetensors");
-    nuwa_model::weights::from_safetensors(&std::fs::read(&file).unwrap(), "test").unwrap()
+    steps.pop().unwrap()
+}
+
+/// The newest checkpoint's weights of a run, whole: read from `model.safetensors`, or put
+/// together here from a sharded checkpoint's files by the parts `trainer.json` lists (each
+/// value written exactly once).
+fn last_weights(run: &Path) -> BTreeMap<String, nuwa_model::weights::HostTensor> {
+    let dir = last_checkpoint(run);
+    let read = |file: &str| {
+        nuwa_model::weights::from_safetensors(&std::fs::read(dir.join(file)).unwrap(), file)
+            .unwrap()
+    };
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("trainer.json")).unwrap()).unwrap();
+    let Some(shards) = state["shards"].as_array() else {
+        return read("model.safetensors");
+    };
+    assert!(!dir.join("model.safetensors").exists());
+    let mut whole = BTreeMap::new();
+    let mut written: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for shard in shards {
+        for (name, t) in read(shard["model"].as_str().unwrap()) {
+            let part = &shard["parts"][&name];
+            let (shape, offset) = match part.as_object() {
+                None => (t.shape.clone(), 0),
+                Some(p) => (
+                    serde_json::from_value::<Vec<usize>>(p["shape"].clone()).unwrap(),
+                    p["offset"].as_u64().unwrap() as usize,
+                ),
+            };
+            let len = shape.iter().product::<usize>();
+            let entry =
+                whole
+                    .entry(name.clone())
+                    .or_insert_with(|| nuwa_model::weights::HostTensor {
+                        shape,
+                        data: vec![0.0; len],
+                    });
+            let counts = written.entry(name).or_insert_with(|| vec![0; len]);
+            for (i, x) in t.data.iter().enumerate() {
+                entry.data[offset + i] = *x;
+                counts[offset + i] += 1;
+            }
+        }
+    }
+    for (name, counts) in &written {
+        assert!(counts.iter().all(|&c| c == 1), "{name}: not written once");
+    }
+    whole
+}
+
+/// The ranks that wrote the newest checkpoint's shards (empty: written whole).
+fn shard_writers(run: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(last_checkpoint(run).join("trainer.json")).unwrap();
+    let state: Value = serde_json::from_str(&text).unwrap();
+    state["shards"]
+        .as_array()
+        .map(|s| s.iter().map(|r| r["rank"].as_u64().unwrap()).collect())
+        .unwrap_or_default()
 }
 
 /// The largest difference between two runs' final weights (same names and shapes).
@@ -473,8 +535,13 @@ fn expert_parallel_layouts_train_as_one_process() {
             placement.iter().any(|c| c != &placement[0]),
             "np {np} ep {ep}: the throttled rank should own fewer experts: {placement:?}"
         );
-        // The checkpoint gathers every expert from its owner: the whole model, as one
-        // process trained it.
+        // Each rank of the first expert group wrote its experts (rank 0 the rest too);
+        // together: the whole model, as one process trained it.
+        assert_eq!(
+            shard_writers(&run),
+            (0..ep as u64).collect::<Vec<_>>(),
+            "np {np} ep {ep}"
+        );
         let diff = weights_differ_by(&run, &single);
         assert!(diff < 1e-5, "np {np} ep {ep}: weights differ by {diff}");
     }
@@ -641,6 +708,14 @@ fn pipeline_layouts_train_as_one_process() {
                     "{what}: the slow first stage should hold fewer layers: {stages:?}"
                 );
             }
+            // Replica 0 of every stage wrote its stage (with expert groups: the first group's
+            // ranks their experts); ranks are replica-major, rank = replica · pp + stage.
+            let writers = if ep == "--ep=2" {
+                vec![0, 1, 2, 3]
+            } else {
+                vec![0, 1]
+            };
+            assert_eq!(shard_writers(&run), writers, "{what}");
             let diff = weights_differ_by(&run, &single);
             assert!(diff < 1e-5, "{what}: weights differ by {diff}");
         }
@@ -658,6 +733,26 @@ fn a_pipeline_checkpoint_resumes_on_another_layout() {
     let mut first = pipeline_args(&run, "tiny-moe");
     first.extend(["--pp", "2", "--stop-at", "3"].map(String::from));
     mpirun(4, &first);
+    // Each stage's first replica wrote its part. A damaged part is one clear line naming it.
+    assert_eq!(shard_writers(&run), vec![0, 1]);
+    let broken = tmp.path().join("broken");
+    let copied = Command::new("cp").arg("-r").args([&run, &broken]).status();
+    assert!(copied.unwrap().success());
+    let shard = last_checkpoint(&broken).join("model-rank-00001.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    let out = Command::new(NUWA)
+        .args(["export", &broken.display().to_string(), "--out"])
+        .arg(tmp.path().join("export"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("model-rank-00001.safetensors: checksum mismatch")
+            && stderr.lines().count() == 1,
+        "{stderr}"
+    );
     let mut again: Vec<String> = pipeline_args(&run, "tiny-moe")
         .into_iter()
         .filter(|a| a != "--run-dir" && a != &run.display().to_string())

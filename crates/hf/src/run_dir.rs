@@ -82,6 +82,7 @@ pub fn import_to_run(hf_dir: &Path, run: &Path, device: &Device) -> Result<PathB
         format: checkpoint::CHECKPOINT_FORMAT,
         spikes: Default::default(),
         data: None,
+        shards: Vec::new(),
     };
     // A fresh optimiser: no moments yet.
     checkpoint::save(run, &model, BTreeMap::new(), state, 1)

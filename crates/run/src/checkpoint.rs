@@ -4,6 +4,7 @@
 //! place, so a failed or interrupted save never touches the last good one.
 
 use crate::config::RunConfig;
+use crate::sharded::{assemble, ShardRecord};
 use anyhow::{anyhow, bail, Context, Result};
 use burn::module::Module;
 use burn::tensor::Device;
@@ -48,6 +49,10 @@ pub struct TrainerState {
     /// The data the run trained on (absent: a checkpoint from before the field, or none).
     #[serde(default)]
     pub data: Option<DataRecord>,
+    /// A model split across processes: each rank's files (`crate::sharded`). Empty: the
+    /// checkpoint is `model.safetensors` and `optimizer.safetensors`, whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardRecord>,
 }
 
 /// The token shards a run trained on, by their manifest's SHA-256: a resume notices when the
@@ -87,7 +92,7 @@ pub fn checkpoints_dir(run: &Path) -> PathBuf {
     run.join("checkpoints")
 }
 
-fn step_dir_name(step: u64) -> String {
+pub(crate) fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
@@ -207,6 +212,13 @@ pub fn write(run: &Path, snapshot: Snapshot, keep: usize) -> Result<PathBuf> {
         let _ = std::fs::remove_dir_all(&tmp_dir);
         return Err(e.context(format!("saving checkpoint {}", final_dir.display())));
     }
+    prune(run, keep);
+    Ok(final_dir)
+}
+
+/// Removes the oldest checkpoints beyond the newest `keep`.
+pub(crate) fn prune(run: &Path, keep: usize) {
+    let root = checkpoints_dir(run);
     let all = list_checkpoints(run);
     for (step, old) in all.iter().take(all.len().saturating_sub(keep)) {
         // Renamed out of the checkpoint names first: a prune killed half-way leaves a
@@ -216,7 +228,6 @@ pub fn write(run: &Path, snapshot: Snapshot, keep: usize) -> Result<PathBuf> {
             let _ = std::fs::remove_dir_all(&doomed);
         }
     }
-    Ok(final_dir)
 }
 
 /// Removes what killed saves and prunes left behind (`checkpoints/.tmp-*`); called with the
@@ -340,6 +351,36 @@ fn read_verified(dir: &Path, file: &str, state: &TrainerState) -> Result<Vec<u8>
     Ok(bytes)
 }
 
+type Tensors = BTreeMap<String, HostTensor>;
+
+/// The tensors of one verified safetensors file of a checkpoint.
+fn read_raw(dir: &Path, file: &str, state: &TrainerState) -> Result<Tensors> {
+    let path = dir.join(file).display().to_string();
+    from_safetensors(&read_verified(dir, file, state)?, &path)
+}
+
+/// The tensors of one verified safetensors file of a checkpoint, old names converted.
+fn read_tensors(dir: &Path, file: &str, state: &TrainerState) -> Result<Tensors> {
+    let path = dir.join(file).display().to_string();
+    upgrade_names(read_raw(dir, file, state)?).map_err(|e| anyhow!("{path}: {e}"))
+}
+
+/// The whole weights and optimiser moments of a sharded checkpoint, assembled from every
+/// rank's verified files.
+fn read_shards(dir: &Path, state: &TrainerState) -> Result<(Tensors, Tensors)> {
+    let (mut weights, mut moments) = (Vec::new(), Vec::new());
+    for shard in &state.shards {
+        weights.push((read_raw(dir, &shard.model, state)?, &shard.parts));
+        moments.push((read_raw(dir, &shard.optimizer, state)?, &shard.parts));
+    }
+    let what = dir.display().to_string();
+    let upgrade = |t| upgrade_names(t).map_err(|e| anyhow!("{what}: {e}"));
+    Ok((
+        upgrade(assemble(weights, &what)?)?,
+        upgrade(assemble(moments, &what)?)?,
+    ))
+}
+
 /// Refuses a checkpoint folder given where a run folder belongs, naming the run.
 pub fn refuse_checkpoint_dir(run: &Path, flag: &str) -> Result<()> {
     if run.join(TRAINER_FILE).exists() {
@@ -393,12 +434,14 @@ pub fn load_latest(run: &Path) -> Result<Loaded> {
         // Before format 3, `use_bias` also meant biases on every MLP.
         state.config.model.mlp_bias = true;
     }
-    let model_path = dir.join(MODEL_FILE).display().to_string();
-    let weights = from_safetensors(&read_verified(&dir, MODEL_FILE, &state)?, &model_path)?;
-    let weights = upgrade_names(weights).map_err(|e| anyhow!("{model_path}: {e}"))?;
-    let opt_path = dir.join(OPTIMIZER_FILE).display().to_string();
-    let optimizer = from_safetensors(&read_verified(&dir, OPTIMIZER_FILE, &state)?, &opt_path)?;
-    let optimizer = upgrade_names(optimizer).map_err(|e| anyhow!("{opt_path}: {e}"))?;
+    let (weights, optimizer) = if state.shards.is_empty() {
+        (
+            read_tensors(&dir, MODEL_FILE, &state)?,
+            read_tensors(&dir, OPTIMIZER_FILE, &state)?,
+        )
+    } else {
+        read_shards(&dir, &state)?
+    };
     Ok(Loaded {
         dir,
         state,

@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod lock;
+pub mod sharded;
 pub mod spikes;
 pub mod writer;
 

@@ -3,9 +3,10 @@
 //! so their gradients, their share of the gradient norm, their optimiser moments and their
 //! checkpoints are handled apart from the replicated parameters.
 //!
-//! A checkpoint holds every expert whole: the slices are gathered before it is written, so it
-//! loads on any number of ranks and any placement (resharding is slicing on load), and exports
-//! to one HF folder as a single process's would.
+//! In a checkpoint each rank of the first expert group writes its own slices, with where they
+//! lie in the whole stacked tensors (`nuwa_run::sharded`); loading assembles them whole, so it
+//! loads on any number of ranks and any placement (resharding is slicing what was assembled),
+//! and exports to one HF folder as a single process's would.
 
 use crate::optim::AdamW;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
@@ -14,6 +15,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use nuwa_model::expert_parallel::{is_routed_expert, ExpertGroup};
 use nuwa_model::weights::HostTensor;
 use nuwa_model::LanguageModel;
+use nuwa_run::sharded::{Part, Shard};
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
 
@@ -55,6 +57,50 @@ pub fn gather_experts(tensors: &mut BTreeMap<String, HostTensor>, group: &Expert
         };
         *t = HostTensor { shape, data: whole };
     }
+}
+
+/// This rank's part of a sharded checkpoint: its expert slices (weights `[local, ..]`, flat
+/// optimiser moments), each with where it lies in the whole tensor, and — when
+/// `with_replicated`, on the one rank that writes them — every other parameter it holds.
+pub fn own_shard(
+    weights: BTreeMap<String, HostTensor>,
+    optimizer: BTreeMap<String, HostTensor>,
+    group: Option<&ExpertGroup>,
+    with_replicated: bool,
+) -> Shard {
+    let mut shard = Shard::default();
+    for (into_weights, tensors) in [(true, weights), (false, optimizer)] {
+        for (name, t) in tensors {
+            let sliced = group.filter(|_| is_routed_expert(&name));
+            match sliced {
+                Some(group) => {
+                    let local = group.local_experts();
+                    let (per, range) = slice_of(&local, t.data.len());
+                    let experts = group.placement.experts();
+                    let mut shape = t.shape.clone();
+                    shape[0] = if shape.len() == 1 {
+                        experts * per
+                    } else {
+                        experts
+                    };
+                    let part = Part {
+                        shape,
+                        offset: range.start,
+                    };
+                    shard.parts.insert(name.clone(), part);
+                }
+                None if !with_replicated => continue,
+                None => {}
+            }
+            let into = if into_weights {
+                &mut shard.weights
+            } else {
+                &mut shard.optimizer
+            };
+            into.insert(name, t);
+        }
+    }
+    shard
 }
 
 /// This rank's slices of whole expert tensors (the inverse of [`gather_experts`]).
@@ -157,6 +203,32 @@ impl ModuleVisitor for TakeExperts<'_> {
     }
 }
 
+/// Gives the expert slices without a gradient a zero one. A rank whose experts received no
+/// rows this step has none (they were not on its graph), where one process has zeros (its
+/// stacked tensor always has a gradient), and AdamW still moves them by their moments.
+fn zero_missing(
+    model: &LanguageModel,
+    grads: &mut GradientsParams,
+    ids: &HashSet<ParamId>,
+    device: &Device,
+) {
+    struct Zeros<'a> {
+        ids: &'a HashSet<ParamId>,
+        grads: &'a mut GradientsParams,
+        device: &'a Device,
+    }
+    impl ModuleVisitor for Zeros<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if self.ids.contains(&param.id) && self.grads.get::<D>(param.id).is_none() {
+                let shape: [usize; D] = std::array::from_fn(|i| param.lazy_shape()[i]);
+                let zeros = Tensor::<D>::zeros(shape, self.device);
+                self.grads.register::<D>(param.id, zeros);
+            }
+        }
+    }
+    model.visit(&mut Zeros { ids, grads, device });
+}
+
 /// Sums the expert gradients of the groups that hold the same experts (each group computed
 /// them on its own tokens). Nothing to do with one group.
 pub fn reduce_expert_grads(
@@ -165,10 +237,11 @@ pub fn reduce_expert_grads(
     group: &ExpertGroup,
     device: &Device,
 ) {
+    let ids = model.expert_param_ids();
     if group.replicas() == 1 {
+        zero_missing(model, grads, &ids, device);
         return;
     }
-    let ids = model.expert_param_ids();
     let mut take = TakeExperts {
         ids: &ids,
         grads,

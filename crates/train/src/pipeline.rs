@@ -22,7 +22,7 @@ use crate::expert;
 use crate::optim::AdamW;
 use crate::parallel::{all_reduce_gradients, Collective, DistOptions};
 use crate::step::LocalStep;
-use crate::strategy::{Parallelism, ReducedStep};
+use crate::strategy::{CheckpointPart, Parallelism, ReducedStep};
 use anyhow::{bail, Result};
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
@@ -32,12 +32,13 @@ use nuwa_model::expert_parallel::ExpertGroup;
 use nuwa_model::stage::{Stage, StageInput};
 use nuwa_model::weights::HostTensor;
 use nuwa_model::{cross_entropy, LanguageModel, ModulePath, RouterStats};
-use nuwa_run::checkpoint::Snapshot;
 use nuwa_run::{RunConfig, TrainConfig};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
+
+type Tensors = BTreeMap<String, HostTensor>;
 
 /// Layers per stage for `layers` decoder layers over stages of the given speeds: every stage
 /// at least one layer, each further layer to the stage that would finish it soonest; the last
@@ -251,34 +252,6 @@ impl Pipeline {
         };
         model.visit(&mut v);
         v.out
-    }
-
-    /// Whole tensors from the stages that hold them: `names` (every rank the same list, with
-    /// whole shapes), each summed over the world from replica 0 of its owning stage.
-    fn gather_whole(
-        &self,
-        names: &[(String, Vec<usize>)],
-        mine: &BTreeMap<String, HostTensor>,
-    ) -> BTreeMap<String, HostTensor> {
-        let mut out = BTreeMap::new();
-        for (name, shape) in names {
-            let len: usize = shape.iter().product();
-            let mut whole = vec![0.0f32; len];
-            if let (Some(t), 0) = (mine.get(name), self.d) {
-                if t.data.len() == len {
-                    whole.copy_from_slice(&t.data);
-                }
-            }
-            self.world.all_reduce_sum(&mut whole);
-            out.insert(
-                name.clone(),
-                HostTensor {
-                    shape: shape.clone(),
-                    data: whole,
-                },
-            );
-        }
-        out
     }
 
     /// Sends `t` to world rank `to`, returning the seconds it waited.
@@ -796,39 +769,16 @@ impl Parallelism for Pipeline {
         self.stage_weights(model)
     }
 
-    fn gather_snapshot(&self, snapshot: &mut Snapshot) {
-        if let Some(group) = &self.experts_group {
-            expert::gather_experts(&mut snapshot.weights, group);
-            expert::gather_experts(&mut snapshot.optimizer, group);
+    fn checkpoint_part(&self, weights: Tensors, optimizer: Tensors) -> CheckpointPart {
+        // Replica 0 of every stage writes the stage; with expert groups, the first group of
+        // each stage writes its experts.
+        let writers = self.experts_group.as_ref().map_or(1, |g| g.ep);
+        CheckpointPart::Sharded {
+            comm: self.world.clone(),
+            mine: (self.d < writers).then(|| {
+                expert::own_shard(weights, optimizer, self.experts_group.as_ref(), self.d == 0)
+            }),
         }
-        let shapes: Vec<(String, Vec<usize>)> =
-            LanguageModel::parameter_shapes(&snapshot.state.config.model)
-                .into_iter()
-                .collect();
-        snapshot.weights = self.gather_whole(&shapes, &snapshot.weights);
-        // Optimiser moments exist for the parameters that were updated; every rank learns
-        // which before the gather.
-        let mut present: Vec<f32> = shapes
-            .iter()
-            .map(|(n, _)| {
-                let here = self.d == 0 && snapshot.optimizer.contains_key(&format!("{n}.exp_avg"));
-                here as u8 as f32
-            })
-            .collect();
-        self.world.all_reduce_sum(&mut present);
-        let moments: Vec<(String, Vec<usize>)> = shapes
-            .iter()
-            .zip(&present)
-            .filter(|(_, &p)| p > 0.0)
-            .flat_map(|((n, shape), _)| {
-                let len = vec![shape.iter().product::<usize>()];
-                [
-                    (format!("{n}.exp_avg"), len.clone()),
-                    (format!("{n}.exp_avg_sq"), len),
-                ]
-            })
-            .collect();
-        snapshot.optimizer = self.gather_whole(&moments, &snapshot.optimizer);
     }
 
     fn evaluate(&self, model: &LanguageModel, batches: &[Batch], device: &Device) -> Option<f64> {

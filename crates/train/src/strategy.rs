@@ -15,11 +15,29 @@ use burn::tensor::Device;
 use nuwa_model::expert_parallel::{ExpertGroup, Placement};
 use nuwa_model::weights::HostTensor;
 use nuwa_model::LanguageModel;
-use nuwa_run::checkpoint::Snapshot;
+use nuwa_run::sharded::Shard;
 use nuwa_run::RunConfig;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
+
+type Tensors = BTreeMap<String, HostTensor>;
+
+/// How a process takes part in writing a checkpoint.
+pub enum CheckpointPart {
+    /// Every process holds the whole model: rank 0 writes it (in the background).
+    Whole {
+        weights: Tensors,
+        optimizer: Tensors,
+    },
+    /// The model is split across `comm`'s processes: each writes its shard (`None`: it holds
+    /// nothing another process does not write), at once.
+    Sharded {
+        comm: Arc<dyn nuwa_core::comm::Collective>,
+        mine: Option<Shard>,
+    },
+}
 
 /// A step after every process's part is combined (the gradients come beside it).
 pub struct ReducedStep {
@@ -69,9 +87,12 @@ pub trait Parallelism {
     fn grad_norm(&self, model: &LanguageModel, grads: &GradientsParams) -> f64 {
         crate::optim::grad_norm(model, grads)
     }
-    /// Makes `snapshot` whole (each process's parts gathered); collective when
-    /// [`Parallelism::shards_model`].
-    fn gather_snapshot(&self, _snapshot: &mut Snapshot) {}
+    /// How this process takes part in a checkpoint of `weights` and `optimizer` (its own, on
+    /// the host): the whole model from rank 0, or a shard from every process that owns a
+    /// part (collective when [`Parallelism::shards_model`]).
+    fn checkpoint_part(&self, weights: Tensors, optimizer: Tensors) -> CheckpointPart {
+        CheckpointPart::Whole { weights, optimizer }
+    }
     /// The part of the model this process holds, when it holds a pipeline stage (set by
     /// `start`): only its parameters are allocated.
     fn stage(&self) -> Option<nuwa_model::stage::Stage> {
@@ -378,10 +399,18 @@ impl Parallelism for DataParallel {
         }
     }
 
-    fn gather_snapshot(&self, snapshot: &mut Snapshot) {
-        if let Some(group) = &self.experts_group {
-            crate::expert::gather_experts(&mut snapshot.weights, group);
-            crate::expert::gather_experts(&mut snapshot.optimizer, group);
+    fn checkpoint_part(&self, weights: Tensors, optimizer: Tensors) -> CheckpointPart {
+        let Some(group) = &self.experts_group else {
+            return CheckpointPart::Whole { weights, optimizer };
+        };
+        // The first expert group writes the experts, its first rank the rest too.
+        let writes = group.comm.rank() < group.ep;
+        let with_replicated = self.opts.comm.rank() == 0;
+        CheckpointPart::Sharded {
+            comm: self.opts.comm.clone(),
+            mine: writes.then(|| {
+                crate::expert::own_shard(weights, optimizer, Some(group), with_replicated)
+            }),
         }
     }
 

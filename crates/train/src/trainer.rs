@@ -7,7 +7,7 @@ use crate::parallel::DistOptions;
 use crate::pipeline::Pipeline;
 use crate::setup::{open_session, Session};
 use crate::step::{evaluate, local_step};
-use crate::strategy::{DataParallel, Parallelism, ReducedStep, SingleProcess};
+use crate::strategy::{CheckpointPart, DataParallel, Parallelism, ReducedStep, SingleProcess};
 use anyhow::{bail, Result};
 use burn::module::Module;
 use burn::optim::GradientsParams;
@@ -152,8 +152,9 @@ fn progress_bar(show: bool, steps: u64, start: u64) -> ProgressBar {
     bar
 }
 
-/// Saves the session's state after `step` optimiser steps (rank 0 only): copies it to host
-/// memory and hands it to the writer. Returns the seconds the step was held up.
+/// Saves the session's state after `step` optimiser steps: copies it to host memory and hands
+/// it to rank 0's background writer, or — a model split across processes — every owner writes
+/// its shard at once. Returns the seconds the step was held up.
 fn save(s: &mut Session, strategy: &dyn Parallelism, step: u64) -> Result<f64> {
     let start = Instant::now();
     let state = TrainerState {
@@ -165,11 +166,23 @@ fn save(s: &mut Session, strategy: &dyn Parallelism, step: u64) -> Result<f64> {
         format: checkpoint::CHECKPOINT_FORMAT,
         spikes: s.spikes.clone(),
         data: Some(DataRecord::of(&s.data)),
+        shards: Vec::new(),
     };
-    let mut snapshot = Snapshot::of(strategy.host_weights(&s.model), s.opt.to_host(), state)?;
-    strategy.gather_snapshot(&mut snapshot);
-    if let Some(writer) = s.writer.as_mut() {
-        writer.submit(snapshot)?;
+    match strategy.checkpoint_part(strategy.host_weights(&s.model), s.opt.to_host()) {
+        CheckpointPart::Whole { weights, optimizer } => {
+            let snapshot = Snapshot::of(weights, optimizer, state)?;
+            if let Some(writer) = s.writer.as_mut() {
+                writer.submit(snapshot)?;
+            }
+        }
+        // Every process writes its part now: the save is one collective.
+        CheckpointPart::Sharded { comm, mine } => {
+            if let Some(writer) = s.writer.as_mut() {
+                writer.wait()?;
+            }
+            let keep = s.cfg.train.keep_checkpoints;
+            nuwa_run::sharded::write_sharded(&s.run, comm.as_ref(), mine, state, keep)?;
+        }
     }
     Ok(start.elapsed().as_secs_f64())
 }
