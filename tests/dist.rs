@@ -548,6 +548,50 @@ fn expert_parallel_layouts_train_as_one_process() {
 }
 
 #[test]
+fn an_expert_that_gets_no_tokens_moves_as_in_one_process() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-ep-starved");
+    // EP 8 on 8 ranks, one expert each, 32 tokens a step: some expert gets none in some step.
+    // Its rank has no gradient for it; one process has zeros there, and AdamW still moves it
+    // by its moments.
+    let args = |run: &Path| {
+        let mut args = moe_args(run, "5");
+        let at = args.iter().position(|a| a == "--seq-len").unwrap();
+        args[at + 1] = "4".into();
+        args
+    };
+    let single = tmp.path().join("single");
+    let reference = one_process(&args(&single), &single);
+    let run = tmp.path().join("ep8");
+    let mut ep = args(&run);
+    ep.extend(["--ep", "8"].map(String::from));
+    mpirun(8, &ep);
+    let got = metrics(&run);
+    let mut starved = 0;
+    for (step, rec) in &got {
+        // The logged load is the global batch's, as one process counts it.
+        assert_eq!(
+            rec["tokens_per_expert"], reference[step]["tokens_per_expert"],
+            "step {step}"
+        );
+        starved += rec["tokens_per_expert"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c.as_u64() == Some(0))
+            .count();
+        let (a, b) = (
+            rec["loss"].as_f64().unwrap(),
+            reference[step]["loss"].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-5, "step {step}: loss {a} vs {b}");
+    }
+    assert!(starved > 0, "no expert went without tokens: {got:?}");
+    let diff = weights_differ_by(&run, &single);
+    assert!(diff < 1e-5, "weights differ by {diff}");
+}
+
+#[test]
 fn a_killed_expert_parallel_rank_restarts_on_fewer_ranks_resharded() {
     let _serial = serial();
     let tmp = TempDir::new("dist-ep-kill");

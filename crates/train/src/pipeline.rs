@@ -743,7 +743,6 @@ impl Parallelism for Pipeline {
             load_balance: is_moe.then(|| col(1).iter().sum()),
             z_loss: is_moe.then(|| col(2).iter().sum()),
             mtp_loss: None,
-            tokens_per_expert: local.tokens_per_expert,
             expert_load,
             stop: col(7).iter().any(|&f| f > 0.0),
             metrics: metrics.as_object().cloned().unwrap_or_default(),

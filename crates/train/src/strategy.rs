@@ -47,8 +47,6 @@ pub struct ReducedStep {
     pub z_loss: Option<f64>,
     /// The MTP layers' summed cross-entropy over the whole batch.
     pub mtp_loss: Option<f64>,
-    /// This process's tokens per expert in its last micro-batch, per MoE layer (for the log).
-    pub tokens_per_expert: Vec<Vec<usize>>,
     /// Tokens per expert over the whole step and every process, per MoE layer.
     pub expert_load: Vec<Vec<f64>>,
     /// Some process asked to stop (Ctrl-C): all stop after this step, together.
@@ -204,7 +202,6 @@ impl Parallelism for SingleProcess {
             load_balance: local.load_balance,
             z_loss: local.z_loss,
             mtp_loss: local.mtp_loss,
-            tokens_per_expert: local.tokens_per_expert,
             expert_load,
             stop,
             metrics: Map::new(),
@@ -569,7 +566,6 @@ impl Parallelism for DataParallel {
             load_balance: is_moe.then(|| col(1).iter().sum()),
             z_loss: is_moe.then(|| col(2).iter().sum()),
             mtp_loss: (self.mtp_layers > 0).then(|| col(8).iter().sum()),
-            tokens_per_expert: local.tokens_per_expert,
             expert_load,
             stop: col(7).iter().any(|&f| f > 0.0),
             metrics: metrics.as_object().cloned().unwrap_or_default(),

@@ -211,7 +211,13 @@ fn step_metrics(
     if let Some(lb) = step.load_balance {
         record["load_balance_loss"] = json!(lb);
         record["z_loss"] = json!(step.z_loss.unwrap_or(0.0));
-        record["tokens_per_expert"] = json!(step.tokens_per_expert);
+        // The whole step's global batch, per MoE layer (every rank's micro-batches).
+        let load: Vec<Vec<u64>> = step
+            .expert_load
+            .iter()
+            .map(|l| l.iter().map(|&c| c.round() as u64).collect())
+            .collect();
+        record["tokens_per_expert"] = json!(load);
     }
     let mut map = record.as_object().cloned().unwrap_or_default();
     map.extend(step.metrics.clone());
