@@ -548,6 +548,56 @@ fn expert_parallel_layouts_train_as_one_process() {
 }
 
 #[test]
+fn a_step_split_finer_than_its_micro_batches_trains_as_one_process() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-micro");
+    // 3 micro-batches of 8: the balancer splits the step's 24 rows, so a rank may hold 5, 6
+    // and 6 rows of them (17 : 7) where splitting each alike allows only multiples of 3.
+    let args = |run: &Path| {
+        let mut args = moe_args(run, "5");
+        args.extend(["--grad-accum", "3"].map(String::from));
+        args
+    };
+    let single = tmp.path().join("single");
+    let reference = one_process(&args(&single), &single);
+    for ep in ["1", "2"] {
+        let run = tmp.path().join(format!("ep{ep}"));
+        let mut a = args(&run);
+        a.extend(["--ep", ep, "--rebalance-every", "1", "--throttle", "1,3"].map(String::from));
+        mpirun(2, &a);
+        let got = metrics(&run);
+        assert_eq!(got.len(), reference.len());
+        let mut finer = false;
+        for (step, rec) in &got {
+            for key in ["loss", "load_balance_loss", "z_loss"] {
+                let (a, b) = (
+                    rec[key].as_f64().unwrap(),
+                    reference[step][key].as_f64().unwrap(),
+                );
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "ep {ep} step {step}: {key} {a} vs {b}"
+                );
+            }
+            let seqs: Vec<u64> = rec["ranks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["seqs"].as_f64().unwrap() as u64)
+                .collect();
+            assert_eq!(seqs.iter().sum::<u64>(), 24, "ep {ep} step {step}");
+            finer |= seqs[0] % 3 != 0;
+        }
+        assert!(
+            finer,
+            "ep {ep}: no split finer than the micro-batches: {got:?}"
+        );
+        let diff = weights_differ_by(&run, &single);
+        assert!(diff < 1e-5, "ep {ep}: weights differ by {diff}");
+    }
+}
+
+#[test]
 fn an_expert_that_gets_no_tokens_moves_as_in_one_process() {
     let _serial = serial();
     let tmp = TempDir::new("dist-ep-starved");

@@ -49,9 +49,79 @@ pub fn proportional_shares(total: usize, speeds: &[f64], caps: &[Option<usize>])
     shares
 }
 
+/// Splits each rank's rows of a step (`totals`, summing to `batch × micro_batches`) over the
+/// step's micro-batches: `[micro-batch][rank]` counts with every micro-batch holding exactly
+/// `batch` rows, each rank's counts summing to its total and spread as evenly as they can be
+/// (its running sum tracks `total × (m + 1) / micro_batches`), and every rank getting at least
+/// `min_each` rows of each (expert parallelism needs every rank in every exchange; its totals
+/// must allow it). A split of the whole step, not of each micro-batch, is as fine as a row of
+/// the step: 21 : 11 of 4 micro-batches of 8 where each alone could only be 5 : 3 or 6 : 2.
+pub fn micro_batch_shares(
+    totals: &[usize],
+    batch: usize,
+    micro_batches: usize,
+    min_each: usize,
+) -> Vec<Vec<usize>> {
+    let m_count = micro_batches.max(1);
+    let floor = min_each * m_count;
+    let extra: Vec<usize> = totals.iter().map(|&t| t.saturating_sub(floor)).collect();
+    let free = batch.saturating_sub(min_each * totals.len());
+    let mut given = vec![0usize; totals.len()];
+    let mut out = Vec::with_capacity(m_count);
+    for m in 0..m_count {
+        // What each rank still owes by the end of this micro-batch.
+        let owed: Vec<f64> = extra
+            .iter()
+            .zip(&given)
+            .map(|(&e, &g)| (e as f64 * (m + 1) as f64 / m_count as f64 - g as f64).max(0.0))
+            .collect();
+        let counts = if owed.iter().all(|&o| o == 0.0) {
+            proportional_shares(free, &vec![1.0; totals.len()], &[])
+        } else {
+            proportional_shares(free, &owed, &[])
+        };
+        for (g, c) in given.iter_mut().zip(&counts) {
+            *g += c;
+        }
+        out.push(counts.iter().map(|c| c + min_each).collect());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_is_split_finer_than_its_micro_batches() {
+        // 21 : 11 of 4 micro-batches of 8 rows.
+        let split = micro_batch_shares(&[21, 11], 8, 4, 0);
+        assert!(
+            split.iter().all(|m| m.iter().sum::<usize>() == 8),
+            "{split:?}"
+        );
+        let per_rank: Vec<usize> = (0..2).map(|r| split.iter().map(|m| m[r]).sum()).collect();
+        assert_eq!(per_rank, [21, 11]);
+        assert!(split.iter().all(|m| (5..=6).contains(&m[0])), "{split:?}");
+        // At least one row of each micro-batch each, when asked.
+        let split = micro_batch_shares(&[29, 3], 8, 3, 1);
+        assert!(
+            split.iter().all(|m| m[1] == 1 && m[0] + m[1] == 8),
+            "{split:?}"
+        );
+        let split = micro_batch_shares(&[4, 4, 4], 3, 4, 1);
+        assert!(split.iter().all(|m| m == &[1, 1, 1]), "{split:?}");
+        // Uneven totals of many ranks still close exactly.
+        let totals = [7, 0, 13, 12];
+        let split = micro_batch_shares(&totals, 8, 4, 0);
+        for (r, &t) in totals.iter().enumerate() {
+            assert_eq!(split.iter().map(|m| m[r]).sum::<usize>(), t, "{split:?}");
+        }
+        assert!(
+            split.iter().all(|m| m.iter().sum::<usize>() == 8),
+            "{split:?}"
+        );
+    }
 
     #[test]
     fn shares_follow_speed_and_sum_to_the_batch() {

@@ -630,11 +630,8 @@ impl Parallelism for Pipeline {
 
     fn rows(&self) -> crate::step::Rows {
         let first = self.shares[..self.d].iter().sum();
-        crate::step::Rows {
-            first,
-            count: self.shares[self.d],
-            shared: self.replicas > 1,
-        }
+        // Every micro-batch of the schedule split alike.
+        crate::step::Rows::same(first..first + self.shares[self.d], 1, self.replicas > 1)
     }
 
     fn global_batch(&self, _step: u64) -> Option<crate::step::GlobalBatch<'_>> {
@@ -657,8 +654,9 @@ impl Parallelism for Pipeline {
                 Ok(b) => b,
                 Err(e) => return Some(Err(e)),
             };
+            let mine = rows.of(0);
             batches.push(match rows.shared {
-                true => batch.rows(rows.first, rows.first + rows.count),
+                true => batch.rows(mine.start, mine.end),
                 false => batch,
             });
         }
@@ -676,7 +674,7 @@ impl Parallelism for Pipeline {
             tokens_per_expert: totals.tokens_per_expert,
             step_load: totals.step_load,
             compute_s: totals.compute_s,
-            rows: rows.count,
+            rows: rows.of(0).len() * t.grad_accum,
         };
         self.last_p2p = (totals.p2p_s, a2a, started.elapsed().as_secs_f64());
         Some(Ok(local))

@@ -131,16 +131,55 @@ pub struct LocalStep {
     /// Tokens per expert over all of this process's micro-batches, per MoE layer.
     pub step_load: Vec<Vec<usize>>,
     pub compute_s: f64,
-    /// Rows of each global micro-batch this process ran.
+    /// Rows this process ran over the step's micro-batches.
     pub rows: usize,
 }
 
-/// Where this process's rows sit in every global micro-batch.
+/// Where this process's rows sit in each global micro-batch of a step.
 pub struct Rows {
-    pub first: usize,
-    pub count: usize,
+    /// This process's rows of micro-batch `m`.
+    pub micro: Vec<std::ops::Range<usize>>,
     /// More than one process shares the batch.
     pub shared: bool,
+}
+
+impl Rows {
+    /// The same rows of every one of `micro_batches`.
+    pub fn same(rows: std::ops::Range<usize>, micro_batches: usize, shared: bool) -> Self {
+        Self {
+            micro: vec![rows; micro_batches.max(1)],
+            shared,
+        }
+    }
+
+    /// Rows `[micro-batch][rank]` counts give `rank`.
+    pub fn of_rank(counts: &[Vec<usize>], rank: usize) -> Self {
+        let micro = counts
+            .iter()
+            .map(|c| {
+                let first: usize = c[..rank].iter().sum();
+                first..first + c[rank]
+            })
+            .collect();
+        Self {
+            micro,
+            shared: counts.first().is_some_and(|c| c.len() > 1),
+        }
+    }
+
+    /// This process's rows of micro-batch `m`.
+    pub fn of(&self, m: usize) -> std::ops::Range<usize> {
+        self.micro
+            .get(m)
+            .or(self.micro.last())
+            .cloned()
+            .unwrap_or(0..0)
+    }
+
+    /// This process's rows over the step.
+    pub fn total(&self) -> usize {
+        self.micro.iter().map(|r| r.len()).sum()
+    }
 }
 
 /// Runs `rows` of the next `grad_accum` micro-batches forward and backward. `global` gives the
@@ -155,22 +194,24 @@ pub fn local_step<'g>(
     device: &Device,
 ) -> Result<LocalStep> {
     let started = Instant::now();
-    let weight = rows.count as f64 / t.batch_size as f64 / t.grad_accum as f64;
     let mut accumulator = GradientsAccumulator::<LanguageModel>::new();
     let (mut ce, mut lb, mut z, mut mtp) = (0.0, None::<f64>, None::<f64>, None::<f64>);
     let mut load = Vec::new();
     let mut step_load: Vec<Vec<usize>> = Vec::new();
-    for _ in 0..t.grad_accum {
+    for m in 0..t.grad_accum {
         let batch = sampler.next_batch(data, t.batch_size, t.seq_len)?;
         let global = global();
-        if rows.count == 0 {
+        let mine = rows.of(m);
+        // This process's share of the step's tokens in this micro-batch.
+        let weight = mine.len() as f64 / t.batch_size as f64 / t.grad_accum as f64;
+        if mine.is_empty() {
             if let Some(g) = &global {
                 g.sum_counts(&[]); // the other ranks' load-balance losses need this one
             }
             continue;
         }
         let batch = match rows.shared {
-            true => batch.rows(rows.first, rows.first + rows.count),
+            true => batch.rows(mine.start, mine.end),
             false => batch,
         };
         let losses = forward_losses(model, &batch, device, global.as_ref());
@@ -213,6 +254,6 @@ pub fn local_step<'g>(
         tokens_per_expert: load,
         step_load,
         compute_s: started.elapsed().as_secs_f64(),
-        rows: rows.count,
+        rows: rows.total(),
     })
 }

@@ -176,11 +176,7 @@ impl Parallelism for SingleProcess {
         Ok(())
     }
     fn rows(&self) -> Rows {
-        Rows {
-            first: 0,
-            count: self.batch_size,
-            shared: false,
-        }
+        Rows::same(0..self.batch_size, 1, false)
     }
     fn global_batch(&self, _step: u64) -> Option<GlobalBatch<'_>> {
         None
@@ -225,6 +221,8 @@ pub struct DataParallel {
     /// Experts per token, and tokens per sequence.
     top_k: usize,
     seq_len: usize,
+    /// Micro-batches per step (`--grad-accum`).
+    micro_batches: usize,
     mtp_layers: usize,
     start_step: u64,
     device: Device,
@@ -251,6 +249,7 @@ impl DataParallel {
             experts: 0,
             top_k: 0,
             seq_len: 0,
+            micro_batches: 1,
             mtp_layers: 0,
             start_step: 0,
             device: device.clone(),
@@ -301,6 +300,12 @@ impl DataParallel {
         self.opts.comm.as_ref()
     }
 
+    /// Each rank's most rows of a step: its memory bound per micro-batch, every micro-batch.
+    fn caps(&self) -> Vec<Option<usize>> {
+        let caps = self.opts.max_seqs.iter();
+        caps.map(|c| c.map(|c| c * self.micro_batches)).collect()
+    }
+
     /// Flags ranks slower than predicted; returns which ran slow now, the stragglers (slow for
     /// `straggler_patience` steps) and a note for each newly reported one.
     fn stragglers(&mut self, step: u64, computes: &[f64]) -> (Vec<bool>, Vec<usize>, Vec<String>) {
@@ -348,7 +353,8 @@ impl Parallelism for DataParallel {
             + cfg.model.num_nextn_predict_layers;
         self.experts = cfg.model.num_experts;
         self.top_k = cfg.model.num_experts_per_tok;
-        self.seq_len = t.seq_len * t.grad_accum;
+        self.seq_len = t.seq_len;
+        self.micro_batches = t.grad_accum.max(1);
         self.mtp_layers = cfg.model.num_nextn_predict_layers;
         self.moe = (ranks > 1 && cfg.model.is_moe()).then(|| {
             (
@@ -356,7 +362,9 @@ impl Parallelism for DataParallel {
                 moe_layers * cfg.model.num_experts,
             )
         });
-        self.balancer = Balancer::new(t.batch_size, ranks, &self.opts.max_seqs);
+        // The balancer splits the step's rows (every micro-batch's), so its split is as fine
+        // as one row of the step; `rows` spreads each rank's over the micro-batches.
+        self.balancer = Balancer::new(t.batch_size * self.micro_batches, ranks, &self.caps());
         self.batch_size = t.batch_size;
         self.start_step = start_step;
         self.experts_group = crate::expert::group_for(
@@ -427,14 +435,14 @@ impl Parallelism for DataParallel {
     }
 
     fn rows(&self) -> Rows {
-        let shares = &self.balancer.shares;
-        let rank = self.rank();
-        debug_assert!(self.experts_group.is_none() || shares.iter().all(|&s| s > 0));
-        Rows {
-            first: shares[..rank].iter().sum(),
-            count: shares[rank],
-            shared: shares.len() > 1,
-        }
+        let min_each = self.experts_group.is_some() as usize;
+        let counts = nuwa_core::micro_batch_shares(
+            &self.balancer.shares,
+            self.batch_size,
+            self.micro_batches,
+            min_each,
+        );
+        Rows::of_rank(&counts, self.rank())
     }
 
     fn global_batch(&self, step: u64) -> Option<GlobalBatch<'_>> {
@@ -536,11 +544,13 @@ impl Parallelism for DataParallel {
         let every = self.opts.rebalance_every;
         let due = step == self.start_step + 2 || step.is_multiple_of(every.max(1));
         if every > 0 && due {
+            let caps = self.caps();
             self.balancer
-                .rebalance(self.batch_size, &self.opts.max_seqs);
+                .rebalance(self.batch_size * self.micro_batches, &caps);
             if self.experts_group.is_some() {
-                // Every rank takes part in every exchange, so each needs a row.
-                at_least_one_each(&mut self.balancer.shares);
+                // Every rank takes part in every exchange, so each needs a row of each
+                // micro-batch.
+                at_least(&mut self.balancer.shares, self.micro_batches);
                 self.pending_placement = self.measured_placement();
             }
         }
@@ -598,15 +608,15 @@ pub fn check_expert_layout(ep: usize, ranks: usize, experts: usize, batch: usize
 }
 
 /// Moves one row from the largest shares to any empty one.
-fn at_least_one_each(shares: &mut [usize]) {
-    while let Some(empty) = shares.iter().position(|&s| s == 0) {
+fn at_least(shares: &mut [usize], least: usize) {
+    while let Some(short) = shares.iter().position(|&s| s < least) {
         let Some(largest) = (0..shares.len()).max_by_key(|&r| shares[r]) else {
             return;
         };
-        if shares[largest] <= 1 {
+        if shares[largest] <= least {
             return;
         }
         shares[largest] -= 1;
-        shares[empty] += 1;
+        shares[short] += 1;
     }
 }

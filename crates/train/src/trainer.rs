@@ -90,14 +90,17 @@ fn run_hook(
     device: &Device,
 ) -> Result<Map<String, Value>> {
     let t = &s.cfg.train;
-    let rows = strategy.rows();
-    if rows.count == 0 {
+    let (rows, shared) = {
+        let rows = strategy.rows();
+        (rows.of(0), rows.shared)
+    };
+    if rows.is_empty() {
         return Ok(Map::new());
     }
     let mut peek = s.sampler; // a copy: the step itself draws from the real one
     let mut batch = peek.next_batch(&s.data.train, t.batch_size, t.seq_len)?;
-    if rows.shared {
-        batch = batch.rows(rows.first, rows.first + rows.count);
+    if shared {
+        batch = batch.rows(rows.start, rows.end);
     }
     hook.before_step(&StepView {
         step: done,
