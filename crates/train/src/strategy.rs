@@ -223,6 +223,8 @@ pub struct DataParallel {
     seq_len: usize,
     /// Micro-batches per step (`--grad-accum`).
     micro_batches: usize,
+    /// Tokens per expert of each MoE layer, averaged over recent steps (for the placement).
+    expert_loads: Vec<Vec<f64>>,
     mtp_layers: usize,
     start_step: u64,
     device: Device,
@@ -250,6 +252,7 @@ impl DataParallel {
             top_k: 0,
             seq_len: 0,
             micro_batches: 1,
+            expert_loads: Vec::new(),
             mtp_layers: 0,
             start_step: 0,
             device: device.clone(),
@@ -276,7 +279,12 @@ impl DataParallel {
         if member.iter().any(|&s| s <= 0.0) {
             return None;
         }
-        let placement = Placement::proportional(group.placement.experts(), &member);
+        // By the experts' measured loads when there are any (a new placement is sized to
+        // the loads they carried, which the router changes only slowly).
+        let placement = match self.expert_loads.is_empty() {
+            true => Placement::proportional(group.placement.experts(), &member),
+            false => Placement::balanced(&self.expert_loads, &member),
+        };
         (placement != group.placement).then_some(placement)
     }
 
@@ -298,6 +306,19 @@ impl DataParallel {
 
     fn comm(&self) -> &dyn Collective {
         self.opts.comm.as_ref()
+    }
+
+    /// Folds a step's global tokens per expert into the recent average.
+    fn remember_loads(&mut self, load: &[Vec<f64>]) {
+        if self.expert_loads.len() != load.len() {
+            self.expert_loads = load.to_vec();
+            return;
+        }
+        for (avg, now) in self.expert_loads.iter_mut().zip(load) {
+            avg.iter_mut()
+                .zip(now)
+                .for_each(|(a, n)| *a = 0.5 * *a + 0.5 * n);
+        }
     }
 
     /// Each rank's most rows of a step: its memory bound per micro-batch, every micro-batch.
@@ -531,6 +552,9 @@ impl Parallelism for DataParallel {
         let all = self.comm().all_gather(&mine);
         let expert_load = self.global_load(&local.step_load);
         self.watchdog.leave();
+        if self.experts_group.is_some() {
+            self.remember_loads(&expert_load);
+        }
         let col = |i: usize| -> Vec<f64> { all.chunks(mine.len()).map(|c| c[i]).collect() };
         let (computes, waits, comms, seqs) = (col(3), col(4), col(5), col(6));
         let (a2a, work, rss) = (col(9), col(10), col(11));
