@@ -106,12 +106,22 @@ pub mod pace {
     /// Runs a collective inside a step: the compute before it stretched, its own time counted
     /// as waiting.
     pub fn collective<R>(f: impl FnOnce() -> R) -> R {
-        stretch();
+        collective_after(f).0
+    }
+
+    /// As [`collective`], also returning the seconds of compute before it (since the last
+    /// collective or the step's start, its stretch included).
+    pub fn collective_after<R>(f: impl FnOnce() -> R) -> (R, f64) {
+        let since = MARK
+            .with(|m| m.get())
+            .map(|t| t.elapsed())
+            .unwrap_or_default();
+        let compute = since + stretch();
         let started = Instant::now();
         let out = f();
         WAITED_NS.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         MARK.with(|m| m.set(Some(Instant::now())));
-        out
+        (out, compute.as_secs_f64())
     }
 
     /// A step's compute ends: returns (seconds slept stretching its last stretch, seconds

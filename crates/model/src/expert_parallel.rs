@@ -50,51 +50,6 @@ impl Placement {
         Self { counts }
     }
 
-    /// The contiguous placement whose MoE layers finish soonest, given each layer's tokens per
-    /// expert (`loads[layer][expert]`, as measured) and each member's speed: a layer's experts
-    /// run between two lock-step exchanges, so it lasts as long as its slowest member, and the
-    /// step's expert time is the sum of the layers' maxima. Counting experts alone balances
-    /// badly when their loads differ (8 experts at 2 : 1 is 5 : 3 or 6 : 2 whatever they
-    /// carry). Every contiguous split is tried when there are few (at most 20,000), else the
-    /// split in proportion to speed is kept. Every member owns at least one expert.
-    pub fn balanced(loads: &[Vec<f64>], speeds: &[f64]) -> Self {
-        let members = speeds.len();
-        let experts = loads.first().map_or(0, Vec::len);
-        let fallback = Self::proportional(experts, speeds);
-        if members == 0 || experts < members || loads.iter().any(|l| l.len() != experts) {
-            return fallback;
-        }
-        let splits = binomial(experts - 1, members - 1);
-        if splits > 20_000 {
-            return fallback;
-        }
-        let cost = |counts: &[usize]| -> f64 {
-            loads
-                .iter()
-                .map(|layer| {
-                    let mut start = 0;
-                    counts
-                        .iter()
-                        .zip(speeds)
-                        .map(|(&c, &s)| {
-                            let load: f64 = layer[start..start + c].iter().sum();
-                            start += c;
-                            load / s.max(1e-12)
-                        })
-                        .fold(0.0, f64::max)
-                })
-                .sum()
-        };
-        let mut best = (cost(&fallback.counts), fallback.counts.clone());
-        each_split(experts, members, &mut Vec::new(), &mut |counts| {
-            let c = cost(counts);
-            if c < best.0 - 1e-9 {
-                best = (c, counts.to_vec());
-            }
-        });
-        Self { counts: best.1 }
-    }
-
     pub fn experts(&self) -> usize {
         self.counts.iter().sum()
     }
@@ -122,27 +77,6 @@ impl Placement {
     }
 }
 
-/// `n` choose `k`, saturating.
-fn binomial(n: usize, k: usize) -> usize {
-    let k = k.min(n.saturating_sub(k));
-    (0..k).fold(1usize, |acc, i| acc.saturating_mul(n - i) / (i + 1))
-}
-
-/// Calls `f` with every split of `total` into `parts` counts of at least one, in order.
-fn each_split(total: usize, parts: usize, prefix: &mut Vec<usize>, f: &mut impl FnMut(&[usize])) {
-    if parts == 1 {
-        prefix.push(total);
-        f(prefix);
-        prefix.pop();
-        return;
-    }
-    for first in 1..=total.saturating_sub(parts - 1) {
-        prefix.push(first);
-        each_split(total - first, parts - 1, prefix, f);
-        prefix.pop();
-    }
-}
-
 /// This rank's place in expert parallelism, shared by every MoE layer of its model.
 #[derive(Clone)]
 pub struct ExpertGroup {
@@ -156,6 +90,10 @@ pub struct ExpertGroup {
     /// (token, expert) rows this rank's experts ran forward since the last
     /// [`ExpertGroup::take_expert_rows`]: its share of the experts' work.
     expert_rows: Arc<AtomicU64>,
+    /// Nanoseconds of compute between the exchanges that bracket the experts (forward and
+    /// backward) since the last [`ExpertGroup::take_expert_seconds`]: the expert phase, which
+    /// must balance across ranks on its own, as the rest of the layer must.
+    expert_ns: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ExpertGroup {
@@ -177,6 +115,7 @@ impl ExpertGroup {
             placement,
             exchange_ns: Arc::new(AtomicU64::new(0)),
             expert_rows: Arc::new(AtomicU64::new(0)),
+            expert_ns: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -205,18 +144,32 @@ impl ExpertGroup {
         self.exchange_ns.swap(0, Ordering::Relaxed) as f64 * 1e-9
     }
 
+    /// Seconds of this rank's compute in the expert phases since the last call.
+    pub fn take_expert_seconds(&self) -> f64 {
+        self.expert_ns.swap(0, Ordering::Relaxed) as f64 * 1e-9
+    }
+
     /// Rows this rank's experts ran since the last call.
     pub fn take_expert_rows(&self) -> u64 {
         self.expert_rows.swap(0, Ordering::Relaxed)
     }
 
     /// Rows of `[n, hidden]` per world rank, the same exchange for every column.
-    fn exchange(&self, x: Tensor<2>, send_rows: Vec<usize>, recv_rows: Vec<usize>) -> Tensor<2> {
+    /// `after_experts`: the compute before it (forward) is the experts' (the combine).
+    fn exchange(
+        &self,
+        x: Tensor<2>,
+        send_rows: Vec<usize>,
+        recv_rows: Vec<usize>,
+        after_experts: bool,
+    ) -> Tensor<2> {
         let route = Route {
             comm: self.comm.clone(),
             send_rows,
             recv_rows,
             clock: self.exchange_ns.clone(),
+            after_experts,
+            expert_clock: self.expert_ns.clone(),
         };
         exchange(x, route)
     }
@@ -264,7 +217,7 @@ impl ExpertGroup {
         debug_assert_eq!(me / self.ep * self.ep, first);
         self.expert_rows.fetch_add(row as u64, Ordering::Relaxed);
         let sent = x.select(0, int_tensor(&tokens.concat(), &device));
-        let received = self.exchange(sent, send_rows.clone(), recv_rows.clone());
+        let received = self.exchange(sent, send_rows.clone(), recv_rows.clone(), false);
         let outputs = if row == 0 {
             received // nothing to compute; still on the graph, so backward exchanges too
         } else {
@@ -278,7 +231,7 @@ impl ExpertGroup {
                 .forward_routed(received, &by_expert)
                 .select(0, int_tensor(&inverse, &device))
         };
-        self.exchange(outputs, recv_rows, send_rows)
+        self.exchange(outputs, recv_rows, send_rows, true)
     }
 }
 
@@ -293,6 +246,10 @@ pub struct Route {
     send_rows: Vec<usize>,
     recv_rows: Vec<usize>,
     clock: Arc<AtomicU64>,
+    /// The compute before this exchange is the experts' (the forward combine, and the
+    /// backward of the dispatch): it is added to `expert_clock`.
+    after_experts: bool,
+    expert_clock: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Route {
@@ -306,10 +263,12 @@ impl std::fmt::Debug for Route {
 
 impl Route {
     /// The same exchange the other way: what was received goes back where it came from.
+    /// (The backward of the combine starts the experts' backward; that of the dispatch ends it.)
     fn reversed(&self) -> Self {
         Self {
             send_rows: self.recv_rows.clone(),
             recv_rows: self.send_rows.clone(),
+            after_experts: !self.after_experts,
             ..self.clone()
         }
     }
@@ -317,7 +276,7 @@ impl Route {
     /// Exchanges host rows of `cols` values.
     fn run(&self, values: &[f32], cols: usize) -> Vec<f32> {
         let elements = |rows: &[usize]| rows.iter().map(|r| r * cols).collect::<Vec<_>>();
-        nuwa_core::comm::pace::collective(|| {
+        let (out, compute_before) = nuwa_core::comm::pace::collective_after(|| {
             let started = Instant::now();
             let out = self.comm.all_to_all_v(
                 values,
@@ -327,7 +286,12 @@ impl Route {
             self.clock
                 .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             out
-        })
+        });
+        if self.after_experts {
+            let ns = (compute_before * 1e9) as u64;
+            self.expert_clock.fetch_add(ns, Ordering::Relaxed);
+        }
+        out
     }
 
     fn received(&self) -> usize {
@@ -508,28 +472,6 @@ impl crate::LanguageModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_balanced_placement_follows_the_experts_loads() {
-        // Two members at 2 : 1; the first five experts carry almost everything: counting
-        // experts (5 : 3) would leave the slow member idle and the fast one overloaded.
-        let loads = vec![vec![10.0, 10.0, 10.0, 10.0, 10.0, 1.0, 1.0, 1.0]];
-        let p = Placement::balanced(&loads, &[2.0, 1.0]);
-        assert_eq!(p.counts, vec![4, 4]);
-        // Equal loads: as proportional.
-        let even = vec![vec![1.0; 8]; 3];
-        let p = Placement::balanced(&even, &[2.0, 1.0]);
-        assert!(p.counts == [5, 3] || p.counts == [6, 2], "{p:?}");
-        // Every split of 8 into 3 is considered; each member keeps one.
-        let mut n = 0;
-        each_split(8, 3, &mut Vec::new(), &mut |c| {
-            assert!(c.iter().all(|&x| x >= 1) && c.iter().sum::<usize>() == 8);
-            n += 1;
-        });
-        assert_eq!(n, binomial(7, 2));
-        let p = Placement::balanced(&even, &[1.0, 1.0, 100.0]);
-        assert_eq!(p.counts, vec![1, 1, 6]);
-    }
 
     #[test]
     fn placements_cover_every_expert_once() {

@@ -223,8 +223,6 @@ pub struct DataParallel {
     seq_len: usize,
     /// Micro-batches per step (`--grad-accum`).
     micro_batches: usize,
-    /// Tokens per expert of each MoE layer, averaged over recent steps (for the placement).
-    expert_loads: Vec<Vec<f64>>,
     mtp_layers: usize,
     start_step: u64,
     device: Device,
@@ -252,7 +250,6 @@ impl DataParallel {
             top_k: 0,
             seq_len: 0,
             micro_batches: 1,
-            expert_loads: Vec::new(),
             mtp_layers: 0,
             start_step: 0,
             device: device.clone(),
@@ -279,12 +276,7 @@ impl DataParallel {
         if member.iter().any(|&s| s <= 0.0) {
             return None;
         }
-        // By the experts' measured loads when there are any (a new placement is sized to
-        // the loads they carried, which the router changes only slowly).
-        let placement = match self.expert_loads.is_empty() {
-            true => Placement::proportional(group.placement.experts(), &member),
-            false => Placement::balanced(&self.expert_loads, &member),
-        };
+        let placement = Placement::proportional(group.placement.experts(), &member);
         (placement != group.placement).then_some(placement)
     }
 
@@ -306,19 +298,6 @@ impl DataParallel {
 
     fn comm(&self) -> &dyn Collective {
         self.opts.comm.as_ref()
-    }
-
-    /// Folds a step's global tokens per expert into the recent average.
-    fn remember_loads(&mut self, load: &[Vec<f64>]) {
-        if self.expert_loads.len() != load.len() {
-            self.expert_loads = load.to_vec();
-            return;
-        }
-        for (avg, now) in self.expert_loads.iter_mut().zip(load) {
-            avg.iter_mut()
-                .zip(now)
-                .for_each(|(a, n)| *a = 0.5 * *a + 0.5 * n);
-        }
     }
 
     /// Each rank's most rows of a step: its memory bound per micro-batch, every micro-batch.
@@ -483,6 +462,7 @@ impl Parallelism for DataParallel {
             // Evaluation between steps ran experts too; count only the step's.
             group.take_expert_rows();
             group.take_exchange_seconds();
+            group.take_expert_seconds();
         }
         #[cfg(feature = "fault-injection")]
         self.opts.faults.begin_step(step, self.rank());
@@ -498,9 +478,11 @@ impl Parallelism for DataParallel {
     ) -> (GradientsParams, ReducedStep) {
         // Time in exchanges (expert parallelism) is waiting and moving rows, not this rank's
         // compute: it is reported apart, and speeds are measured without it.
-        let (a2a_s, expert_rows) = self.experts_group.as_ref().map_or((0.0, 0), |g| {
-            (g.take_exchange_seconds(), g.take_expert_rows())
-        });
+        let (a2a_s, expert_rows, expert_s) =
+            self.experts_group.as_ref().map_or((0.0, 0, 0.0), |g| {
+                let exchanges = g.take_exchange_seconds();
+                (exchanges, g.take_expert_rows(), g.take_expert_seconds())
+            });
         // This rank's work in sequences' worth: its rows, and under expert parallelism the
         // expert rows it ran for every rank (in place of its own tokens' expert work).
         let work = match self.experts_group {
@@ -548,13 +530,12 @@ impl Parallelism for DataParallel {
             a2a_s,
             work,
             nuwa_core::hardware::peak_rss_bytes().unwrap_or(0) as f64,
+            expert_rows as f64,
+            expert_s,
         ];
         let all = self.comm().all_gather(&mine);
         let expert_load = self.global_load(&local.step_load);
         self.watchdog.leave();
-        if self.experts_group.is_some() {
-            self.remember_loads(&expert_load);
-        }
         let col = |i: usize| -> Vec<f64> { all.chunks(mine.len()).map(|c| c[i]).collect() };
         let (computes, waits, comms, seqs) = (col(3), col(4), col(5), col(6));
         let (a2a, work, rss) = (col(9), col(10), col(11));
@@ -578,11 +559,19 @@ impl Parallelism for DataParallel {
                 self.pending_placement = self.measured_placement();
             }
         }
+        let (expert_rows, expert_s) = (col(12), col(13));
         let ranks: Vec<Value> = (0..computes.len())
             .map(|r| {
-                json!({"rank": r, "seqs": seqs[r], "compute_s": computes[r],
+                let mut rank = json!({"rank": r, "seqs": seqs[r], "compute_s": computes[r],
                        "wait_s": waits[r], "comm_s": comms[r], "a2a_s": a2a[r],
-                       "peak_rss_bytes": rss[r]})
+                       "peak_rss_bytes": rss[r]});
+                if self.experts_group.is_some() {
+                    // The expert phase: rows this rank's experts ran, and its compute
+                    // between the exchanges around them.
+                    rank["expert_rows"] = json!(expert_rows[r]);
+                    rank["expert_s"] = json!(expert_s[r]);
+                }
+                rank
             })
             .collect();
         let mut metrics = json!({
