@@ -22,18 +22,22 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUWA = os.path.join(ROOT, "target", "release", "nuwa")
 BATCH, ACCUM, SEQ = 8, 4, 64
-def model(batch=BATCH):
+# Unequal ranks: a global batch of 64 sequences, as 4 micro-batches of 16 and (for the
+# pipeline, whose bubble shrinks with more micro-batches) as 8 of 8.
+UNEQUAL = [(16, 4), (8, 8)]
+
+
+def model(batch=BATCH, accum=ACCUM):
     return ["--preset", "tiny-moe", "--hidden-size", "256", "--layers", "4", "--batch-size",
-            str(batch), "--grad-accum", str(ACCUM), "--seq-len", str(SEQ), "--quiet",
+            str(batch), "--grad-accum", str(accum), "--seq-len", str(SEQ), "--quiet",
             "--sample-tokens", "0", "--eval-every", "100000", "--checkpoint-every", "100000"]
-TOKENS = BATCH * ACCUM * SEQ
 
 
-def start(np, flags, steps, run_dir, batch=BATCH, bind=True):
+def start(np, flags, steps, run_dir, batch=BATCH, bind=True, accum=ACCUM):
     # Separate jobs at once must not be bound: each mpirun would pin its rank 0 to core 0.
     binding = [] if bind else ["--bind-to", "none"]
     cmd = ["mpirun", "--oversubscribe", *binding, "-np", str(np), "-x", "RAYON_NUM_THREADS", NUWA, "train",
-           "--dist", "mpi", *model(batch), *flags, "--steps", str(steps), "--run-dir", run_dir]
+           "--dist", "mpi", *model(batch, accum), *flags, "--steps", str(steps), "--run-dir", run_dir]
     env = dict(os.environ, RAYON_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
@@ -43,12 +47,13 @@ def result(proc, run_dir):
     if proc.wait() != 0:
         sys.exit(f"nuwa train failed (exit {proc.returncode})")
     records = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+    tokens = records[0]["tokens_seen"]  # one step's
     timed = records[len(records) // 2:]  # after the profile and the first re-placements
     seconds = sorted(r["step_seconds"] for r in timed)[len(timed) // 2]
     last = timed[-1]
     ranks = last.get("ranks", [])
     return {
-        "tokens_per_s": TOKENS / seconds,
+        "tokens_per_s": tokens / seconds,
         "step_s": seconds,
         "placement": last.get("expert_placement"),
         "stage_layers": last.get("stage_layers"),
@@ -60,18 +65,18 @@ def result(proc, run_dir):
     }
 
 
-def run(np, flags, steps):
+def run(np, flags, steps, batch=BATCH, accum=ACCUM):
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = os.path.join(tmp, "run")
-        return result(start(np, flags, steps, run_dir), run_dir)
+        return result(start(np, flags, steps, run_dir, batch=batch, accum=accum), run_dir)
 
 
-def both_alone_at_once(steps):
+def both_alone_at_once(steps, batch=BATCH, accum=ACCUM):
     """The two ranks as independent one-process jobs at the same time: what this machine gives
     two processes that never communicate, the ceiling for the pair."""
     with tempfile.TemporaryDirectory() as tmp:
         dirs = [os.path.join(tmp, "fast"), os.path.join(tmp, "slow")]
-        procs = [start(1, ["--throttle", t], n, d, bind=False)
+        procs = [start(1, ["--throttle", t], n, d, batch=batch, bind=False, accum=accum)
                  for t, n, d in zip(["1", "2"], [2 * steps, steps], dirs)]
         return {"tokens_per_s": sum(result(p, d)["tokens_per_s"] for p, d in zip(procs, dirs))}
 
@@ -155,24 +160,31 @@ def main():
         ("4 ranks: DP 2 x PP 2", 4, ["--pp", "2"]),
         ("4 ranks: DP 2 x EP 2 x PP 2", 4, ["--pp", "2", "--ep", "2"]),
     ]
-    uneven = [
-        ("rank at speed 1.0 alone (one process)", 1, ["--throttle", "1"]),
-        ("rank at speed 0.5 alone (one process)", 1, ["--throttle", "2"]),
-        ("DP 2, throughput-balanced rows", 2, ["--throttle", "1,2", "--rebalance-every", "2"]),
-        ("EP 2, equal experts and rows", 2, ["--ep", "2", "--throttle", "1,2", "--rebalance-every", "0"]),
-        ("EP 2, measured placement", 2, ["--ep", "2", "--throttle", "1,2", "--rebalance-every", "2"]),
-        ("PP 2, equal stages (2, 2)", 2, ["--pp", "2", "--throttle", "1,2", "--stage-layers", "2,2"]),
-        ("PP 2, measured stages", 2, ["--pp", "2", "--throttle", "1,2"]),
-    ]
-    configs = [(n, lambda np=np, f=f: run(np, f, s)) for n, np, f in even + uneven]
-    configs.append(("both alone at the same time (no communication)", lambda: both_alone_at_once(s)))
+    def uneven(batch, accum):
+        rows = [
+            ("rank at speed 1.0 alone (one process)", 1, ["--throttle", "1"]),
+            ("rank at speed 0.5 alone (one process)", 1, ["--throttle", "2"]),
+            ("PP 2, equal stages (2, 2)", 2, ["--pp", "2", "--throttle", "1,2", "--stage-layers", "2,2"]),
+            ("PP 2, measured stages", 2, ["--pp", "2", "--throttle", "1,2"]),
+        ]
+        if accum == UNEQUAL[0][1]:
+            rows[2:2] = [
+                ("DP 2, throughput-balanced rows", 2, ["--throttle", "1,2", "--rebalance-every", "2"]),
+                ("EP 2, equal experts and rows", 2, ["--ep", "2", "--throttle", "1,2", "--rebalance-every", "0"]),
+                ("EP 2, measured placement", 2, ["--ep", "2", "--throttle", "1,2", "--rebalance-every", "2"]),
+            ]
+        return rows
+    configs = [(n, lambda np=np, f=f: run(np, f, s)) for n, np, f in even]
+    for batch, accum in UNEQUAL:
+        key = f"{batch}x{accum}: "
+        configs += [(key + n, lambda np=np, f=f, b=batch, m=accum: run(np, f, s, b, m))
+                    for n, np, f in uneven(batch, accum)]
+        configs.append((key + "both alone at the same time (no communication)",
+                        lambda b=batch, m=accum: both_alone_at_once(s, b, m)))
     rounds = [[c() for _, c in configs] for _ in range(max(1, a.rounds))]
     verified = predicted_vs_measured(s)
     median = lambda i: sorted((r[i] for r in rounds), key=lambda x: x["tokens_per_s"])[len(rounds) // 2]
     results = {name: median(i) for i, (name, _) in enumerate(configs)}
-    fast = results["rank at speed 1.0 alone (one process)"]["tokens_per_s"]
-    slow = results["rank at speed 0.5 alone (one process)"]["tokens_per_s"]
-    together = results["both alone at the same time (no communication)"]["tokens_per_s"]
     date = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
     with open(os.path.join(ROOT, "bench", "parallel_results.json"), "w") as f:
         json.dump({"date": date, "steps": s, "rounds": a.rounds, "results": results,
@@ -210,20 +222,30 @@ def main():
         "",
         "## Unequal ranks: rank 1 at half speed",
         "",
-        "\"Of the sum alone\" is the job's throughput over the two ranks' throughputs each alone "
-        "(a one-process run at its speed); \"of both at once\" over the two run as independent jobs "
-        "at the same time — the most this machine gives two processes that share its cores.",
+        "A global batch of 64 sequences of 64 tokens, as 4 micro-batches of 16 and, for the "
+        "pipeline (whose bubble shrinks as micro-batches grow in number), as 8 of 8. \"Of the sum "
+        "alone\" is the job's throughput over the two ranks' throughputs each alone (a one-process "
+        "run at its speed, same micro-batches); \"of both at once\" over the two run as independent "
+        "jobs at the same time — the most this machine gives two processes that share its cores. "
+        "Rows per rank are per step.",
         "",
-        "| run | tokens/s | of the sum alone | of both at once | experts per rank | layers per stage | rows per rank |",
-        "|---|---:|---:|---:|---|---|---|",
+        "| micro-batches | run | tokens/s | of the sum alone | of both at once | experts per rank | layers per stage | rows per rank |",
+        "|---|---|---:|---:|---:|---|---|---|",
     ]
-    for name, _, _ in uneven + [("both alone at the same time (no communication)", 0, [])]:
-        r = results[name]
-        t = r["tokens_per_s"]
-        alone = name.endswith("(one process)")
-        lines.append(f"| {name} | {t:.0f} | {'' if alone else f'{t / (fast + slow):.0%}'} | "
-                     f"{'' if alone else f'{t / together:.0%}'} | {fmt(r.get('placement'))} | "
-                     f"{fmt(r.get('stage_layers'))} | {fmt(r.get('seqs'))} |")
+    for batch, accum in UNEQUAL:
+        key = f"{batch}x{accum}: "
+        fast = results[key + "rank at speed 1.0 alone (one process)"]["tokens_per_s"]
+        slow = results[key + "rank at speed 0.5 alone (one process)"]["tokens_per_s"]
+        together = results[key + "both alone at the same time (no communication)"]["tokens_per_s"]
+        names = [n for n, _, _ in uneven(batch, accum)]
+        for name in names + ["both alone at the same time (no communication)"]:
+            r = results[key + name]
+            t = r["tokens_per_s"]
+            alone = name.endswith("(one process)")
+            lines.append(f"| {accum} x {batch} | {name} | {t:.0f} | "
+                         f"{'' if alone else f'{t / (fast + slow):.0%}'} | "
+                         f"{'' if alone else f'{t / together:.0%}'} | {fmt(r.get('placement'))} | "
+                         f"{fmt(r.get('stage_layers'))} | {fmt(r.get('seqs'))} |")
     lines += [
         "",
         "## Predicted and measured step time",

@@ -837,6 +837,31 @@ fn pipeline_layouts_train_as_one_process() {
 }
 
 #[test]
+fn a_pipeline_rank_that_slows_down_is_named_a_straggler() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-pp-straggler");
+    let run = tmp.path().join("run");
+    let mut args = pipeline_args(&run, "tiny-dense");
+    let steps = args.iter().position(|a| a == "--steps").unwrap();
+    args[steps + 1] = "9".into();
+    // Stage 1's rank becomes 4x slower at step 4.
+    args.extend(["--pp", "2", "--throttle", "1,4", "--throttle-from", "4"].map(String::from));
+    mpirun(2, &args);
+    let steps = metrics(&run);
+    let flagged: Vec<u64> = steps
+        .iter()
+        .filter(|(_, r)| r["stragglers"].as_array().unwrap().iter().any(|s| s == 1))
+        .map(|(s, _)| *s)
+        .collect();
+    // Three slow steps in a row name it (from step 6), and it stays named while slow; the
+    // other rank, which only waits for it, never is.
+    assert_eq!(flagged, vec![6, 7, 8, 9], "{steps:?}");
+    assert!(steps
+        .values()
+        .all(|r| !r["stragglers"].as_array().unwrap().iter().any(|s| s == 0)));
+}
+
+#[test]
 fn a_pipeline_checkpoint_resumes_on_another_layout() {
     let _serial = serial();
     let tmp = TempDir::new("dist-pp-resume");

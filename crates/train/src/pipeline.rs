@@ -116,6 +116,12 @@ pub struct Pipeline {
     device: Device,
     /// The last step's seconds blocked on neighbours, in exchanges, and in the schedule.
     last_p2p: (f64, f64, f64),
+    /// This step's test-only slowdown (`--throttle` from `--throttle-from`).
+    slowdown: f64,
+    /// Each rank's usual compute seconds per step (its work is the same every step: its
+    /// layers, its rows), and how many steps in a row it has run slower than that.
+    expected: Vec<Option<f64>>,
+    slow_steps: Vec<u32>,
     /// The ids of this stage's parameters: gradients are taken for these only (taking one
     /// for another stage's parameter would allocate it).
     owned: Vec<ParamId>,
@@ -143,6 +149,9 @@ impl Pipeline {
             hidden: 0,
             device: device.clone(),
             last_p2p: (0.0, 0.0, 0.0),
+            slowdown: 1.0,
+            expected: Vec::new(),
+            slow_steps: Vec::new(),
             owned: Vec::new(),
             not_all_reduced: HashSet::new(),
             opts,
@@ -180,8 +189,12 @@ impl Pipeline {
         };
         run();
         let seconds = run().min(run());
+        // A device throttled from the first step is timed as it will run.
         #[cfg(feature = "fault-injection")]
-        let seconds = seconds * self.opts.faults.throttle.max(1.0);
+        let seconds = match self.opts.faults.throttle_from <= 1 {
+            true => seconds * self.opts.faults.throttle.max(1.0),
+            false => seconds,
+        };
         seconds
     }
 
@@ -462,12 +475,8 @@ impl Pipeline {
     /// A throttled device (test-only fault injection) takes `throttle`× as long.
     #[allow(unused_variables)]
     fn slow_down(&self, started: Instant) {
-        #[cfg(feature = "fault-injection")]
-        {
-            let f = self.opts.faults.throttle;
-            if f > 1.0 {
-                std::thread::sleep(started.elapsed().mul_f64(f - 1.0));
-            }
+        if self.slowdown > 1.0 {
+            std::thread::sleep(started.elapsed().mul_f64(self.slowdown - 1.0));
         }
     }
 
@@ -565,9 +574,58 @@ impl Pipeline {
     }
 }
 
+impl Pipeline {
+    /// Flags ranks whose compute ran over `straggler_factor` × their usual for
+    /// `straggler_patience` steps in a row (a pipeline rank's work is the same every step, so
+    /// its own recent steps predict it); returns the stragglers and a note for each newly
+    /// named one. Slow steps do not move the usual.
+    fn stragglers(&mut self, step: u64, computes: &[f64]) -> (Vec<usize>, Vec<String>) {
+        let (factor, patience) = (self.opts.straggler_factor, self.opts.straggler_patience);
+        self.expected.resize(computes.len(), None);
+        self.slow_steps.resize(computes.len(), 0);
+        let (mut stragglers, mut notes) = (Vec::new(), Vec::new());
+        for (r, &compute) in computes.iter().enumerate() {
+            let slow = self.expected[r].is_some_and(|e| compute > factor * e);
+            self.slow_steps[r] = if slow { self.slow_steps[r] + 1 } else { 0 };
+            if !slow {
+                // The first step (warm-up) is no measure of the usual.
+                let first = step == 1 || self.expected[r].is_none() && compute <= 0.0;
+                if !first {
+                    self.expected[r] =
+                        Some(self.expected[r].map_or(compute, |e| 0.5 * e + 0.5 * compute));
+                }
+            }
+            if self.slow_steps[r] >= patience {
+                stragglers.push(r);
+                if self.slow_steps[r] == patience {
+                    let usual = self.expected[r].unwrap_or(compute);
+                    notes.push(format!(
+                        "straggler: rank {r} (stage {}) ran {:.1}x slower than usual for {} steps (step {step})",
+                        r % self.pp,
+                        compute / usual,
+                        self.slow_steps[r],
+                    ));
+                }
+            }
+        }
+        (stragglers, notes)
+    }
+}
+
 impl Parallelism for Pipeline {
     fn rank(&self) -> usize {
         self.world.rank()
+    }
+
+    #[allow(unused_variables)]
+    fn begin_step(&mut self, step: u64) {
+        #[cfg(feature = "fault-injection")]
+        {
+            let f = &self.opts.faults;
+            f.begin_step(step, self.world.rank());
+            let slow = f.throttle > 1.0 && step >= f.throttle_from;
+            self.slowdown = if slow { f.throttle } else { 1.0 };
+        }
     }
     fn is_distributed(&self) -> bool {
         true
@@ -687,6 +745,8 @@ impl Parallelism for Pipeline {
         local: LocalStep,
         stop: bool,
     ) -> (GradientsParams, ReducedStep) {
+        #[cfg(feature = "fault-injection")]
+        self.opts.faults.after_compute(step, self.world.rank());
         let skip = &self.not_all_reduced;
         let started = Instant::now();
         let (mut grads, _) = all_reduce_gradients(
@@ -727,8 +787,9 @@ impl Parallelism for Pipeline {
                        "bubble": ((schedule - compute) / schedule.max(1e-9)).max(0.0)})
             })
             .collect();
+        let (stragglers, notes) = self.stragglers(step, &col(3));
         let mut metrics = json!({
-            "ranks": ranks, "stragglers": [], "compute_s": local.compute_s, "p2p_s": p2p_s,
+            "ranks": ranks, "stragglers": stragglers, "compute_s": local.compute_s, "p2p_s": p2p_s,
             "comm_s": comm_s, "stage_layers": self.stage_layers,
         });
         if let Some(group) = &self.experts_group {
@@ -744,9 +805,8 @@ impl Parallelism for Pipeline {
             expert_load,
             stop: col(7).iter().any(|&f| f > 0.0),
             metrics: metrics.as_object().cloned().unwrap_or_default(),
-            notes: Vec::new(),
+            notes,
         };
-        let _ = step;
         (grads, totals)
     }
 
