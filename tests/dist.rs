@@ -493,9 +493,10 @@ fn expert_parallel_layouts_train_as_one_process() {
     // Five steps: later, float rounding (sums over ranks in another order) can flip a
     // near-tied routing choice, a real but chaotic divergence.
     let reference = one_process(&moe_args(&single, "5"), &single);
-    // (ranks, ranks per expert group, throttles): EP 2, EP 4, and DP 2 × EP 2, one rank slow
-    // so the measured placement gives it fewer experts and rows.
-    for (np, ep, throttle) in [(2, 2, "1,4"), (4, 4, "1,1,4,1"), (4, 2, "1,4,1,1")] {
+    // (ranks, ranks per expert group, throttles): EP 2, EP 4, and DP 2 × EP 2, one member
+    // slow (under DP 2 × EP 2 both its replicas: a member's speed is its replicas' mean) so
+    // the measured placement gives it less expert work and fewer rows.
+    for (np, ep, throttle) in [(2, 2, "1,4"), (4, 4, "1,1,4,1"), (4, 2, "1,4,1,4")] {
         let run = tmp.path().join(format!("np{np}-ep{ep}"));
         let mut args = moe_args(&run, "5");
         let ep_flag = ep.to_string();
