@@ -103,6 +103,17 @@ fn metrics(run: &Path) -> BTreeMap<u64, Value> {
 }
 
 /// Trains without MPI (the reference run) and returns its per-step metrics.
+/// Asserts `key` of a step's record is within 1e-5 of one process's at the same step.
+fn assert_close(got: &Value, one_process: &Value, key: &str, what: String) {
+    let value = |r: &Value| {
+        r[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{what}: no {key} in {r}"))
+    };
+    let (a, b) = (value(got), value(one_process));
+    assert!((a - b).abs() < 1e-5, "{what}: {key} {a} vs one process {b}");
+}
+
 fn one_process(args: &[String], run: &Path) -> BTreeMap<u64, Value> {
     let out = Command::new(NUWA)
         .arg("train")
@@ -142,13 +153,11 @@ fn one_two_and_three_ranks_compute_the_same_steps_as_one_process() {
         let got = metrics(&run);
         assert_eq!(got.len(), reference.len());
         for (step, rec) in &got {
-            let (a, b) = (
-                rec["loss"].as_f64().unwrap(),
-                reference[step]["loss"].as_f64().unwrap(),
-            );
-            assert!(
-                (a - b).abs() < 1e-5,
-                "np {np} step {step}: loss {a} vs one process {b}"
+            assert_close(
+                rec,
+                &reference[step],
+                "loss",
+                format!("np {np} step {step}"),
             );
             let hashes = rec["param_hashes"].as_array().unwrap();
             assert_eq!(hashes.len(), np);
@@ -197,14 +206,7 @@ fn moe_load_balance_loss_is_the_global_batchs_on_uneven_shares() {
     for (step, rec) in &got {
         // The load-balance loss is nonlinear in the batch: averaged per rank it would differ.
         for key in ["loss", "load_balance_loss", "z_loss"] {
-            let (a, b) = (
-                rec[key].as_f64().unwrap(),
-                reference[step][key].as_f64().unwrap(),
-            );
-            assert!(
-                (a - b).abs() < 1e-5,
-                "step {step}: {key} {a} vs one process {b}"
-            );
+            assert_close(rec, &reference[step], key, format!("step {step}"));
         }
         let hashes = rec["param_hashes"].as_array().unwrap();
         assert!(
@@ -240,14 +242,7 @@ fn ling_2_expert_biases_follow_the_global_load_on_every_rank() {
             rec["expert_load"], reference[step]["expert_load"],
             "step {step}"
         );
-        let (a, b) = (
-            rec["loss"].as_f64().unwrap(),
-            reference[step]["loss"].as_f64().unwrap(),
-        );
-        assert!(
-            (a - b).abs() < 1e-5,
-            "step {step}: loss {a} vs one process {b}"
-        );
+        assert_close(rec, &reference[step], "loss", format!("step {step}"));
         let hashes = rec["param_hashes"].as_array().unwrap();
         assert!(
             hashes.iter().all(|h| h == &hashes[0]),
@@ -516,13 +511,11 @@ fn expert_parallel_layouts_train_as_one_process() {
         assert_eq!(got.len(), reference.len());
         for (step, rec) in &got {
             for key in ["loss", "load_balance_loss", "z_loss"] {
-                let (a, b) = (
-                    rec[key].as_f64().unwrap(),
-                    reference[step][key].as_f64().unwrap(),
-                );
-                assert!(
-                    (a - b).abs() < 1e-5,
-                    "np {np} ep {ep} step {step}: {key} {a} vs one process {b}"
+                assert_close(
+                    rec,
+                    &reference[step],
+                    key,
+                    format!("np {np} ep {ep} step {step}"),
                 );
             }
             let placement = rec["expert_placement"].as_array().unwrap();
@@ -591,14 +584,7 @@ fn a_step_split_finer_than_its_micro_batches_trains_as_one_process() {
         let mut finer = false;
         for (step, rec) in &got {
             for key in ["loss", "load_balance_loss", "z_loss"] {
-                let (a, b) = (
-                    rec[key].as_f64().unwrap(),
-                    reference[step][key].as_f64().unwrap(),
-                );
-                assert!(
-                    (a - b).abs() < 1e-5,
-                    "ep {ep} step {step}: {key} {a} vs {b}"
-                );
+                assert_close(rec, &reference[step], key, format!("ep {ep} step {step}"));
             }
             let seqs: Vec<u64> = rec["ranks"]
                 .as_array()
@@ -651,11 +637,7 @@ fn an_expert_that_gets_no_tokens_moves_as_in_one_process() {
             .iter()
             .filter(|c| c.as_u64() == Some(0))
             .count();
-        let (a, b) = (
-            rec["loss"].as_f64().unwrap(),
-            reference[step]["loss"].as_f64().unwrap(),
-        );
-        assert!((a - b).abs() < 1e-5, "step {step}: loss {a} vs {b}");
+        assert_close(rec, &reference[step], "loss", format!("step {step}"));
     }
     assert!(starved > 0, "no expert went without tokens: {got:?}");
     let diff = weights_differ_by(&run, &single);
@@ -708,14 +690,7 @@ fn a_killed_expert_parallel_rank_restarts_on_fewer_ranks_resharded() {
     // Through the restart (step 5 is the first on 3 ranks); later steps may part by a flipped
     // near-tie in routing, as any change of summation order can make them.
     for (step, rec) in steps.range(1..=5) {
-        let (a, b) = (
-            rec["loss"].as_f64().unwrap(),
-            reference[step]["loss"].as_f64().unwrap(),
-        );
-        assert!(
-            (a - b).abs() < 1e-5,
-            "step {step}: loss {a} vs one process {b}"
-        );
+        assert_close(rec, &reference[step], "loss", format!("step {step}"));
     }
 }
 
@@ -794,22 +769,11 @@ fn pipeline_layouts_train_as_one_process() {
                     keys.extend(["load_balance_loss", "z_loss"]);
                 }
                 for key in keys {
-                    let (a, b) = (
-                        rec[key].as_f64().unwrap(),
-                        reference[step][key].as_f64().unwrap(),
-                    );
-                    assert!(
-                        (a - b).abs() < 1e-5,
-                        "{what} step {step}: {key} {a} vs one process {b}"
-                    );
+                    assert_close(rec, &reference[step], key, format!("{what} step {step}"));
                 }
                 assert_eq!(rec["ranks"].as_array().unwrap().len(), np);
             }
-            let (a, b) = (
-                got[&5]["val_loss"].as_f64().unwrap(),
-                reference[&5]["val_loss"].as_f64().unwrap(),
-            );
-            assert!((a - b).abs() < 1e-5, "{what}: validation loss {a} vs {b}");
+            assert_close(&got[&5], &reference[&5], "val_loss", what.clone());
             let stages: Vec<u64> = got[&1]["stage_layers"]
                 .as_array()
                 .unwrap()
@@ -917,14 +881,7 @@ fn a_pipeline_checkpoint_resumes_on_another_layout() {
     let got = metrics(&run);
     assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
     for (step, rec) in &got {
-        let (a, b) = (
-            rec["loss"].as_f64().unwrap(),
-            reference[step]["loss"].as_f64().unwrap(),
-        );
-        assert!(
-            (a - b).abs() < 1e-5,
-            "step {step}: loss {a} vs one process {b}"
-        );
+        assert_close(rec, &reference[step], "loss", format!("step {step}"));
     }
     assert!(got[&3]["stage_layers"].is_array() && got[&4]["expert_placement"].is_array());
 }
@@ -997,14 +954,7 @@ fn a_plan_file_runs_as_planned() {
     args.push(single.display().to_string());
     let reference = one_process(&args, &single);
     for (step, rec) in &got {
-        let (a, b) = (
-            rec["loss"].as_f64().unwrap(),
-            reference[step]["loss"].as_f64().unwrap(),
-        );
-        assert!(
-            (a - b).abs() < 1e-5,
-            "step {step}: loss {a} vs one process {b}"
-        );
+        assert_close(rec, &reference[step], "loss", format!("step {step}"));
         assert_eq!(rec["ranks"].as_array().unwrap().len(), 4);
         assert_eq!(rec["stage_layers"].as_array().unwrap().len(), 2);
         assert_eq!(rec["expert_placement"].as_array().unwrap().len(), 2);

@@ -109,6 +109,74 @@ impl Balancer {
     }
 }
 
+/// Names stragglers the same way in every layout: a rank whose compute ran over `factor` ×
+/// what was expected of it for `patience` steps in a row. What is expected is the caller's
+/// (a balancer's prediction for the rank's share, or a pipeline rank's own usual).
+pub struct StragglerWatch {
+    factor: f64,
+    patience: u32,
+    /// Each rank's slow steps in a row.
+    slow_steps: Vec<u32>,
+}
+
+/// One step's findings.
+pub struct StragglerVerdict {
+    /// Ranks that ran slow this step.
+    pub slow_now: Vec<bool>,
+    /// Ranks slow for `patience` steps or more.
+    pub stragglers: Vec<usize>,
+    /// A line for each rank named a straggler this step for the first time.
+    pub notes: Vec<String>,
+}
+
+impl StragglerWatch {
+    pub fn new(factor: f64, patience: u32) -> Self {
+        Self {
+            factor,
+            patience,
+            slow_steps: Vec::new(),
+        }
+    }
+
+    /// Judges one step's compute seconds against the expected (`None`: nothing expected
+    /// yet, never slow). `rank_name` names a rank in notes; `against` says what was expected
+    /// ("predicted", "usual").
+    pub fn observe(
+        &mut self,
+        step: u64,
+        computes: &[f64],
+        expected: &[Option<f64>],
+        rank_name: impl Fn(usize) -> String,
+        against: &str,
+    ) -> StragglerVerdict {
+        self.slow_steps.resize(computes.len(), 0);
+        let mut verdict = StragglerVerdict {
+            slow_now: Vec::with_capacity(computes.len()),
+            stragglers: Vec::new(),
+            notes: Vec::new(),
+        };
+        for (r, &compute) in computes.iter().enumerate() {
+            let expect = expected.get(r).copied().flatten();
+            let slow = expect.is_some_and(|e| compute > self.factor * e);
+            verdict.slow_now.push(slow);
+            self.slow_steps[r] = if slow { self.slow_steps[r] + 1 } else { 0 };
+            if self.slow_steps[r] < self.patience {
+                continue;
+            }
+            verdict.stragglers.push(r);
+            if self.slow_steps[r] == self.patience {
+                verdict.notes.push(format!(
+                    "straggler: {} ran {:.1}x slower than {against} for {} steps (step {step})",
+                    rank_name(r),
+                    compute / expect.unwrap_or(compute),
+                    self.slow_steps[r],
+                ));
+            }
+        }
+        verdict
+    }
+}
+
 struct Flatten<'a> {
     grads: &'a mut GradientsParams,
     /// Parameters left out (expert slices, which differ between ranks).
@@ -288,6 +356,29 @@ impl Watchdog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rank_slow_for_patience_steps_is_named_once() {
+        let mut watch = StragglerWatch::new(1.5, 3);
+        let expected = [Some(1.0), Some(2.0), None];
+        let name = |r: usize| format!("rank {r}");
+        // Rank 1 at 1.6x its expected (slow), rank 2 has nothing expected (never slow).
+        let steps: Vec<StragglerVerdict> = (1..=4)
+            .map(|s| watch.observe(s, &[1.2, 3.2, 99.0], &expected, name, "predicted"))
+            .collect();
+        assert_eq!(steps[0].slow_now, [false, true, false]);
+        assert!(steps[1].stragglers.is_empty());
+        assert_eq!(steps[2].stragglers, [1]);
+        assert_eq!(
+            steps[2].notes,
+            ["straggler: rank 1 ran 1.6x slower than predicted for 3 steps (step 3)"]
+        );
+        // Still a straggler, not named again; a normal step clears the count.
+        assert_eq!(steps[3].stragglers, [1]);
+        assert!(steps[3].notes.is_empty());
+        let back = watch.observe(5, &[1.0, 2.0, 0.0], &expected, name, "predicted");
+        assert!(back.stragglers.is_empty() && back.slow_now == [false, false, false]);
+    }
 
     #[test]
     fn balancer_moves_work_to_the_faster_rank() {

@@ -20,7 +20,9 @@
 
 use crate::expert;
 use crate::optim::AdamW;
-use crate::parallel::{all_reduce_gradients, Collective, DistOptions};
+use crate::parallel::{
+    all_reduce_gradients, Collective, DistOptions, StragglerVerdict, StragglerWatch,
+};
 use crate::step::LocalStep;
 use crate::strategy::{CheckpointPart, Parallelism, ReducedStep};
 use anyhow::{bail, Result};
@@ -121,7 +123,7 @@ pub struct Pipeline {
     /// Each rank's usual compute seconds per step (its work is the same every step: its
     /// layers, its rows), and how many steps in a row it has run slower than that.
     expected: Vec<Option<f64>>,
-    slow_steps: Vec<u32>,
+    watch: StragglerWatch,
     /// The ids of this stage's parameters: gradients are taken for these only (taking one
     /// for another stage's parameter would allocate it).
     owned: Vec<ParamId>,
@@ -151,7 +153,7 @@ impl Pipeline {
             last_p2p: (0.0, 0.0, 0.0),
             slowdown: 1.0,
             expected: Vec::new(),
-            slow_steps: Vec::new(),
+            watch: StragglerWatch::new(opts.straggler_factor, opts.straggler_patience),
             owned: Vec::new(),
             not_all_reduced: HashSet::new(),
             opts,
@@ -575,40 +577,25 @@ impl Pipeline {
 }
 
 impl Pipeline {
-    /// Flags ranks whose compute ran over `straggler_factor` × their usual for
-    /// `straggler_patience` steps in a row (a pipeline rank's work is the same every step, so
-    /// its own recent steps predict it); returns the stragglers and a note for each newly
-    /// named one. Slow steps do not move the usual.
-    fn stragglers(&mut self, step: u64, computes: &[f64]) -> (Vec<usize>, Vec<String>) {
-        let (factor, patience) = (self.opts.straggler_factor, self.opts.straggler_patience);
+    /// Flags ranks whose compute ran over `straggler_factor` × their usual (a pipeline
+    /// rank's work is the same every step, so its own recent steps predict it). Slow steps
+    /// do not move the usual.
+    fn stragglers(&mut self, step: u64, computes: &[f64]) -> StragglerVerdict {
         self.expected.resize(computes.len(), None);
-        self.slow_steps.resize(computes.len(), 0);
-        let (mut stragglers, mut notes) = (Vec::new(), Vec::new());
+        let pp = self.pp;
+        let name = |r: usize| format!("rank {r} (stage {})", r % pp);
+        let verdict = self
+            .watch
+            .observe(step, computes, &self.expected, name, "usual");
         for (r, &compute) in computes.iter().enumerate() {
-            let slow = self.expected[r].is_some_and(|e| compute > factor * e);
-            self.slow_steps[r] = if slow { self.slow_steps[r] + 1 } else { 0 };
-            if !slow {
-                // The first step (warm-up) is no measure of the usual.
-                let first = step == 1 || self.expected[r].is_none() && compute <= 0.0;
-                if !first {
-                    self.expected[r] =
-                        Some(self.expected[r].map_or(compute, |e| 0.5 * e + 0.5 * compute));
-                }
-            }
-            if self.slow_steps[r] >= patience {
-                stragglers.push(r);
-                if self.slow_steps[r] == patience {
-                    let usual = self.expected[r].unwrap_or(compute);
-                    notes.push(format!(
-                        "straggler: rank {r} (stage {}) ran {:.1}x slower than usual for {} steps (step {step})",
-                        r % self.pp,
-                        compute / usual,
-                        self.slow_steps[r],
-                    ));
-                }
+            // The first step (warm-up) is no measure of the usual.
+            let first = step == 1 || self.expected[r].is_none() && compute <= 0.0;
+            if !verdict.slow_now[r] && !first {
+                let usual = self.expected[r].map_or(compute, |e| 0.5 * e + 0.5 * compute);
+                self.expected[r] = Some(usual);
             }
         }
-        (stragglers, notes)
+        verdict
     }
 }
 
@@ -787,7 +774,9 @@ impl Parallelism for Pipeline {
                        "bubble": ((schedule - compute) / schedule.max(1e-9)).max(0.0)})
             })
             .collect();
-        let (stragglers, notes) = self.stragglers(step, &col(3));
+        let StragglerVerdict {
+            stragglers, notes, ..
+        } = self.stragglers(step, &col(3));
         let mut metrics = json!({
             "ranks": ranks, "stragglers": stragglers, "compute_s": local.compute_s, "p2p_s": p2p_s,
             "comm_s": comm_s, "stage_layers": self.stage_layers,

@@ -6,7 +6,7 @@
 use crate::optim::AdamW;
 use crate::parallel::{
     all_reduce_gradients, gather_hashes, parameter_hash, Balancer, Collective, DistOptions,
-    Watchdog,
+    StragglerVerdict, StragglerWatch, Watchdog,
 };
 use crate::step::{GlobalBatch, LocalStep, Rows};
 use anyhow::{bail, Result};
@@ -212,7 +212,7 @@ pub struct DataParallel {
     opts: DistOptions,
     balancer: Balancer,
     watchdog: Watchdog,
-    slow_steps: Vec<u32>,
+    watch: StragglerWatch,
     batch_size: usize,
     /// Top-k assignments and MoE layers × experts per global micro-batch (MoE only).
     moe: Option<(usize, usize)>,
@@ -243,7 +243,7 @@ impl DataParallel {
             // Planned for the run's batch in `start`.
             balancer: Balancer::new(ranks, ranks, &[]),
             watchdog: Watchdog::start(rank, opts.collective_timeout),
-            slow_steps: vec![0; ranks],
+            watch: StragglerWatch::new(opts.straggler_factor, opts.straggler_patience),
             batch_size: 0,
             moe: None,
             experts: 0,
@@ -306,28 +306,14 @@ impl DataParallel {
         caps.map(|c| c.map(|c| c * self.micro_batches)).collect()
     }
 
-    /// Flags ranks slower than predicted; returns which ran slow now, the stragglers (slow for
-    /// `straggler_patience` steps) and a note for each newly reported one.
-    fn stragglers(&mut self, step: u64, computes: &[f64]) -> (Vec<bool>, Vec<usize>, Vec<String>) {
-        let d = &self.opts;
-        let (mut slow_now, mut stragglers, mut notes) = (Vec::new(), Vec::new(), Vec::new());
-        for (r, &compute) in computes.iter().enumerate() {
-            let predicted = self.balancer.predict(r, self.balancer.shares[r]);
-            let slow = predicted.is_some_and(|p| compute > d.straggler_factor * p);
-            slow_now.push(slow);
-            self.slow_steps[r] = if slow { self.slow_steps[r] + 1 } else { 0 };
-            if self.slow_steps[r] >= d.straggler_patience {
-                stragglers.push(r);
-                if self.slow_steps[r] == d.straggler_patience {
-                    notes.push(format!(
-                        "straggler: rank {r} ran {:.1}x slower than predicted for {} steps (step {step})",
-                        compute / predicted.unwrap_or(compute),
-                        self.slow_steps[r],
-                    ));
-                }
-            }
-        }
-        (slow_now, stragglers, notes)
+    /// Flags ranks slower than the balancer predicted for their share.
+    fn stragglers(&mut self, step: u64, computes: &[f64]) -> StragglerVerdict {
+        let expected: Vec<Option<f64>> = (0..computes.len())
+            .map(|r| self.balancer.predict(r, self.balancer.shares[r]))
+            .collect();
+        let name = |r: usize| format!("rank {r}");
+        self.watch
+            .observe(step, computes, &expected, name, "predicted")
     }
 }
 
@@ -539,7 +525,11 @@ impl Parallelism for DataParallel {
         let col = |i: usize| -> Vec<f64> { all.chunks(mine.len()).map(|c| c[i]).collect() };
         let (computes, waits, comms, seqs) = (col(3), col(4), col(5), col(6));
         let (a2a, work, rss) = (col(9), col(10), col(11));
-        let (slow_now, stragglers, notes) = self.stragglers(step, &computes);
+        let StragglerVerdict {
+            slow_now,
+            stragglers,
+            notes,
+        } = self.stragglers(step, &computes);
         // A process's first step is warm-up (first allocations, page faults) and says
         // little about its speed: the profile is the second step, planned on at once.
         if step > self.start_step + 1 {
