@@ -75,6 +75,7 @@ mod flex {
     use burn::backend::{backend_extension, Dispatch};
     use burn::tensor::{Tensor, TensorData};
     use rayon::prelude::*;
+    use std::mem::MaybeUninit;
 
     /// Grouped matmul as a backend op.
     #[backend_extension(Flex, Autodiff)]
@@ -126,10 +127,32 @@ mod flex {
         }
     }
 
-    /// One product `dst[m, n] = lhs[m, k] · rhs[k, n]` with the given (column, row) strides.
+    /// A buffer of `len` floats left unwritten: every product below overwrites its whole
+    /// destination, so zero-filling it first (a pass over the expert weights' gradient every
+    /// micro-batch) would be wasted.
+    fn unwritten(len: usize) -> Vec<MaybeUninit<f32>> {
+        let mut buf = Vec::with_capacity(len);
+        // SAFETY: `MaybeUninit` needs no initialisation.
+        unsafe { buf.set_len(len) };
+        buf
+    }
+
+    /// The buffer once every value has been written.
+    ///
+    /// # Safety
+    /// Every element of `buf` must have been written.
+    unsafe fn written(buf: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+        let mut buf = std::mem::ManuallyDrop::new(buf);
+        let (ptr, len, cap) = (buf.as_mut_ptr(), buf.len(), buf.capacity());
+        // SAFETY: same layout; initialised per the caller's promise; ownership moves over.
+        unsafe { Vec::from_raw_parts(ptr as *mut f32, len, cap) }
+    }
+
+    /// One product `dst[m, n] = lhs[m, k] · rhs[k, n]` with the given (column, row) strides,
+    /// writing every value of `dst`.
     #[allow(clippy::too_many_arguments)]
     fn gemm_into(
-        dst: &mut [f32],
+        dst: &mut [MaybeUninit<f32>],
         (m, n, k): (usize, usize, usize),
         lhs: &[f32],
         (lhs_cs, lhs_rs): (isize, isize),
@@ -142,11 +165,14 @@ mod flex {
             return;
         }
         if k == 0 {
-            dst.fill(0.0);
+            dst.fill(MaybeUninit::new(0.0));
             return;
         }
         #[cfg(target_arch = "x86_64")]
         if crate::kernels::bf16_matmul::bf16_enabled() {
+            dst.fill(MaybeUninit::new(0.0));
+            // SAFETY: every value was just written.
+            let dst = unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) };
             use crate::kernels::bf16_gemm::{matmul, Mat};
             let mat = |data, rows, cols, (cs, rs): (isize, isize)| Mat {
                 data,
@@ -162,14 +188,15 @@ mod flex {
             matmul(dst, a, b, false);
             return;
         }
-        // SAFETY: `dst` holds m·n values written row-major; `lhs` and `rhs` hold the m·k and
-        // k·n values the strides address (checked by the callers' slicing).
+        // SAFETY: `dst` holds m·n values written row-major, never read (`read_dst` false);
+        // `lhs` and `rhs` hold the m·k and k·n values the strides address (checked by the
+        // callers' slicing).
         unsafe {
             gemm::gemm(
                 m,
                 n,
                 k,
-                dst.as_mut_ptr(),
+                dst.as_mut_ptr() as *mut f32,
                 1,
                 n as isize,
                 false,
@@ -190,7 +217,7 @@ mod flex {
     }
 
     /// Splits `buf` into consecutive chunks of the given lengths.
-    fn split_lengths(mut buf: &mut [f32], lengths: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
+    fn split_lengths<T>(mut buf: &mut [T], lengths: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
         let mut out = Vec::new();
         for len in lengths {
             let (head, tail) = buf.split_at_mut(len);
@@ -203,9 +230,9 @@ mod flex {
     /// Runs `work(g, dst_g)` for each group: across threads when enough groups have work,
     /// else one group at a time with a multi-threaded gemm inside.
     fn for_each_group(
-        dsts: Vec<&mut [f32]>,
+        dsts: Vec<&mut [MaybeUninit<f32>]>,
         busy: usize,
-        work: impl Fn(usize, &mut [f32], gemm::Parallelism) + Sync,
+        work: impl Fn(usize, &mut [MaybeUninit<f32>], gemm::Parallelism) + Sync,
     ) {
         let threads = rayon::current_num_threads();
         if busy >= threads {
@@ -240,7 +267,8 @@ mod flex {
                 x.as_slice::<f32>().unwrap_or(&[]),
                 w.as_slice::<f32>().unwrap_or(&[]),
             );
-            let mut out = vec![0.0f32; rows * n];
+            // The groups' rows cover every row (offsets run from 0 to `rows`).
+            let mut out = unwritten(rows * n);
             let dsts = split_lengths(&mut out, offsets.windows(2).map(|r| (r[1] - r[0]) * n));
             for_each_group(dsts, busy_groups(&offsets), |g, dst, threads| {
                 let (start, end) = (offsets[g], offsets[g + 1]);
@@ -259,6 +287,8 @@ mod flex {
                     threads,
                 );
             });
+            // SAFETY: each group's product wrote all of its rows.
+            let out = unsafe { written(out) };
             FlexTensor::from_data(TensorData::new(out, [rows, n]))
         }
     }
@@ -272,7 +302,7 @@ mod flex {
                 x.as_slice::<f32>().unwrap_or(&[]),
                 dy.as_slice::<f32>().unwrap_or(&[]),
             );
-            let mut out = vec![0.0f32; groups * k * n];
+            let mut out = unwritten(groups * k * n);
             let dsts = split_lengths(&mut out, (0..groups).map(|_| k * n));
             for_each_group(dsts, busy_groups(&offsets), |g, dst, threads| {
                 let (start, end) = (offsets[g], offsets[g + 1]);
@@ -287,6 +317,8 @@ mod flex {
                     threads,
                 );
             });
+            // SAFETY: each group's product wrote its whole [k, n] block (zeros for no rows).
+            let out = unsafe { written(out) };
             FlexTensor::from_data(TensorData::new(out, [groups, k, n]))
         }
     }
