@@ -102,7 +102,6 @@ fn metrics(run: &Path) -> BTreeMap<u64, Value> {
         .collect()
 }
 
-/// Trains without MPI (the reference run) and returns its per-step metrics.
 /// Asserts `key` of a step's record is within 1e-5 of one process's at the same step.
 fn assert_close(got: &Value, one_process: &Value, key: &str, what: String) {
     let value = |r: &Value| {
@@ -114,6 +113,7 @@ fn assert_close(got: &Value, one_process: &Value, key: &str, what: String) {
     assert!((a - b).abs() < 1e-5, "{what}: {key} {a} vs one process {b}");
 }
 
+/// Trains without MPI (the reference run) and returns its per-step metrics.
 fn one_process(args: &[String], run: &Path) -> BTreeMap<u64, Value> {
     let out = Command::new(NUWA)
         .arg("train")
@@ -216,6 +216,57 @@ fn moe_load_balance_loss_is_the_global_batchs_on_uneven_shares() {
         uneven |= rec["ranks"][0]["seqs"] != rec["ranks"][1]["seqs"];
     }
     assert!(uneven, "the shares never became uneven");
+}
+
+/// Three ranks of unequal speed laid end to end over a step of 3 micro-batches: each meets
+/// only the ranks sharing a micro-batch with it for the load-balance loss's expert counts
+/// (two of the three), and the step is still one process's.
+#[test]
+fn moe_ranks_meeting_only_over_the_micro_batches_they_share_train_as_one_process() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-moe-packed");
+    let moe_args = |run: &Path| -> Vec<String> {
+        let mut args = sized_args(run, "6", "4", "32");
+        args[1] = "tiny-moe".into();
+        args.extend(["--grad-accum", "3"].map(String::from));
+        args
+    };
+    let single = tmp.path().join("single");
+    let reference = one_process(&moe_args(&single), &single);
+    let run = tmp.path().join("np3");
+    let mut args = moe_args(&run);
+    args.extend(["--rebalance-every", "2", "--throttle", "1,2,4"].map(String::from));
+    mpirun(3, &args);
+    let got = metrics(&run);
+    assert_eq!(got.len(), reference.len());
+    let mut partial = false;
+    for (step, rec) in &got {
+        for key in ["loss", "load_balance_loss", "z_loss"] {
+            assert_close(rec, &reference[step], key, format!("step {step}"));
+        }
+        // Which ranks hold rows of each micro-batch of 4, the ranks laid end to end.
+        let seqs: Vec<usize> = (0..3)
+            .map(|r| rec["ranks"][r]["seqs"].as_f64().unwrap() as usize)
+            .collect();
+        let mut start = 0;
+        let ranges: Vec<(usize, usize)> = seqs
+            .iter()
+            .map(|&n| {
+                start += n;
+                (start - n, start)
+            })
+            .collect();
+        for m in 0..3 {
+            let holders = ranges
+                .iter()
+                .filter(|&&(a, b)| b.min(4 * m + 4) > a.max(4 * m))
+                .count();
+            partial |= holders == 2;
+        }
+    }
+    assert!(partial, "no micro-batch was shared by two ranks of three");
+    let diff = weights_differ_by(&run, &single);
+    assert!(diff < 1e-5, "weights differ by {diff}");
 }
 
 #[test]

@@ -12,5 +12,5 @@ pub mod units;
 
 pub use comm::{Collective, SoloCollective};
 pub use files::{atomic_write, sha256_hex, write_synced};
-pub use shares::{micro_batch_shares, proportional_shares};
+pub use shares::{micro_batch_shares, packed_micro_batch_shares, proportional_shares};
 pub use units::parse_with_unit;

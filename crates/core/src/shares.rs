@@ -88,9 +88,50 @@ pub fn micro_batch_shares(
     out
 }
 
+/// Lays each rank's rows of a step (`totals`, summing to `batch × micro_batches`) end to end
+/// over the step's rows in micro-batch order, rank 0 first: `[micro-batch][rank]` counts in
+/// which a rank holds whole micro-batches but for at most one at each end of its range,
+/// shared with its neighbour. Fewer, fuller micro-batches per rank than
+/// [`micro_batch_shares`] (a rank with a quarter of the rows runs one micro-batch, not a
+/// quarter of each), where each costs a fixed overhead (the gradient accumulation, a pass
+/// over every parameter); only ranks sharing a micro-batch need to meet over it.
+pub fn packed_micro_batch_shares(
+    totals: &[usize],
+    batch: usize,
+    micro_batches: usize,
+) -> Vec<Vec<usize>> {
+    let mut ends = Vec::with_capacity(totals.len());
+    let mut end = 0;
+    for &t in totals {
+        ends.push((end, end + t));
+        end += t;
+    }
+    (0..micro_batches.max(1))
+        .map(|m| {
+            let (lo, hi) = (m * batch, (m + 1) * batch);
+            ends.iter()
+                .map(|&(a, b)| b.min(hi).saturating_sub(a.max(lo)))
+                .collect()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packed_ranks_hold_whole_micro_batches_but_at_their_ends() {
+        // 43 : 21 of 4 micro-batches of 16: rank 0 holds 0 and 1, rank 1 holds 3; 2 is shared.
+        let split = packed_micro_batch_shares(&[43, 21], 16, 4);
+        assert_eq!(split, [[16, 0], [16, 0], [11, 5], [0, 16]]);
+        // A rank inside one micro-batch shares it with both neighbours.
+        let split = packed_micro_batch_shares(&[10, 3, 19], 8, 4);
+        assert_eq!(split, [[8, 0, 0], [2, 3, 3], [0, 0, 8], [0, 0, 8]]);
+        for m in &split {
+            assert_eq!(m.iter().sum::<usize>(), 8);
+        }
+    }
 
     #[test]
     fn a_step_is_split_finer_than_its_micro_batches() {

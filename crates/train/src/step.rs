@@ -40,6 +40,8 @@ pub struct GlobalBatch<'a> {
     pub assignments: usize,
     /// Values each rank contributes: MoE layers × experts.
     pub counts_len: usize,
+    /// The ranks holding rows of this micro-batch (`None`: every rank).
+    pub among: Option<Vec<usize>>,
 }
 
 impl GlobalBatch<'_> {
@@ -48,9 +50,33 @@ impl GlobalBatch<'_> {
         let mut counts: Vec<f32> = local.iter().flatten().map(|&c| c as f32).collect();
         counts.resize(self.counts_len, 0.0); // a rank with no rows has nothing to add
         self.watchdog.enter(self.step);
-        nuwa_core::comm::pace::collective(|| self.comm.all_reduce_sum(&mut counts));
+        nuwa_core::comm::pace::collective(|| match &self.among {
+            Some(among) if among.len() < self.comm.size() => self.sum_among(among, &mut counts),
+            _ => self.comm.all_reduce_sum(&mut counts),
+        });
         self.watchdog.leave();
         counts
+    }
+
+    /// Sums `counts` over the ranks in `among` only (the others hold none of this
+    /// micro-batch and are busy with their own): the first gathers, adds, and sends back.
+    fn sum_among(&self, among: &[usize], counts: &mut Vec<f32>) {
+        let (me, len) = (self.comm.rank(), counts.len());
+        let Some((&first, rest)) = among.split_first() else {
+            return;
+        };
+        if me == first {
+            for &r in rest {
+                let theirs = self.comm.recv(r, len);
+                counts.iter_mut().zip(theirs).for_each(|(c, t)| *c += t);
+            }
+            for &r in rest {
+                self.comm.send(r, counts);
+            }
+        } else if rest.contains(&me) {
+            self.comm.send(first, counts);
+            *counts = self.comm.recv(first, len);
+        }
     }
 }
 
@@ -141,6 +167,8 @@ pub struct Rows {
     pub micro: Vec<std::ops::Range<usize>>,
     /// More than one process shares the batch.
     pub shared: bool,
+    /// The ranks holding rows of micro-batch `m` (empty: every rank takes part in each).
+    pub holders: Vec<Vec<usize>>,
 }
 
 impl Rows {
@@ -149,6 +177,7 @@ impl Rows {
         Self {
             micro: vec![rows; micro_batches.max(1)],
             shared,
+            holders: Vec::new(),
         }
     }
 
@@ -161,10 +190,36 @@ impl Rows {
                 first..first + c[rank]
             })
             .collect();
+        let holders = counts
+            .iter()
+            .map(|c| (0..c.len()).filter(|&r| c[r] > 0).collect())
+            .collect();
         Self {
             micro,
             shared: counts.first().is_some_and(|c| c.len() > 1),
+            holders,
         }
+    }
+
+    /// The ranks this process meets over micro-batch `m` (`None`: every rank).
+    pub fn holders_of(&self, m: usize) -> Option<&[usize]> {
+        self.holders.get(m).map(|h| h.as_slice())
+    }
+
+    /// The micro-batches this process runs, in the order it runs them: those it shares with
+    /// other ranks first, in micro-batch order (every rank meets its partners in the same
+    /// order, so none waits on a rank busy with a micro-batch of its own), then its own.
+    /// With no holders known, every micro-batch in order: every rank meets over each.
+    pub fn order(&self, micro_batches: usize) -> Vec<usize> {
+        if self.holders.is_empty() {
+            return (0..micro_batches).collect();
+        }
+        let mut order: Vec<usize> = (0..micro_batches)
+            .filter(|&m| !self.of(m).is_empty())
+            .collect();
+        let alone = |m: usize| self.holders_of(m).is_some_and(|h| h.len() == 1);
+        order.sort_by_key(|&m| (alone(m), m));
+        order
     }
 
     /// This process's rows of micro-batch `m`.
@@ -198,9 +253,16 @@ pub fn local_step<'g>(
     let (mut ce, mut lb, mut z, mut mtp) = (0.0, None::<f64>, None::<f64>, None::<f64>);
     let mut load = Vec::new();
     let mut step_load: Vec<Vec<usize>> = Vec::new();
-    for m in 0..t.grad_accum {
-        let batch = sampler.next_batch(data, t.batch_size, t.seq_len)?;
-        let global = global();
+    // Every micro-batch is drawn, in order, whether or not this process holds rows of it,
+    // so the sampler's position is the same on every rank.
+    let batches = (0..t.grad_accum)
+        .map(|_| sampler.next_batch(data, t.batch_size, t.seq_len))
+        .collect::<Result<Vec<_>>>()?;
+    for m in rows.order(t.grad_accum) {
+        let mut global = global();
+        if let Some(g) = &mut global {
+            g.among = rows.holders_of(m).map(|h| h.to_vec());
+        }
         let mine = rows.of(m);
         // This process's share of the step's tokens in this micro-batch.
         let weight = mine.len() as f64 / t.batch_size as f64 / t.grad_accum as f64;
@@ -211,8 +273,8 @@ pub fn local_step<'g>(
             continue;
         }
         let batch = match rows.shared {
-            true => batch.rows(mine.start, mine.end),
-            false => batch,
+            true => batches[m].rows(mine.start, mine.end),
+            false => batches[m].clone(),
         };
         let losses = forward_losses(model, &batch, device, global.as_ref());
         let mut total = losses.ce.clone();
@@ -256,4 +318,27 @@ pub fn local_step<'g>(
         compute_s: started.elapsed().as_secs_f64(),
         rows: rows.total(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_micro_batches_run_first_in_order_then_a_ranks_own() {
+        // Ranks of 10, 3 and 19 rows end to end over 4 micro-batches of 8.
+        let counts = nuwa_core::packed_micro_batch_shares(&[10, 3, 19], 8, 4);
+        let rows: Vec<Rows> = (0..3).map(|r| Rows::of_rank(&counts, r)).collect();
+        assert_eq!(rows[0].order(4), [1, 0]);
+        assert_eq!(rows[1].order(4), [1]);
+        assert_eq!(rows[2].order(4), [1, 2, 3]);
+        assert_eq!(rows[1].holders_of(1), Some(&[0, 1, 2][..]));
+        assert_eq!((rows[1].of(1), rows[2].of(1)), (2..5, 5..8));
+        assert_eq!(
+            rows.iter().map(Rows::total).collect::<Vec<_>>(),
+            [10, 3, 19]
+        );
+        // Without holders (one process), every micro-batch in order.
+        assert_eq!(Rows::same(0..8, 3, false).order(3), [0, 1, 2]);
+    }
 }

@@ -421,13 +421,18 @@ impl Parallelism for DataParallel {
     }
 
     fn rows(&self) -> Rows {
-        let min_each = self.experts_group.is_some() as usize;
-        let counts = nuwa_core::micro_batch_shares(
-            &self.balancer.shares,
-            self.batch_size,
-            self.micro_batches,
-            min_each,
-        );
+        let shares = &self.balancer.shares;
+        // Ranks laid end to end over the step's rows run fewer, fuller micro-batches, but
+        // one may then take a whole micro-batch: only where each may (its memory bound is a
+        // whole micro-batch), and not under expert parallelism, whose exchanges need every
+        // rank in every micro-batch.
+        let whole = |c: &Option<usize>| c.is_none_or(|c| c >= self.batch_size);
+        let counts = if self.experts_group.is_none() && self.opts.max_seqs.iter().all(whole) {
+            nuwa_core::packed_micro_batch_shares(shares, self.batch_size, self.micro_batches)
+        } else {
+            let min_each = self.experts_group.is_some() as usize;
+            nuwa_core::micro_batch_shares(shares, self.batch_size, self.micro_batches, min_each)
+        };
         Rows::of_rank(&counts, self.rank())
     }
 
@@ -438,6 +443,7 @@ impl Parallelism for DataParallel {
             step,
             assignments,
             counts_len,
+            among: None,
         })
     }
 
