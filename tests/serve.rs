@@ -711,9 +711,21 @@ fn signal(s: &Server, name: &str) {
 
 #[test]
 fn sigterm_drains_requests_in_flight_then_exits() {
+    // On a loaded machine the signal can come late enough that every stream is done: then
+    // nothing was in flight to drain and the scenario is run again (at most three times).
+    for _ in 0..3 {
+        if sigterm_while_streaming() {
+            return;
+        }
+    }
+    panic!("three times every stream had finished before SIGTERM: nothing was in flight to drain");
+}
+
+/// One SIGTERM while 48 streams share one decoding slot; false when no stream was still
+/// running after the signal (nothing was tested).
+fn sigterm_while_streaming() -> bool {
     let mut s = server(&["--max-batch", "1", "--header-timeout", "1"]);
     let url = format!("{}/v1/completions", s.url);
-    // 48 streams through one decoding slot: most are queued when the signal comes.
     let streams: Vec<_> = (0..48)
         .map(|i| {
             let url = url.clone();
@@ -742,7 +754,6 @@ fn sigterm_drains_requests_in_flight_then_exits() {
         assert!(done, "a stream in flight was cut: {text:?}");
         finished_after_signal += (finished > signalled) as usize;
     }
-    assert!(finished_after_signal > 0, "nothing was in flight to drain");
     let status = s.child.wait().unwrap();
     assert!(status.success(), "{status}");
     assert!(
@@ -750,6 +761,7 @@ fn sigterm_drains_requests_in_flight_then_exits() {
         "exit took {:?}",
         signalled.elapsed()
     );
+    finished_after_signal > 0
 }
 
 #[test]
