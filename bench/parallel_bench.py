@@ -23,21 +23,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUWA = os.path.join(ROOT, "target", "release", "nuwa")
 BATCH, ACCUM, SEQ = 8, 4, 64
 # Unequal ranks: a global batch of 64 sequences, as 4 micro-batches of 16 and (for the
-# pipeline, whose bubble shrinks with more micro-batches) as 8 of 8.
-UNEQUAL = [(16, 4), (8, 8)]
+# pipeline, whose bubble shrinks with more micro-batches) as 8 of 8; and for the pipeline a
+# deeper model too (micro-batch rows, micro-batches, decoder layers): 4 layers cannot be
+# staged 2 : 1 (3 : 1 leaves the fast rank 3 units to the slow one's 2).
+LAYERS = 4
+UNEQUAL = [(16, 4, LAYERS), (8, 8, LAYERS), (8, 8, 10)]
 
 
-def model(batch=BATCH, accum=ACCUM):
-    return ["--preset", "tiny-moe", "--hidden-size", "256", "--layers", "4", "--batch-size",
+def model(batch=BATCH, accum=ACCUM, layers=LAYERS):
+    return ["--preset", "tiny-moe", "--hidden-size", "256", "--layers", str(layers), "--batch-size",
             str(batch), "--grad-accum", str(accum), "--seq-len", str(SEQ), "--quiet",
             "--sample-tokens", "0", "--eval-every", "100000", "--checkpoint-every", "100000"]
 
 
-def start(np, flags, steps, run_dir, batch=BATCH, bind=True, accum=ACCUM):
+def start(np, flags, steps, run_dir, batch=BATCH, bind=True, accum=ACCUM, layers=LAYERS):
     # Separate jobs at once must not be bound: each mpirun would pin its rank 0 to core 0.
     binding = [] if bind else ["--bind-to", "none"]
     cmd = ["mpirun", "--oversubscribe", *binding, "-np", str(np), "-x", "RAYON_NUM_THREADS", NUWA, "train",
-           "--dist", "mpi", *model(batch, accum), *flags, "--steps", str(steps), "--run-dir", run_dir]
+           "--dist", "mpi", *model(batch, accum, layers), *flags, "--steps", str(steps), "--run-dir", run_dir]
     env = dict(os.environ, RAYON_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
@@ -65,18 +68,20 @@ def result(proc, run_dir):
     }
 
 
-def run(np, flags, steps, batch=BATCH, accum=ACCUM):
+def run(np, flags, steps, batch=BATCH, accum=ACCUM, layers=LAYERS):
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = os.path.join(tmp, "run")
-        return result(start(np, flags, steps, run_dir, batch=batch, accum=accum), run_dir)
+        return result(start(np, flags, steps, run_dir, batch=batch, accum=accum, layers=layers),
+                      run_dir)
 
 
-def both_alone_at_once(steps, batch=BATCH, accum=ACCUM):
+def both_alone_at_once(steps, batch=BATCH, accum=ACCUM, layers=LAYERS):
     """The two ranks as independent one-process jobs at the same time: what this machine gives
     two processes that never communicate, the ceiling for the pair."""
     with tempfile.TemporaryDirectory() as tmp:
         dirs = [os.path.join(tmp, "fast"), os.path.join(tmp, "slow")]
-        procs = [start(1, ["--throttle", t], n, d, batch=batch, bind=False, accum=accum)
+        procs = [start(1, ["--throttle", t], n, d, batch=batch, bind=False, accum=accum,
+                       layers=layers)
                  for t, n, d in zip(["1", "2"], [2 * steps, steps], dirs)]
         return {"tokens_per_s": sum(result(p, d)["tokens_per_s"] for p, d in zip(procs, dirs))}
 
@@ -160,14 +165,16 @@ def main():
         ("4 ranks: DP 2 x PP 2", 4, ["--pp", "2"]),
         ("4 ranks: DP 2 x EP 2 x PP 2", 4, ["--pp", "2", "--ep", "2"]),
     ]
-    def uneven(batch, accum):
+    def uneven(batch, accum, layers):
+        half = layers // 2
         rows = [
             ("rank at speed 1.0 alone (one process)", 1, ["--throttle", "1"]),
             ("rank at speed 0.5 alone (one process)", 1, ["--throttle", "2"]),
-            ("PP 2, equal stages (2, 2)", 2, ["--pp", "2", "--throttle", "1,2", "--stage-layers", "2,2"]),
+            (f"PP 2, equal stages ({half}, {layers - half})", 2,
+             ["--pp", "2", "--throttle", "1,2", "--stage-layers", f"{half},{layers - half}"]),
             ("PP 2, measured stages", 2, ["--pp", "2", "--throttle", "1,2"]),
         ]
-        if accum == UNEQUAL[0][1]:
+        if (batch, accum, layers) == UNEQUAL[0]:
             rows[2:2] = [
                 ("DP 2, throughput-balanced rows", 2, ["--throttle", "1,2", "--rebalance-every", "2"]),
                 ("EP 2, equal experts and rows", 2, ["--ep", "2", "--throttle", "1,2", "--rebalance-every", "0"]),
@@ -175,12 +182,14 @@ def main():
             ]
         return rows
     configs = [(n, lambda np=np, f=f: run(np, f, s)) for n, np, f in even]
-    for batch, accum in UNEQUAL:
-        key = f"{batch}x{accum}: "
-        configs += [(key + n, lambda np=np, f=f, b=batch, m=accum: run(np, f, s, b, m))
-                    for n, np, f in uneven(batch, accum)]
+    def key_of(batch, accum, layers):
+        return f"{batch}x{accum}: " if layers == LAYERS else f"{batch}x{accum}, {layers} layers: "
+    for batch, accum, layers in UNEQUAL:
+        key = key_of(batch, accum, layers)
+        configs += [(key + n, lambda np=np, f=f, b=batch, m=accum, l=layers: run(np, f, s, b, m, l))
+                    for n, np, f in uneven(batch, accum, layers)]
         configs.append((key + "both alone at the same time (no communication)",
-                        lambda b=batch, m=accum: both_alone_at_once(s, b, m)))
+                        lambda b=batch, m=accum, l=layers: both_alone_at_once(s, b, m, l)))
     rounds = [[c() for _, c in configs] for _ in range(max(1, a.rounds))]
     verified = predicted_vs_measured(s)
     median = lambda i: sorted((r[i] for r in rounds), key=lambda x: x["tokens_per_s"])[len(rounds) // 2]
@@ -223,26 +232,28 @@ def main():
         "## Unequal ranks: rank 1 at half speed",
         "",
         "A global batch of 64 sequences of 64 tokens, as 4 micro-batches of 16 and, for the "
-        "pipeline (whose bubble shrinks as micro-batches grow in number), as 8 of 8. \"Of the sum "
+        "pipeline (whose bubble shrinks as micro-batches grow in number), as 8 of 8, and for the "
+        "pipeline again on the model at 10 layers (4 cannot be staged 2 : 1: 3 : 1 leaves the fast "
+        "rank 3 layers' time to the slow one's 2; real models have 20 to 80). \"Of the sum "
         "alone\" is the job's throughput over the two ranks' throughputs each alone (a one-process "
         "run at its speed, same micro-batches); \"of both at once\" over the two run as independent "
         "jobs at the same time — the most this machine gives two processes that share its cores. "
         "Rows per rank are per step.",
         "",
-        "| micro-batches | run | tokens/s | of the sum alone | of both at once | experts per rank | layers per stage | rows per rank |",
+        "| micro-batches (layers) | run | tokens/s | of the sum alone | of both at once | experts per rank | layers per stage | rows per rank |",
         "|---|---|---:|---:|---:|---|---|---|",
     ]
-    for batch, accum in UNEQUAL:
-        key = f"{batch}x{accum}: "
+    for batch, accum, layers in UNEQUAL:
+        key = key_of(batch, accum, layers)
         fast = results[key + "rank at speed 1.0 alone (one process)"]["tokens_per_s"]
         slow = results[key + "rank at speed 0.5 alone (one process)"]["tokens_per_s"]
         together = results[key + "both alone at the same time (no communication)"]["tokens_per_s"]
-        names = [n for n, _, _ in uneven(batch, accum)]
+        names = [n for n, _, _ in uneven(batch, accum, layers)]
         for name in names + ["both alone at the same time (no communication)"]:
             r = results[key + name]
             t = r["tokens_per_s"]
             alone = name.endswith("(one process)")
-            lines.append(f"| {accum} x {batch} | {name} | {t:.0f} | "
+            lines.append(f"| {accum} x {batch} ({layers}) | {name} | {t:.0f} | "
                          f"{'' if alone else f'{t / (fast + slow):.0%}'} | "
                          f"{'' if alone else f'{t / together:.0%}'} | {fmt(r.get('placement'))} | "
                          f"{fmt(r.get('stage_layers'))} | {fmt(r.get('seqs'))} |")
