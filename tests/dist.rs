@@ -628,7 +628,8 @@ fn a_step_split_finer_than_its_micro_batches_trains_as_one_process() {
     for ep in ["1", "2"] {
         let run = tmp.path().join(format!("ep{ep}"));
         let mut a = args(&run);
-        a.extend(["--ep", ep, "--rebalance-every", "1", "--throttle", "1,3"].map(String::from));
+        // 2.5x slower: an ideal 17.1 : 6.9 (3x would be 18 : 6, a multiple of 3).
+        a.extend(["--ep", ep, "--rebalance-every", "1", "--throttle", "1,2.5"].map(String::from));
         mpirun(2, &a);
         let got = metrics(&run);
         assert_eq!(got.len(), reference.len());

@@ -213,6 +213,8 @@ pub struct DataParallel {
     balancer: Balancer,
     watchdog: Watchdog,
     watch: StragglerWatch,
+    /// Each rank's rows of every micro-batch of a step, `[micro-batch][rank]`.
+    row_counts: Vec<Vec<usize>>,
     batch_size: usize,
     /// Top-k assignments and MoE layers × experts per global micro-batch (MoE only).
     moe: Option<(usize, usize)>,
@@ -244,6 +246,7 @@ impl DataParallel {
             balancer: Balancer::new(ranks, ranks, &[]),
             watchdog: Watchdog::start(rank, opts.collective_timeout),
             watch: StragglerWatch::new(opts.straggler_factor, opts.straggler_patience),
+            row_counts: Vec::new(),
             batch_size: 0,
             moe: None,
             experts: 0,
@@ -315,6 +318,24 @@ impl DataParallel {
         self.watch
             .observe(step, computes, &expected, name, "predicted")
     }
+
+    /// Lays out each rank's rows of every micro-batch from the balancer's shares; called
+    /// whenever they change.
+    fn plan_rows(&mut self) {
+        let shares = &self.balancer.shares;
+        // Ranks laid end to end over the step's rows run fewer, fuller micro-batches, but
+        // one may then take a whole micro-batch: only where each may (its memory bound is a
+        // whole micro-batch), and not under expert parallelism, whose exchanges need every
+        // rank in every micro-batch.
+        let whole = |c: &Option<usize>| c.is_none_or(|c| c >= self.batch_size);
+        let counts = if self.experts_group.is_none() && self.opts.max_seqs.iter().all(whole) {
+            nuwa_core::packed_micro_batch_shares(shares, self.batch_size, self.micro_batches)
+        } else {
+            let min_each = self.experts_group.is_some() as usize;
+            nuwa_core::micro_batch_shares(shares, self.batch_size, self.micro_batches, min_each)
+        };
+        self.row_counts = counts;
+    }
 }
 
 impl Parallelism for DataParallel {
@@ -368,6 +389,7 @@ impl Parallelism for DataParallel {
             let routed = self.flops_expert_row * m.num_experts_per_tok as f64;
             self.flops_dense = (total - routed).max(total * 0.1);
         }
+        self.plan_rows();
         Ok(())
     }
 
@@ -421,19 +443,7 @@ impl Parallelism for DataParallel {
     }
 
     fn rows(&self) -> Rows {
-        let shares = &self.balancer.shares;
-        // Ranks laid end to end over the step's rows run fewer, fuller micro-batches, but
-        // one may then take a whole micro-batch: only where each may (its memory bound is a
-        // whole micro-batch), and not under expert parallelism, whose exchanges need every
-        // rank in every micro-batch.
-        let whole = |c: &Option<usize>| c.is_none_or(|c| c >= self.batch_size);
-        let counts = if self.experts_group.is_none() && self.opts.max_seqs.iter().all(whole) {
-            nuwa_core::packed_micro_batch_shares(shares, self.batch_size, self.micro_batches)
-        } else {
-            let min_each = self.experts_group.is_some() as usize;
-            nuwa_core::micro_batch_shares(shares, self.batch_size, self.micro_batches, min_each)
-        };
-        Rows::of_rank(&counts, self.rank())
+        Rows::of_rank(&self.row_counts, self.rank())
     }
 
     fn global_batch(&self, step: u64) -> Option<GlobalBatch<'_>> {
@@ -554,6 +564,7 @@ impl Parallelism for DataParallel {
                 at_least(&mut self.balancer.shares, self.micro_batches);
                 self.pending_placement = self.measured_placement();
             }
+            self.plan_rows();
         }
         let (expert_rows, expert_s) = (col(12), col(13));
         let ranks: Vec<Value> = (0..computes.len())
