@@ -118,21 +118,26 @@ def predicted_vs_measured(steps):
         model_path = model_file(tmp)
         # The efficiency of this model here: one process on a replica's share of the batch,
         # beside a second one (as the two ranks share the machine), calibrated from its run.
-        runs = [os.path.join(tmp, f"alone{i}") for i in range(2)]
-        procs = [start(1, [], steps, d, batch=BATCH // 2, bind=False) for d in runs]
-        for p, d in zip(procs, runs):
-            result(p, d)
-        cals = [os.path.join(tmp, "cal.json")]
-        subprocess.run([NUWA, "plan", "calibrate", "--from-run", runs[0], "--out", cals[0]],
-                       check=True, stdout=subprocess.DEVNULL)
-        for name, layout in [("DP 2", "dp = 2\nmicro_batch = 4"),
-                             ("DP 2 x EP 2", "dp = 2\nep = 2\nmicro_batch = 4"),
-                             ("PP 2", "pp = 2\ndp = 1\nmicro_batch = 8")]:
+        # The efficiency depends on the micro-batch's rows (per-micro-batch overheads, matmul
+        # shapes), so each plan is priced with a calibration at its own micro-batch: 4 rows
+        # for the replicas of DP 2, 8 for the pipeline's stages.
+        cals = {}
+        for rows in (BATCH // 2, BATCH):
+            runs = [os.path.join(tmp, f"alone{rows}-{i}") for i in range(2)]
+            procs = [start(1, [], steps, d, batch=rows, bind=False) for d in runs]
+            for p, d in zip(procs, runs):
+                result(p, d)
+            cals[rows] = os.path.join(tmp, f"cal{rows}.json")
+            subprocess.run([NUWA, "plan", "calibrate", "--from-run", runs[0], "--out", cals[rows]],
+                           check=True, stdout=subprocess.DEVNULL)
+        for name, layout, rows in [("DP 2", "dp = 2\nmicro_batch = 4", 4),
+                                   ("DP 2 x EP 2", "dp = 2\nep = 2\nmicro_batch = 4", 4),
+                                   ("PP 2", "pp = 2\ndp = 1\nmicro_batch = 8", 8)]:
             plan = os.path.join(tmp, "plan.toml")
             with open(plan, "w") as f:
                 f.write(f'model = "{model_path}"\nseq_len = {SEQ}\nglobal_batch = {BATCH * ACCUM}\n'
                         f'[layout]\n{layout}\n[[part]]\ndevice = "local-cpu"\ncount = 2\n')
-            subprocess.run([NUWA, "plan", "predict", "--plan", plan, "--calibration", cals[0],
+            subprocess.run([NUWA, "plan", "predict", "--plan", plan, "--calibration", cals[rows],
                             "--write"], check=True, stdout=subprocess.DEVNULL)
             run_dir = os.path.join(tmp, name.replace(" ", ""))
             subprocess.run([NUWA, "launch", "--plan", plan, "--mpirun-arg=-x",
@@ -151,6 +156,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--predicted-only", action="store_true",
+                   help="rerun only the predicted-vs-measured plans; the rest from parallel_results.json")
     a = p.parse_args()
     if not os.path.exists(NUWA):
         sys.exit("build nuwa first: cargo build --release --features mpi,fault-injection")
@@ -190,12 +197,18 @@ def main():
                     for n, np, f in uneven(batch, accum, layers)]
         configs.append((key + "both alone at the same time (no communication)",
                         lambda b=batch, m=accum, l=layers: both_alone_at_once(s, b, m, l)))
-    rounds = [[c() for _, c in configs] for _ in range(max(1, a.rounds))]
+    results_path = os.path.join(ROOT, "bench", "parallel_results.json")
+    if a.predicted_only:
+        with open(results_path) as f:
+            kept = json.load(f)
+        results, a.rounds = kept["results"], kept["rounds"]
+    else:
+        rounds = [[c() for _, c in configs] for _ in range(max(1, a.rounds))]
+        median = lambda i: sorted((r[i] for r in rounds), key=lambda x: x["tokens_per_s"])[len(rounds) // 2]
+        results = {name: median(i) for i, (name, _) in enumerate(configs)}
     verified = predicted_vs_measured(s)
-    median = lambda i: sorted((r[i] for r in rounds), key=lambda x: x["tokens_per_s"])[len(rounds) // 2]
-    results = {name: median(i) for i, (name, _) in enumerate(configs)}
     date = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-    with open(os.path.join(ROOT, "bench", "parallel_results.json"), "w") as f:
+    with open(results_path, "w") as f:
         json.dump({"date": date, "steps": s, "rounds": a.rounds, "results": results,
                    "predicted_vs_measured": dict(verified)}, f, indent=1)
 
@@ -263,8 +276,8 @@ def main():
         "",
         "`nuwa plan predict` on a plan file for two of this machine's cores (the cost model, with",
         "the efficiency `nuwa plan calibrate --from-run` took from one process training this model",
-        "on a replica's share of the batch beside a second such process, as the two ranks share",
-        "the machine), the plan run by `nuwa launch --plan`, compared by `nuwa plan verify --plan",
+        "in the plan's micro-batches — 4 rows for DP 2, 8 for PP 2 — beside a second such process,",
+        "as the two ranks share the machine), the plan run by `nuwa launch --plan`, compared by `nuwa plan verify --plan",
         "--run`. Goal: within 15%. Peak RSS against the planner's memory model, which counts bf16",
         "weights and ZeRO-1 sharded fp32 optimiser state (nuwa keeps fp32 weights, gradients and",
         "moments on every rank that holds a parameter, and the process itself).",
