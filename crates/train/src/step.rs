@@ -255,8 +255,8 @@ pub fn local_step<'g>(
     let mut step_load: Vec<Vec<usize>> = Vec::new();
     // Every micro-batch is drawn, in order, whether or not this process holds rows of it,
     // so the sampler's position is the same on every rank.
-    let batches = (0..t.grad_accum)
-        .map(|_| sampler.next_batch(data, t.batch_size, t.seq_len))
+    let mut batches = (0..t.grad_accum)
+        .map(|_| sampler.next_batch(data, t.batch_size, t.seq_len).map(Some))
         .collect::<Result<Vec<_>>>()?;
     for m in rows.order(t.grad_accum) {
         let mut global = global();
@@ -272,9 +272,13 @@ pub fn local_step<'g>(
             }
             continue;
         }
+        // `order` names each micro-batch once.
+        let Some(batch) = batches[m].take() else {
+            continue;
+        };
         let batch = match rows.shared {
-            true => batches[m].rows(mine.start, mine.end),
-            false => batches[m].clone(),
+            true => batch.rows(mine.start, mine.end),
+            false => batch,
         };
         let losses = forward_losses(model, &batch, device, global.as_ref());
         let mut total = losses.ce.clone();
