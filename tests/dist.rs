@@ -180,11 +180,7 @@ fn one_two_and_three_ranks_compute_the_same_steps_as_one_process() {
 fn moe_load_balance_loss_is_the_global_batchs_on_uneven_shares() {
     let _serial = serial();
     let tmp = TempDir::new("dist-moe");
-    let moe_args = |run: &Path| -> Vec<String> {
-        let mut args = tiny_args(run, "6");
-        args[1] = "tiny-moe".into();
-        args
-    };
+    let moe_args = |run: &Path| moe_sized_args(run, "6", "6", "32");
     let single = tmp.path().join("single");
     let reference = one_process(&moe_args(&single), &single);
     let run = tmp.path().join("np2");
@@ -226,8 +222,7 @@ fn moe_ranks_meeting_only_over_the_micro_batches_they_share_train_as_one_process
     let _serial = serial();
     let tmp = TempDir::new("dist-moe-packed");
     let moe_args = |run: &Path| -> Vec<String> {
-        let mut args = sized_args(run, "6", "4", "32");
-        args[1] = "tiny-moe".into();
+        let mut args = moe_sized_args(run, "6", "4", "32");
         args.extend(["--grad-accum", "3"].map(String::from));
         args
     };
@@ -523,9 +518,15 @@ fn weights_differ_by(a: &Path, b: &Path) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn moe_args(run: &Path, steps: &str) -> Vec<String> {
-    let mut args = sized_args(run, steps, "8", "64");
+/// [`sized_args`] for the tiny MoE preset.
+fn moe_sized_args(run: &Path, steps: &str, batch: &str, hidden: &str) -> Vec<String> {
+    let mut args = sized_args(run, steps, batch, hidden);
     args[1] = "tiny-moe".into();
+    args
+}
+
+fn moe_args(run: &Path, steps: &str) -> Vec<String> {
+    let mut args = moe_sized_args(run, steps, "8", "64");
     let at = args.iter().position(|a| a == "--seq-len").unwrap();
     args[at + 1] = "32".into();
     args
@@ -1085,8 +1086,7 @@ fn memory_per_rank_falls_as_the_layout_predicts() {
     let tmp = TempDir::new("dist-memory");
     // A MoE model whose weights, gradients and AdamW moments dominate a rank's memory.
     let args = |run: &Path| -> Vec<String> {
-        let mut a = sized_args(run, "3", "4", "512");
-        a[1] = "tiny-moe".into();
+        let mut a = moe_sized_args(run, "3", "4", "512");
         let layers = a.iter().position(|x| x == "--layers").unwrap();
         a[layers + 1] = "4".into();
         a
