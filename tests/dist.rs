@@ -465,13 +465,20 @@ fn last_weights(run: &Path) -> BTreeMap<String, nuwa_model::weights::HostTensor>
     for shard in shards {
         for (name, t) in read(shard["model"].as_str().unwrap()) {
             let part = &shard["parts"][&name];
-            let (shape, offset) = match part.as_object() {
-                None => (t.shape.clone(), 0),
+            // Where each value goes: one run from `offset`, or `count` runs `stride` apart.
+            let (shape, offset, [stride, count]) = match part.as_object() {
+                None => (t.shape.clone(), 0, [0, 1]),
                 Some(p) => (
                     serde_json::from_value::<Vec<usize>>(p["shape"].clone()).unwrap(),
                     p["offset"].as_u64().unwrap() as usize,
+                    serde_json::from_value::<Option<[usize; 2]>>(
+                        p.get("runs").cloned().unwrap_or_default(),
+                    )
+                    .unwrap()
+                    .unwrap_or([0, 1]),
                 ),
             };
+            let run = t.data.len() / count;
             let len = shape.iter().product::<usize>();
             let entry =
                 whole
@@ -482,8 +489,9 @@ fn last_weights(run: &Path) -> BTreeMap<String, nuwa_model::weights::HostTensor>
                     });
             let counts = written.entry(name).or_insert_with(|| vec![0; len]);
             for (i, x) in t.data.iter().enumerate() {
-                entry.data[offset + i] = *x;
-                counts[offset + i] += 1;
+                let at = offset + i / run * stride + i % run;
+                entry.data[at] = *x;
+                counts[at] += 1;
             }
         }
     }
@@ -610,6 +618,70 @@ fn expert_parallel_layouts_train_as_one_process() {
         );
         let diff = weights_differ_by(&run, &single);
         assert!(diff < 1e-5, "np {np} ep {ep}: weights differ by {diff}");
+    }
+}
+
+#[test]
+fn experts_split_by_width_train_as_one_process_and_resume_whole() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-ep-width");
+    let single = tmp.path().join("single");
+    let reference = one_process(&moe_args(&single, "6"), &single);
+    // EP 2 and DP 2 × EP 2, one member throttled 4×: its share of every expert's columns
+    // shrinks once measured (a re-placement that moves columns between ranks mid-run).
+    for (np, throttle) in [(2, "1,4"), (4, "1,4,1,4")] {
+        let run = tmp.path().join(format!("np{np}"));
+        let mut args = moe_args(&run, "5");
+        args.extend(
+            [
+                "--ep",
+                "2",
+                "--ep-split",
+                "width",
+                "--rebalance-every",
+                "2",
+                "--throttle",
+                throttle,
+            ]
+            .map(String::from),
+        );
+        mpirun(np, &args);
+        let got = metrics(&run);
+        assert_eq!(got.len(), 5);
+        for (step, rec) in &got {
+            for key in ["loss", "load_balance_loss", "z_loss"] {
+                assert_close(rec, &reference[step], key, format!("np {np} step {step}"));
+            }
+            assert_eq!(
+                rec["expert_placement"],
+                serde_json::json!([8, 8]),
+                "every expert on both"
+            );
+        }
+        let columns: Vec<u64> = serde_json::from_value(got[&5]["expert_columns"].clone()).unwrap();
+        assert_eq!(
+            columns.iter().sum::<u64>(),
+            64,
+            "tiny-moe at hidden 64: 64 columns"
+        );
+        assert!(
+            columns[1] < columns[0],
+            "the throttled member holds fewer columns: {columns:?}"
+        );
+        assert_eq!(shard_writers(&run), [0, 1], "np {np}");
+        // Resumed in one process, the sharded checkpoint is put back together whole.
+        let mut resume = moe_args(&run, "6");
+        let at = resume.iter().position(|a| a == "--run-dir").unwrap();
+        resume[at] = "--resume".into();
+        let resumed = one_process(&resume, &run);
+        assert_close(
+            &resumed[&6],
+            &reference[&6],
+            "loss",
+            format!("np {np} resumed"),
+        );
+        let diff = weights_differ_by(&run, &single);
+        assert!(diff < 1e-5, "np {np}: weights differ by {diff}");
     }
 }
 

@@ -139,6 +139,12 @@ pub struct TrainArgs {
     /// The world's ranks must divide into groups of this size.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     ep: u64,
+    /// How --ep splits the routed experts: `experts` (each rank owns whole experts, as many
+    /// as its speed earns, and runs the rows routed to them) or `width` (each rank holds every
+    /// expert's FFN columns in proportion to its speed and runs every row of its group on
+    /// them: balanced whatever the router does, at the price of every row sent to every rank).
+    #[arg(long, default_value = "experts", value_parser = ["experts", "width"])]
+    ep_split: String,
     /// Pipeline parallelism: stages, each a run of decoder layers sized by its ranks' measured
     /// speed, over the step's `--grad-accum` micro-batches with the 1F1B schedule. The world's
     /// ranks must divide into this many stages (the ranks of a stage are data-parallel).
@@ -356,6 +362,7 @@ pub fn dist_options(
         hash_params: a.hash_params,
         ep: a.ep as usize,
         placement: plan.and_then(|p| p.layout.expert_placement.clone()),
+        ep_by_width: a.ep_split == "width",
         pp: a.pp as usize,
         stage_layers: a
             .stage_layers

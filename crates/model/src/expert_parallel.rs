@@ -27,11 +27,69 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// How many routed experts each member of an EP group owns, member after member, in
-/// contiguous ranges: member `m` owns experts `counts[..m].sum() .. counts[..=m].sum()`.
+/// How the routed experts are split over the members of an EP group, member after member.
+///
+/// By experts (`columns` is `None`): member `m` owns experts `counts[..m].sum() ..
+/// counts[..=m].sum()`, whole, and runs the rows routed to them.
+///
+/// By width (`columns` is `Some`): every member holds every expert (`counts[m]` is all of
+/// them), but only `columns[m]` of each expert's FFN columns (gate and up's outputs, down's
+/// inputs: SwiGLU is column by column, so the down products of the column slices sum to the
+/// whole). Every member runs every row of its group on its columns and the members' partial
+/// outputs are summed — Megatron's expert tensor parallelism. Each member's work follows its
+/// share of the columns whatever the router does; the price is every row sent to every
+/// member (an all-gather and a reduce-scatter instead of an all-to-all).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Placement {
     pub counts: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Vec<usize>>,
+}
+
+/// Where a member's part of a whole stacked expert tensor (or of its flat optimiser moments)
+/// lies: `count` runs of `len` values, run `i` starting at `offset + i * stride` (row-major).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Runs {
+    pub offset: usize,
+    pub len: usize,
+    pub stride: usize,
+    pub count: usize,
+}
+
+impl Runs {
+    /// The element ranges of the whole tensor, in the part's order.
+    pub fn ranges(&self) -> impl Iterator<Item = Range<usize>> + '_ {
+        (0..self.count).map(|i| {
+            let start = self.offset + i * self.stride;
+            start..start + self.len
+        })
+    }
+
+    /// The part's values, taken from the whole tensor's.
+    pub fn take(&self, whole: &[f32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.len * self.count);
+        for r in self.ranges() {
+            out.extend_from_slice(&whole[r]);
+        }
+        out
+    }
+
+    /// Writes the part's values into the whole tensor's.
+    pub fn put(&self, part: &[f32], whole: &mut [f32]) {
+        for (r, chunk) in self.ranges().zip(part.chunks(self.len.max(1))) {
+            whole[r].copy_from_slice(chunk);
+        }
+    }
+}
+
+/// Whether a routed-expert tensor name (parameter or moment) is a down projection
+/// `[experts, width, hidden]` (else gate or up, `[experts, hidden, width]`).
+fn is_down(name: &str) -> bool {
+    let param = name
+        .strip_suffix(".exp_avg_sq")
+        .or_else(|| name.strip_suffix(".exp_avg"))
+        .unwrap_or(name);
+    param.ends_with("down_proj")
 }
 
 impl Placement {
@@ -47,11 +105,120 @@ impl Placement {
         let spare = experts.saturating_sub(members);
         let mut counts = nuwa_core::proportional_shares(spare, speeds, &[]);
         counts.iter_mut().for_each(|c| *c += 1);
-        Self { counts }
+        Self {
+            counts,
+            columns: None,
+        }
+    }
+
+    /// Every expert on every member, each expert's `width` FFN columns split in proportion
+    /// to `speeds`, every member holding at least one.
+    pub fn by_width(experts: usize, width: usize, speeds: &[f64]) -> Self {
+        let members = speeds.len();
+        let spare = width.saturating_sub(members);
+        let mut columns = nuwa_core::proportional_shares(spare, speeds, &[]);
+        columns.iter_mut().for_each(|c| *c += 1);
+        Self {
+            counts: vec![experts; members],
+            columns: Some(columns),
+        }
     }
 
     pub fn experts(&self) -> usize {
-        self.counts.iter().sum()
+        match self.columns {
+            Some(_) => self.counts.first().copied().unwrap_or(0),
+            None => self.counts.iter().sum(),
+        }
+    }
+
+    /// The FFN columns member `m` holds of every expert it holds.
+    pub fn column_range(&self, m: usize, width: usize) -> Range<usize> {
+        match &self.columns {
+            Some(c) => {
+                let start: usize = c[..m].iter().sum();
+                start..start + c[m]
+            }
+            None => 0..width,
+        }
+    }
+
+    /// Where member `m`'s part of the routed-expert tensor `name` (weights or flat moments)
+    /// lies in the whole one, the part holding `local_len` values; and the whole's length.
+    pub fn runs(&self, m: usize, name: &str, local_len: usize) -> (usize, Runs) {
+        let experts = self.experts().max(1);
+        match &self.columns {
+            None => {
+                let local = self.range(m);
+                let per = local_len / local.len().max(1);
+                let runs = Runs {
+                    offset: local.start * per,
+                    len: local.len() * per,
+                    stride: 0,
+                    count: 1,
+                };
+                (experts * per, runs)
+            }
+            Some(columns) => {
+                let width: usize = columns.iter().sum();
+                let mine = self.column_range(m, width);
+                let rows = local_len / mine.len().max(1); // experts × hidden
+                let runs = if is_down(name) {
+                    // [experts, width, hidden]: per expert, rows `mine` of `width`.
+                    let hidden = rows / experts;
+                    Runs {
+                        offset: mine.start * hidden,
+                        len: mine.len() * hidden,
+                        stride: width * hidden,
+                        count: experts,
+                    }
+                } else {
+                    // [experts, hidden, width]: per (expert, hidden) row, columns `mine`.
+                    Runs {
+                        offset: mine.start,
+                        len: mine.len(),
+                        stride: width,
+                        count: rows,
+                    }
+                };
+                (rows * width, runs)
+            }
+        }
+    }
+
+    /// The whole shape of the routed-expert tensor `name` whose member-`m` part has
+    /// `local_shape` (flat moments: one dimension).
+    pub fn whole_shape(&self, m: usize, name: &str, local_shape: &[usize]) -> Vec<usize> {
+        let local_len = local_shape.iter().product();
+        let (whole_len, _) = self.runs(m, name, local_len);
+        let mut shape = local_shape.to_vec();
+        match (shape.len(), &self.columns) {
+            (1, _) => shape[0] = whole_len,
+            (_, None) => shape[0] = self.experts(),
+            (_, Some(columns)) => shape[if is_down(name) { 1 } else { 2 }] = columns.iter().sum(),
+        }
+        shape
+    }
+
+    /// The shape of member `m`'s part of a routed-expert tensor of `whole_shape`.
+    pub fn part_shape(&self, m: usize, name: &str, whole_shape: &[usize]) -> Vec<usize> {
+        let mut shape = whole_shape.to_vec();
+        match (shape.len(), &self.columns) {
+            (1, _) => {
+                let whole_len = shape[0];
+                shape[0] = self.part_len(m, name, whole_len);
+            }
+            (_, None) => shape[0] = self.range(m).len(),
+            (_, Some(columns)) => shape[if is_down(name) { 1 } else { 2 }] = columns[m],
+        }
+        shape
+    }
+
+    /// How many of a whole tensor's `whole_len` values member `m` holds.
+    pub fn part_len(&self, m: usize, _name: &str, whole_len: usize) -> usize {
+        match &self.columns {
+            None => whole_len / self.experts().max(1) * self.range(m).len(),
+            Some(columns) => whole_len / columns.iter().sum::<usize>().max(1) * columns[m],
+        }
     }
 
     pub fn members(&self) -> usize {
@@ -60,6 +227,9 @@ impl Placement {
 
     /// The experts member `m` owns.
     pub fn range(&self, m: usize) -> Range<usize> {
+        if self.columns.is_some() {
+            return 0..self.experts();
+        }
         let start: usize = self.counts[..m].iter().sum();
         start..start + self.counts[m]
     }
@@ -192,6 +362,9 @@ impl ExpertGroup {
             .iter()
             .map(|&c| c as usize)
             .collect();
+        if self.placement.columns.is_some() {
+            return self.forward_by_width(experts, x, tokens, &counts);
+        }
         let count = |rank: usize, expert: usize| counts[rank * num_experts + expert];
         let (first, me) = (self.first(), self.comm.rank());
         let mut send_rows = vec![0; world];
@@ -232,6 +405,73 @@ impl ExpertGroup {
                 .select(0, int_tensor(&inverse, &device))
         };
         self.exchange(outputs, recv_rows, send_rows, true)
+    }
+}
+
+impl ExpertGroup {
+    /// [`ExpertGroup::forward_routed`] when the experts are split by width: every member of
+    /// the group gets every member's rows (an all-gather: this rank's rows sent to each), runs
+    /// them all on its columns of every expert, and sends each member its partial outputs back,
+    /// where the members' partials are summed (a reduce-scatter). Backward is the same the
+    /// other way round (the exchanges reverse; the sum's gradient goes to every partial, the
+    /// copies' gradients sum). `counts[r * experts + e]`: rank `r`'s rows routed to `e`.
+    fn forward_by_width(
+        &self,
+        experts: &Experts,
+        x: Tensor<2>,
+        tokens: &[Vec<i64>],
+        counts: &[usize],
+    ) -> Tensor<2> {
+        let device = x.device();
+        let (world, num_experts, first) = (self.comm.size(), tokens.len(), self.first());
+        let hidden = x.dims()[1];
+        let rows_of = |rank: usize| -> usize {
+            counts[rank * num_experts..(rank + 1) * num_experts]
+                .iter()
+                .sum()
+        };
+        let mine = rows_of(self.comm.rank());
+        let (mut send_rows, mut recv_rows) = (vec![0; world], vec![0; world]);
+        for member in 0..self.ep {
+            send_rows[first + member] = mine;
+            recv_rows[first + member] = rows_of(first + member);
+        }
+        // Received rows come member after member, each member's expert after expert.
+        let mut by_expert: Vec<Vec<i64>> = vec![Vec::new(); num_experts];
+        let mut row = 0i64;
+        for member in 0..self.ep {
+            for (e, rows) in by_expert.iter_mut().enumerate() {
+                let n = counts[(first + member) * num_experts + e] as i64;
+                rows.extend(row..row + n);
+                row += n;
+            }
+        }
+        // Its work in whole-expert rows: every row, on its share of the columns.
+        let columns = self.placement.columns.as_deref().unwrap_or(&[]);
+        let (share, width) = (columns[self.member()], columns.iter().sum::<usize>().max(1));
+        let work = row as u64 * share as u64 / width as u64;
+        self.expert_rows.fetch_add(work, Ordering::Relaxed);
+        let sent = x.select(0, int_tensor(&tokens.concat(), &device));
+        let copies = Tensor::cat(vec![sent; self.ep], 0);
+        let received = self.exchange(copies, send_rows.clone(), recv_rows.clone(), false);
+        let partial = if row == 0 {
+            received
+        } else {
+            let order = by_expert.concat();
+            let mut inverse = vec![0i64; order.len()];
+            for (at, &r) in order.iter().enumerate() {
+                inverse[r as usize] = at as i64;
+            }
+            experts
+                .forward_routed(received, &by_expert)
+                .select(0, int_tensor(&inverse, &device))
+        };
+        // Every member's partial outputs for this rank's rows, member after member.
+        let partials = self.exchange(partial, recv_rows, send_rows, true);
+        partials
+            .reshape([self.ep, mine, hidden])
+            .sum_dim(0)
+            .reshape([mine, hidden])
     }
 }
 
@@ -331,9 +571,13 @@ mod ops {
     fn host_exchange<B: Backend>(x: FloatTensor<B>, route: &Route) -> FloatTensor<B> {
         let device = x.device();
         let cols = x.shape().dims::<2>()[1];
+        // `into_vec` takes the buffer as it is when it holds f32 (no copy on the CPU).
         let data = burn::tensor::try_read_sync(B::float_into_data(x))
             .and_then(Result::ok)
-            .map(|d| d.iter::<f32>().collect::<Vec<f32>>())
+            .map(|d| match d.dtype() {
+                burn::tensor::DType::F32 => d.try_into_vec::<f32>().unwrap_or_default(),
+                _ => d.iter::<f32>().collect(),
+            })
             .unwrap_or_default();
         let out = route.run(&data, cols);
         B::float_from_data(TensorData::new(out, [route.received(), cols]), &device)
@@ -427,15 +671,24 @@ impl crate::LanguageModel {
         self.layers.iter().chain(mtp).filter_map(|l| l.moe.as_ref())
     }
 
-    /// Keeps of every MoE layer only the experts `group` gives this rank, and sends the rest
-    /// of its tokens to their owners from now on. The model must hold every expert.
+    /// Keeps of every MoE layer only the experts (or, split by width, the columns of every
+    /// expert) `group` gives this rank, and sends its tokens to their owners from now on. The
+    /// model must hold every expert whole.
     pub fn shard_experts(mut self, group: &ExpertGroup) -> Self {
         let local = group.local_experts();
+        let width = self
+            .moe_layers()
+            .next()
+            .map_or(0, |m| m.experts.gate_proj.lazy_shape()[2]);
+        let columns = group.placement.column_range(group.member(), width);
         for moe in self.moe_layers_mut() {
-            let narrow = |p: burn::module::Param<Tensor<3>>| {
+            let narrow = |p: burn::module::Param<Tensor<3>>, width_dim: usize| {
                 p.map(|t| {
                     let tracked = t.is_require_grad();
-                    let part = t.narrow(0, local.start, local.len()).detach();
+                    let part = t
+                        .narrow(0, local.start, local.len())
+                        .narrow(width_dim, columns.start, columns.len())
+                        .detach();
                     if tracked {
                         part.require_grad()
                     } else {
@@ -445,9 +698,9 @@ impl crate::LanguageModel {
             };
             let e = &mut moe.experts;
             let (g, u, d) = (e.gate_proj.clone(), e.up_proj.clone(), e.down_proj.clone());
-            e.gate_proj = narrow(g);
-            e.up_proj = narrow(u);
-            e.down_proj = narrow(d);
+            e.gate_proj = narrow(g, 2);
+            e.up_proj = narrow(u, 2);
+            e.down_proj = narrow(d, 1);
             moe.expert_group = Some(group.clone());
         }
         self

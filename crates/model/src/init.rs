@@ -2,6 +2,7 @@
 //! path: the same seed gives bit-identical initial weights on every backend and device, and no
 //! dependence on a backend's global RNG or on other threads using it.
 
+use crate::expert_parallel::Placement;
 use crate::ModulePath;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Tensor, TensorData};
@@ -36,9 +37,9 @@ struct Init<'a> {
     /// Which parameters to initialise; the others are left as they are (unallocated, when
     /// the module was built lazily).
     keep: &'a dyn Fn(&str) -> bool,
-    /// The routed experts this module holds of how many: stacked expert weights get the
-    /// values of their experts in the whole stack.
-    experts: Option<(std::ops::Range<usize>, usize)>,
+    /// The expert placement and this module's member in it: stacked expert weights hold only
+    /// the member's part, with the values it has in the whole stack.
+    experts: Option<(&'a Placement, usize)>,
 }
 
 impl ModuleMapper for Init<'_> {
@@ -61,10 +62,10 @@ impl ModuleMapper for Init<'_> {
             .experts
             .as_ref()
             .filter(|_| D == 3 && crate::expert_parallel::is_routed_expert(&path));
-        let values = if let Some((local, total)) = sliced {
-            // The whole stack's stream, this slice of it: the same values as one process's.
-            let per = numel / local.len().max(1);
-            normals(key, total * per, self.std)[local.start * per..local.end * per].to_vec()
+        let values = if let Some((placement, member)) = sliced {
+            // The whole stack's stream, this part of it: the same values as one process's.
+            let (whole, runs) = placement.runs(*member, &path, numel);
+            runs.take(&normals(key, whole, self.std))
         } else if D >= 2 {
             normals(key, numel, self.std)
         } else if path.ends_with("bias") {
@@ -109,14 +110,14 @@ pub fn init_weights_where<M: Module>(
     init_weights_sharded(module, seed, std, keep, None)
 }
 
-/// [`init_weights_where`] for a module whose stacked routed-expert weights hold only experts
-/// `experts.0` of `experts.1`: each gets the values it has in the whole stack.
+/// [`init_weights_where`] for a module whose stacked routed-expert weights hold only member
+/// `experts.1`'s part in placement `experts.0`: each value is the one it has in the whole stack.
 pub fn init_weights_sharded<M: Module>(
     module: M,
     seed: u64,
     std: f64,
     keep: &dyn Fn(&str) -> bool,
-    experts: Option<(std::ops::Range<usize>, usize)>,
+    experts: Option<(&Placement, usize)>,
 ) -> M {
     module.map(&mut Init {
         seed,

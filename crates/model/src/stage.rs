@@ -72,10 +72,11 @@ impl LanguageModel {
         group: Option<&crate::expert_parallel::ExpertGroup>,
     ) -> Self {
         let mut model = Self::uninitialised(cfg, device);
-        let experts = group.map(|g| (g.local_experts(), g.placement.experts()));
+        let experts = group.map(|g| (&g.placement, g.member()));
         if let Some(g) = group {
             let local = g.local_experts().len();
             let (h, w) = (cfg.hidden_size, cfg.moe_intermediate_size);
+            let w = g.placement.column_range(g.member(), w).len();
             for moe in model.moe_layers_mut() {
                 moe.experts = crate::moe::Experts::new(local, h, w, device);
                 moe.expert_group = Some(g.clone());

@@ -25,11 +25,15 @@ use std::path::{Path, PathBuf};
 type Tensors = BTreeMap<String, HostTensor>;
 
 /// Where a shard's part of a tensor lies in the whole tensor: the whole shape and the part's
-/// first element (in row-major order).
+/// first element (in row-major order); with `runs` `[stride, count]`, the part is `count`
+/// equal runs, run `i` starting at `offset + i * stride` (a slice of every expert's columns),
+/// else one run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Part {
     pub shape: Vec<usize>,
     pub offset: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs: Option<[usize; 2]>,
 }
 
 /// One rank's files in a sharded checkpoint, as `trainer.json` lists them.
@@ -211,7 +215,16 @@ pub fn assemble(
                 continue;
             };
             let len: usize = part.shape.iter().product();
-            let end = part.offset + t.data.len();
+            let [stride, count] = part.runs.unwrap_or([0, 1]);
+            let run = t.data.len() / count.max(1);
+            if count == 0 || run * count != t.data.len() || (count > 1 && stride < run) {
+                bail!(
+                    "{what}: {name}: a part of {} values does not divide into {count} runs \
+                     {stride} apart",
+                    t.data.len()
+                );
+            }
+            let end = part.offset + (count - 1) * stride + run;
             if end > len {
                 bail!(
                     "{what}: {name}: a part ends at value {end}, past the {len} of its shape {:?}",
@@ -228,8 +241,12 @@ pub fn assemble(
             if entry.shape != part.shape {
                 bail!("{what}: {name}: its shards disagree on its shape");
             }
-            entry.data[part.offset..end].copy_from_slice(&t.data);
-            spans.entry(name).or_default().push((part.offset, end));
+            let spans = spans.entry(name).or_default();
+            for (i, values) in t.data.chunks(run.max(1)).enumerate() {
+                let start = part.offset + i * stride;
+                entry.data[start..start + run].copy_from_slice(values);
+                spans.push((start, start + run));
+            }
         }
     }
     for (name, mut ranges) in spans {
@@ -266,6 +283,7 @@ mod tests {
         Part {
             shape: shape.to_vec(),
             offset,
+            runs: None,
         }
     }
 
@@ -281,6 +299,26 @@ mod tests {
         let whole = assemble(vec![(b, &b_parts), (a, &a_parts)], "ckpt").unwrap();
         assert_eq!(whole["e"], t(&[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
         assert_eq!(whole["w"], t(&[2], &[7.0, 8.0]));
+    }
+
+    #[test]
+    fn strided_parts_interleave_into_whole_tensors() {
+        // A [2, 3] tensor split by columns: column 0 in one shard, columns 1..3 in the other.
+        let strided = |offset, count| Part {
+            runs: Some([3, count]),
+            ..part(&[2, 3], offset)
+        };
+        let a_parts = BTreeMap::from([("e".to_string(), strided(0, 2))]);
+        let b_parts = BTreeMap::from([("e".to_string(), strided(1, 2))]);
+        let a = BTreeMap::from([("e".to_string(), t(&[2, 1], &[1.0, 4.0]))]);
+        let b = BTreeMap::from([("e".to_string(), t(&[2, 2], &[2.0, 3.0, 5.0, 6.0]))]);
+        let whole = assemble(vec![(a, &a_parts), (b.clone(), &b_parts)], "ckpt").unwrap();
+        assert_eq!(whole["e"], t(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
+        let err = assemble(vec![(b, &b_parts)], "ckpt").unwrap_err();
+        assert!(err.to_string().contains("hold 4 of its 6"), "{err}");
+        let uneven = BTreeMap::from([("e".to_string(), t(&[3], &[1.0, 2.0, 3.0]))]);
+        let err = assemble(vec![(uneven, &a_parts)], "ckpt").unwrap_err();
+        assert!(err.to_string().contains("does not divide"), "{err}");
     }
 
     #[test]

@@ -17,22 +17,15 @@ use nuwa_model::weights::HostTensor;
 use nuwa_model::LanguageModel;
 use nuwa_run::sharded::{Part, Shard};
 use std::collections::{BTreeMap, HashSet};
-use std::ops::Range;
 
-/// Element ranges of this rank's slice in a whole stacked tensor of `experts` experts.
-fn slice_of(local: &Range<usize>, local_len: usize) -> (usize, Range<usize>) {
-    let per = local_len / local.len().max(1);
-    (per, local.start * per..local.end * per)
-}
-
-/// Every rank's slices summed into whole tensors `[experts × per]`; `contribute` says whether
-/// this rank's slice counts (one replica of each expert must, the others add zeros).
-fn gather_whole(group: &ExpertGroup, slice: &[f32], contribute: bool) -> Vec<f32> {
-    let (experts, local) = (group.placement.experts(), group.local_experts());
-    let (per, range) = slice_of(&local, slice.len());
-    let mut whole = vec![0.0f32; experts * per];
+/// Every rank's parts of the routed-expert tensor `name` summed into the whole tensor;
+/// `contribute` says whether this rank's part counts (one replica of each expert must, the
+/// others add zeros).
+fn gather_whole(group: &ExpertGroup, name: &str, part: &[f32], contribute: bool) -> Vec<f32> {
+    let (len, runs) = group.placement.runs(group.member(), name, part.len());
+    let mut whole = vec![0.0f32; len];
     if contribute {
-        whole[range].copy_from_slice(slice);
+        runs.put(part, &mut whole);
     }
     group.comm.all_reduce_sum(&mut whole);
     whole
@@ -43,18 +36,12 @@ fn gather_whole(group: &ExpertGroup, slice: &[f32], contribute: bool) -> Vec<f32
 /// with the same names.
 pub fn gather_experts(tensors: &mut BTreeMap<String, HostTensor>, group: &ExpertGroup) {
     let first_replica = group.comm.rank() < group.ep;
-    let experts = group.placement.experts();
     for (name, t) in tensors.iter_mut() {
         if !is_routed_expert(name) {
             continue;
         }
-        let whole = gather_whole(group, &t.data, first_replica);
-        let mut shape = t.shape.clone();
-        shape[0] = if shape.len() == 1 {
-            whole.len()
-        } else {
-            experts
-        };
+        let whole = gather_whole(group, name, &t.data, first_replica);
+        let shape = group.placement.whole_shape(group.member(), name, &t.shape);
         *t = HostTensor { shape, data: whole };
     }
 }
@@ -74,18 +61,12 @@ pub fn own_shard(
             let sliced = group.filter(|_| is_routed_expert(&name));
             match sliced {
                 Some(group) => {
-                    let local = group.local_experts();
-                    let (per, range) = slice_of(&local, t.data.len());
-                    let experts = group.placement.experts();
-                    let mut shape = t.shape.clone();
-                    shape[0] = if shape.len() == 1 {
-                        experts * per
-                    } else {
-                        experts
-                    };
+                    let (p, m) = (&group.placement, group.member());
+                    let (_, runs) = p.runs(m, &name, t.data.len());
                     let part = Part {
-                        shape,
-                        offset: range.start,
+                        shape: p.whole_shape(m, &name, &t.shape),
+                        offset: runs.offset,
+                        runs: (runs.count > 1).then_some([runs.stride, runs.count]),
                     };
                     shard.parts.insert(name.clone(), part);
                 }
@@ -108,19 +89,14 @@ pub fn slice_experts(
     tensors: &BTreeMap<String, HostTensor>,
     group: &ExpertGroup,
 ) -> BTreeMap<String, HostTensor> {
-    let (experts, local) = (group.placement.experts(), group.local_experts());
+    let (p, m) = (&group.placement, group.member());
     tensors
         .iter()
         .filter(|(name, _)| is_routed_expert(name))
         .map(|(name, t)| {
-            let per = t.data.len() / experts.max(1);
-            let data = t.data[local.start * per..local.end * per].to_vec();
-            let mut shape = t.shape.clone();
-            shape[0] = if shape.len() == 1 {
-                data.len()
-            } else {
-                local.len()
-            };
+            let (_, runs) = p.runs(m, name, p.part_len(m, name, t.data.len()));
+            let data = runs.take(&t.data);
+            let shape = p.part_shape(m, name, &t.shape);
             (name.clone(), HostTensor { shape, data })
         })
         .collect()
@@ -189,6 +165,11 @@ struct TakeExperts<'a> {
     out: Vec<(ParamId, Vec<usize>, Vec<f32>)>,
 }
 
+/// The ids of the routed experts' down projections (the others are gate and up).
+fn down_ids(model: &LanguageModel) -> HashSet<ParamId> {
+    model.moe_layers().map(|m| m.experts.down_proj.id).collect()
+}
+
 impl ModuleVisitor for TakeExperts<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if !self.ids.contains(&param.id) {
@@ -248,11 +229,16 @@ pub fn reduce_expert_grads(
         out: Vec::new(),
     };
     model.visit(&mut take);
-    let local = group.local_experts();
+    let down = down_ids(model);
     for (id, shape, data) in take.out {
-        let whole = gather_whole(group, &data, true);
-        let (_, range) = slice_of(&local, data.len());
-        let sum = TensorData::new(whole[range].to_vec(), shape);
+        let name = if down.contains(&id) {
+            "down_proj"
+        } else {
+            "gate_proj"
+        };
+        let whole = gather_whole(group, name, &data, true);
+        let (_, runs) = group.placement.runs(group.member(), name, data.len());
+        let sum = TensorData::new(runs.take(&whole), shape);
         match sum.shape().len() {
             3 => grads.register::<3>(id, Tensor::from_data(sum, device)),
             _ => grads.register::<2>(id, Tensor::from_data(sum, device)),
@@ -308,6 +294,7 @@ pub fn group_for(
     comm: &std::sync::Arc<dyn crate::parallel::Collective>,
     ep: usize,
     placement: Option<&Vec<usize>>,
+    by_width: bool,
     cfg: &nuwa_run::RunConfig,
     device: &Device,
 ) -> anyhow::Result<Option<ExpertGroup>> {
@@ -326,11 +313,26 @@ pub fn group_for(
         anyhow::bail!("--ep {ep}: expert parallelism needs a MoE model (this one is dense)");
     }
     crate::strategy::check_expert_layout(ep, comm.size(), m.num_experts, cfg.train.batch_size)?;
-    let placement = match placement {
-        Some(counts) => Placement {
+    let placement = match (placement, by_width) {
+        (Some(_), true) => anyhow::bail!(
+            "--ep-split width: the plan's layout.expert_placement counts whole experts per rank; \
+             drop one of the two"
+        ),
+        (Some(counts), false) => Placement {
             counts: counts.clone(),
+            columns: None,
         },
-        None => Placement::equal(m.num_experts, ep),
+        (None, true) => {
+            let width = m.moe_intermediate_size;
+            if width < ep {
+                anyhow::bail!(
+                    "--ep {ep} --ep-split width: moe_intermediate_size {width} has fewer columns \
+                     than the group has ranks"
+                );
+            }
+            Placement::by_width(m.num_experts, width, &vec![1.0; ep])
+        }
+        (None, false) => Placement::equal(m.num_experts, ep),
     };
     Ok(Some(ExpertGroup::new(comm.clone(), ep, placement)))
 }

@@ -38,6 +38,9 @@ pub struct DistOptions {
     /// Experts per member of an expert-parallel group, as a plan fixed them (`None`: equal
     /// at first, then sized by the measured speeds).
     pub placement: Option<Vec<usize>>,
+    /// Split the experts by width (every rank holds every expert's columns in proportion to
+    /// its speed) instead of by experts.
+    pub ep_by_width: bool,
     /// Pipeline stages (1: none).
     pub pp: usize,
     /// Decoder layers per stage, as a plan fixed them (`None`: sized by the measured speeds).

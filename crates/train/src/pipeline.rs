@@ -643,6 +643,7 @@ impl Parallelism for Pipeline {
             &self.stage_comm,
             self.opts.ep,
             self.opts.placement.as_ref(),
+            self.opts.ep_by_width,
             cfg,
             &self.device,
         )?;
@@ -784,6 +785,9 @@ impl Parallelism for Pipeline {
         if let Some(group) = &self.experts_group {
             metrics["a2a_s"] = json!(a2a_s);
             metrics["expert_placement"] = json!(group.placement.counts);
+            if let Some(columns) = &group.placement.columns {
+                metrics["expert_columns"] = json!(columns);
+            }
         }
         let is_moe = self.routers > 0;
         let totals = ReducedStep {

@@ -279,7 +279,11 @@ impl DataParallel {
         if member.iter().any(|&s| s <= 0.0) {
             return None;
         }
-        let placement = Placement::proportional(group.placement.experts(), &member);
+        let experts = group.placement.experts();
+        let placement = match &group.placement.columns {
+            Some(c) => Placement::by_width(experts, c.iter().sum(), &member),
+            None => Placement::proportional(experts, &member),
+        };
         (placement != group.placement).then_some(placement)
     }
 
@@ -378,6 +382,7 @@ impl Parallelism for DataParallel {
             &self.opts.comm,
             self.opts.ep,
             self.opts.placement.as_ref(),
+            self.opts.ep_by_width,
             cfg,
             &self.device,
         )?;
@@ -588,6 +593,9 @@ impl Parallelism for DataParallel {
         if let Some(group) = &self.experts_group {
             metrics["a2a_s"] = json!(a2a_s);
             metrics["expert_placement"] = json!(group.placement.counts);
+            if let Some(columns) = &group.placement.columns {
+                metrics["expert_columns"] = json!(columns);
+            }
         }
         // A rank with no rows this step has no router losses of its own, yet the batch does.
         let is_moe = self.moe.is_some() || local.load_balance.is_some();
