@@ -27,7 +27,7 @@ BATCH, ACCUM, SEQ = 8, 4, 64
 # deeper model too (micro-batch rows, micro-batches, decoder layers): 4 layers cannot be
 # staged 2 : 1 (3 : 1 leaves the fast rank 3 units to the slow one's 2).
 LAYERS = 4
-UNEQUAL = [(16, 4, LAYERS), (8, 8, LAYERS), (8, 8, 10)]
+UNEQUAL = [(16, 4, LAYERS), (8, 8, LAYERS), (4, 16, 10)]
 
 
 def model(batch=BATCH, accum=ACCUM, layers=LAYERS):
@@ -58,7 +58,9 @@ def result(proc, run_dir):
     return {
         "tokens_per_s": tokens / seconds,
         "step_s": seconds,
-        "placement": last.get("expert_placement"),
+        # Experts per rank, or (split by width) each expert's FFN columns per rank.
+        "placement": (f"columns {last['expert_columns']}" if "expert_columns" in last
+                      else last.get("expert_placement")),
         "stage_layers": last.get("stage_layers"),
         "seqs": [r["seqs"] for r in ranks],
         "a2a_s": [round(r.get("a2a_s", 0.0), 4) for r in ranks],
@@ -186,6 +188,8 @@ def main():
                 ("DP 2, throughput-balanced rows", 2, ["--throttle", "1,2", "--rebalance-every", "2"]),
                 ("EP 2, equal experts and rows", 2, ["--ep", "2", "--throttle", "1,2", "--rebalance-every", "0"]),
                 ("EP 2, measured placement", 2, ["--ep", "2", "--throttle", "1,2", "--rebalance-every", "2"]),
+                ("EP 2 split by width, measured columns", 2,
+                 ["--ep", "2", "--ep-split", "width", "--throttle", "1,2", "--rebalance-every", "2"]),
             ]
         return rows
     configs = [(n, lambda np=np, f=f: run(np, f, s)) for n, np, f in even]
@@ -246,8 +250,12 @@ def main():
         "",
         "A global batch of 64 sequences of 64 tokens, as 4 micro-batches of 16 and, for the "
         "pipeline (whose bubble shrinks as micro-batches grow in number), as 8 of 8, and for the "
-        "pipeline again on the model at 10 layers (4 cannot be staged 2 : 1: 3 : 1 leaves the fast "
-        "rank 3 layers' time to the slow one's 2; real models have 20 to 80). \"Of the sum "
+        "pipeline again on the model at 10 layers as 16 of 4 (4 layers cannot be staged 2 : 1: "
+        "3 : 1 leaves the fast rank 3 layers' time to the slow one's 2; real models have 20 to 80). "
+        "\"EP split by width\" is `--ep-split width`: each rank holds every expert's FFN columns in "
+        "proportion to its speed and runs every row on them, so its expert work does not depend "
+        "on where the router sends tokens (the placement by experts gives the fast rank the 5 "
+        "experts that, this early in training, carry 70–97% of the rows). \"Of the sum "
         "alone\" is the job's throughput over the two ranks' throughputs each alone (a one-process "
         "run at its speed, same micro-batches); \"of both at once\" over the two run as independent "
         "jobs at the same time — the most this machine gives two processes that share its cores. "

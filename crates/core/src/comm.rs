@@ -16,6 +16,18 @@ pub trait Collective: Send + Sync {
     /// rank after rank; returns what every rank sent this one, `recv_counts[r]` values from
     /// rank `r`, rank after rank. Both sides must agree on the counts.
     fn all_to_all_v(&self, send: &[f32], send_counts: &[usize], recv_counts: &[usize]) -> Vec<f32>;
+    /// An all-gather within some of the ranks: all of `send` goes to every rank `r` whose
+    /// `send_counts[r]` is `send.len()` (the others' are 0), and `recv_counts[r]` values come
+    /// from each rank, rank after rank. As [`Collective::all_to_all_v`] with `send` repeated
+    /// for each receiver, which implementations may avoid.
+    fn all_gather_v(&self, send: &[f32], send_counts: &[usize], recv_counts: &[usize]) -> Vec<f32> {
+        let copies: Vec<f32> = send_counts
+            .iter()
+            .filter(|&&c| c > 0)
+            .flat_map(|_| send.iter().copied())
+            .collect();
+        self.all_to_all_v(&copies, send_counts, recv_counts)
+    }
     /// The ranks that pass the same `color`, as a communicator of their own (ranked in this
     /// one's order). Collective over this communicator.
     fn split(&self, color: usize) -> std::sync::Arc<dyn Collective>;

@@ -333,8 +333,20 @@ impl ExpertGroup {
         recv_rows: Vec<usize>,
         after_experts: bool,
     ) -> Tensor<2> {
+        self.route(x, Kind::Exchange, send_rows, recv_rows, after_experts)
+    }
+
+    fn route(
+        &self,
+        x: Tensor<2>,
+        kind: Kind,
+        send_rows: Vec<usize>,
+        recv_rows: Vec<usize>,
+        after_experts: bool,
+    ) -> Tensor<2> {
         let route = Route {
             comm: self.comm.clone(),
+            kind,
             send_rows,
             recv_rows,
             clock: self.exchange_ns.clone(),
@@ -424,7 +436,6 @@ impl ExpertGroup {
     ) -> Tensor<2> {
         let device = x.device();
         let (world, num_experts, first) = (self.comm.size(), tokens.len(), self.first());
-        let hidden = x.dims()[1];
         let rows_of = |rank: usize| -> usize {
             counts[rank * num_experts..(rank + 1) * num_experts]
                 .iter()
@@ -452,8 +463,8 @@ impl ExpertGroup {
         let work = row as u64 * share as u64 / width as u64;
         self.expert_rows.fetch_add(work, Ordering::Relaxed);
         let sent = x.select(0, int_tensor(&tokens.concat(), &device));
-        let copies = Tensor::cat(vec![sent; self.ep], 0);
-        let received = self.exchange(copies, send_rows.clone(), recv_rows.clone(), false);
+        let (sends, recvs) = (send_rows.clone(), recv_rows.clone());
+        let received = self.route(sent, Kind::Gather, sends, recvs, false);
         let partial = if row == 0 {
             received
         } else {
@@ -466,12 +477,8 @@ impl ExpertGroup {
                 .forward_routed(received, &by_expert)
                 .select(0, int_tensor(&inverse, &device))
         };
-        // Every member's partial outputs for this rank's rows, member after member.
-        let partials = self.exchange(partial, recv_rows, send_rows, true);
-        partials
-            .reshape([self.ep, mine, hidden])
-            .sum_dim(0)
-            .reshape([mine, hidden])
+        // Every member's partial outputs for this rank's rows, summed.
+        self.route(partial, Kind::ScatterSum, recv_rows, send_rows, true)
     }
 }
 
@@ -479,10 +486,25 @@ fn int_tensor(values: &[i64], device: &burn::tensor::Device) -> Tensor<1, Int> {
     Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), device)
 }
 
-/// One all-to-all(v) of rows: `send_rows[r]` rows go to rank `r`, `recv_rows[r]` come from it.
+/// What a [`Route`] does with the rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// An all-to-all(v): `send_rows[r]` of this rank's rows go to rank `r`.
+    Exchange,
+    /// An all-gather within the group: all of this rank's rows go to every rank `r` with
+    /// `send_rows[r]` > 0. Its adjoint is `ScatterSum`.
+    Gather,
+    /// A reduce-scatter within the group: `send_rows[r]` rows go to rank `r`, which sums
+    /// what every rank sent it (`recv_rows[r]` rows from each, all the same). Its adjoint is
+    /// `Gather`.
+    ScatterSum,
+}
+
+/// One exchange of rows: `send_rows[r]` rows go to rank `r`, `recv_rows[r]` come from it.
 #[derive(Clone)]
 pub struct Route {
     comm: Arc<dyn Collective>,
+    kind: Kind,
     send_rows: Vec<usize>,
     recv_rows: Vec<usize>,
     clock: Arc<AtomicU64>,
@@ -495,6 +517,7 @@ pub struct Route {
 impl std::fmt::Debug for Route {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Route")
+            .field("kind", &self.kind)
             .field("send_rows", &self.send_rows)
             .field("recv_rows", &self.recv_rows)
             .finish()
@@ -505,7 +528,13 @@ impl Route {
     /// The same exchange the other way: what was received goes back where it came from.
     /// (The backward of the combine starts the experts' backward; that of the dispatch ends it.)
     fn reversed(&self) -> Self {
+        let kind = match self.kind {
+            Kind::Exchange => Kind::Exchange,
+            Kind::Gather => Kind::ScatterSum,
+            Kind::ScatterSum => Kind::Gather,
+        };
         Self {
+            kind,
             send_rows: self.recv_rows.clone(),
             recv_rows: self.send_rows.clone(),
             after_experts: !self.after_experts,
@@ -518,11 +547,11 @@ impl Route {
         let elements = |rows: &[usize]| rows.iter().map(|r| r * cols).collect::<Vec<_>>();
         let (out, compute_before) = nuwa_core::comm::pace::collective_after(|| {
             let started = Instant::now();
-            let out = self.comm.all_to_all_v(
-                values,
-                &elements(&self.send_rows),
-                &elements(&self.recv_rows),
-            );
+            let (send, recv) = (elements(&self.send_rows), elements(&self.recv_rows));
+            let out = match self.kind {
+                Kind::Gather => self.comm.all_gather_v(values, &send, &recv),
+                Kind::Exchange | Kind::ScatterSum => self.comm.all_to_all_v(values, &send, &recv),
+            };
             self.clock
                 .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             out
@@ -531,12 +560,32 @@ impl Route {
             let ns = (compute_before * 1e9) as u64;
             self.expert_clock.fetch_add(ns, Ordering::Relaxed);
         }
-        out
+        match self.kind {
+            Kind::ScatterSum => sum_blocks(out, self.received() * cols),
+            Kind::Exchange | Kind::Gather => out,
+        }
     }
 
+    /// Rows this rank ends with.
     fn received(&self) -> usize {
-        self.recv_rows.iter().sum()
+        match self.kind {
+            Kind::ScatterSum => self.recv_rows.iter().copied().max().unwrap_or(0),
+            Kind::Exchange | Kind::Gather => self.recv_rows.iter().sum(),
+        }
     }
+}
+
+/// The element-wise sum of the consecutive blocks of `len` values in `values`.
+fn sum_blocks(mut values: Vec<f32>, len: usize) -> Vec<f32> {
+    if len == 0 {
+        return Vec::new();
+    }
+    let (first, rest) = values.split_at_mut(len);
+    for block in rest.chunks_exact(len) {
+        first.iter_mut().zip(block).for_each(|(a, b)| *a += b);
+    }
+    values.truncate(len);
+    values
 }
 
 /// The exchange as a tensor op: `x` `[Σ send_rows, cols]` → `[Σ recv_rows, cols]`.
