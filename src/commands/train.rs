@@ -143,6 +143,7 @@ pub struct TrainArgs {
     /// as its speed earns, and runs the rows routed to them) or `width` (each rank holds every
     /// expert's FFN columns in proportion to its speed and runs every row of its group on
     /// them: balanced whatever the router does, at the price of every row sent to every rank).
+    /// Nothing to split without --ep.
     #[arg(long, default_value = "experts", value_parser = ["experts", "width"])]
     ep_split: String,
     /// Pipeline parallelism: stages, each a run of decoder layers sized by its ranks' measured
