@@ -791,4 +791,37 @@ mod tests {
             "layers.1.moe.shared_experts.down_proj.weight"
         ));
     }
+
+    #[test]
+    fn a_split_by_width_takes_each_members_columns_of_every_expert() {
+        let p = Placement::by_width(2, 4, &[3.0, 1.0]);
+        assert_eq!(
+            (p.counts.clone(), p.columns.clone()),
+            (vec![2, 2], Some(vec![3, 1]))
+        );
+        assert_eq!((p.experts(), p.range(1)), (2, 0..2));
+        // gate `[2 experts, 3 hidden, 4 width]`: member 1 holds column 3 of each of 6 rows.
+        let whole: Vec<f32> = (0..24).map(|v| v as f32).collect();
+        let gate = "layers.1.moe.experts.gate_proj";
+        let (len, runs) = p.runs(1, gate, 6);
+        assert_eq!(len, 24);
+        assert_eq!(runs.take(&whole), [3.0, 7.0, 11.0, 15.0, 19.0, 23.0]);
+        assert_eq!(p.part_shape(1, gate, &[2, 3, 4]), [2, 3, 1]);
+        assert_eq!(p.whole_shape(1, gate, &[2, 3, 1]), [2, 3, 4]);
+        // down `[2 experts, 4 width, 3 hidden]`: member 0 holds rows 0..3 of each expert.
+        let down = "layers.1.moe.experts.down_proj.exp_avg";
+        let (len, runs) = p.runs(0, down, 18);
+        assert_eq!(len, 24);
+        let part = runs.take(&whole);
+        let expected: Vec<f32> = (0..9).chain(12..21).map(|v| v as f32).collect();
+        assert_eq!(part, expected);
+        assert_eq!(p.part_len(0, down, 24), 18);
+        // The two members' parts put back tile the whole.
+        let mut rebuilt = vec![0.0; 24];
+        runs.put(&part, &mut rebuilt);
+        p.runs(1, down, 6)
+            .1
+            .put(&p.runs(1, down, 6).1.take(&whole), &mut rebuilt);
+        assert_eq!(rebuilt, whole);
+    }
 }
