@@ -1155,6 +1155,27 @@ fn a_plan_that_cannot_run_is_one_line_before_any_rank_starts() {
         assert!(!stderr.contains("attempt"), "no rank may start: {stderr}");
         assert!(!tmp.path().join("run").exists());
     }
+    // A plan that places whole experts, run with the experts split by width.
+    let plan = write_plan(
+        tmp.path(),
+        "ep = 2\ndp = 2\nexpert_placement = [4, 4]",
+        "local-cpu",
+        2,
+    );
+    let run = tmp.path().join("run");
+    let out = Command::new(NUWA)
+        .args(["launch", "--plan", plan.to_str().unwrap(), "--"])
+        .args(["--run-dir", run.to_str().unwrap(), "--ep-split", "width"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--ep-split width") && stderr.contains("layout.expert_placement"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(!run.exists());
 }
 
 #[test]

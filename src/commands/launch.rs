@@ -34,6 +34,17 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
     let np = match &a.plan {
         Some(path) => {
             let plan = super::plan_run::load_checked(path)?;
+            let by_width = train_args
+                .windows(2)
+                .any(|w| w[0] == "--ep-split" && w[1] == "width")
+                || train_args.iter().any(|a| a == "--ep-split=width");
+            if by_width && plan.layout.expert_placement.is_some() {
+                bail!(
+                    "--ep-split width: {}: its layout.expert_placement counts whole experts per \
+                     rank; drop one of the two",
+                    path.display()
+                );
+            }
             if let Some(np) = a.np.filter(|&n| n != plan.ranks()) {
                 bail!(
                     "--np {np}: {}: the plan is for {} rank(s) (its [[part]] counts)",

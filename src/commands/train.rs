@@ -398,6 +398,15 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
     if (a.ep > 1 || a.pp > 1) && (!a.dump_tensors.is_empty() || a.parity_every > 0) {
         bail!("--dump-tensors / --parity-every need the whole model in one process; not with --ep / --pp");
     }
+    let placed = plan
+        .as_ref()
+        .is_some_and(|p| p.layout.expert_placement.is_some());
+    if placed && a.ep_split == "width" {
+        bail!(
+            "--ep-split width: the plan's layout.expert_placement counts whole experts per rank; \
+             drop one of the two"
+        );
+    }
     let dist = dist_options(&a, plan.as_ref())?;
     let rank = dist.as_ref().map_or(0, |d| d.comm.rank());
     let device_name = match (&a.cluster, &dist, &plan) {
