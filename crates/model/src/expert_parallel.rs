@@ -403,19 +403,7 @@ impl ExpertGroup {
         self.expert_rows.fetch_add(row as u64, Ordering::Relaxed);
         let sent = x.select(0, int_tensor(&tokens.concat(), &device));
         let received = self.exchange(sent, send_rows.clone(), recv_rows.clone(), false);
-        let outputs = if row == 0 {
-            received // nothing to compute; still on the graph, so backward exchanges too
-        } else {
-            // Back from expert-after-expert to the order the rows arrived in.
-            let order = by_expert.concat();
-            let mut inverse = vec![0i64; order.len()];
-            for (at, &r) in order.iter().enumerate() {
-                inverse[r as usize] = at as i64;
-            }
-            experts
-                .forward_routed(received, &by_expert)
-                .select(0, int_tensor(&inverse, &device))
-        };
+        let outputs = in_arrival_order(experts, received, &by_expert);
         self.exchange(outputs, recv_rows, send_rows, true)
     }
 }
@@ -465,21 +453,28 @@ impl ExpertGroup {
         let sent = x.select(0, int_tensor(&tokens.concat(), &device));
         let (sends, recvs) = (send_rows.clone(), recv_rows.clone());
         let received = self.route(sent, Kind::Gather, sends, recvs, false);
-        let partial = if row == 0 {
-            received
-        } else {
-            let order = by_expert.concat();
-            let mut inverse = vec![0i64; order.len()];
-            for (at, &r) in order.iter().enumerate() {
-                inverse[r as usize] = at as i64;
-            }
-            experts
-                .forward_routed(received, &by_expert)
-                .select(0, int_tensor(&inverse, &device))
-        };
+        let partial = in_arrival_order(experts, received, &by_expert);
         // Every member's partial outputs for this rank's rows, summed.
         self.route(partial, Kind::ScatterSum, recv_rows, send_rows, true)
     }
+}
+
+/// `experts` on the rows they received (`by_expert[e]`: the rows for expert `e`), the
+/// outputs back in the order the rows arrived in. With no rows there is nothing to compute,
+/// but the (empty) rows stay on the graph, so backward exchanges too.
+fn in_arrival_order(experts: &Experts, received: Tensor<2>, by_expert: &[Vec<i64>]) -> Tensor<2> {
+    let order = by_expert.concat();
+    if order.is_empty() {
+        return received;
+    }
+    let mut inverse = vec![0i64; order.len()];
+    for (at, &r) in order.iter().enumerate() {
+        inverse[r as usize] = at as i64;
+    }
+    let device = received.device();
+    experts
+        .forward_routed(received, by_expert)
+        .select(0, int_tensor(&inverse, &device))
 }
 
 fn int_tensor(values: &[i64], device: &burn::tensor::Device) -> Tensor<1, Int> {
