@@ -326,25 +326,14 @@ impl ExpertGroup {
 
     /// Rows of `[n, hidden]` per world rank, the same exchange for every column.
     /// `after_experts`: the compute before it (forward) is the experts' (the combine).
-    fn exchange(
+    fn route_of(
         &self,
-        x: Tensor<2>,
-        send_rows: Vec<usize>,
-        recv_rows: Vec<usize>,
-        after_experts: bool,
-    ) -> Tensor<2> {
-        self.route(x, Kind::Exchange, send_rows, recv_rows, after_experts)
-    }
-
-    fn route(
-        &self,
-        x: Tensor<2>,
         kind: Kind,
         send_rows: Vec<usize>,
         recv_rows: Vec<usize>,
         after_experts: bool,
-    ) -> Tensor<2> {
-        let route = Route {
+    ) -> Route {
+        Route {
             comm: self.comm.clone(),
             kind,
             send_rows,
@@ -352,8 +341,42 @@ impl ExpertGroup {
             clock: self.exchange_ns.clone(),
             after_experts,
             expert_clock: self.expert_ns.clone(),
+            before: None,
+            after: None,
+        }
+    }
+
+    /// Rows through `route` to the experts and back: the received rows, which arrive member
+    /// after member (`arrived(m, e)` rows of member `m` for expert `e` of `experts`), are
+    /// regrouped expert after expert on the host as they leave the exchange, the experts run
+    /// on them, and their outputs are put back in arrival order as they enter the exchange
+    /// back (`back`). With no rows there is nothing to compute, but the (empty) rows stay on
+    /// the graph, so backward exchanges too.
+    fn through_experts(
+        &self,
+        experts: &Experts,
+        sent: Tensor<2>,
+        (route, back): (Route, Route),
+        arrived: impl Fn(usize, usize) -> usize,
+    ) -> Tensor<2> {
+        let (moves, per_expert) = regroup_by_expert(self.ep, experts.len(), arrived);
+        let moves: Arc<[Move]> = moves.into();
+        let received = exchange(
+            sent,
+            Route {
+                after: Some(moves.clone()),
+                ..route
+            },
+        );
+        let outputs = match per_expert.iter().sum::<usize>() {
+            0 => received,
+            _ => experts.forward_sorted(received, &per_expert),
         };
-        exchange(x, route)
+        let back = Route {
+            before: Some(inverse(&moves).into()),
+            ..back
+        };
+        exchange(outputs, back)
     }
 
     /// The routed experts on this rank's tokens, wherever the experts live: `tokens[e]` are the
@@ -390,21 +413,19 @@ impl ExpertGroup {
         }
         // Received rows come source after source, each source's expert after expert; the
         // experts want them expert after expert.
-        let mut by_expert: Vec<Vec<i64>> = vec![Vec::new(); local.len()];
-        let mut row = 0i64;
-        for member in 0..self.ep {
-            for (j, e) in local.clone().enumerate() {
-                let n = count(first + member, e) as i64;
-                by_expert[j].extend(row..row + n);
-                row += n;
-            }
-        }
         debug_assert_eq!(me / self.ep * self.ep, first);
-        self.expert_rows.fetch_add(row as u64, Ordering::Relaxed);
+        let received: usize = recv_rows.iter().sum();
+        self.expert_rows
+            .fetch_add(received as u64, Ordering::Relaxed);
         let sent = x.select(0, int_tensor(&tokens.concat(), &device));
-        let received = self.exchange(sent, send_rows.clone(), recv_rows.clone(), false);
-        let outputs = in_arrival_order(experts, received, &by_expert);
-        self.exchange(outputs, recv_rows, send_rows, true)
+        let routes = (
+            self.route_of(Kind::Exchange, send_rows.clone(), recv_rows.clone(), false),
+            self.route_of(Kind::Exchange, recv_rows, send_rows, true),
+        );
+        let local_first = local.start;
+        self.through_experts(experts, sent, routes, |m, j| {
+            count(first + m, local_first + j)
+        })
     }
 }
 
@@ -435,46 +456,87 @@ impl ExpertGroup {
             send_rows[first + member] = mine;
             recv_rows[first + member] = rows_of(first + member);
         }
-        // Received rows come member after member, each member's expert after expert.
-        let mut by_expert: Vec<Vec<i64>> = vec![Vec::new(); num_experts];
-        let mut row = 0i64;
-        for member in 0..self.ep {
-            for (e, rows) in by_expert.iter_mut().enumerate() {
-                let n = counts[(first + member) * num_experts + e] as i64;
-                rows.extend(row..row + n);
-                row += n;
-            }
-        }
         // Its work in whole-expert rows: every row, on its share of the columns.
         let columns = self.placement.columns.as_deref().unwrap_or(&[]);
         let (share, width) = (columns[self.member()], columns.iter().sum::<usize>().max(1));
-        let work = row as u64 * share as u64 / width as u64;
+        let rows: usize = recv_rows.iter().sum();
+        let work = rows as u64 * share as u64 / width as u64;
         self.expert_rows.fetch_add(work, Ordering::Relaxed);
         let sent = x.select(0, int_tensor(&tokens.concat(), &device));
-        let (sends, recvs) = (send_rows.clone(), recv_rows.clone());
-        let received = self.route(sent, Kind::Gather, sends, recvs, false);
-        let partial = in_arrival_order(experts, received, &by_expert);
-        // Every member's partial outputs for this rank's rows, summed.
-        self.route(partial, Kind::ScatterSum, recv_rows, send_rows, true)
+        // Every member's partial outputs for this rank's rows come back summed.
+        let routes = (
+            self.route_of(Kind::Gather, send_rows.clone(), recv_rows.clone(), false),
+            self.route_of(Kind::ScatterSum, recv_rows, send_rows, true),
+        );
+        self.through_experts(experts, sent, routes, |m, e| {
+            counts[(first + m) * num_experts + e]
+        })
     }
 }
 
-/// `experts` on the rows they received (`by_expert[e]`: the rows for expert `e`), the
-/// outputs back in the order the rows arrived in. With no rows there is nothing to compute,
-/// but the (empty) rows stay on the graph, so backward exchanges too.
-fn in_arrival_order(experts: &Experts, received: Tensor<2>, by_expert: &[Vec<i64>]) -> Tensor<2> {
-    let order = by_expert.concat();
-    if order.is_empty() {
-        return received;
+/// A host copy of `rows` consecutive rows from row `from` to row `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Move {
+    from: usize,
+    to: usize,
+    rows: usize,
+}
+
+/// The moves that regroup rows arriving member after member, each member's expert after
+/// expert (`arrived(m, e)` rows), expert after expert, each expert's member after member;
+/// and the rows each expert then has. The moves are in the order of their destinations.
+fn regroup_by_expert(
+    members: usize,
+    experts: usize,
+    arrived: impl Fn(usize, usize) -> usize,
+) -> (Vec<Move>, Vec<usize>) {
+    let mut arrival_start = vec![0; members * experts];
+    let mut row = 0;
+    for m in 0..members {
+        for e in 0..experts {
+            arrival_start[m * experts + e] = row;
+            row += arrived(m, e);
+        }
     }
-    let mut inverse = vec![0i64; order.len()];
-    for (at, &r) in order.iter().enumerate() {
-        inverse[r as usize] = at as i64;
+    let (mut moves, mut per_expert, mut to) = (Vec::new(), vec![0; experts], 0);
+    for (e, total) in per_expert.iter_mut().enumerate() {
+        for m in 0..members {
+            let rows = arrived(m, e);
+            if rows > 0 {
+                let from = arrival_start[m * experts + e];
+                moves.push(Move { from, to, rows });
+            }
+            to += rows;
+            *total += rows;
+        }
     }
-    let device = received.device();
-    experts
-        .forward_routed(received, by_expert)
-        .select(0, int_tensor(&inverse, &device))
+    (moves, per_expert)
+}
+
+/// The moves that undo `moves`, in the order of their destinations.
+fn inverse(moves: &[Move]) -> Vec<Move> {
+    let mut back: Vec<Move> = moves
+        .iter()
+        .map(|m| Move {
+            from: m.to,
+            to: m.from,
+            rows: m.rows,
+        })
+        .collect();
+    back.sort_by_key(|m| m.to);
+    back
+}
+
+/// `values` (rows of `cols`) reordered by `moves`, which cover every row once, in the order
+/// of their destinations.
+fn apply_moves(moves: &[Move], values: &[f32], cols: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(values.len());
+    for m in moves {
+        debug_assert_eq!(out.len(), m.to * cols);
+        out.extend_from_slice(&values[m.from * cols..(m.from + m.rows) * cols]);
+    }
+    debug_assert_eq!(out.len(), values.len());
+    out
 }
 
 fn int_tensor(values: &[i64], device: &burn::tensor::Device) -> Tensor<1, Int> {
@@ -507,6 +569,10 @@ pub struct Route {
     /// backward of the dispatch): it is added to `expert_clock`.
     after_experts: bool,
     expert_clock: Arc<AtomicU64>,
+    /// Rows reordered on the host before they are sent.
+    before: Option<Arc<[Move]>>,
+    /// Rows reordered on the host after they are received (and, for `ScatterSum`, summed).
+    after: Option<Arc<[Move]>>,
 }
 
 impl std::fmt::Debug for Route {
@@ -528,17 +594,29 @@ impl Route {
             Kind::Gather => Kind::ScatterSum,
             Kind::ScatterSum => Kind::Gather,
         };
+        // Reordering after the exchange is undone before the way back, and the other way.
+        let undo = |moves: &Option<Arc<[Move]>>| moves.as_deref().map(|m| inverse(m).into());
         Self {
             kind,
             send_rows: self.recv_rows.clone(),
             recv_rows: self.send_rows.clone(),
             after_experts: !self.after_experts,
+            before: undo(&self.after),
+            after: undo(&self.before),
             ..self.clone()
         }
     }
 
     /// Exchanges host rows of `cols` values.
     fn run(&self, values: &[f32], cols: usize) -> Vec<f32> {
+        let reordered;
+        let values = match &self.before {
+            Some(moves) => {
+                reordered = apply_moves(moves, values, cols);
+                &reordered[..]
+            }
+            None => values,
+        };
         let elements = |rows: &[usize]| rows.iter().map(|r| r * cols).collect::<Vec<_>>();
         let (out, compute_before) = nuwa_core::comm::pace::collective_after(|| {
             let started = Instant::now();
@@ -555,9 +633,13 @@ impl Route {
             let ns = (compute_before * 1e9) as u64;
             self.expert_clock.fetch_add(ns, Ordering::Relaxed);
         }
-        match self.kind {
+        let out = match self.kind {
             Kind::ScatterSum => sum_blocks(out, self.received() * cols),
             Kind::Exchange | Kind::Gather => out,
+        };
+        match &self.after {
+            Some(moves) => apply_moves(moves, &out, cols),
+            None => out,
         }
     }
 
@@ -769,6 +851,22 @@ impl crate::LanguageModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_arriving_member_after_member_are_regrouped_expert_after_expert_and_back() {
+        // Member 0 sends 2 rows for expert 0, none for 1, 1 for 2; member 1 sends 1, 2, 0.
+        let arrived = [[2, 0, 1], [1, 2, 0]];
+        let (moves, per_expert) = regroup_by_expert(2, 3, |m, e| arrived[m][e]);
+        assert_eq!(per_expert, [3, 2, 1]);
+        // Row r holds the values [r, r + 0.5] (two columns).
+        let rows: Vec<f32> = (0..6).flat_map(|r| [r as f32, r as f32 + 0.5]).collect();
+        let grouped = apply_moves(&moves, &rows, 2);
+        // Arrival: m0e0 = rows 0, 1; m0e2 = 2; m1e0 = 3; m1e1 = 4, 5.
+        let order: Vec<f32> = grouped.chunks(2).map(|r| r[0]).collect();
+        assert_eq!(order, [0.0, 1.0, 3.0, 4.0, 5.0, 2.0]);
+        assert!(grouped.chunks(2).all(|r| r[1] == r[0] + 0.5));
+        assert_eq!(apply_moves(&inverse(&moves), &grouped, 2), rows);
+    }
 
     #[test]
     fn placements_cover_every_expert_once() {

@@ -75,11 +75,33 @@ impl Experts {
     /// The routed experts as three grouped matmuls over the tokens sorted by expert once
     /// (gate, up, down): no padding, no per-expert ops.
     fn forward_grouped(&self, x: Tensor<2>, tokens: &[Vec<i64>]) -> Tensor<2> {
-        use crate::kernels::grouped::grouped_matmul;
         let device = x.device();
         let counts: Vec<usize> = tokens.iter().map(Vec::len).collect();
-        let offsets = crate::kernels::grouped::offsets_of(&counts);
         let sorted = x.select(0, int_tensor(&tokens.concat(), &device));
+        self.grouped(sorted, &counts)
+    }
+
+    /// Every expert on rows already grouped by expert: the first `counts[0]` rows of `x` go to
+    /// expert 0, the next `counts[1]` to expert 1, and so on. Returns the outputs in the same
+    /// order. (Expert parallelism regroups the rows it receives on the host, as it copies them
+    /// out of the exchange, so they need no sort here.)
+    pub fn forward_sorted(&self, x: Tensor<2>, counts: &[usize]) -> Tensor<2> {
+        if crate::kernels::has_kernel(&x.device()) {
+            return self.grouped(x, counts);
+        }
+        let mut tokens = Vec::with_capacity(counts.len());
+        let mut row = 0i64;
+        for &c in counts {
+            tokens.push((row..row + c as i64).collect::<Vec<_>>());
+            row += c as i64;
+        }
+        self.forward_padded(x, &tokens)
+    }
+
+    /// The three grouped matmuls (gate, up, down) over rows grouped by expert.
+    fn grouped(&self, sorted: Tensor<2>, counts: &[usize]) -> Tensor<2> {
+        use crate::kernels::grouped::grouped_matmul;
+        let offsets = crate::kernels::grouped::offsets_of(counts);
         let gate = grouped_matmul(sorted.clone(), self.gate_proj.val(), &offsets, false);
         let up = grouped_matmul(sorted, self.up_proj.val(), &offsets, false);
         let hidden = crate::kernels::swiglu::swiglu(gate, up);
