@@ -124,6 +124,56 @@ impl Placement {
         }
     }
 
+    /// The split by width whose members' expert phases should take equally long, from what
+    /// the last one took: member `m` held `columns[m]` columns, its expert phase took
+    /// `seconds[m]`, and it computes at `speeds[m]` (relative; measured outside the expert
+    /// phase). The phase is work on its columns plus work on every row whatever the columns
+    /// (regrouping rows, exchanging and summing them): `seconds × speed = a · columns + f`,
+    /// fitted over the members. A split in proportion to speed leaves the slower members
+    /// `f` to do at their speed; this one gives them fewer columns for it. `None` when the
+    /// members held equal columns (nothing to fit) or the fit is not a cost.
+    pub fn by_width_fitted(
+        experts: usize,
+        columns: &[usize],
+        seconds: &[f64],
+        speeds: &[f64],
+    ) -> Option<Self> {
+        let n = columns.len();
+        if n < 2 || seconds.len() != n || speeds.len() != n {
+            return None;
+        }
+        let x: Vec<f64> = columns.iter().map(|&c| c as f64).collect();
+        let y: Vec<f64> = seconds.iter().zip(speeds).map(|(s, v)| s * v).collect();
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / n as f64;
+        let (mx, my) = (mean(&x), mean(&y));
+        let sxx: f64 = x.iter().map(|x| (x - mx).powi(2)).sum();
+        let sxy: f64 = x.iter().zip(&y).map(|(x, y)| (x - mx) * (y - my)).sum();
+        if sxx < 0.5 {
+            return None;
+        }
+        let a = sxy / sxx;
+        let f = (my - a * mx).max(0.0);
+        if !(a > 0.0 && a.is_finite() && f.is_finite()) {
+            return None;
+        }
+        // Equal times T: a · c_m + f = T · v_m, with the columns summing to the width.
+        let width: usize = columns.iter().sum();
+        let time = (a * width as f64 + n as f64 * f) / speeds.iter().sum::<f64>();
+        let wanted: Vec<f64> = speeds
+            .iter()
+            .map(|v| ((time * v - f) / a - 1.0).max(0.0))
+            .collect();
+        if wanted.iter().all(|&w| w <= 0.0) {
+            return None;
+        }
+        let mut columns = nuwa_core::proportional_shares(width.saturating_sub(n), &wanted, &[]);
+        columns.iter_mut().for_each(|c| *c += 1);
+        Some(Self {
+            counts: vec![experts; n],
+            columns: Some(columns),
+        })
+    }
+
     pub fn experts(&self) -> usize {
         match self.columns {
             Some(_) => self.counts.first().copied().unwrap_or(0),
@@ -851,6 +901,27 @@ impl crate::LanguageModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fitted_columns_equalise_expert_phases_with_work_on_every_row() {
+        // Member 1 runs at half speed; each phase costs 1 per column and 60 whatever the
+        // columns. Measured at 128 : 128 the times differ by speed alone: nothing to fit.
+        let phase = |c: usize, v: f64| (c as f64 + 60.0) / v;
+        let speeds = [2.0, 1.0];
+        let equal = [phase(128, 2.0), phase(128, 1.0)];
+        assert!(Placement::by_width_fitted(8, &[128, 128], &equal, &speeds).is_none());
+        // In proportion to speed (171 : 85) the slow member's phase is longer...
+        let seconds = [phase(171, 2.0), phase(85, 1.0)];
+        assert!(seconds[1] > seconds[0] * 1.1);
+        let fitted = Placement::by_width_fitted(8, &[171, 85], &seconds, &speeds).unwrap();
+        let c = fitted.columns.clone().unwrap();
+        assert_eq!(c.iter().sum::<usize>(), 256);
+        assert_eq!(fitted.counts, [8, 8]);
+        // ...fitted, they take the same time: (c0 + 60) / 2 = c1 + 60, c0 + c1 = 256.
+        let (t0, t1) = (phase(c[0], 2.0), phase(c[1], 1.0));
+        assert!((t0 - t1).abs() < 1.5, "{c:?}: {t0} vs {t1}");
+        assert_eq!(c, [191, 65]);
+    }
 
     #[test]
     fn rows_arriving_member_after_member_are_regrouped_expert_after_expert_and_back() {

@@ -236,6 +236,10 @@ pub struct DataParallel {
     /// row: what turns a rank's rows and expert rows into its work, for its speed.
     flops_dense: f64,
     flops_expert_row: f64,
+    /// Split by width: each rank's speed outside the expert phase (sequences per second,
+    /// smoothed) and its last expert phase's seconds — what rows and columns are placed by.
+    dense_speeds: Vec<Option<f64>>,
+    expert_seconds: Vec<f64>,
 }
 
 impl DataParallel {
@@ -260,6 +264,8 @@ impl DataParallel {
             pending_placement: None,
             flops_dense: 0.0,
             flops_expert_row: 0.0,
+            dense_speeds: Vec::new(),
+            expert_seconds: Vec::new(),
             opts,
         }
     }
@@ -271,20 +277,56 @@ impl DataParallel {
         if self.opts.placement.is_some() || self.opts.rebalance_every == 0 {
             return None; // fixed by the plan, or the naive baseline
         }
-        let speeds = &self.balancer.speeds;
-        let mut member = vec![0.0; group.ep];
-        for (r, s) in speeds.iter().enumerate() {
-            member[r % group.ep] += s.unwrap_or(0.0) / group.replicas() as f64;
-        }
-        if member.iter().any(|&s| s <= 0.0) {
-            return None;
-        }
+        // Each member's mean over its replicas.
+        let per_member = |values: &[f64]| {
+            let mut member = vec![0.0; group.ep];
+            for (r, v) in values.iter().enumerate() {
+                member[r % group.ep] += v / group.replicas() as f64;
+            }
+            member
+        };
         let experts = group.placement.experts();
         let placement = match &group.placement.columns {
-            Some(c) => Placement::by_width(experts, c.iter().sum(), &member),
-            None => Placement::proportional(experts, &member),
+            Some(columns) => {
+                // Columns by the speed outside the expert phase and what the phase took.
+                let speeds = self.dense_speeds.iter().map(|s| s.unwrap_or(0.0));
+                let member = per_member(&speeds.collect::<Vec<_>>());
+                if member.iter().any(|&s| s <= 0.0) {
+                    return None;
+                }
+                let seconds = per_member(&self.expert_seconds);
+                Placement::by_width_fitted(experts, columns, &seconds, &member)
+                    .unwrap_or_else(|| Placement::by_width(experts, columns.iter().sum(), &member))
+            }
+            None => {
+                let speeds = self.balancer.speeds.iter().map(|s| s.unwrap_or(0.0));
+                let member = per_member(&speeds.collect::<Vec<_>>());
+                if member.iter().any(|&s| s <= 0.0) {
+                    return None;
+                }
+                Placement::proportional(experts, &member)
+            }
         };
         (placement != group.placement).then_some(placement)
+    }
+
+    fn split_by_width(&self) -> bool {
+        self.experts_group
+            .as_ref()
+            .is_some_and(|g| g.placement.columns.is_some())
+    }
+
+    /// Split by width: folds in a step's time outside and inside the expert phase.
+    fn observe_phases(&mut self, seqs: &[f64], computes: &[f64], expert_s: &[f64]) {
+        self.dense_speeds.resize(seqs.len(), None);
+        for (r, speed) in self.dense_speeds.iter_mut().enumerate() {
+            let outside = computes[r] - expert_s[r];
+            if seqs[r] > 0.0 && outside > 0.0 {
+                let now = seqs[r] / outside;
+                *speed = Some(speed.map_or(now, |old| 0.5 * old + 0.5 * now));
+            }
+        }
+        self.expert_seconds = expert_s.to_vec();
     }
 
     /// Every rank's tokens per expert over the step, summed, per MoE layer (a rank with no
@@ -553,16 +595,32 @@ impl Parallelism for DataParallel {
         } = self.stragglers(step, &computes);
         // A process's first step is warm-up (first allocations, page faults) and says
         // little about its speed: the profile is the second step, planned on at once.
+        let (expert_rows, expert_s) = (col(12), col(13));
+        let by_width = self.split_by_width();
         if step > self.start_step + 1 {
             self.balancer.observe(&work, &computes, &slow_now);
+            if by_width {
+                self.observe_phases(&seqs, &computes, &expert_s);
+            }
         }
-        // `rebalance_every` 0 keeps the equal split (the naive baseline).
+        // `rebalance_every` 0 keeps the equal split (the naive baseline). Split by width,
+        // the step after the first re-placement is profiled again: the first one with
+        // unequal columns, which tells the work on every row from the work on columns.
         let every = self.opts.rebalance_every;
-        let due = step == self.start_step + 2 || step.is_multiple_of(every.max(1));
+        let due = step == self.start_step + 2
+            || (by_width && step == self.start_step + 4)
+            || step.is_multiple_of(every.max(1));
         if every > 0 && due {
             let caps = self.caps();
-            self.balancer
-                .rebalance(self.batch_size * self.micro_batches, &caps);
+            let total = self.batch_size * self.micro_batches;
+            self.balancer.rebalance(total, &caps);
+            if by_width {
+                // Rows by the speed outside the expert phase: all the work rows bring.
+                let known: Vec<f64> = self.dense_speeds.iter().flatten().copied().collect();
+                if known.len() == computes.len() {
+                    self.balancer.shares = nuwa_core::proportional_shares(total, &known, &caps);
+                }
+            }
             if self.experts_group.is_some() {
                 // Every rank takes part in every exchange, so each needs a row of each
                 // micro-batch.
@@ -571,7 +629,6 @@ impl Parallelism for DataParallel {
             }
             self.plan_rows();
         }
-        let (expert_rows, expert_s) = (col(12), col(13));
         let ranks: Vec<Value> = (0..computes.len())
             .map(|r| {
                 let mut rank = json!({"rank": r, "seqs": seqs[r], "compute_s": computes[r],
