@@ -12,21 +12,39 @@ pub trait Collective: Send + Sync {
     fn all_gather(&self, values: &[f64]) -> Vec<f64>;
     /// Waits for every rank.
     fn barrier(&self);
-    /// All-to-all with varying counts: `send` holds `send_counts[r]` values for rank `r`,
-    /// rank after rank; returns what every rank sent this one, `recv_counts[r]` values from
-    /// rank `r`, rank after rank. Both sides must agree on the counts.
-    fn all_to_all_v(&self, send: &[f32], send_counts: &[usize], recv_counts: &[usize]) -> Vec<f32>;
+    /// All-to-all with varying counts: `sent` is (`send_counts`, `send_at`), and `send` holds
+    /// `send_counts[r]` values for rank `r` from `send_at[r]` on; `recv` receives what every rank sent this one, `recv_counts[r]` values
+    /// from rank `r`, rank after rank (its length is their sum). Both sides must agree on the
+    /// counts.
+    fn all_to_all_v(
+        &self,
+        send: &[f32],
+        sent: (&[usize], &[usize]),
+        recv_counts: &[usize],
+        recv: &mut [f32],
+    );
     /// An all-gather within some of the ranks: all of `send` goes to every rank `r` whose
     /// `send_counts[r]` is `send.len()` (the others' are 0), and `recv_counts[r]` values come
-    /// from each rank, rank after rank. As [`Collective::all_to_all_v`] with `send` repeated
-    /// for each receiver, which implementations may avoid.
-    fn all_gather_v(&self, send: &[f32], send_counts: &[usize], recv_counts: &[usize]) -> Vec<f32> {
+    /// from each rank into `recv`, rank after rank. As [`Collective::all_to_all_v`] with
+    /// `send` repeated for each receiver, which implementations may avoid.
+    fn all_gather_v(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        recv: &mut [f32],
+    ) {
         let copies: Vec<f32> = send_counts
             .iter()
             .filter(|&&c| c > 0)
             .flat_map(|_| send.iter().copied())
             .collect();
-        self.all_to_all_v(&copies, send_counts, recv_counts)
+        self.all_to_all_v(
+            &copies,
+            (send_counts, &starts(send_counts)),
+            recv_counts,
+            recv,
+        )
     }
     /// The ranks that pass the same `color`, as a communicator of their own (ranked in this
     /// one's order). Collective over this communicator.
@@ -38,6 +56,17 @@ pub trait Collective: Send + Sync {
     /// Sends `data` to `to` and receives `len` values from `from` at once, so two ranks that
     /// exchange with each other cannot deadlock.
     fn send_recv(&self, to: usize, data: &[f32], from: usize, len: usize) -> Vec<f32>;
+}
+
+/// Where each of consecutive blocks of `counts` values starts.
+pub fn starts(counts: &[usize]) -> Vec<usize> {
+    counts
+        .iter()
+        .scan(0, |at, &c| {
+            *at += c;
+            Some(*at - c)
+        })
+        .collect()
 }
 
 /// The single-process "communicator": sums, gathers and exchanges over one rank.
@@ -55,8 +84,15 @@ impl Collective for SoloCollective {
         values.to_vec()
     }
     fn barrier(&self) {}
-    fn all_to_all_v(&self, send: &[f32], _: &[usize], _: &[usize]) -> Vec<f32> {
-        send.to_vec()
+    fn all_to_all_v(
+        &self,
+        send: &[f32],
+        sent: (&[usize], &[usize]),
+        _: &[usize],
+        recv: &mut [f32],
+    ) {
+        let (count, at) = (sent.0[0], sent.1[0]);
+        recv.copy_from_slice(&send[at..at + count]);
     }
     fn split(&self, _: usize) -> std::sync::Arc<dyn Collective> {
         std::sync::Arc::new(SoloCollective)

@@ -92,25 +92,34 @@ impl Collective for MpiCollective {
     fn barrier(&self) {
         self.world.barrier();
     }
-    fn all_to_all_v(&self, send: &[f32], send_counts: &[usize], recv_counts: &[usize]) -> Vec<f32> {
-        let mut recv = vec![0.0f32; recv_counts.iter().sum()];
-        let (sc, sd) = partition(send_counts);
+    fn all_to_all_v(
+        &self,
+        send: &[f32],
+        (send_counts, send_at): (&[usize], &[usize]),
+        recv_counts: &[usize],
+        recv: &mut [f32],
+    ) {
+        let sc: Vec<i32> = send_counts.iter().map(|&c| c as i32).collect();
+        let sd: Vec<i32> = send_at.iter().map(|&d| d as i32).collect();
         let (rc, rd) = partition(recv_counts);
         let sendbuf = Partition::new(send, &sc[..], &sd[..]);
-        let mut recvbuf = PartitionMut::new(&mut recv[..], &rc[..], &rd[..]);
+        let mut recvbuf = PartitionMut::new(recv, &rc[..], &rd[..]);
         self.world.all_to_all_varcount_into(&sendbuf, &mut recvbuf);
-        recv
     }
-    fn all_gather_v(&self, send: &[f32], send_counts: &[usize], recv_counts: &[usize]) -> Vec<f32> {
-        let mut recv = vec![0.0f32; recv_counts.iter().sum()];
+    fn all_gather_v(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        recv: &mut [f32],
+    ) {
         // Every receiver's block starts at 0: MPI reads the one buffer for each.
         let sc: Vec<i32> = send_counts.iter().map(|&c| c as i32).collect();
         let sd = vec![0i32; sc.len()];
         let (rc, rd) = partition(recv_counts);
         let sendbuf = Partition::new(send, &sc[..], &sd[..]);
-        let mut recvbuf = PartitionMut::new(&mut recv[..], &rc[..], &rd[..]);
+        let mut recvbuf = PartitionMut::new(recv, &rc[..], &rd[..]);
         self.world.all_to_all_varcount_into(&sendbuf, &mut recvbuf);
-        recv
     }
     fn split(&self, color: usize) -> Arc<dyn Collective> {
         // Every rank passes a colour, so every rank gets a communicator.

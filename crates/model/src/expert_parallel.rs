@@ -580,12 +580,27 @@ fn inverse(moves: &[Move]) -> Vec<Move> {
 /// `values` (rows of `cols`) reordered by `moves`, which cover every row once, in the order
 /// of their destinations.
 fn apply_moves(moves: &[Move], values: &[f32], cols: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(values.len());
+    apply_moves_from(moves, &[values], cols)
+}
+
+/// As [`apply_moves`] over the rows of `blocks` one after the other (a move's rows lie in
+/// one block).
+fn apply_moves_from(moves: &[Move], blocks: &[&[f32]], cols: usize) -> Vec<f32> {
+    let mut starts = Vec::with_capacity(blocks.len());
+    let mut total = 0;
+    for b in blocks {
+        starts.push(total);
+        total += b.len() / cols.max(1);
+    }
+    let mut out = Vec::with_capacity(total * cols);
     for m in moves {
         debug_assert_eq!(out.len(), m.to * cols);
-        out.extend_from_slice(&values[m.from * cols..(m.from + m.rows) * cols]);
+        // The last block starting at or before the move's first row (empty ones skipped).
+        let b = starts.partition_point(|&s| s <= m.from) - 1;
+        let at = m.from - starts[b];
+        out.extend_from_slice(&blocks[b][at * cols..(at + m.rows) * cols]);
     }
-    debug_assert_eq!(out.len(), values.len());
+    debug_assert_eq!(out.len(), total * cols);
     out
 }
 
@@ -657,7 +672,9 @@ impl Route {
         }
     }
 
-    /// Exchanges host rows of `cols` values.
+    /// Exchanges host rows of `cols` values. This rank's own block never goes through the
+    /// communicator: it is read where it lies, and only the other ranks' blocks are received,
+    /// into a buffer kept from one exchange to the next (no fresh pages, no zeroing).
     fn run(&self, values: &[f32], cols: usize) -> Vec<f32> {
         let reordered;
         let values = match &self.before {
@@ -667,30 +684,61 @@ impl Route {
             }
             None => values,
         };
+        let me = self.comm.rank();
         let elements = |rows: &[usize]| rows.iter().map(|r| r * cols).collect::<Vec<_>>();
-        let (out, compute_before) = nuwa_core::comm::pace::collective_after(|| {
-            let started = Instant::now();
-            let (send, recv) = (elements(&self.send_rows), elements(&self.recv_rows));
-            let out = match self.kind {
-                Kind::Gather => self.comm.all_gather_v(values, &send, &recv),
-                Kind::Exchange | Kind::ScatterSum => self.comm.all_to_all_v(values, &send, &recv),
-            };
-            self.clock
-                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            out
-        });
-        if self.after_experts {
-            let ns = (compute_before * 1e9) as u64;
-            self.expert_clock.fetch_add(ns, Ordering::Relaxed);
-        }
-        let out = match self.kind {
-            Kind::ScatterSum => sum_blocks(out, self.received() * cols),
-            Kind::Exchange | Kind::Gather => out,
+        let (mut send, mut recv) = (elements(&self.send_rows), elements(&self.recv_rows));
+        // Where each rank's block starts in `values` (all of it, for an all-gather).
+        let send_at: Vec<usize> = match self.kind {
+            Kind::Gather => vec![0; send.len()],
+            Kind::Exchange | Kind::ScatterSum => nuwa_core::comm::starts(&send),
         };
-        match &self.after {
-            Some(moves) => apply_moves(moves, &out, cols),
-            None => out,
-        }
+        let own = &values[send_at[me]..send_at[me] + send[me].min(values.len())];
+        let own_recv = std::mem::take(&mut recv[me]);
+        send[me] = 0;
+        RECEIVED.with(|buf| {
+            let mut received = buf.borrow_mut();
+            received.resize(recv.iter().sum(), 0.0);
+            let ((), compute_before) = nuwa_core::comm::pace::collective_after(|| {
+                let started = Instant::now();
+                match self.kind {
+                    Kind::Gather => self.comm.all_gather_v(values, &send, &recv, &mut received),
+                    Kind::Exchange | Kind::ScatterSum => {
+                        self.comm
+                            .all_to_all_v(values, (&send, &send_at), &recv, &mut received)
+                    }
+                }
+                self.clock
+                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            });
+            if self.after_experts {
+                let ns = (compute_before * 1e9) as u64;
+                self.expert_clock.fetch_add(ns, Ordering::Relaxed);
+            }
+            // Every rank's block, rank after rank: this rank's own, the others' received.
+            recv[me] = own_recv;
+            let mut rest = &received[..];
+            let blocks: Vec<&[f32]> = (0..recv.len())
+                .map(|r| match r == me {
+                    true => &own[..own_recv],
+                    false => {
+                        let (block, tail) = rest.split_at(recv[r]);
+                        rest = tail;
+                        block
+                    }
+                })
+                .collect();
+            match (self.kind, &self.after) {
+                (Kind::ScatterSum, after) => {
+                    let sum = sum_blocks(&blocks, self.received() * cols);
+                    match after {
+                        Some(moves) => apply_moves(moves, &sum, cols),
+                        None => sum,
+                    }
+                }
+                (_, Some(moves)) => apply_moves_from(moves, &blocks, cols),
+                (_, None) => blocks.concat(),
+            }
+        })
     }
 
     /// Rows this rank ends with.
@@ -702,17 +750,20 @@ impl Route {
     }
 }
 
-/// The element-wise sum of the consecutive blocks of `len` values in `values`.
-fn sum_blocks(mut values: Vec<f32>, len: usize) -> Vec<f32> {
-    if len == 0 {
-        return Vec::new();
+thread_local! {
+    /// What the last exchange received from the other ranks, kept for the next one.
+    static RECEIVED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The element-wise sum of the non-empty `blocks` (each `len` values).
+fn sum_blocks(blocks: &[&[f32]], len: usize) -> Vec<f32> {
+    let mut full = blocks.iter().filter(|b| !b.is_empty());
+    let mut sum = full.next().map_or_else(Vec::new, |b| b.to_vec());
+    for block in full {
+        sum.iter_mut().zip(*block).for_each(|(a, b)| *a += b);
     }
-    let (first, rest) = values.split_at_mut(len);
-    for block in rest.chunks_exact(len) {
-        first.iter_mut().zip(block).for_each(|(a, b)| *a += b);
-    }
-    values.truncate(len);
-    values
+    debug_assert!(sum.is_empty() || sum.len() == len);
+    sum
 }
 
 /// The exchange as a tensor op: `x` `[Σ send_rows, cols]` → `[Σ recv_rows, cols]`.
@@ -937,6 +988,11 @@ mod tests {
         assert_eq!(order, [0.0, 1.0, 3.0, 4.0, 5.0, 2.0]);
         assert!(grouped.chunks(2).all(|r| r[1] == r[0] + 0.5));
         assert_eq!(apply_moves(&inverse(&moves), &grouped, 2), rows);
+        // The same rows as blocks (this rank's own between received ones, an empty one too).
+        let blocks = [&rows[..4], &rows[4..4], &rows[4..6], &rows[6..]];
+        assert_eq!(apply_moves_from(&moves, &blocks, 2), grouped);
+        let sum = sum_blocks(&[&[1.0, 2.0], &[], &[10.0, 20.0]], 2);
+        assert_eq!(sum, [11.0, 22.0]);
     }
 
     #[test]
