@@ -25,22 +25,27 @@ BATCH, ACCUM, SEQ = 8, 4, 64
 # Unequal ranks: a global batch of 64 sequences, as 4 micro-batches of 16 and (for the
 # pipeline, whose bubble shrinks with more micro-batches) as 8 of 8; and for the pipeline a
 # deeper model too (micro-batch rows, micro-batches, decoder layers): 4 layers cannot be
-# staged 2 : 1 (3 : 1 leaves the fast rank 3 units to the slow one's 2).
-LAYERS = 4
-UNEQUAL = [(16, 4, LAYERS), (8, 8, LAYERS), (4, 16, 10)]
+# staged 2 : 1 (3 : 1 leaves the fast rank 3 units to the slow one's 2). And the data and
+# expert layouts again at twice the width (hidden 512, experts 512 wide): the work every rank
+# does on every row under the split by width grows with the width, its expert work with the
+# width squared.
+LAYERS, HIDDEN = 4, 256
+UNEQUAL = [(16, 4, LAYERS, HIDDEN), (8, 8, LAYERS, HIDDEN), (4, 16, 10, HIDDEN),
+           (16, 4, LAYERS, 512)]
 
 
-def model(batch=BATCH, accum=ACCUM, layers=LAYERS):
-    return ["--preset", "tiny-moe", "--hidden-size", "256", "--layers", str(layers), "--batch-size",
-            str(batch), "--grad-accum", str(accum), "--seq-len", str(SEQ), "--quiet",
+def model(batch=BATCH, accum=ACCUM, layers=LAYERS, hidden=HIDDEN):
+    return ["--preset", "tiny-moe", "--hidden-size", str(hidden), "--layers", str(layers),
+            "--batch-size", str(batch), "--grad-accum", str(accum), "--seq-len", str(SEQ), "--quiet",
             "--sample-tokens", "0", "--eval-every", "100000", "--checkpoint-every", "100000"]
 
 
-def start(np, flags, steps, run_dir, batch=BATCH, bind=True, accum=ACCUM, layers=LAYERS):
+def start(np, flags, steps, run_dir, batch=BATCH, bind=True, accum=ACCUM, layers=LAYERS,
+          hidden=HIDDEN):
     # Separate jobs at once must not be bound: each mpirun would pin its rank 0 to core 0.
     binding = [] if bind else ["--bind-to", "none"]
     cmd = ["mpirun", "--oversubscribe", *binding, "-np", str(np), "-x", "RAYON_NUM_THREADS", NUWA, "train",
-           "--dist", "mpi", *model(batch, accum, layers), *flags, "--steps", str(steps), "--run-dir", run_dir]
+           "--dist", "mpi", *model(batch, accum, layers, hidden), *flags, "--steps", str(steps), "--run-dir", run_dir]
     env = dict(os.environ, RAYON_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
@@ -70,20 +75,20 @@ def result(proc, run_dir):
     }
 
 
-def run(np, flags, steps, batch=BATCH, accum=ACCUM, layers=LAYERS):
+def run(np, flags, steps, batch=BATCH, accum=ACCUM, layers=LAYERS, hidden=HIDDEN):
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = os.path.join(tmp, "run")
-        return result(start(np, flags, steps, run_dir, batch=batch, accum=accum, layers=layers),
-                      run_dir)
+        return result(start(np, flags, steps, run_dir, batch=batch, accum=accum, layers=layers,
+                            hidden=hidden), run_dir)
 
 
-def both_alone_at_once(steps, batch=BATCH, accum=ACCUM, layers=LAYERS):
+def both_alone_at_once(steps, batch=BATCH, accum=ACCUM, layers=LAYERS, hidden=HIDDEN):
     """The two ranks as independent one-process jobs at the same time: what this machine gives
     two processes that never communicate, the ceiling for the pair."""
     with tempfile.TemporaryDirectory() as tmp:
         dirs = [os.path.join(tmp, "fast"), os.path.join(tmp, "slow")]
         procs = [start(1, ["--throttle", t], n, d, batch=batch, bind=False, accum=accum,
-                       layers=layers)
+                       layers=layers, hidden=hidden)
                  for t, n, d in zip(["1", "2"], [2 * steps, steps], dirs)]
         return {"tokens_per_s": sum(result(p, d)["tokens_per_s"] for p, d in zip(procs, dirs))}
 
@@ -174,33 +179,40 @@ def main():
         ("4 ranks: DP 2 x PP 2", 4, ["--pp", "2"]),
         ("4 ranks: DP 2 x EP 2 x PP 2", 4, ["--pp", "2", "--ep", "2"]),
     ]
-    def uneven(batch, accum, layers):
+    def uneven(batch, accum, layers, hidden):
         half = layers // 2
         rows = [
             ("rank at speed 1.0 alone (one process)", 1, ["--throttle", "1"]),
             ("rank at speed 0.5 alone (one process)", 1, ["--throttle", "2"]),
-            (f"PP 2, equal stages ({half}, {layers - half})", 2,
-             ["--pp", "2", "--throttle", "1,2", "--stage-layers", f"{half},{layers - half}"]),
-            ("PP 2, measured stages", 2, ["--pp", "2", "--throttle", "1,2"]),
         ]
-        if (batch, accum, layers) == UNEQUAL[0]:
+        if hidden == HIDDEN:
+            rows += [
+                (f"PP 2, equal stages ({half}, {layers - half})", 2,
+                 ["--pp", "2", "--throttle", "1,2", "--stage-layers", f"{half},{layers - half}"]),
+                ("PP 2, measured stages", 2, ["--pp", "2", "--throttle", "1,2"]),
+            ]
+        if (batch, accum, layers) == UNEQUAL[0][:3]:
             rows[2:2] = [
                 ("DP 2, throughput-balanced rows", 2, ["--throttle", "1,2", "--rebalance-every", "2"]),
-                ("EP 2, equal experts and rows", 2, ["--ep", "2", "--throttle", "1,2", "--rebalance-every", "0"]),
+                *([("EP 2, equal experts and rows", 2,
+                    ["--ep", "2", "--throttle", "1,2", "--rebalance-every", "0"])]
+                  if hidden == HIDDEN else []),
                 ("EP 2, measured placement", 2, ["--ep", "2", "--throttle", "1,2", "--rebalance-every", "2"]),
                 ("EP 2 split by width, measured columns", 2,
                  ["--ep", "2", "--ep-split", "width", "--throttle", "1,2", "--rebalance-every", "2"]),
             ]
         return rows
     configs = [(n, lambda np=np, f=f: run(np, f, s)) for n, np, f in even]
-    def key_of(batch, accum, layers):
-        return f"{batch}x{accum}: " if layers == LAYERS else f"{batch}x{accum}, {layers} layers: "
-    for batch, accum, layers in UNEQUAL:
-        key = key_of(batch, accum, layers)
-        configs += [(key + n, lambda np=np, f=f, b=batch, m=accum, l=layers: run(np, f, s, b, m, l))
-                    for n, np, f in uneven(batch, accum, layers)]
+    def key_of(batch, accum, layers, hidden):
+        key = f"{batch}x{accum}" if layers == LAYERS else f"{batch}x{accum}, {layers} layers"
+        return (key if hidden == HIDDEN else f"{key}, hidden {hidden}") + ": "
+    for batch, accum, layers, hidden in UNEQUAL:
+        key = key_of(batch, accum, layers, hidden)
+        configs += [(key + n, lambda np=np, f=f, b=batch, m=accum, l=layers, h=hidden:
+                     run(np, f, s, b, m, l, h))
+                    for n, np, f in uneven(batch, accum, layers, hidden)]
         configs.append((key + "both alone at the same time (no communication)",
-                        lambda b=batch, m=accum, l=layers: both_alone_at_once(s, b, m, l)))
+                        lambda b=batch, m=accum, l=layers, h=hidden: both_alone_at_once(s, b, m, l, h)))
     results_path = os.path.join(ROOT, "bench", "parallel_results.json")
     if a.predicted_only:
         with open(results_path) as f:
@@ -252,10 +264,13 @@ def main():
         "pipeline (whose bubble shrinks as micro-batches grow in number), as 8 of 8, and for the "
         "pipeline again on the model at 10 layers as 16 of 4 (4 layers cannot be staged 2 : 1: "
         "3 : 1 leaves the fast rank 3 layers' time to the slow one's 2; real models have 20 to 80). "
-        "\"EP split by width\" is `--ep-split width`: each rank holds every expert's FFN columns in "
-        "proportion to its speed and runs every row on them, so its expert work does not depend "
-        "on where the router sends tokens (the placement by experts gives the fast rank the 5 "
-        "experts that, this early in training, carry 70–97% of the rows). \"Of the sum "
+        "\"EP split by width\" is `--ep-split width`: each rank holds a share of every expert's FFN "
+        "columns and runs every row on them, so its expert work does not depend on where the "
+        "router sends tokens (the placement by experts gives the fast rank the 5 experts that, "
+        "this early in training, carry 70–97% of the rows); its rows follow its speed outside the "
+        "expert phase and its columns are fitted to what its expert phase took (work on its "
+        "columns plus work on every row whatever the columns). The last block is the model at "
+        "twice the width (hidden 512, experts 512 wide). \"Of the sum "
         "alone\" is the job's throughput over the two ranks' throughputs each alone (a one-process "
         "run at its speed, same micro-batches); \"of both at once\" over the two run as independent "
         "jobs at the same time — the most this machine gives two processes that share its cores. "
@@ -264,17 +279,18 @@ def main():
         "| micro-batches (layers) | run | tokens/s | of the sum alone | of both at once | experts per rank | layers per stage | rows per rank |",
         "|---|---|---:|---:|---:|---|---|---|",
     ]
-    for batch, accum, layers in UNEQUAL:
-        key = key_of(batch, accum, layers)
+    for batch, accum, layers, hidden in UNEQUAL:
+        key = key_of(batch, accum, layers, hidden)
         fast = results[key + "rank at speed 1.0 alone (one process)"]["tokens_per_s"]
         slow = results[key + "rank at speed 0.5 alone (one process)"]["tokens_per_s"]
         together = results[key + "both alone at the same time (no communication)"]["tokens_per_s"]
-        names = [n for n, _, _ in uneven(batch, accum, layers)]
+        names = [n for n, _, _ in uneven(batch, accum, layers, hidden)]
+        shape = f"{layers}" if hidden == HIDDEN else f"{layers}, hidden {hidden}"
         for name in names + ["both alone at the same time (no communication)"]:
             r = results[key + name]
             t = r["tokens_per_s"]
             alone = name.endswith("(one process)")
-            lines.append(f"| {accum} x {batch} ({layers}) | {name} | {t:.0f} | "
+            lines.append(f"| {accum} x {batch} ({shape}) | {name} | {t:.0f} | "
                          f"{'' if alone else f'{t / (fast + slow):.0%}'} | "
                          f"{'' if alone else f'{t / together:.0%}'} | {fmt(r.get('placement'))} | "
                          f"{fmt(r.get('stage_layers'))} | {fmt(r.get('seqs'))} |")
