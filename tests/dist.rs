@@ -698,12 +698,14 @@ fn a_step_split_finer_than_its_micro_batches_trains_as_one_process() {
     };
     let single = tmp.path().join("single");
     let reference = one_process(&args(&single), &single);
-    for ep in ["1", "2"] {
+    // DP 2x slower: an ideal 16 : 8, midway between multiples of 3 (15 and 18), so timing
+    // noise of up to ~10% on these 10 ms steps still splits finer (3x would be 18 : 6). Under
+    // EP the slower rank's work on every exchange (whatever its rows) makes it look ~1.3x
+    // slower still on steps this short, so it is throttled 1.5x for the same window.
+    for (ep, throttle) in [("1", "1,2"), ("2", "1,1.5")] {
         let run = tmp.path().join(format!("ep{ep}"));
         let mut a = args(&run);
-        // 2x slower: an ideal 16 : 8, midway between multiples of 3 (15 and 18), so timing
-        // noise of up to ~10% on these 10 ms steps still splits finer (3x would be 18 : 6).
-        a.extend(["--ep", ep, "--rebalance-every", "1", "--throttle", "1,2"].map(String::from));
+        a.extend(["--ep", ep, "--rebalance-every", "1", "--throttle", throttle].map(String::from));
         mpirun(2, &a);
         let got = metrics(&run);
         assert_eq!(got.len(), reference.len());
