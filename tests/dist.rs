@@ -1274,3 +1274,70 @@ fn memory_per_rank_falls_as_the_layout_predicts() {
         }
     }
 }
+
+/// Ranks on different backends in one job (the flex CPU backend beside NdArray, and beside
+/// wgpu on Mesa's software Vulkan driver where the build has it): data, expert (by experts and
+/// by width) and pipeline parallelism train as one process does. Rows, expert inputs and
+/// gradients cross between backends through host memory. The backends' kernels sum in other
+/// orders, so losses are compared at 1e-4 relative and weights at 1e-4 (`docs/PARITY.md`'s
+/// tolerances for one backend against another), not 1e-5.
+#[cfg(feature = "ndarray")]
+#[test]
+fn ranks_on_different_backends_train_as_one_process() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-backends");
+    let args = |run: &Path| -> Vec<String> {
+        let mut a = moe_args(run, "4");
+        a.extend(["--grad-accum", "2"].map(String::from));
+        a
+    };
+    let single = tmp.path().join("single");
+    let reference = one_process(&args(&single), &single);
+    let mut devices = vec!["ndarray"];
+    if cfg!(feature = "wgpu") {
+        devices.push("wgpu:0");
+    }
+    for other in devices {
+        let cluster = tmp.path().join(format!("{}.toml", other.replace(':', "")));
+        std::fs::write(
+            &cluster,
+            format!("[[rank]]\ndevice = \"cpu\"\n[[rank]]\ndevice = \"{other}\"\n"),
+        )
+        .unwrap();
+        for layout in ["--ep=1", "--ep=2", "--ep=2 --ep-split=width", "--pp=2"] {
+            let what = format!("cpu + {other}, {layout}");
+            let run = tmp.path().join(format!(
+                "{}{}",
+                other.replace(':', ""),
+                layout.replace([' ', '='], "")
+            ));
+            let mut a = args(&run);
+            a.extend(layout.split(' ').map(String::from));
+            a.extend(["--cluster".into(), cluster.display().to_string()]);
+            mpirun(2, &a);
+            let got = metrics(&run);
+            assert_eq!(got.len(), reference.len(), "{what}");
+            for (step, rec) in &got {
+                for key in ["loss", "load_balance_loss"] {
+                    let (a, b) = (
+                        rec[key].as_f64().unwrap(),
+                        reference[step][key].as_f64().unwrap(),
+                    );
+                    assert!(
+                        (a - b).abs() <= 1e-4 * b.abs().max(1e-3),
+                        "{what} step {step}: {key} {a} vs one process {b}"
+                    );
+                }
+                let devices: Vec<&str> = rec["ranks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r["device"].as_str().unwrap_or(""))
+                    .collect();
+                assert_eq!(devices, ["cpu", other], "{what}");
+            }
+            let diff = weights_differ_by(&run, &single);
+            assert!(diff < 1e-4, "{what}: weights differ by {diff}");
+        }
+    }
+}

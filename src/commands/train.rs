@@ -344,7 +344,17 @@ pub fn dist_options(
              test-only fault injection: rebuild with `--features fault-injection`"
         );
     }
+    // Every rank's device, for the metrics: the cluster file's, the plan's device names, or
+    // this one (every rank has the same arguments).
+    let devices = (0..ranks)
+        .map(|r| match (&a.cluster, plan) {
+            (Some(_), _) => cluster.spec(r).device,
+            (None, Some(plan)) => plan.device_of(r).to_string(),
+            (None, None) => a.device.clone(),
+        })
+        .collect();
     Ok(Some(nuwa_train::parallel::DistOptions {
+        devices,
         max_seqs: (0..ranks)
             .map(|r| a.cluster.as_ref().and(cluster.spec(r).max_seqs))
             .collect(),
@@ -392,7 +402,8 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
     };
     if (a.ep > 1 || a.pp > 1) && a.dist.is_none() {
         bail!(
-            "--ep / --pp split the model over several processes: start them with `nuwa launch              --np N -- ...` or `mpirun -np N nuwa train --dist mpi ...`"
+            "--ep / --pp split the model over several processes: start them with `nuwa launch \
+             --np N -- ...` or `mpirun -np N nuwa train --dist mpi ...`"
         );
     }
     if (a.ep > 1 || a.pp > 1) && (!a.dump_tensors.is_empty() || a.parity_every > 0) {

@@ -25,8 +25,8 @@ pub trait Collective: Send + Sync {
     );
     /// An all-gather within some of the ranks: all of `send` goes to every rank `r` whose
     /// `send_counts[r]` is `send.len()` (the others' are 0), and `recv_counts[r]` values come
-    /// from each rank into `recv`, rank after rank. As [`Collective::all_to_all_v`] with
-    /// `send` repeated for each receiver, which implementations may avoid.
+    /// from each rank into `recv`, rank after rank: [`Collective::all_to_all_v`] with every
+    /// receiver's block read from the start of `send`.
     fn all_gather_v(
         &self,
         send: &[f32],
@@ -34,17 +34,8 @@ pub trait Collective: Send + Sync {
         recv_counts: &[usize],
         recv: &mut [f32],
     ) {
-        let copies: Vec<f32> = send_counts
-            .iter()
-            .filter(|&&c| c > 0)
-            .flat_map(|_| send.iter().copied())
-            .collect();
-        self.all_to_all_v(
-            &copies,
-            (send_counts, &starts(send_counts)),
-            recv_counts,
-            recv,
-        )
+        let at = vec![0; send_counts.len()];
+        self.all_to_all_v(send, (send_counts, &at), recv_counts, recv)
     }
     /// The ranks that pass the same `color`, as a communicator of their own (ranked in this
     /// one's order). Collective over this communicator.

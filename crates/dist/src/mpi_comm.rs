@@ -106,21 +106,6 @@ impl Collective for MpiCollective {
         let mut recvbuf = PartitionMut::new(recv, &rc[..], &rd[..]);
         self.world.all_to_all_varcount_into(&sendbuf, &mut recvbuf);
     }
-    fn all_gather_v(
-        &self,
-        send: &[f32],
-        send_counts: &[usize],
-        recv_counts: &[usize],
-        recv: &mut [f32],
-    ) {
-        // Every receiver's block starts at 0: MPI reads the one buffer for each.
-        let sc: Vec<i32> = send_counts.iter().map(|&c| c as i32).collect();
-        let sd = vec![0i32; sc.len()];
-        let (rc, rd) = partition(recv_counts);
-        let sendbuf = Partition::new(send, &sc[..], &sd[..]);
-        let mut recvbuf = PartitionMut::new(recv, &rc[..], &rd[..]);
-        self.world.all_to_all_varcount_into(&sendbuf, &mut recvbuf);
-    }
     fn split(&self, color: usize) -> Arc<dyn Collective> {
         // Every rank passes a colour, so every rank gets a communicator.
         let world = self

@@ -771,6 +771,8 @@ pub fn exchange(x: Tensor<2>, route: Route) -> Tensor<2> {
     ops::exchange(x, route)
 }
 
+// burn-ndarray is deprecated upstream, but it is still a backend a rank may run on.
+#[allow(deprecated)]
 mod ops {
     use super::Route;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -782,7 +784,14 @@ mod ops {
     use burn::backend::{backend_extension, Backend, Dispatch, TensorMetadata};
     use burn::tensor::{Tensor, TensorData};
 
-    #[backend_extension(Flex: cfg(feature = "flex"), Autodiff)]
+    // Every backend this crate can be built with: the exchange is a host round trip, the same
+    // for all of them, so ranks on different backends meet in one group.
+    #[backend_extension(
+        Flex: cfg(feature = "flex"),
+        NdArray: cfg(feature = "ndarray"),
+        Cube: cfg(feature = "cube"),
+        Autodiff
+    )]
     pub trait ExchangeOps: Backend {
         fn exchange_rows(x: FloatTensor<Self>, route: Route) -> FloatTensor<Self>;
     }
@@ -812,6 +821,20 @@ mod ops {
 
     #[cfg(feature = "flex")]
     impl ExchangeOps for burn::backend::flex::Flex {
+        fn exchange_rows(x: FloatTensor<Self>, route: Route) -> FloatTensor<Self> {
+            host_exchange::<Self>(x, &route)
+        }
+    }
+
+    #[cfg(feature = "ndarray")]
+    impl ExchangeOps for burn::backend::NdArray {
+        fn exchange_rows(x: FloatTensor<Self>, route: Route) -> FloatTensor<Self> {
+            host_exchange::<Self>(x, &route)
+        }
+    }
+
+    #[cfg(feature = "cube")]
+    impl ExchangeOps for burn::backend::Cube {
         fn exchange_rows(x: FloatTensor<Self>, route: Route) -> FloatTensor<Self> {
             host_exchange::<Self>(x, &route)
         }
@@ -856,18 +879,6 @@ mod ops {
                 }
             }
         }
-    }
-}
-
-/// Whether the exchange runs on `device`'s backend: the flex CPU backend in this build (the
-/// op is a backend extension with a host round trip; other backends have no entry yet).
-pub fn runs_on(device: &burn::tensor::Device) -> bool {
-    #[cfg(feature = "flex")]
-    return crate::kernels::is_flex_device(device);
-    #[cfg(not(feature = "flex"))]
-    {
-        let _ = device;
-        false
     }
 }
 

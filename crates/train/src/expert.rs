@@ -296,17 +296,10 @@ pub fn group_for(
     placement: Option<&Vec<usize>>,
     by_width: bool,
     cfg: &nuwa_run::RunConfig,
-    device: &Device,
 ) -> anyhow::Result<Option<ExpertGroup>> {
     use nuwa_model::expert_parallel::Placement;
     if ep <= 1 {
         return Ok(None);
-    }
-    if !nuwa_model::expert_parallel::runs_on(device) {
-        anyhow::bail!(
-            "--ep {ep}: the expert exchange runs on the CPU (flex) backend in this build; this \
-             rank's device is another (use --device cpu for expert-parallel ranks)"
-        );
     }
     let m = &cfg.model;
     if !m.is_moe() {

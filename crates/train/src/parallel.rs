@@ -16,6 +16,8 @@ pub use nuwa_core::{Collective, SoloCollective};
 /// How one rank takes part in a data-parallel run.
 pub struct DistOptions {
     pub comm: std::sync::Arc<dyn Collective>,
+    /// Each rank's device, by rank, as the metrics name it.
+    pub devices: Vec<String>,
     /// Re-balance the shares of the global batch every this many steps (and after the
     /// profiling step, the second: the first is warm-up); 0 keeps the equal split.
     pub rebalance_every: u64,

@@ -645,7 +645,6 @@ impl Parallelism for Pipeline {
             self.opts.placement.as_ref(),
             self.opts.ep_by_width,
             cfg,
-            &self.device,
         )?;
         Ok(())
     }
@@ -769,7 +768,8 @@ impl Parallelism for Pipeline {
         let ranks: Vec<Value> = (0..self.world.size())
             .map(|r| {
                 let (compute, p2p, schedule) = (col(3)[r], col(4)[r], col(9)[r]);
-                json!({"rank": r, "stage": r % self.pp, "seqs": col(6)[r],
+                json!({"rank": r, "device": self.opts.devices.get(r),
+                       "stage": r % self.pp, "seqs": col(6)[r],
                        "compute_s": compute, "p2p_s": p2p, "comm_s": col(5)[r],
                        "a2a_s": col(8)[r], "peak_rss_bytes": col(10)[r],
                        "bubble": ((schedule - compute) / schedule.max(1e-9)).max(0.0)})

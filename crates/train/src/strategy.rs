@@ -426,7 +426,6 @@ impl Parallelism for DataParallel {
             self.opts.placement.as_ref(),
             self.opts.ep_by_width,
             cfg,
-            &self.device,
         )?;
         if self.experts_group.is_some() {
             let (m, t) = (&cfg.model, &cfg.train);
@@ -631,7 +630,8 @@ impl Parallelism for DataParallel {
         }
         let ranks: Vec<Value> = (0..computes.len())
             .map(|r| {
-                let mut rank = json!({"rank": r, "seqs": seqs[r], "compute_s": computes[r],
+                let mut rank = json!({"rank": r, "device": self.opts.devices.get(r),
+                       "seqs": seqs[r], "compute_s": computes[r],
                        "wait_s": waits[r], "comm_s": comms[r], "a2a_s": a2a[r],
                        "peak_rss_bytes": rss[r]});
                 if self.experts_group.is_some() {

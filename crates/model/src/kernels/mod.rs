@@ -65,12 +65,6 @@ pub fn with_reference_path<R>(f: impl FnOnce() -> R) -> R {
 
 /// Whether the kernels run on `device` (flex, directly or under autodiff, and not switched
 /// off); elsewhere every op takes its reference composition.
-/// Whether `device` is the flex CPU backend's (kernels on or off).
-#[cfg(feature = "flex")]
-pub fn is_flex_device(device: &burn::tensor::Device) -> bool {
-    flex_tensor::is_flex(device)
-}
-
 pub fn has_kernel(device: &burn::tensor::Device) -> bool {
     #[cfg(feature = "flex")]
     if kernels_enabled() && !REFERENCE_ONLY.with(|r| r.get()) && flex_tensor::is_flex(device) {
