@@ -138,8 +138,22 @@ pub mod pace {
             return Duration::ZERO;
         }
         let extra = since.mul_f64(factor - 1.0);
-        std::thread::sleep(extra);
+        wait_exactly(extra);
         extra
+    }
+
+    /// Waits `d`: sleeps all but the last stretch of it and spins through that, as a sleep
+    /// alone overshoots by the timer slack (~0.1 ms), which a rank stretched before each of
+    /// dozens of collectives a step would pay dozens of times — a slower device than asked.
+    fn wait_exactly(d: Duration) {
+        const SPIN: Duration = Duration::from_micros(300);
+        let deadline = Instant::now() + d;
+        if d > SPIN {
+            std::thread::sleep(d - SPIN);
+        }
+        while Instant::now() < deadline {
+            std::hint::spin_loop();
+        }
     }
 
     /// Runs a collective inside a step: the compute before it stretched, its own time counted
