@@ -1093,6 +1093,42 @@ fn a_plan_file_runs_as_planned() {
         assert_eq!(rec["stage_layers"].as_array().unwrap().len(), 2);
         assert_eq!(rec["expert_placement"].as_array().unwrap().len(), 2);
     }
+    // DP 2 × EP 2 with the experts split by width, as the plan says (no --ep-split flag).
+    let plan = write_plan(
+        tmp.path(),
+        "ep = 2\ndp = 2\nmicro_batch = 2\nexpert_split = \"width\"",
+        "local-cpu",
+        2,
+    );
+    let run = tmp.path().join("run-width");
+    let out = Command::new(NUWA)
+        .args(["launch", "--plan", plan.to_str().unwrap()])
+        .args(["--mpirun-arg=-x", "--mpirun-arg=RAYON_NUM_THREADS", "--"])
+        .args(common)
+        .args(["--run-dir", run.to_str().unwrap()])
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (step, rec) in &metrics(&run) {
+        assert_close(
+            rec,
+            &reference[step],
+            "loss",
+            format!("by width, step {step}"),
+        );
+        let columns: Vec<u64> = serde_json::from_value(rec["expert_columns"].clone()).unwrap();
+        assert_eq!(columns.len(), 2, "step {step}: {rec}");
+        assert_eq!(
+            columns.iter().sum::<u64>(),
+            128,
+            "tiny-moe: experts 128 wide"
+        );
+    }
 }
 
 #[test]
@@ -1175,6 +1211,45 @@ fn a_plan_that_cannot_run_is_one_line_before_any_rank_starts() {
     assert!(!out.status.success(), "{stderr}");
     assert!(
         stderr.contains("--ep-split width") && stderr.contains("layout.expert_placement"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(!run.exists());
+    // A plan that splits by width, run with the flag saying otherwise; and one that both
+    // splits by width and places whole experts.
+    let plan = write_plan(
+        tmp.path(),
+        "ep = 2\ndp = 2\nexpert_split = \"width\"",
+        "local-cpu",
+        2,
+    );
+    let out = Command::new(NUWA)
+        .args(["launch", "--plan", plan.to_str().unwrap(), "--"])
+        .args(["--run-dir", run.to_str().unwrap(), "--ep-split", "experts"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--ep-split experts") && stderr.contains("the plan says width"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    let plan = write_plan(
+        tmp.path(),
+        "ep = 2\ndp = 2\nexpert_split = \"width\"\nexpert_placement = [4, 4]",
+        "local-cpu",
+        2,
+    );
+    let out = Command::new(NUWA)
+        .args(["launch", "--plan", plan.to_str().unwrap(), "--"])
+        .args(["--run-dir", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("layout.expert_split = \"width\"") && stderr.contains("drop one"),
         "{stderr}"
     );
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");

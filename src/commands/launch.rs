@@ -34,10 +34,22 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
     let np = match &a.plan {
         Some(path) => {
             let plan = super::plan_run::load_checked(path)?;
-            let by_width = train_args
-                .windows(2)
-                .any(|w| w[0] == "--ep-split" && w[1] == "width")
-                || train_args.iter().any(|a| a == "--ep-split=width");
+            let split_flag = train_args.iter().enumerate().find_map(|(i, a)| {
+                match a.strip_prefix("--ep-split=") {
+                    Some(v) => Some(v.to_string()),
+                    None => (a == "--ep-split").then(|| train_args.get(i + 1).cloned())?,
+                }
+            });
+            if let (Some(given), Some(split)) = (&split_flag, plan.layout.expert_split) {
+                if given != split.as_str() {
+                    bail!(
+                        "--ep-split {given}: {}: the plan says {split}; leave the flag out to \
+                         run the plan",
+                        path.display()
+                    );
+                }
+            }
+            let by_width = split_flag.as_deref() == Some("width");
             if by_width && plan.layout.expert_placement.is_some() {
                 bail!(
                     "--ep-split width: {}: its layout.expert_placement counts whole experts per \
@@ -53,6 +65,10 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
                 );
             }
             train_args.extend(super::plan_run::train_flags(&plan));
+            // How expert groups split the experts holds on any number of ranks, restarts too.
+            if let (None, Some(split)) = (&split_flag, plan.layout.expert_split) {
+                train_args.extend(["--ep-split".to_string(), split.to_string()]);
+            }
             plan.ranks()
         }
         None => {

@@ -24,6 +24,37 @@ pub struct Layout {
     pub ep: usize,
     pub micro_batch: usize,
     pub recompute: bool,
+    /// How an expert group splits the routed experts (with `ep` > 1).
+    pub expert_split: ExpertSplit,
+}
+
+/// How an expert-parallel group splits the routed experts among its ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpertSplit {
+    /// Each rank owns whole experts and runs the rows routed to them: one all-to-all each
+    /// way, but a rank's expert work follows where the router sends tokens.
+    #[default]
+    Experts,
+    /// Each rank holds a share of every expert's FFN columns and runs every row of its group
+    /// on them: its expert work follows its share whatever the router does (ranks of unequal
+    /// speed stay balanced), at the price of every row sent to every rank of the group.
+    Width,
+}
+
+impl ExpertSplit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Experts => "experts",
+            Self::Width => "width",
+        }
+    }
+}
+
+impl std::fmt::Display for ExpertSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The run being planned.
@@ -167,8 +198,13 @@ pub fn step_time(
         } else {
             d.inter_node_bytes_s
         };
-        let bytes = 4.0 * s * b * cfg.num_experts_per_tok as f64 * h * 2.0 * (l.ep as f64 - 1.0)
-            / l.ep as f64;
+        // Each way, a rank's (token, expert) rows go to the owners of their experts: the
+        // other ranks' share of them. Split by width, every row goes to every other rank.
+        let sent_to_others = match l.expert_split {
+            ExpertSplit::Experts => (l.ep as f64 - 1.0) / l.ep as f64,
+            ExpertSplit::Width => l.ep as f64 - 1.0,
+        };
+        let bytes = 4.0 * s * b * cfg.num_experts_per_tok as f64 * h * 2.0 * sent_to_others;
         bytes / bw * moe_layers_per_stage * micro
     } else {
         0.0
@@ -224,6 +260,7 @@ mod tests {
             ep: 1,
             micro_batch: 8,
             recompute: false,
+            expert_split: ExpertSplit::Experts,
         };
         let t = step_time(&w, &device(), &l, 0.5, 8, 1, 50e9);
         let want = 8.0 * 64.0 * w.flops_per_token() / (1e15 * 0.5);
@@ -244,6 +281,34 @@ mod tests {
     }
 
     #[test]
+    fn a_split_by_width_sends_every_row_to_every_other_rank() {
+        let w = Workload {
+            model: ModelConfig::preset("tiny-moe").unwrap(),
+            seq_len: 64,
+            global_batch: 8,
+            tokens: 1e6,
+        };
+        let by = |ep, expert_split| {
+            let l = Layout {
+                tp: 1,
+                pp: 1,
+                ep,
+                micro_batch: 4,
+                recompute: false,
+                expert_split,
+            };
+            step_time(&w, &device(), &l, 0.5, 4, 4, 50e9).expert_all_to_all
+        };
+        for ep in [2, 4] {
+            let (experts, width) = (by(ep, ExpertSplit::Experts), by(ep, ExpertSplit::Width));
+            assert!(experts > 0.0);
+            // (ep - 1) / ep of the rows leave a rank by experts; ep - 1 copies by width.
+            assert!((width / experts - ep as f64).abs() < 1e-9, "ep {ep}");
+        }
+        assert_eq!(by(1, ExpertSplit::Width), 0.0);
+    }
+
+    #[test]
     fn sharding_divides_the_weights() {
         let w = Workload {
             model: ModelConfig::preset("ling-lite").unwrap(),
@@ -257,6 +322,7 @@ mod tests {
             ep: 1,
             micro_batch: 1,
             recompute: true,
+            expert_split: ExpertSplit::Experts,
         };
         let one = memory(&w, &device(), &base, 8);
         let four = memory(&w, &device(), &Layout { pp: 4, ..base }, 8);

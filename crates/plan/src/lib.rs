@@ -13,7 +13,7 @@ pub mod verify;
 
 pub use calibration::{Calibration, Point, DEFAULT_EFFICIENCY};
 pub use catalogue::{Available, Catalogue, Device, Inventory};
-pub use cost::{Layout, Workload};
+pub use cost::{ExpertSplit, Layout, Workload};
 pub use planfile::PlanFile;
 pub use search::{Constraints, Objective, Plan};
 

@@ -16,6 +16,9 @@
 //! recompute = false
 //! stage_layers = [15, 13]      # optional: decoder layers per stage (else measured)
 //! expert_placement = [16, 16, 16, 16]  # optional: experts per EP member (else measured)
+//! expert_split = "experts"     # with ep > 1: whole experts per rank, or "width" (a share
+//!                              # of every expert's columns; the planner's choice for groups
+//!                              # mixing kinds of device)
 //!
 //! [[part]]                     # ranks in order: part after part
 //! device = "H800"
@@ -26,7 +29,7 @@
 //! memory_bytes = [6.1e10]      # per device of each part
 //! ```
 
-use crate::cost::Layout;
+use crate::cost::{ExpertSplit, Layout};
 use crate::search::Plan;
 use anyhow::{anyhow, bail, Context, Result};
 use nuwa_model::ModelConfig;
@@ -65,6 +68,9 @@ pub struct LayoutFile {
     pub stage_layers: Option<Vec<usize>>,
     #[serde(default)]
     pub expert_placement: Option<Vec<usize>>,
+    /// How each expert group splits the routed experts (`--ep-split`); absent: by experts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_split: Option<ExpertSplit>,
 }
 
 fn one() -> usize {
@@ -103,6 +109,7 @@ impl PlanFile {
                 recompute: l.recompute,
                 stage_layers: None,
                 expert_placement: None,
+                expert_split: (l.ep > 1).then_some(l.expert_split),
             },
             parts: plan
                 .parts
@@ -211,6 +218,16 @@ impl PlanFile {
                     l.ep
                 );
             }
+        }
+        match l.expert_split {
+            Some(split) if l.ep == 1 => bail!(
+                "layout.expert_split = \"{split}\": nothing to split with ep = 1 (leave it out)"
+            ),
+            Some(ExpertSplit::Width) if l.expert_placement.is_some() => bail!(
+                "layout.expert_split = \"width\": every rank holds a share of every expert, but \
+                 layout.expert_placement counts whole experts per rank; drop one of the two"
+            ),
+            _ => {}
         }
         Ok(())
     }
@@ -341,6 +358,7 @@ pub fn predict(
         ep: l.ep,
         micro_batch: l.micro_batch,
         recompute: l.recompute,
+        expert_split: l.expert_split.unwrap_or_default(),
     };
     let dp_bw = devices
         .iter()
@@ -408,5 +426,35 @@ mod tests {
         assert!(toml::from_str::<PlanFile>("model = \"x\"\nsurprise = 1\n").is_err());
         assert_eq!(backend_of("H800", Some("NVIDIA")), Some("cuda"));
         assert_eq!(backend_of("Ascend 910B", Some("Huawei")), None);
+    }
+
+    #[test]
+    fn the_expert_split_is_read_and_checked() {
+        let with = |line: &str| {
+            let text = toml::to_string(&plan())
+                .unwrap()
+                .replace("[layout]\n", &format!("[layout]\n{line}\n"));
+            toml::from_str::<PlanFile>(&text)
+        };
+        let width = with("expert_split = \"width\"").unwrap();
+        width.check_shape().unwrap();
+        assert_eq!(width.layout.expert_split, Some(ExpertSplit::Width));
+        assert_eq!(plan().layout.expert_split, None, "absent: by experts");
+        let err = with("expert_split = \"rows\"").unwrap_err().to_string();
+        assert!(err.contains("unknown variant `rows`"), "{err}");
+        let mut bad = width.clone();
+        bad.layout.expert_placement = Some(vec![5, 3]);
+        let err = bad.check_shape().unwrap_err().to_string();
+        assert!(
+            err.contains("layout.expert_split = \"width\"") && err.contains("expert_placement"),
+            "{err}"
+        );
+        let mut bad = width.clone();
+        bad.layout.ep = 1;
+        let err = bad.check_shape().unwrap_err().to_string();
+        assert!(err.contains("nothing to split with ep = 1"), "{err}");
+        // Written back, the split survives; a plan without expert parallelism writes none.
+        let again: PlanFile = toml::from_str(&toml::to_string(&width).unwrap()).unwrap();
+        assert_eq!(again, width);
     }
 }

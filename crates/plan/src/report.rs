@@ -19,7 +19,7 @@ fn money(x: f64) -> String {
 /// The top plans as an aligned text table.
 pub fn table(plans: &[&Plan], currency: &str) -> String {
     let mut out = format!(
-        "{:>3}  {:<28} {:<20} {:>8} {:>14} {:>12} {:>6} {:>9} {:>9}\n",
+        "{:>3}  {:<28} {:<24} {:>8} {:>14} {:>12} {:>6} {:>9} {:>9}\n",
         "#",
         "devices",
         "layout",
@@ -32,7 +32,7 @@ pub fn table(plans: &[&Plan], currency: &str) -> String {
     );
     for (i, p) in plans.iter().enumerate() {
         out.push_str(&format!(
-            "{:>3}  {:<28} {:<20} {:>8.1} {:>14} {:>12} {:>5.1}% {:>8.0}% {:>8.0}%\n",
+            "{:>3}  {:<28} {:<24} {:>8.1} {:>14} {:>12} {:>5.1}% {:>8.0}% {:>8.0}%\n",
             i + 1,
             p.describe(),
             p.layout_text(),

@@ -136,6 +136,7 @@ pub fn compare(
         ep: 1,
         micro_batch: w.batch_size,
         recompute: false,
+        expert_split: Default::default(),
     };
     let predicted =
         cost::step_time(&workload, &available, &layout, eff, w.batch_size, 1, 1e11).total;
