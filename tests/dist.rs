@@ -1036,10 +1036,11 @@ fn a_plan_file_runs_as_planned() {
     let _serial = serial();
     let tmp = TempDir::new("dist-plan");
     // DP 2 × EP 2 × PP 2: micro-batches of 2 sequences per replica (4 per step's micro-batch),
-    // 4 of them to the global batch of 16.
+    // 4 of them to the global batch of 16; the stages fixed 2 : 2, where measured ones are
+    // 3 : 1 (the last stage has the LM head).
     let plan = write_plan(
         tmp.path(),
-        "pp = 2\nep = 2\ndp = 2\nmicro_batch = 2",
+        "pp = 2\nep = 2\ndp = 2\nmicro_batch = 2\nstage_layers = [2, 2]",
         "local-cpu",
         4,
     );
@@ -1090,8 +1091,15 @@ fn a_plan_file_runs_as_planned() {
     for (step, rec) in &got {
         assert_close(rec, &reference[step], "loss", format!("step {step}"));
         assert_eq!(rec["ranks"].as_array().unwrap().len(), 4);
-        assert_eq!(rec["stage_layers"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            rec["stage_layers"],
+            serde_json::json!([2, 2]),
+            "step {step}"
+        );
         assert_eq!(rec["expert_placement"].as_array().unwrap().len(), 2);
+        for r in rec["ranks"].as_array().unwrap() {
+            assert_eq!(r["device"], "local-cpu", "each rank on the plan's device");
+        }
     }
     // DP 2 × EP 2 with the experts split by width, as the plan says (no --ep-split flag).
     let plan = write_plan(

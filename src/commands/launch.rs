@@ -65,6 +65,8 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
                 );
             }
             train_args.extend(super::plan_run::train_flags(&plan));
+            // Each rank's device, and the plan's fixed stage layers and expert placement.
+            train_args.extend(["--launched-plan".to_string(), path.display().to_string()]);
             // How expert groups split the experts holds on any number of ranks, restarts too.
             if let (None, Some(split)) = (&split_flag, plan.layout.expert_split) {
                 train_args.extend(["--ep-split".to_string(), split.to_string()]);

@@ -160,6 +160,11 @@ pub struct TrainArgs {
     /// expert placement) and each rank's device.
     #[arg(long)]
     plan: Option<PathBuf>,
+    /// Set by `nuwa launch --plan`, which passes the plan's model, batch and layout as flags
+    /// (re-shaped when it restarts on fewer ranks): the plan each rank takes its device from,
+    /// and its fixed stage layers and expert placement while the job keeps the plan's layout.
+    #[arg(long, hide = true)]
+    launched_plan: Option<PathBuf>,
     /// Test-only fault injection: STEP:RANK kills that rank with SIGKILL during that step.
     #[arg(long, hide = true)]
     fault_kill_at: Option<String>,
@@ -345,6 +350,9 @@ pub fn dist_options(
              test-only fault injection: rebuild with `--features fault-injection`"
         );
     }
+    // The plan's stage layers and expert placement, while the job has its layout (a launch
+    // restarted on fewer ranks re-shapes it, and they are measured instead).
+    let fixed = plan.filter(|p| p.layout.ep as u64 == a.ep && p.layout.pp as u64 == a.pp);
     // Every rank's device, for the metrics: the cluster file's, the plan's device names, or
     // this one (every rank has the same arguments).
     let devices = (0..ranks)
@@ -373,13 +381,13 @@ pub fn dist_options(
         },
         hash_params: a.hash_params,
         ep: a.ep as usize,
-        placement: plan.and_then(|p| p.layout.expert_placement.clone()),
+        placement: fixed.and_then(|p| p.layout.expert_placement.clone()),
         ep_by_width: a.ep_split.as_deref() == Some("width"),
         pp: a.pp as usize,
         stage_layers: a
             .stage_layers
             .clone()
-            .or_else(|| plan.and_then(|p| p.layout.stage_layers.clone())),
+            .or_else(|| fixed.and_then(|p| p.layout.stage_layers.clone())),
     }))
 }
 
@@ -397,9 +405,10 @@ pub fn mpi_comm() -> Result<std::sync::Arc<dyn nuwa_train::parallel::Collective>
 
 pub fn train(mut a: TrainArgs) -> Result<()> {
     check_hook_flags(&a)?;
-    let plan = match a.plan.clone() {
-        Some(path) => Some(apply_plan(&mut a, &path)?),
-        None => None,
+    let plan = match (a.plan.clone(), &a.launched_plan) {
+        (Some(path), _) => Some(apply_plan(&mut a, &path)?),
+        (None, Some(path)) => Some(nuwa_plan::PlanFile::load(path)?),
+        (None, None) => None,
     };
     if (a.ep > 1 || a.pp > 1) && a.dist.is_none() {
         bail!(
