@@ -854,6 +854,109 @@ fn an_expert_layout_that_does_not_divide_is_one_clear_error() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// `nuwa train --dist mpi ARGS` on `np` ranks, which must fail; returns its stderr.
+fn mpirun_failing(np: usize, args: &[String]) -> String {
+    let out = Command::new("mpirun")
+        .args(["--oversubscribe", "-np", &np.to_string(), NUWA])
+        .args(["train", "--dist", "mpi"])
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+/// `4.000 kB`, `1.269 MB`, `2.5 GB` as bytes.
+fn bytes_of(text: &str) -> f64 {
+    let (value, unit) = text.trim().split_once(' ').unwrap();
+    let scale = match unit {
+        "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        other => panic!("unit {other}"),
+    };
+    value.parse::<f64>().unwrap() * scale
+}
+
+#[test]
+fn a_rank_gets_no_more_experts_than_its_memory_holds() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-ep-memory");
+    let cluster = |rank1_gb: f64| {
+        let path = tmp.path().join(format!("cluster-{rank1_gb}.toml"));
+        let text = format!(
+            "[[rank]]\ndevice = \"cpu\"\n[[rank]]\ndevice = \"cpu\"\nmemory_gb = {rank1_gb}\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let args = |run: &Path, cluster: &str, split: &str| {
+        let mut a = moe_args(run, "4");
+        let split = ["--ep", "2", "--ep-split", split, "--cluster", cluster];
+        a.extend(split.map(String::from));
+        a
+    };
+    // Too little memory for the dense parameters and one expert: one line saying what
+    // each takes (f32 weights, gradients and AdamW moments in 80% of the memory).
+    let run = tmp.path().join("none");
+    let stderr = mpirun_failing(2, &args(&run, &cluster(1e-6), "experts"));
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("rank 1's memory (1.000 kB) does not hold the dense parameters"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let (_, sizes) = line.split_once("they take ").unwrap();
+    let (dense, expert) = sizes.split_once(" and ").unwrap();
+    let dense = bytes_of(dense);
+    let expert = bytes_of(expert.trim_end_matches(" with gradients and optimiser state"));
+    // Room for 2.5 experts beside the dense part: rank 1 holds 2 of the 8 (the placement is
+    // otherwise equal: 4 : 4), from the first step on and after the re-placements.
+    let roomy = cluster((dense + 2.5 * expert) / 0.8 / 1e9);
+    let single = tmp.path().join("single");
+    let reference = one_process(&moe_args(&single, "4"), &single);
+    let run = tmp.path().join("capped");
+    mpirun(2, &args(&run, &roomy, "experts"));
+    for (step, rec) in &metrics(&run) {
+        assert_eq!(
+            rec["expert_placement"],
+            serde_json::json!([6, 2]),
+            "step {step}"
+        );
+        assert_close(rec, &reference[step], "loss", format!("step {step}"));
+    }
+    // Split by width: at most the columns of every expert that room holds (2.5 experts'
+    // worth of 64 columns of 8 experts: 20).
+    let run = tmp.path().join("capped-width");
+    mpirun(2, &args(&run, &roomy, "width"));
+    for (step, rec) in &metrics(&run) {
+        let columns: Vec<u64> = serde_json::from_value(rec["expert_columns"].clone()).unwrap();
+        assert_eq!(columns, [44, 20], "step {step}");
+        assert_close(
+            rec,
+            &reference[step],
+            "loss",
+            format!("by width, step {step}"),
+        );
+    }
+    // Both ranks that small: the group cannot hold the 8 experts.
+    let small = tmp.path().join("small.toml");
+    let each = (dense + 3.5 * expert) / 0.8 / 1e9;
+    std::fs::write(
+        &small,
+        format!("[[rank]]\ndevice = \"cpu\"\nmemory_gb = {each}\n"),
+    )
+    .unwrap();
+    let run = tmp.path().join("small");
+    let stderr = mpirun_failing(2, &args(&run, &small.display().to_string(), "experts"));
+    assert!(
+        stderr.contains("--ep 2: the group's memories hold 6 of the model's 8 experts"),
+        "{stderr}"
+    );
+}
+
 /// A 4-layer model trained on 4 micro-batches (`--grad-accum`) of 4 sequences per step.
 fn pipeline_args(run: &Path, preset: &str) -> Vec<String> {
     let mut args = sized_args(run, "5", "4", "64");

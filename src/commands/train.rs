@@ -367,6 +367,13 @@ pub fn dist_options(
         max_seqs: (0..ranks)
             .map(|r| a.cluster.as_ref().and(cluster.spec(r).max_seqs))
             .collect(),
+        memory_bytes: (0..ranks)
+            .map(|r| {
+                a.cluster
+                    .as_ref()
+                    .and(cluster.spec(r).memory_gb.map(|g| g * 1e9))
+            })
+            .collect(),
         comm,
         rebalance_every: a.rebalance_every,
         straggler_factor: 1.5,

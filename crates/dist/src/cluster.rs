@@ -6,6 +6,9 @@
 //! [[rank]]            # rank 1
 //! device = "rocm:0"
 //! max_seqs = 4        # most sequences per micro-batch this device's memory holds
+//! memory_gb = 24      # memory for the model's parameters, gradients and optimiser state
+//!                     # (default: the host's available memory), which bounds its experts
+//!                     # and pipeline layers
 //! [[rank]]            # rank 2 (and any further ranks reuse the last entry)
 //! device = "cpu"
 //! ```
@@ -21,6 +24,11 @@ pub struct RankSpec {
     pub device: String,
     #[serde(default)]
     pub max_seqs: Option<usize>,
+    /// GB of memory this rank may fill with parameters, their gradients and optimiser state
+    /// (default: the host's available memory): it bounds the experts (or expert columns)
+    /// and the pipeline layers the rank is given.
+    #[serde(default)]
+    pub memory_gb: Option<f64>,
     /// Test-only slowdown factor (see `--throttle`).
     #[serde(default)]
     pub throttle: Option<f64>,
@@ -48,6 +56,12 @@ impl ClusterFile {
         for (i, r) in file.rank.iter().enumerate() {
             if r.max_seqs == Some(0) {
                 bail!("{}: rank {i}: max_seqs must be positive", path.display());
+            }
+            if r.memory_gb.is_some_and(|m| !(m > 0.0 && m.is_finite())) {
+                bail!(
+                    "{}: rank {i}: memory_gb must be a positive number",
+                    path.display()
+                );
             }
             if r.throttle.is_some_and(|t| !(t >= 1.0 && t.is_finite())) {
                 bail!(

@@ -101,12 +101,17 @@ impl Placement {
     /// `experts` split in proportion to `speeds` (tokens per second each member's experts can
     /// process), every member owning at least one.
     pub fn proportional(experts: usize, speeds: &[f64]) -> Self {
-        let members = speeds.len();
-        let spare = experts.saturating_sub(members);
-        let mut counts = nuwa_core::proportional_shares(spare, speeds, &[]);
-        counts.iter_mut().for_each(|c| *c += 1);
         Self {
-            counts,
+            counts: at_least_one_each(experts, speeds, &[]),
+            columns: None,
+        }
+    }
+
+    /// [`Placement::proportional`] with no member owning more experts than `caps` (what its
+    /// memory holds); the caps must hold every expert.
+    pub fn proportional_within(experts: usize, speeds: &[f64], caps: &[Option<usize>]) -> Self {
+        Self {
+            counts: at_least_one_each(experts, speeds, caps),
             columns: None,
         }
     }
@@ -114,14 +119,28 @@ impl Placement {
     /// Every expert on every member, each expert's `width` FFN columns split in proportion
     /// to `speeds`, every member holding at least one.
     pub fn by_width(experts: usize, width: usize, speeds: &[f64]) -> Self {
-        let members = speeds.len();
-        let spare = width.saturating_sub(members);
-        let mut columns = nuwa_core::proportional_shares(spare, speeds, &[]);
-        columns.iter_mut().for_each(|c| *c += 1);
+        Self::by_width_within(experts, width, speeds, &[])
+    }
+
+    /// [`Placement::by_width`] with no member holding more columns than `caps`.
+    pub fn by_width_within(
+        experts: usize,
+        width: usize,
+        speeds: &[f64],
+        caps: &[Option<usize>],
+    ) -> Self {
         Self {
-            counts: vec![experts; members],
-            columns: Some(columns),
+            counts: vec![experts; speeds.len()],
+            columns: Some(at_least_one_each(width, speeds, caps)),
         }
+    }
+
+    /// Whether no member holds more (experts, or columns split by width) than `caps`.
+    pub fn within(&self, caps: &[Option<usize>]) -> bool {
+        let held = self.columns.as_ref().unwrap_or(&self.counts);
+        held.iter()
+            .zip(caps)
+            .all(|(&h, cap)| cap.is_none_or(|c| h <= c))
     }
 
     /// The split by width whose members' expert phases should take equally long, from what
@@ -137,6 +156,7 @@ impl Placement {
         columns: &[usize],
         seconds: &[f64],
         speeds: &[f64],
+        caps: &[Option<usize>],
     ) -> Option<Self> {
         let n = columns.len();
         if n < 2 || seconds.len() != n || speeds.len() != n {
@@ -166,11 +186,9 @@ impl Placement {
         if wanted.iter().all(|&w| w <= 0.0) {
             return None;
         }
-        let mut columns = nuwa_core::proportional_shares(width.saturating_sub(n), &wanted, &[]);
-        columns.iter_mut().for_each(|c| *c += 1);
         Some(Self {
             counts: vec![experts; n],
-            columns: Some(columns),
+            columns: Some(at_least_one_each(width, &wanted, caps)),
         })
     }
 
@@ -297,6 +315,19 @@ impl Placement {
     }
 }
 
+/// `total` units (experts, or columns) split in proportion to `weights`, every member taking
+/// at least one and at most its cap.
+fn at_least_one_each(total: usize, weights: &[f64], caps: &[Option<usize>]) -> Vec<usize> {
+    let spare = total.saturating_sub(weights.len());
+    let above_one: Vec<Option<usize>> = caps
+        .iter()
+        .map(|c| c.map(|c| c.saturating_sub(1)))
+        .collect();
+    let mut counts = nuwa_core::proportional_shares(spare, weights, &above_one);
+    counts.iter_mut().for_each(|c| *c += 1);
+    counts
+}
+
 /// This rank's place in expert parallelism, shared by every MoE layer of its model.
 #[derive(Clone)]
 pub struct ExpertGroup {
@@ -304,6 +335,9 @@ pub struct ExpertGroup {
     /// Ranks per EP group.
     pub ep: usize,
     pub placement: Placement,
+    /// Most experts (or, split by width, columns) each member's memory holds (`None`:
+    /// unbounded): every placement of the group stays within them.
+    pub member_caps: Vec<Option<usize>>,
     /// Nanoseconds spent inside exchanges (forward and backward) since the last
     /// [`ExpertGroup::take_exchange_seconds`].
     exchange_ns: Arc<AtomicU64>,
@@ -333,9 +367,18 @@ impl ExpertGroup {
             comm,
             ep,
             placement,
+            member_caps: Vec::new(),
             exchange_ns: Arc::new(AtomicU64::new(0)),
             expert_rows: Arc::new(AtomicU64::new(0)),
             expert_ns: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The group with each member's most experts (or columns) its memory holds.
+    pub fn with_member_caps(self, member_caps: Vec<Option<usize>>) -> Self {
+        Self {
+            member_caps,
+            ..self
         }
     }
 
@@ -971,11 +1014,11 @@ mod tests {
         let phase = |c: usize, v: f64| (c as f64 + 60.0) / v;
         let speeds = [2.0, 1.0];
         let equal = [phase(128, 2.0), phase(128, 1.0)];
-        assert!(Placement::by_width_fitted(8, &[128, 128], &equal, &speeds).is_none());
+        assert!(Placement::by_width_fitted(8, &[128, 128], &equal, &speeds, &[]).is_none());
         // In proportion to speed (171 : 85) the slow member's phase is longer...
         let seconds = [phase(171, 2.0), phase(85, 1.0)];
         assert!(seconds[1] > seconds[0] * 1.1);
-        let fitted = Placement::by_width_fitted(8, &[171, 85], &seconds, &speeds).unwrap();
+        let fitted = Placement::by_width_fitted(8, &[171, 85], &seconds, &speeds, &[]).unwrap();
         let c = fitted.columns.clone().unwrap();
         assert_eq!(c.iter().sum::<usize>(), 256);
         assert_eq!(fitted.counts, [8, 8]);
@@ -1015,6 +1058,18 @@ mod tests {
         let p = Placement::proportional(4, &[100.0, 1.0, 1.0]);
         assert_eq!(p.counts, [2, 1, 1], "every member owns one");
         assert_eq!(Placement::equal(5, 2).counts.iter().sum::<usize>(), 5);
+        // A member whose memory holds 2 experts gets no more, however fast.
+        let caps = [None, Some(2)];
+        let p = Placement::proportional_within(8, &[1.0, 3.0], &caps);
+        assert_eq!(p.counts, [6, 2]);
+        assert!(p.within(&caps) && !Placement::equal(8, 2).within(&caps));
+        let w = Placement::by_width_within(8, 256, &[1.0, 1.0], &[Some(100), None]);
+        assert_eq!(w.columns.as_deref(), Some(&[100, 156][..]));
+        // Phases as in the fit's own test (fitted 191 : 65), the slow member capped at 40.
+        let seconds = [(171.0 + 60.0) / 2.0, 85.0 + 60.0];
+        let fitted =
+            Placement::by_width_fitted(8, &[171, 85], &seconds, &[2.0, 1.0], &[None, Some(40)]);
+        assert_eq!(fitted.and_then(|f| f.columns), Some(vec![216, 40]));
         assert!(is_routed_expert(
             "layers.1.moe.experts.down_proj.exp_avg_sq"
         ));

@@ -295,6 +295,7 @@ pub fn group_for(
     ep: usize,
     placement: Option<&Vec<usize>>,
     by_width: bool,
+    memory: Option<f64>,
     cfg: &nuwa_run::RunConfig,
 ) -> anyhow::Result<Option<ExpertGroup>> {
     use nuwa_model::expert_parallel::Placement;
@@ -306,15 +307,29 @@ pub fn group_for(
         anyhow::bail!("--ep {ep}: expert parallelism needs a MoE model (this one is dense)");
     }
     crate::strategy::check_expert_layout(ep, comm.size(), m.num_experts, cfg.train.batch_size)?;
+    let caps = member_caps(comm.as_ref(), ep, memory, m, by_width)?;
     let placement = match (placement, by_width) {
         (Some(_), true) => anyhow::bail!(
             "--ep-split width: the plan's layout.expert_placement counts whole experts per rank; \
              drop one of the two"
         ),
-        (Some(counts), false) => Placement {
-            counts: counts.clone(),
-            columns: None,
-        },
+        (Some(counts), false) => {
+            let fixed = Placement {
+                counts: counts.clone(),
+                columns: None,
+            };
+            if !fixed.within(&caps) {
+                anyhow::bail!(
+                    "layout.expert_placement {counts:?}: more experts than a member's memory \
+                     holds (at most {} per member)",
+                    caps.iter()
+                        .map(|c| c.map_or("any".into(), |c| c.to_string()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            fixed
+        }
         (None, true) => {
             let width = m.moe_intermediate_size;
             if width < ep {
@@ -323,11 +338,92 @@ pub fn group_for(
                      than the group has ranks"
                 );
             }
-            Placement::by_width(m.num_experts, width, &vec![1.0; ep])
+            Placement::by_width_within(m.num_experts, width, &vec![1.0; ep], &caps)
         }
-        (None, false) => Placement::equal(m.num_experts, ep),
+        (None, false) => Placement::proportional_within(m.num_experts, &vec![1.0; ep], &caps),
     };
-    Ok(Some(ExpertGroup::new(comm.clone(), ep, placement)))
+    Ok(Some(
+        ExpertGroup::new(comm.clone(), ep, placement).with_member_caps(caps),
+    ))
+}
+
+/// `bytes` to four significant digits in the unit that suits them.
+fn fmt_bytes(bytes: f64) -> String {
+    let (value, unit) = match bytes {
+        b if b >= 1e9 => (b / 1e9, "GB"),
+        b if b >= 1e6 => (b / 1e6, "MB"),
+        b => (b / 1e3, "kB"),
+    };
+    let decimals = 3usize.saturating_sub(value.abs().log10().floor().max(0.0) as usize);
+    format!("{value:.decimals$} {unit}")
+}
+
+/// Bytes a parameter costs a rank that trains it: f32 weight and gradient, two AdamW moments.
+const BYTES_PER_TRAINED_PARAM: f64 = 16.0;
+/// Share of a rank's memory its parameters may fill (the rest: activations, buffers).
+const PARAMETER_SHARE: f64 = 0.8;
+
+/// Most experts (split by width: columns of every expert) each member of an `ep` group may
+/// hold: what the smallest memory among its replicas — `memory` (this rank's, from the
+/// cluster file) or the host's available memory — leaves after the dense parameters.
+/// `None` where nothing bounds it. Fails, naming the rank, when a memory does not hold the
+/// dense parameters and one expert, or the group's memories cannot hold every expert.
+fn member_caps(
+    comm: &dyn crate::parallel::Collective,
+    ep: usize,
+    memory: Option<f64>,
+    m: &nuwa_model::ModelConfig,
+    by_width: bool,
+) -> anyhow::Result<Vec<Option<usize>>> {
+    let mine = memory
+        .or_else(|| nuwa_core::hardware::available_memory().map(|b| b as f64))
+        .unwrap_or(f64::INFINITY);
+    let all = comm.all_gather(&[mine]);
+    let moe_layers = (0..m.num_hidden_layers)
+        .filter(|&l| m.layer_is_moe(l))
+        .count()
+        + m.num_nextn_predict_layers;
+    let per_expert = (3 * m.hidden_size * m.moe_intermediate_size * moe_layers) as f64;
+    let dense = m.counts(1).total_params as f64 - per_expert * m.num_experts as f64;
+    let (unit, units, what) = match by_width {
+        true => (
+            per_expert * m.num_experts as f64 / m.moe_intermediate_size.max(1) as f64,
+            m.moe_intermediate_size,
+            "expert column",
+        ),
+        false => (per_expert, m.num_experts, "expert"),
+    };
+    let mut caps: Vec<Option<usize>> = vec![None; ep];
+    for (rank, &bytes) in all.iter().enumerate() {
+        if !bytes.is_finite() {
+            continue;
+        }
+        let room = bytes * PARAMETER_SHARE / BYTES_PER_TRAINED_PARAM - dense;
+        let fits = (room / unit.max(1.0)).floor().max(0.0) as usize;
+        if fits == 0 {
+            anyhow::bail!(
+                "--ep {ep}: rank {rank}'s memory ({}) does not hold the dense parameters and one \
+                 {what} in {:.0}% of it: they take {} and {} with gradients and optimiser state",
+                fmt_bytes(bytes),
+                PARAMETER_SHARE * 100.0,
+                fmt_bytes(dense * BYTES_PER_TRAINED_PARAM),
+                fmt_bytes(unit * BYTES_PER_TRAINED_PARAM)
+            );
+        }
+        let cap = &mut caps[rank % ep];
+        *cap = Some(cap.map_or(fits, |c| c.min(fits)));
+    }
+    if caps.iter().all(Option::is_some) {
+        let held: usize = caps.iter().flatten().sum();
+        if held < units {
+            anyhow::bail!(
+                "--ep {ep}: the group's memories hold {held} of the model's {units} {what}s \
+                 (memory_gb in the cluster file, or the host's available memory): use more \
+                 ranks per group"
+            );
+        }
+    }
+    Ok(caps)
 }
 
 /// A model holding only `group`'s share of the experts (cut down now unless it was built

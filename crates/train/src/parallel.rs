@@ -23,6 +23,10 @@ pub struct DistOptions {
     pub rebalance_every: u64,
     /// Most sequences per micro-batch each rank may take (its memory bound), by rank.
     pub max_seqs: Vec<Option<usize>>,
+    /// Bytes each rank may fill with parameters, gradients and optimiser state (a cluster
+    /// file's `memory_gb`; `None`: the host's available memory), by rank: what bounds its
+    /// experts and pipeline layers.
+    pub memory_bytes: Vec<Option<f64>>,
     /// A rank whose compute time exceeds `straggler_factor` × its predicted time for
     /// `straggler_patience` steps in a row is reported.
     pub straggler_factor: f64,

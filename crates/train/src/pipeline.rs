@@ -200,6 +200,12 @@ impl Pipeline {
         seconds
     }
 
+    /// This rank's memory for parameters, as the cluster file gives it.
+    fn own_memory(&self) -> Option<f64> {
+        let rank = self.opts.comm.rank();
+        self.opts.memory_bytes.get(rank).copied().flatten()
+    }
+
     /// Per-stage layer counts: from the plan, or from every rank's measured layer time (a
     /// stage as fast as its slowest replica) within every rank's memory.
     fn plan_stages(&self, cfg: &RunConfig) -> Result<Vec<usize>> {
@@ -215,7 +221,10 @@ impl Pipeline {
             return Ok(fixed.clone());
         }
         let mine = self.time_a_layer(cfg);
-        let free = nuwa_core::hardware::available_memory().unwrap_or(u64::MAX) as f64;
+        let free = self
+            .own_memory()
+            .or_else(|| nuwa_core::hardware::available_memory().map(|b| b as f64))
+            .unwrap_or(f64::MAX);
         let all = self.world.all_gather(&[mine, free]);
         let mut speeds = vec![f64::MAX; self.pp];
         let mut memory = vec![f64::MAX; self.pp];
@@ -644,6 +653,7 @@ impl Parallelism for Pipeline {
             self.opts.ep,
             self.opts.placement.as_ref(),
             self.opts.ep_by_width,
+            self.own_memory(),
             cfg,
         )?;
         Ok(())

@@ -295,8 +295,11 @@ impl DataParallel {
                     return None;
                 }
                 let seconds = per_member(&self.expert_seconds);
-                Placement::by_width_fitted(experts, columns, &seconds, &member)
-                    .unwrap_or_else(|| Placement::by_width(experts, columns.iter().sum(), &member))
+                let caps = &group.member_caps;
+                Placement::by_width_fitted(experts, columns, &seconds, &member, caps)
+                    .unwrap_or_else(|| {
+                        Placement::by_width_within(experts, columns.iter().sum(), &member, caps)
+                    })
             }
             None => {
                 let speeds = self.balancer.speeds.iter().map(|s| s.unwrap_or(0.0));
@@ -304,7 +307,7 @@ impl DataParallel {
                 if member.iter().any(|&s| s <= 0.0) {
                     return None;
                 }
-                Placement::proportional(experts, &member)
+                Placement::proportional_within(experts, &member, &group.member_caps)
             }
         };
         (placement != group.placement).then_some(placement)
@@ -425,6 +428,7 @@ impl Parallelism for DataParallel {
             self.opts.ep,
             self.opts.placement.as_ref(),
             self.opts.ep_by_width,
+            self.opts.memory_bytes.get(self.rank()).copied().flatten(),
             cfg,
         )?;
         if self.experts_group.is_some() {
@@ -482,7 +486,8 @@ impl Parallelism for DataParallel {
         let (Some(new), Some(old)) = (self.pending_placement.take(), &self.experts_group) else {
             return model;
         };
-        let group = ExpertGroup::new(self.opts.comm.clone(), old.ep, new);
+        let group = ExpertGroup::new(self.opts.comm.clone(), old.ep, new)
+            .with_member_caps(old.member_caps.clone());
         let model = crate::expert::replace_experts(model, opt, &group, device);
         self.experts_group = Some(group);
         model
