@@ -1159,20 +1159,20 @@ fn a_plan_file_runs_as_planned() {
         "--eval-every",
         "1000",
     ];
-    let out = Command::new(NUWA)
-        .args(["launch", "--plan", plan.to_str().unwrap()])
-        .args(["--mpirun-arg=-x", "--mpirun-arg=RAYON_NUM_THREADS", "--"])
-        .args(common)
-        .args(["--run-dir", run.to_str().unwrap()])
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got = metrics(&run);
+    let launch_plan = |plan: &Path, run: &Path| {
+        let out = Command::new(NUWA)
+            .args(["launch", "--plan", plan.to_str().unwrap()])
+            .args(["--mpirun-arg=-x", "--mpirun-arg=RAYON_NUM_THREADS", "--"])
+            .args(common)
+            .args(["--run-dir", run.to_str().unwrap()])
+            .env("RAYON_NUM_THREADS", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        metrics(run)
+    };
+    let got = launch_plan(&plan, &run);
     let single = tmp.path().join("single");
     let mut args: Vec<String> = common.map(String::from).to_vec();
     args.extend(
@@ -1211,21 +1211,7 @@ fn a_plan_file_runs_as_planned() {
         "local-cpu",
         2,
     );
-    let run = tmp.path().join("run-width");
-    let out = Command::new(NUWA)
-        .args(["launch", "--plan", plan.to_str().unwrap()])
-        .args(["--mpirun-arg=-x", "--mpirun-arg=RAYON_NUM_THREADS", "--"])
-        .args(common)
-        .args(["--run-dir", run.to_str().unwrap()])
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for (step, rec) in &metrics(&run) {
+    for (step, rec) in &launch_plan(&plan, &tmp.path().join("run-width")) {
         assert_close(
             rec,
             &reference[step],
@@ -1246,11 +1232,12 @@ fn a_plan_file_runs_as_planned() {
 fn a_plan_that_cannot_run_is_one_line_before_any_rank_starts() {
     let tmp = TempDir::new("dist-plan-bad");
     let cases = [
-        // (layout, device, ranks, extra launch flags, what the line says)
+        // (layout, device, ranks, extra launch flags, extra train flags, what the line says)
         (
             "pp = 5\ndp = 1",
             "local-cpu",
             5,
+            vec![],
             vec![],
             "layout.pp = 5: the model has only 4 decoder layers",
         ),
@@ -1259,6 +1246,7 @@ fn a_plan_that_cannot_run_is_one_line_before_any_rank_starts() {
             "local-cpu",
             16,
             vec![],
+            vec![],
             "layout.ep = 16: more ranks per expert group than the model's 8 routed experts",
         ),
         (
@@ -1266,12 +1254,14 @@ fn a_plan_that_cannot_run_is_one_line_before_any_rank_starts() {
             "local-cpu",
             4,
             vec!["--np", "6"],
+            vec![],
             "--np 6",
         ),
         (
             "pp = 2\ndp = 2",
             "H800-SXM",
             4,
+            vec![],
             vec![],
             "trains on the cuda backend, which this nuwa was built without",
         ),
@@ -1280,6 +1270,7 @@ fn a_plan_that_cannot_run_is_one_line_before_any_rank_starts() {
             "Ascend-910B",
             4,
             vec![],
+            vec![],
             "no backend of nuwa drives it yet",
         ),
         (
@@ -1287,15 +1278,43 @@ fn a_plan_that_cannot_run_is_one_line_before_any_rank_starts() {
             "local-cpu",
             4,
             vec![],
+            vec![],
             "pp 2 × dp 3 = 6 ranks, but the parts list 4 devices",
         ),
+        // Whole experts placed, run split by width; split by width, run with the flag
+        // saying otherwise; and a plan that both splits by width and places whole experts.
+        (
+            "ep = 2\ndp = 2\nexpert_placement = [4, 4]",
+            "local-cpu",
+            2,
+            vec![],
+            vec!["--ep-split", "width"],
+            "its layout.expert_placement counts whole experts per rank",
+        ),
+        (
+            "ep = 2\ndp = 2\nexpert_split = \"width\"",
+            "local-cpu",
+            2,
+            vec![],
+            vec!["--ep-split", "experts"],
+            "the plan says width; leave the flag out",
+        ),
+        (
+            "ep = 2\ndp = 2\nexpert_split = \"width\"\nexpert_placement = [4, 4]",
+            "local-cpu",
+            2,
+            vec![],
+            vec![],
+            "layout.expert_split = \"width\": every rank holds a share of every expert",
+        ),
     ];
-    for (layout, device, ranks, flags, says) in cases {
+    for (layout, device, ranks, flags, train_flags, says) in cases {
         let plan = write_plan(tmp.path(), layout, device, ranks);
         let out = Command::new(NUWA)
             .args(["launch", "--plan", plan.to_str().unwrap()])
             .args(&flags)
             .args(["--", "--run-dir", tmp.path().join("run").to_str().unwrap()])
+            .args(&train_flags)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1305,66 +1324,6 @@ fn a_plan_that_cannot_run_is_one_line_before_any_rank_starts() {
         assert!(!stderr.contains("attempt"), "no rank may start: {stderr}");
         assert!(!tmp.path().join("run").exists());
     }
-    // A plan that places whole experts, run with the experts split by width.
-    let plan = write_plan(
-        tmp.path(),
-        "ep = 2\ndp = 2\nexpert_placement = [4, 4]",
-        "local-cpu",
-        2,
-    );
-    let run = tmp.path().join("run");
-    let out = Command::new(NUWA)
-        .args(["launch", "--plan", plan.to_str().unwrap(), "--"])
-        .args(["--run-dir", run.to_str().unwrap(), "--ep-split", "width"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("--ep-split width") && stderr.contains("layout.expert_placement"),
-        "{stderr}"
-    );
-    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
-    assert!(!run.exists());
-    // A plan that splits by width, run with the flag saying otherwise; and one that both
-    // splits by width and places whole experts.
-    let plan = write_plan(
-        tmp.path(),
-        "ep = 2\ndp = 2\nexpert_split = \"width\"",
-        "local-cpu",
-        2,
-    );
-    let out = Command::new(NUWA)
-        .args(["launch", "--plan", plan.to_str().unwrap(), "--"])
-        .args(["--run-dir", run.to_str().unwrap(), "--ep-split", "experts"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("--ep-split experts") && stderr.contains("the plan says width"),
-        "{stderr}"
-    );
-    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
-    let plan = write_plan(
-        tmp.path(),
-        "ep = 2\ndp = 2\nexpert_split = \"width\"\nexpert_placement = [4, 4]",
-        "local-cpu",
-        2,
-    );
-    let out = Command::new(NUWA)
-        .args(["launch", "--plan", plan.to_str().unwrap(), "--"])
-        .args(["--run-dir", run.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("layout.expert_split = \"width\"") && stderr.contains("drop one"),
-        "{stderr}"
-    );
-    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
-    assert!(!run.exists());
 }
 
 #[test]
