@@ -41,7 +41,7 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
                 }
             });
             if let (Some(given), Some(split)) = (&split_flag, plan.layout.expert_split) {
-                if given != split.as_str() {
+                if given.parse() != Ok(split) {
                     bail!(
                         "--ep-split {given}: {}: the plan says {split}; leave the flag out to \
                          run the plan",

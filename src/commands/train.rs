@@ -145,8 +145,8 @@ pub struct TrainArgs {
     /// them: balanced whatever the router does, at the price of every row sent to every rank).
     /// Nothing to split without --ep. Default: the plan's `layout.expert_split`, else
     /// `experts`.
-    #[arg(long, value_parser = ["experts", "width"])]
-    ep_split: Option<String>,
+    #[arg(long, value_parser = |s: &str| s.parse::<nuwa_plan::ExpertSplit>())]
+    ep_split: Option<nuwa_plan::ExpertSplit>,
     /// Pipeline parallelism: stages, each a run of decoder layers sized by its ranks' measured
     /// speed, over the step's `--grad-accum` micro-batches with the 1F1B schedule. The world's
     /// ranks must divide into this many stages (the ranks of a stage are data-parallel).
@@ -389,7 +389,7 @@ pub fn dist_options(
         hash_params: a.hash_params,
         ep: a.ep as usize,
         placement: fixed.and_then(|p| p.layout.expert_placement.clone()),
-        ep_by_width: a.ep_split.as_deref() == Some("width"),
+        ep_by_width: a.ep_split == Some(nuwa_plan::ExpertSplit::Width),
         pp: a.pp as usize,
         stage_layers: a
             .stage_layers
@@ -429,7 +429,7 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
     let placed = plan
         .as_ref()
         .is_some_and(|p| p.layout.expert_placement.is_some());
-    if placed && a.ep_split.as_deref() == Some("width") {
+    if placed && a.ep_split == Some(nuwa_plan::ExpertSplit::Width) {
         bail!(
             "--ep-split width: the plan's layout.expert_placement counts whole experts per rank; \
              drop one of the two"
@@ -571,13 +571,8 @@ fn apply_plan(a: &mut TrainArgs, path: &std::path::Path) -> Result<nuwa_plan::Pl
         take("--ep", &mut ep, plan.layout.ep as u64)?;
         take("--pp", &mut pp, plan.layout.pp as u64)?;
         (a.ep, a.pp) = (plan.layout.ep as u64, plan.layout.pp as u64);
-        if let Some(split) = plan.layout.expert_split.map(|s| s.as_str()) {
-            match a.ep_split.as_deref() {
-                Some(given) if given != split => bail!(
-                    "--ep-split {given}: the plan says {split}; leave the flag out to run the plan"
-                ),
-                _ => a.ep_split = Some(split.to_string()),
-            }
+        if let Some(split) = plan.layout.expert_split {
+            take("--ep-split", &mut a.ep_split, split)?;
         }
         if plan.ranks() > 1 && a.dist.is_none() {
             bail!(

@@ -42,6 +42,31 @@ pub enum ExpertSplit {
     Width,
 }
 
+impl Default for Layout {
+    /// One device: no tensor, pipeline or expert parallelism, micro-batches of one.
+    fn default() -> Self {
+        Self {
+            tp: 1,
+            pp: 1,
+            ep: 1,
+            micro_batch: 1,
+            recompute: false,
+            expert_split: ExpertSplit::Experts,
+        }
+    }
+}
+
+impl std::str::FromStr for ExpertSplit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "experts" => Ok(Self::Experts),
+            "width" => Ok(Self::Width),
+            other => Err(format!("`{other}`: expected `experts` or `width`")),
+        }
+    }
+}
+
 impl ExpertSplit {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -255,12 +280,8 @@ mod tests {
             tokens: 1e6,
         };
         let l = Layout {
-            tp: 1,
-            pp: 1,
-            ep: 1,
             micro_batch: 8,
-            recompute: false,
-            expert_split: ExpertSplit::Experts,
+            ..Layout::default()
         };
         let t = step_time(&w, &device(), &l, 0.5, 8, 1, 50e9);
         let want = 8.0 * 64.0 * w.flops_per_token() / (1e15 * 0.5);
@@ -290,12 +311,10 @@ mod tests {
         };
         let by = |ep, expert_split| {
             let l = Layout {
-                tp: 1,
-                pp: 1,
                 ep,
                 micro_batch: 4,
-                recompute: false,
                 expert_split,
+                ..Layout::default()
             };
             step_time(&w, &device(), &l, 0.5, 4, 4, 50e9).expert_all_to_all
         };
@@ -317,12 +336,8 @@ mod tests {
             tokens: 1e12,
         };
         let base = Layout {
-            tp: 1,
-            pp: 1,
-            ep: 1,
-            micro_batch: 1,
             recompute: true,
-            expert_split: ExpertSplit::Experts,
+            ..Layout::default()
         };
         let one = memory(&w, &device(), &base, 8);
         let four = memory(&w, &device(), &Layout { pp: 4, ..base }, 8);

@@ -131,12 +131,8 @@ pub fn compare(
         assumed: vec![],
     };
     let layout = Layout {
-        tp: 1,
-        pp: 1,
-        ep: 1,
         micro_batch: w.batch_size,
-        recompute: false,
-        expert_split: Default::default(),
+        ..Layout::default()
     };
     let predicted =
         cost::step_time(&workload, &available, &layout, eff, w.batch_size, 1, 1e11).total;

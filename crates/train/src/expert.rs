@@ -364,8 +364,8 @@ const BYTES_PER_TRAINED_PARAM: f64 = 16.0;
 const PARAMETER_SHARE: f64 = 0.8;
 
 /// Most experts (split by width: columns of every expert) each member of an `ep` group may
-/// hold: what the smallest memory among its replicas — `memory` (this rank's, from the
-/// cluster file) or the host's available memory — leaves after the dense parameters.
+/// hold: what the smallest memory among its replicas (`memory` is this rank's:
+/// [`crate::parallel::DistOptions::memory_of`]) leaves after the dense parameters.
 /// `None` where nothing bounds it. Fails, naming the rank, when a memory does not hold the
 /// dense parameters and one expert, or the group's memories cannot hold every expert.
 fn member_caps(
@@ -375,10 +375,7 @@ fn member_caps(
     m: &nuwa_model::ModelConfig,
     by_width: bool,
 ) -> anyhow::Result<Vec<Option<usize>>> {
-    let mine = memory
-        .or_else(|| nuwa_core::hardware::available_memory().map(|b| b as f64))
-        .unwrap_or(f64::INFINITY);
-    let all = comm.all_gather(&[mine]);
+    let all = comm.all_gather(&[memory.unwrap_or(f64::INFINITY)]);
     let moe_layers = (0..m.num_hidden_layers)
         .filter(|&l| m.layer_is_moe(l))
         .count()

@@ -53,6 +53,15 @@ pub struct DistOptions {
     pub stage_layers: Option<Vec<usize>>,
 }
 
+impl DistOptions {
+    /// Bytes rank `rank` may fill with parameters, gradients and optimiser state: its cluster
+    /// file's, else the host's available memory (`None`: unknown, unbounded).
+    pub fn memory_of(&self, rank: usize) -> Option<f64> {
+        let declared = self.memory_bytes.get(rank).copied().flatten();
+        declared.or_else(|| nuwa_core::hardware::available_memory().map(|b| b as f64))
+    }
+}
+
 /// Keeps each rank's expected speed (sequences per second of compute) and its share.
 ///
 /// The expected speed is what the current split was planned with: a moving average of the

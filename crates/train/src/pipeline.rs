@@ -200,12 +200,6 @@ impl Pipeline {
         seconds
     }
 
-    /// This rank's memory for parameters, as the cluster file gives it.
-    fn own_memory(&self) -> Option<f64> {
-        let rank = self.opts.comm.rank();
-        self.opts.memory_bytes.get(rank).copied().flatten()
-    }
-
     /// Per-stage layer counts: from the plan, or from every rank's measured layer time (a
     /// stage as fast as its slowest replica) within every rank's memory.
     fn plan_stages(&self, cfg: &RunConfig) -> Result<Vec<usize>> {
@@ -221,10 +215,7 @@ impl Pipeline {
             return Ok(fixed.clone());
         }
         let mine = self.time_a_layer(cfg);
-        let free = self
-            .own_memory()
-            .or_else(|| nuwa_core::hardware::available_memory().map(|b| b as f64))
-            .unwrap_or(f64::MAX);
+        let free = self.opts.memory_of(self.world.rank()).unwrap_or(f64::MAX);
         let all = self.world.all_gather(&[mine, free]);
         let mut speeds = vec![f64::MAX; self.pp];
         let mut memory = vec![f64::MAX; self.pp];
@@ -653,7 +644,7 @@ impl Parallelism for Pipeline {
             self.opts.ep,
             self.opts.placement.as_ref(),
             self.opts.ep_by_width,
-            self.own_memory(),
+            self.opts.memory_of(self.world.rank()),
             cfg,
         )?;
         Ok(())

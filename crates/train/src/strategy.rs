@@ -428,7 +428,7 @@ impl Parallelism for DataParallel {
             self.opts.ep,
             self.opts.placement.as_ref(),
             self.opts.ep_by_width,
-            self.opts.memory_bytes.get(self.rank()).copied().flatten(),
+            self.opts.memory_of(self.rank()),
             cfg,
         )?;
         if self.experts_group.is_some() {
