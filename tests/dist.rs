@@ -955,6 +955,16 @@ fn a_rank_gets_no_more_experts_than_its_memory_holds() {
         stderr.contains("--ep 2: the group's memories hold 6 of the model's 8 experts"),
         "{stderr}"
     );
+    // The same memories under pipeline parallelism: each stage's group holds only its own
+    // layers' experts (the MoE layer's stage: one layer, without the embeddings), so the
+    // 8 experts fit, and the job trains as one process.
+    let run = tmp.path().join("small-pp");
+    let mut pp = args(&run, &small.display().to_string(), "experts");
+    pp.extend(["--pp", "2"].map(String::from));
+    mpirun(4, &pp);
+    for (step, rec) in &metrics(&run) {
+        assert_close(rec, &reference[step], "loss", format!("pp 2, step {step}"));
+    }
 }
 
 /// A 4-layer model trained on 4 micro-batches (`--grad-accum`) of 4 sequences per step.

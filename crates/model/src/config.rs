@@ -479,47 +479,84 @@ impl ModelConfig {
         (h * qkv_out + qkv_bias + self.num_attention_heads * d * h + o_bias + qk_norm) as u64
     }
 
+    fn router_params(&self) -> u64 {
+        let bias = self.moe_router_enable_expert_bias as u64;
+        (self.hidden_size as u64 + bias) * self.num_experts as u64
+    }
+
+    fn shared_expert_params(&self) -> u64 {
+        match self.num_shared_experts {
+            0 => 0,
+            n => self.swiglu_params(self.moe_intermediate_size * n),
+        }
+    }
+
+    /// Parameters of decoder layer `layer`, its routed experts included.
+    pub fn layer_params(&self, layer: usize) -> u64 {
+        match self.layer_is_moe(layer) {
+            true => self.moe_layer_params(),
+            false => {
+                let attn = self.attention_params() + 2 * self.hidden_size as u64;
+                attn + self.swiglu_params(self.intermediate_size)
+            }
+        }
+    }
+
+    /// Parameters of an MoE decoder layer: attention, two norms, router, shared and routed
+    /// experts.
+    fn moe_layer_params(&self) -> u64 {
+        let experts = self.swiglu_params(self.moe_intermediate_size) * self.num_experts as u64;
+        self.attention_params()
+            + 2 * self.hidden_size as u64
+            + self.router_params()
+            + self.shared_expert_params()
+            + experts
+    }
+
+    /// Parameters of one MTP layer: an MoE decoder layer, two norms on the way in, a
+    /// projection from 2h and a final norm.
+    fn mtp_layer_params(&self) -> u64 {
+        let h = self.hidden_size as u64;
+        self.moe_layer_params() + 3 * h + 2 * h * h
+    }
+
+    /// Parameters a pipeline stage holds: decoder layers `layers`, the token embeddings when
+    /// it is the first stage, the final norm, LM head and MTP layers when it is the last.
+    pub fn stage_params(&self, layers: std::ops::Range<usize>, first: bool, last: bool) -> u64 {
+        let h = self.hidden_size as u64;
+        let embed = self.vocab_size as u64 * h;
+        let mut total: u64 = layers.map(|l| self.layer_params(l)).sum();
+        if first {
+            total += embed;
+        }
+        if last {
+            // A tied head is the embedding: a last stage that is not also the first holds a
+            // copy of it.
+            let head = match self.tie_word_embeddings && first {
+                true => 0,
+                false => embed,
+            };
+            total += head + h + self.num_nextn_predict_layers as u64 * self.mtp_layer_params();
+        }
+        total
+    }
+
     /// Counts total and per-token active parameters and training FLOPs per token.
     pub fn counts(&self, context: usize) -> ModelCounts {
         let h = self.hidden_size as u64;
-        let norms = 2 * h;
+        let expert = self.swiglu_params(self.moe_intermediate_size);
         let mut total = 0u64;
         let mut active = 0u64;
         for layer in 0..self.num_hidden_layers {
-            let attn = self.attention_params() + norms;
-            if self.layer_is_moe(layer) {
-                let bias = if self.moe_router_enable_expert_bias {
-                    1
-                } else {
-                    0
-                };
-                let router = (h + bias) * self.num_experts as u64;
-                let expert = self.swiglu_params(self.moe_intermediate_size);
-                let shared = if self.num_shared_experts > 0 {
-                    self.swiglu_params(self.moe_intermediate_size * self.num_shared_experts)
-                } else {
-                    0
-                };
-                total += attn + router + shared + expert * self.num_experts as u64;
-                active += attn + router + shared + expert * self.num_experts_per_tok as u64;
-            } else {
-                let ffn = self.swiglu_params(self.intermediate_size);
-                total += attn + ffn;
-                active += attn + ffn;
-            }
-        }
-        // MTP layers (an MoE decoder layer, two norms on the way in, a projection from 2h and
-        // a final norm each) count in the total; decoding does not run them.
-        if self.num_nextn_predict_layers > 0 {
-            let router = (h + self.moe_router_enable_expert_bias as u64) * self.num_experts as u64;
-            let shared = match self.num_shared_experts {
-                0 => 0,
-                n => self.swiglu_params(self.moe_intermediate_size * n),
+            let params = self.layer_params(layer);
+            total += params;
+            active += match self.layer_is_moe(layer) {
+                true => params - expert * (self.num_experts - self.num_experts_per_tok) as u64,
+                false => params,
             };
-            let experts = self.swiglu_params(self.moe_intermediate_size) * self.num_experts as u64;
-            let layer = self.attention_params() + 2 * h + router + shared + experts;
-            total += self.num_nextn_predict_layers as u64 * (layer + 3 * h + 2 * h * h);
         }
+        // MTP layers count in the total; decoding does not run them.
+        total += self.num_nextn_predict_layers as u64 * self.mtp_layer_params();
         let embed = self.vocab_size as u64 * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         total += embed + head + h;

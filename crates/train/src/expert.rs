@@ -289,13 +289,16 @@ pub fn grad_norm(model: &LanguageModel, grads: &GradientsParams, group: &ExpertG
 }
 
 /// The expert-parallel group a layout asks for: `ep` ranks of `comm` per group (`None` for
-/// one), each member with its share of the experts — the plan's, or an equal one.
+/// one), each member with its share of the experts — the plan's, or an equal one. `stage`:
+/// the pipeline stage the group's ranks hold (`None`: the whole model), whose layers alone
+/// count against each member's `memory`.
 pub fn group_for(
     comm: &std::sync::Arc<dyn crate::parallel::Collective>,
     ep: usize,
     placement: Option<&Vec<usize>>,
     by_width: bool,
     memory: Option<f64>,
+    stage: Option<&nuwa_model::stage::Stage>,
     cfg: &nuwa_run::RunConfig,
 ) -> anyhow::Result<Option<ExpertGroup>> {
     use nuwa_model::expert_parallel::Placement;
@@ -307,7 +310,15 @@ pub fn group_for(
         anyhow::bail!("--ep {ep}: expert parallelism needs a MoE model (this one is dense)");
     }
     crate::strategy::check_expert_layout(ep, comm.size(), m.num_experts, cfg.train.batch_size)?;
-    let caps = member_caps(comm.as_ref(), ep, memory, m, by_width)?;
+    let whole = nuwa_model::stage::Stage::of(&[m.num_hidden_layers], 0);
+    let caps = member_caps(
+        comm.as_ref(),
+        ep,
+        memory,
+        m,
+        by_width,
+        stage.unwrap_or(&whole),
+    )?;
     let placement = match (placement, by_width) {
         (Some(_), true) => anyhow::bail!(
             "--ep-split width: the plan's layout.expert_placement counts whole experts per rank; \
@@ -365,7 +376,8 @@ const PARAMETER_SHARE: f64 = 0.8;
 
 /// Most experts (split by width: columns of every expert) each member of an `ep` group may
 /// hold: what the smallest memory among its replicas (`memory` is this rank's:
-/// [`crate::parallel::DistOptions::memory_of`]) leaves after the dense parameters.
+/// [`crate::parallel::DistOptions::memory_of`]) leaves after the dense parameters — of the
+/// pipeline `stage` the group holds: its layers' experts, its dense parameters.
 /// `None` where nothing bounds it. Fails, naming the rank, when a memory does not hold the
 /// dense parameters and one expert, or the group's memories cannot hold every expert.
 fn member_caps(
@@ -374,14 +386,18 @@ fn member_caps(
     memory: Option<f64>,
     m: &nuwa_model::ModelConfig,
     by_width: bool,
+    stage: &nuwa_model::stage::Stage,
 ) -> anyhow::Result<Vec<Option<usize>>> {
     let all = comm.all_gather(&[memory.unwrap_or(f64::INFINITY)]);
-    let moe_layers = (0..m.num_hidden_layers)
-        .filter(|&l| m.layer_is_moe(l))
-        .count()
-        + m.num_nextn_predict_layers;
+    let mtp = if stage.last {
+        m.num_nextn_predict_layers
+    } else {
+        0
+    };
+    let moe_layers = stage.layers.clone().filter(|&l| m.layer_is_moe(l)).count() + mtp;
     let per_expert = (3 * m.hidden_size * m.moe_intermediate_size * moe_layers) as f64;
-    let dense = m.counts(1).total_params as f64 - per_expert * m.num_experts as f64;
+    let held = m.stage_params(stage.layers.clone(), stage.first, stage.last) as f64;
+    let dense = held - per_expert * m.num_experts as f64;
     let (unit, units, what) = match by_width {
         true => (
             per_expert * m.num_experts as f64 / m.moe_intermediate_size.max(1) as f64,
@@ -438,5 +454,40 @@ pub fn keep_share(
     match model.expert_group() {
         Some(_) => model,
         None => model.shard_experts(group),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nuwa_model::stage::Stage;
+
+    #[test]
+    fn a_pipeline_stage_counts_only_its_own_layers_experts_against_memory() {
+        let mut m = nuwa_model::ModelConfig::preset("tiny-moe").unwrap();
+        m.num_hidden_layers = 4; // layer 0 dense, layers 1..4 MoE
+        let whole = Stage::of(&[4], 0);
+        let first = Stage::of(&[2, 2], 0); // layers 0, 1: one MoE layer
+        let last = Stage::of(&[2, 2], 1); // layers 2, 3: two
+                                          // The stages' parameters make up the model's (the tiny model's head is not tied).
+        let params = |s: &Stage| m.stage_params(s.layers.clone(), s.first, s.last);
+        assert_eq!(params(&first) + params(&last), m.counts(1).total_params);
+        // A memory that holds the whole model's dense part and exactly 3 of its experts.
+        let expert = (3 * m.hidden_size * m.moe_intermediate_size) as f64;
+        let dense = m.counts(1).total_params as f64 - 3.0 * expert * m.num_experts as f64;
+        let bytes = (dense + 3.5 * 3.0 * expert) * BYTES_PER_TRAINED_PARAM / PARAMETER_SHARE;
+        let solo = nuwa_core::comm::SoloCollective;
+        let cap = |s: &Stage| member_caps(&solo, 1, Some(bytes), &m, false, s).map(|c| c[0]);
+        let whole_cap = cap(&whole).unwrap_err().to_string();
+        assert!(
+            whole_cap.contains("hold 3 of the model's 8 experts"),
+            "{whole_cap}"
+        );
+        // A stage's experts span fewer layers (the last stage's two of three: at least
+        // 3.5 × 3 / 2 of them fit, more beside its smaller dense part); the first stage's,
+        // one layer: more still.
+        let last_cap = cap(&last).unwrap().unwrap();
+        assert!(last_cap >= 5, "{last_cap}");
+        assert!(cap(&first).unwrap().unwrap() > last_cap);
     }
 }

@@ -645,6 +645,7 @@ impl Parallelism for Pipeline {
             self.opts.placement.as_ref(),
             self.opts.ep_by_width,
             self.opts.memory_of(self.world.rank()),
+            Some(&self.stage),
             cfg,
         )?;
         Ok(())

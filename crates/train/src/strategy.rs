@@ -429,6 +429,7 @@ impl Parallelism for DataParallel {
             self.opts.placement.as_ref(),
             self.opts.ep_by_width,
             self.opts.memory_of(self.rank()),
+            None,
             cfg,
         )?;
         if self.experts_group.is_some() {
