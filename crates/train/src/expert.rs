@@ -309,7 +309,13 @@ pub fn group_for(
     if !m.is_moe() {
         anyhow::bail!("--ep {ep}: expert parallelism needs a MoE model (this one is dense)");
     }
-    crate::strategy::check_expert_layout(ep, comm.size(), m.num_experts, cfg.train.batch_size)?;
+    crate::strategy::check_expert_layout(ep, comm.size(), m.num_experts, cfg.train.batch_size)
+        .map_err(|e| match stage {
+            Some(_) => anyhow::anyhow!(
+                "{e} (under pipeline parallelism each stage's ranks form its own expert groups)"
+            ),
+            None => e,
+        })?;
     let whole = nuwa_model::stage::Stage::of(&[m.num_hidden_layers], 0);
     let caps = member_caps(
         comm.as_ref(),

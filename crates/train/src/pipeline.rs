@@ -208,7 +208,7 @@ impl Pipeline {
             if fixed.len() != self.pp || fixed.iter().sum::<usize>() != layers || fixed.contains(&0)
             {
                 bail!(
-                    "plan: stage layers {fixed:?} must be {} positive counts summing to the model's {layers} layers",
+                    "stage layers {fixed:?} (--stage-layers, or the plan's layout.stage_layers) must be {} positive counts summing to the model's {layers} layers",
                     self.pp
                 );
             }
