@@ -237,9 +237,10 @@ pub struct DataParallel {
     flops_dense: f64,
     flops_expert_row: f64,
     /// Split by width: each rank's speed outside the expert phase (sequences per second,
-    /// smoothed) and its last expert phase's seconds — what rows and columns are placed by.
+    /// smoothed) and its expert phases' seconds summed over the steps since the columns last
+    /// moved, with their count — what rows and columns are placed by.
     dense_speeds: Vec<Option<f64>>,
-    expert_seconds: Vec<f64>,
+    expert_seconds: (Vec<f64>, usize),
 }
 
 impl DataParallel {
@@ -265,7 +266,7 @@ impl DataParallel {
             flops_dense: 0.0,
             flops_expert_row: 0.0,
             dense_speeds: Vec::new(),
-            expert_seconds: Vec::new(),
+            expert_seconds: (Vec::new(), 0),
             opts,
         }
     }
@@ -294,12 +295,16 @@ impl DataParallel {
                 if member.iter().any(|&s| s <= 0.0) {
                     return None;
                 }
-                let seconds = per_member(&self.expert_seconds);
+                let (sums, steps) = &self.expert_seconds;
+                let mean: Vec<f64> = sums.iter().map(|s| s / (*steps).max(1) as f64).collect();
+                let seconds = per_member(&mean);
                 let caps = &group.member_caps;
-                Placement::by_width_fitted(experts, columns, &seconds, &member, caps)
-                    .unwrap_or_else(|| {
+                match Placement::by_width_fitted(experts, columns, &seconds, &member, caps) {
+                    Some(fitted) => damped(columns, fitted, caps)?,
+                    None => {
                         Placement::by_width_within(experts, columns.iter().sum(), &member, caps)
-                    })
+                    }
+                }
             }
             None => {
                 let speeds = self.balancer.speeds.iter().map(|s| s.unwrap_or(0.0));
@@ -329,7 +334,10 @@ impl DataParallel {
                 *speed = Some(speed.map_or(now, |old| 0.5 * old + 0.5 * now));
             }
         }
-        self.expert_seconds = expert_s.to_vec();
+        let (sums, steps) = &mut self.expert_seconds;
+        sums.resize(expert_s.len(), 0.0);
+        sums.iter_mut().zip(expert_s).for_each(|(s, e)| *s += e);
+        *steps += 1;
     }
 
     /// Every rank's tokens per expert over the step, summed, per MoE layer (a rank with no
@@ -491,6 +499,8 @@ impl Parallelism for DataParallel {
             .with_member_caps(old.member_caps.clone());
         let model = crate::expert::replace_experts(model, opt, &group, device);
         self.experts_group = Some(group);
+        // The phases measured so far were of the old columns.
+        self.expert_seconds = (Vec::new(), 0);
         model
     }
 
@@ -699,6 +709,39 @@ pub fn check_expert_layout(ep: usize, ranks: usize, experts: usize, batch: usize
 }
 
 /// Moves one row from the largest shares to any empty one.
+/// Split by width: where the columns move from `current` towards the `fitted` split. The
+/// phase times they are fitted to are noisy by a few percent from step to step, and moving
+/// on every wobble swings the columns back and forth (and moves weights and moments each
+/// time): a move of at most 1 column in 200 is not made (`None`), one under 1 in 20 goes half
+/// way; a larger one (a device whose speed changed) goes all the way.
+fn damped(current: &[usize], fitted: Placement, caps: &[Option<usize>]) -> Option<Placement> {
+    let target = fitted.columns.as_deref()?;
+    let width: usize = current.iter().sum();
+    let moved = current
+        .iter()
+        .zip(target)
+        .map(|(&c, &t)| c.abs_diff(t))
+        .max()
+        .unwrap_or(0);
+    if moved <= (width / 200).max(1) {
+        return None;
+    }
+    if moved * 20 >= width {
+        return Some(fitted);
+    }
+    let halfway: Vec<f64> = current
+        .iter()
+        .zip(target)
+        .map(|(&c, &t)| (c + t) as f64 / 2.0)
+        .collect();
+    Some(Placement::by_width_within(
+        fitted.experts(),
+        width,
+        &halfway,
+        caps,
+    ))
+}
+
 fn at_least(shares: &mut [usize], least: usize) {
     while let Some(short) = shares.iter().position(|&s| s < least) {
         let Some(largest) = (0..shares.len()).max_by_key(|&r| shares[r]) else {
@@ -709,5 +752,30 @@ fn at_least(shares: &mut [usize], least: usize) {
         }
         shares[largest] -= 1;
         shares[short] += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fitted_columns_move_half_way_on_small_moves_and_not_at_all_on_tiny_ones() {
+        let fitted = |c: &[usize]| Placement {
+            counts: vec![8; c.len()],
+            columns: Some(c.to_vec()),
+        };
+        let columns = |p: Option<Placement>| p.and_then(|p| p.columns);
+        // 1 column of 256: a wobble, not moved.
+        assert_eq!(damped(&[185, 71], fitted(&[186, 70]), &[]), None);
+        // 8 of 256 (3%): half way.
+        let half = columns(damped(&[185, 71], fitted(&[193, 63]), &[]));
+        assert_eq!(half, Some(vec![189, 67]));
+        // 43 of 256 (a speed that changed): all the way.
+        let full = columns(damped(&[128, 128], fitted(&[171, 85]), &[]));
+        assert_eq!(full, Some(vec![171, 85]));
+        // Within the members' caps.
+        let capped = columns(damped(&[185, 71], fitted(&[193, 63]), &[Some(187), None]));
+        assert_eq!(capped, Some(vec![187, 69]));
     }
 }
