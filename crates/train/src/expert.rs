@@ -471,11 +471,12 @@ mod tests {
     #[test]
     fn a_pipeline_stage_counts_only_its_own_layers_experts_against_memory() {
         let mut m = nuwa_model::ModelConfig::preset("tiny-moe").unwrap();
-        m.num_hidden_layers = 4; // layer 0 dense, layers 1..4 MoE
+        m.num_hidden_layers = 4;
         let whole = Stage::of(&[4], 0);
-        let first = Stage::of(&[2, 2], 0); // layers 0, 1: one MoE layer
-        let last = Stage::of(&[2, 2], 1); // layers 2, 3: two
-                                          // The stages' parameters make up the model's (the tiny model's head is not tied).
+        // Layers 0 (dense) and 1 (MoE), then the two MoE layers 2 and 3.
+        let first = Stage::of(&[2, 2], 0);
+        let last = Stage::of(&[2, 2], 1);
+        // The stages' parameters make up the model's (the tiny model's head is not tied).
         let params = |s: &Stage| m.stage_params(s.layers.clone(), s.first, s.last);
         assert_eq!(params(&first) + params(&last), m.counts(1).total_params);
         // A memory that holds the whole model's dense part and exactly 3 of its experts.

@@ -708,7 +708,6 @@ pub fn check_expert_layout(ep: usize, ranks: usize, experts: usize, batch: usize
     Ok(())
 }
 
-/// Moves one row from the largest shares to any empty one.
 /// Split by width: where the columns move from `current` towards the `fitted` split. The
 /// phase times they are fitted to are noisy by a few percent from step to step, and moving
 /// on every wobble swings the columns back and forth (and moves weights and moments each
@@ -742,6 +741,7 @@ fn damped(current: &[usize], fitted: Placement, caps: &[Option<usize>]) -> Optio
     ))
 }
 
+/// Moves one row from the largest shares to any empty one.
 fn at_least(shares: &mut [usize], least: usize) {
     while let Some(short) = shares.iter().position(|&s| s < least) {
         let Some(largest) = (0..shares.len()).max_by_key(|&r| shares[r]) else {
