@@ -204,3 +204,84 @@ fn predicted_step_time_is_within_15_percent_of_measured() {
         assert!(mfu > 0.0 && mfu < 1.0, "{saved}");
     }
 }
+
+#[test]
+fn verifying_a_plan_run_says_where_its_prediction_came_from() {
+    let tmp = TempDir::new("plan-verify-run");
+    let plan = tmp.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        "model = \"tiny-moe\"\nseq_len = 64\nglobal_batch = 16\n[layout]\nep = 2\ndp = 2\n\
+         micro_batch = 4\n[[part]]\ndevice = \"local-cpu\"\ncount = 2\n",
+    )
+    .unwrap();
+    // A finished run's metrics: four steps of 0.5 s on two ranks.
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let step = |s: u64| {
+        format!(
+            "{{\"step\":{s},\"step_seconds\":0.5,\"ranks\":[{{\"peak_rss_bytes\":1e8}},\
+             {{\"peak_rss_bytes\":1e8}}]}}\n"
+        )
+    };
+    std::fs::write(
+        run.join("metrics.jsonl"),
+        (1..=4).map(step).collect::<String>(),
+    )
+    .unwrap();
+    let verify = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "verify",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--run",
+            run.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = nuwa(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        serde_json::from_str::<Value>(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+    };
+    // No calibration: the default efficiency, said to be uncalibrated.
+    let plain = verify(&[]);
+    let from = plain["prediction_from"].as_str().unwrap();
+    assert!(from.contains("UNCALIBRATED for local-cpu"), "{plain}");
+    assert_eq!(plain["measured_step_s"].as_f64(), Some(0.5));
+    // A calibration at a quarter of the default efficiency: four times the predicted time.
+    let cal = tmp.path().join("cal.json");
+    std::fs::write(
+        &cal,
+        "{\"devices\":{\"local-cpu\":[{\"flops_per_step\":1e9,\"mfu\":0.1}]}}",
+    )
+    .unwrap();
+    let calibrated = verify(&["--calibration", cal.to_str().unwrap()]);
+    assert!(
+        calibrated["prediction_from"]
+            .as_str()
+            .unwrap()
+            .starts_with("calibrated ("),
+        "{calibrated}"
+    );
+    let ratio = calibrated["predicted_step_s"].as_f64().unwrap()
+        / plain["predicted_step_s"].as_f64().unwrap();
+    assert!(
+        ratio > 2.0,
+        "a slower calibration predicts slower steps: {ratio}"
+    );
+    // A calibration that is not there is one clear line, not a silent default.
+    let missing = tmp.path().join("missing.json");
+    let out = nuwa(&[
+        "plan",
+        "verify",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--run",
+        run.to_str().unwrap(),
+        "--calibration",
+        missing.to_str().unwrap(),
+    ]);
+    assert_clean_error(&out, "missing.json");
+}

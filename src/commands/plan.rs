@@ -163,7 +163,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
     match a.action {
         Some(PlanCommand::Calibrate(c)) => calibrate(c),
         Some(PlanCommand::Verify(v)) => match (&v.plan, &v.run) {
-            (Some(plan), Some(run)) => verify_run(plan, run, v.json),
+            (Some(plan), Some(run)) => verify_run(plan, run, &v.calibration, v.json),
             _ => verify(v),
         },
         Some(PlanCommand::Predict(p)) => predict(p),
@@ -445,25 +445,44 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
 fn predicted(
     path: &Path,
     calibration_path: Option<&Path>,
-) -> Result<nuwa_plan::planfile::Predicted> {
+) -> Result<(nuwa_plan::planfile::Predicted, String)> {
     let plan = nuwa_plan::PlanFile::load(path)?;
     let model = model(&plan.model)?;
     let cal = calibration(calibration_path)?;
     let cat = catalogue(None)?;
+    // Which devices the calibration does not know: the prediction is only as good as the
+    // default efficiency there, and the user should be told so.
+    let mut uncalibrated: Vec<String> = Vec::new();
     let eff = |name: &str, flops: f64| cal.efficiency(name, flops).unwrap_or(DEFAULT_EFFICIENCY);
-    nuwa_plan::planfile::predict(&plan, &model, &cat, &eff)
-        .map_err(|e| anyhow!("{}: {e}", path.display()))
+    let predicted = nuwa_plan::planfile::predict(&plan, &model, &cat, &eff)
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    for part in &plan.parts {
+        if cal.efficiency(&part.device, 1.0).is_none() && !uncalibrated.contains(&part.device) {
+            uncalibrated.push(part.device.clone());
+        }
+    }
+    let source = match (uncalibrated.is_empty(), calibration_path) {
+        (true, Some(c)) => format!("calibrated ({})", c.display()),
+        (true, None) => format!("calibrated ({DEFAULT_CALIBRATION})"),
+        (false, _) => format!(
+            "UNCALIBRATED for {}: the default efficiency {:.0}%; calibrate this machine \
+             (`nuwa plan calibrate`, or `--calibration FILE`) for a prediction worth comparing",
+            uncalibrated.join(", "),
+            DEFAULT_EFFICIENCY * 100.0
+        ),
+    };
+    Ok((predicted, source))
 }
 
 fn predict(a: PredictArgs) -> Result<()> {
-    let p = predicted(&a.plan, a.calibration.as_deref())?;
+    let (p, source) = predicted(&a.plan, a.calibration.as_deref())?;
     let mem: Vec<String> = p
         .memory_bytes
         .iter()
         .map(|b| format!("{:.2} GB", b / 1e9))
         .collect();
     println!(
-        "{}: predicted {:.4} s per step; memory per device of each part: {}",
+        "{}: predicted {:.4} s per step; memory per device of each part: {} ({source})",
         a.plan.display(),
         p.step_seconds,
         mem.join(", ")
@@ -478,11 +497,20 @@ fn predict(a: PredictArgs) -> Result<()> {
 
 /// A plan file's prediction against a finished run of it: the median step of the run's
 /// second half, and each rank's peak memory.
-fn verify_run(plan_path: &Path, run: &Path, json: bool) -> Result<()> {
+fn verify_run(plan_path: &Path, run: &Path, calibration: &Path, json: bool) -> Result<()> {
     let plan = nuwa_plan::PlanFile::load(plan_path)?;
-    let predicted = match &plan.predicted {
-        Some(p) => p.clone(),
-        None => predicted(plan_path, None)?,
+    // The plan's own prediction (`nuwa plan predict --write`), else priced now: with
+    // `--calibration` (the default file when there is one).
+    let given = calibration != Path::new(DEFAULT_CALIBRATION);
+    if given && !calibration.exists() {
+        bail!("--calibration {}: no such file", calibration.display());
+    }
+    let (predicted, source) = match &plan.predicted {
+        Some(p) => (
+            p.clone(),
+            format!("the plan's [predicted], from {}", plan_path.display()),
+        ),
+        None => predicted(plan_path, given.then_some(calibration))?,
     };
     let file = run.join("metrics.jsonl");
     let text = std::fs::read_to_string(&file)
@@ -517,19 +545,22 @@ fn verify_run(plan_path: &Path, run: &Path, json: bool) -> Result<()> {
             "{}",
             serde_json::json!({"predicted_step_s": predicted.step_seconds,
                 "measured_step_s": measured, "relative_error": error,
+                "prediction_from": source,
                 "predicted_memory_bytes_per_part": predicted.memory_bytes,
                 "measured_peak_rss_bytes_per_rank": rss})
         );
         return Ok(());
     }
     println!(
-        "{}: predicted {:.4} s/step, measured {measured:.4} s/step (median of steps {}-{}):          error {:+.1}%",
+        "{}: predicted {:.4} s/step, measured {measured:.4} s/step (median of steps {}-{}): \
+         error {:+.1}%",
         plan_path.display(),
         predicted.step_seconds,
         records.len() - timed.len() + 1,
         records.len(),
         error * 100.0
     );
+    println!("prediction: {source}");
     for (r, bytes) in rss.iter().enumerate() {
         let part = plan.device_of(r);
         let index = plan
