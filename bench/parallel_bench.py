@@ -223,10 +223,12 @@ def main():
         median = lambda i: sorted((r[i] for r in rounds), key=lambda x: x["tokens_per_s"])[len(rounds) // 2]
         results = {name: median(i) for i, (name, _) in enumerate(configs)}
     verified = predicted_vs_measured(s)
-    date = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    # With --predicted-only the layouts keep the date they were measured on.
+    date = kept["date"] if a.predicted_only else now
     with open(results_path, "w") as f:
-        json.dump({"date": date, "steps": s, "rounds": a.rounds, "results": results,
-                   "predicted_vs_measured": dict(verified)}, f, indent=1)
+        json.dump({"date": date, "verified_date": now, "steps": s, "rounds": a.rounds,
+                   "results": results, "predicted_vs_measured": dict(verified)}, f, indent=1)
 
     def fmt(v):
         return "" if v is None else str(v)
@@ -240,7 +242,7 @@ def main():
         "(`--grad-accum`, the pipeline's micro-batches). Tokens/s from the median step of the second "
         f"half of {s} steps; the median of {a.rounds} round(s).",
         "",
-        f"- date: {date}",
+        f"- date: {date}" + ("" if date == now else f" (predicted and measured step time: {now})"),
         "",
         "## Layouts on equal ranks",
         "",
@@ -306,14 +308,17 @@ def main():
         "weights and ZeRO-1 sharded fp32 optimiser state (nuwa keeps fp32 weights, gradients and",
         "moments on every rank that holds a parameter, and the process itself).",
         "",
-        "| plan | predicted s/step | measured s/step | error | planner memory GB/device | peak RSS GB per rank |",
-        "|---|---:|---:|---:|---:|---|",
+        "\"The model took\" is each rank's peak less what it held before it built its part of the",
+        "model (program, MPI, data): what the memory model is about.",
+        "",
+        "| plan | predicted s/step | measured s/step | error | planner memory GB/device | peak RSS GB per rank | the model took GB per rank |",
+        "|---|---:|---:|---:|---:|---|---|",
     ]
     for name, v in verified:
-        rss = [round(b / 1e9, 3) for b in v["measured_peak_rss_bytes_per_rank"]]
+        gb = lambda key: [round(b / 1e9, 3) for b in v.get(key, [])]
         lines.append(f"| {name} | {v['predicted_step_s']:.3f} | {v['measured_step_s']:.3f} | "
                      f"{v['relative_error']:+.0%} | {v['predicted_memory_bytes_per_part'][0] / 1e9:.3f} | "
-                     f"{rss} |")
+                     f"{gb('measured_peak_rss_bytes_per_rank')} | {gb('measured_model_bytes_per_rank')} |")
     with open(os.path.join(ROOT, "docs", "PARALLEL.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

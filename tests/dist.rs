@@ -1212,6 +1212,13 @@ fn a_plan_file_runs_as_planned() {
         assert_eq!(rec["expert_placement"].as_array().unwrap().len(), 2);
         for r in rec["ranks"].as_array().unwrap() {
             assert_eq!(r["device"], "local-cpu", "each rank on the plan's device");
+            // What `plan verify` compares with the memory model: the peak less what the
+            // process held before it built its part of the model.
+            let (peak, before) = (
+                r["peak_rss_bytes"].as_f64().unwrap(),
+                r["rss_before_model_bytes"].as_f64().unwrap(),
+            );
+            assert!(before > 0.0 && before < peak, "step {step}: {r}");
         }
     }
     // DP 2 × EP 2 with the experts split by width, as the plan says (no --ep-split flag).

@@ -215,13 +215,15 @@ fn verifying_a_plan_run_says_where_its_prediction_came_from() {
          micro_batch = 4\n[[part]]\ndevice = \"local-cpu\"\ncount = 2\n",
     )
     .unwrap();
-    // A finished run's metrics: four steps of 0.5 s on two ranks.
+    // A finished run's metrics: four steps of 0.5 s on two ranks, each peaking at 100 MB, of
+    // which 60 MB and 70 MB were held before the model.
     let run = tmp.path().join("run");
     std::fs::create_dir_all(&run).unwrap();
     let step = |s: u64| {
         format!(
-            "{{\"step\":{s},\"step_seconds\":0.5,\"ranks\":[{{\"peak_rss_bytes\":1e8}},\
-             {{\"peak_rss_bytes\":1e8}}]}}\n"
+            "{{\"step\":{s},\"step_seconds\":0.5,\"ranks\":[\
+             {{\"peak_rss_bytes\":1e8,\"rss_before_model_bytes\":6e7}},\
+             {{\"peak_rss_bytes\":1e8,\"rss_before_model_bytes\":7e7}}]}}\n"
         )
     };
     std::fs::write(
@@ -250,6 +252,11 @@ fn verifying_a_plan_run_says_where_its_prediction_came_from() {
     let from = plain["prediction_from"].as_str().unwrap();
     assert!(from.contains("UNCALIBRATED for local-cpu"), "{plain}");
     assert_eq!(plain["measured_step_s"].as_f64(), Some(0.5));
+    // What the model took on each rank: its peak less what it held before the model.
+    assert_eq!(
+        plain["measured_model_bytes_per_rank"],
+        serde_json::json!([4e7, 3e7])
+    );
     // A calibration at a quarter of the default efficiency: four times the predicted time.
     let cal = tmp.path().join("cal.json");
     std::fs::write(

@@ -529,16 +529,26 @@ fn verify_run(plan_path: &Path, run: &Path, calibration: &Path, json: bool) -> R
         .collect();
     steps.sort_by(f64::total_cmp);
     let measured = steps[steps.len() / 2];
-    let rss: Vec<f64> = timed
-        .last()
-        .and_then(|r| r["ranks"].as_array())
-        .map(|ranks| {
+    // Each rank's peak, and what it held before its model (program, MPI, data): the planner
+    // models only what the model adds (weights, gradients, optimiser state, activations).
+    let per_rank = |key: &str| -> Vec<f64> {
+        let ranks = timed.last().and_then(|r| r["ranks"].as_array());
+        ranks.map_or_else(Vec::new, |ranks| {
             ranks
                 .iter()
-                .map(|r| r["peak_rss_bytes"].as_f64().unwrap_or(0.0))
+                .map(|r| r[key].as_f64().unwrap_or(0.0))
                 .collect()
         })
-        .unwrap_or_default();
+    };
+    let (rss, before) = (
+        per_rank("peak_rss_bytes"),
+        per_rank("rss_before_model_bytes"),
+    );
+    let model_bytes: Vec<f64> = rss
+        .iter()
+        .zip(&before)
+        .map(|(peak, before)| (peak - before).max(0.0))
+        .collect();
     let error = (predicted.step_seconds - measured) / measured;
     if json {
         println!(
@@ -547,7 +557,9 @@ fn verify_run(plan_path: &Path, run: &Path, calibration: &Path, json: bool) -> R
                 "measured_step_s": measured, "relative_error": error,
                 "prediction_from": source,
                 "predicted_memory_bytes_per_part": predicted.memory_bytes,
-                "measured_peak_rss_bytes_per_rank": rss})
+                "measured_peak_rss_bytes_per_rank": rss,
+                "measured_rss_before_model_bytes_per_rank": before,
+                "measured_model_bytes_per_rank": model_bytes})
         );
         return Ok(());
     }
@@ -569,11 +581,22 @@ fn verify_run(plan_path: &Path, run: &Path, calibration: &Path, json: bool) -> R
             .position(|p| p.device == part)
             .unwrap_or(0);
         let want = predicted.memory_bytes.get(index).copied().unwrap_or(0.0);
-        println!(
-            "rank {r} ({part}): peak RSS {:.3} GB, planner's memory model {:.3} GB",
-            bytes / 1e9,
-            want / 1e9
-        );
+        let gb = |b: f64| b / 1e9;
+        match before.get(r).copied().filter(|&b| b > 0.0) {
+            Some(b) => println!(
+                "rank {r} ({part}): peak RSS {:.3} GB = {:.3} GB before the model + {:.3} GB \
+                 the model took; planner's memory model {:.3} GB",
+                gb(*bytes),
+                gb(b),
+                gb((bytes - b).max(0.0)),
+                gb(want)
+            ),
+            None => println!(
+                "rank {r} ({part}): peak RSS {:.3} GB, planner's memory model {:.3} GB",
+                gb(*bytes),
+                gb(want)
+            ),
+        }
     }
     Ok(())
 }

@@ -88,6 +88,24 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// This process's peak resident memory before it built its model, once
+/// [`mark_rss_before_model`] has recorded it.
+static RSS_BEFORE_MODEL: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// Records this process's peak resident memory so far as what it held before its model:
+/// the program, its runtime (MPI), the data, a checkpoint being resumed. What the model,
+/// its gradients, optimiser state and activations then add is what a memory plan predicts.
+pub fn mark_rss_before_model() {
+    if let Some(bytes) = peak_rss_bytes() {
+        let _ = RSS_BEFORE_MODEL.set(bytes);
+    }
+}
+
+/// See [`mark_rss_before_model`]; `None` before it is called or where `VmHWM` is unknown.
+pub fn rss_before_model() -> Option<u64> {
+    RSS_BEFORE_MODEL.get().copied()
+}
+
 #[cfg(test)]
 mod tests {
     use super::peak_flops;

@@ -762,6 +762,7 @@ impl Parallelism for Pipeline {
             a2a_s,
             schedule_s,
             nuwa_core::hardware::peak_rss_bytes().unwrap_or(0) as f64,
+            nuwa_core::hardware::rss_before_model().unwrap_or(0) as f64,
         ];
         let all = self.world.all_gather(&mine);
         let col = |i: usize| -> Vec<f64> { all.chunks(mine.len()).map(|c| c[i]).collect() };
@@ -774,6 +775,7 @@ impl Parallelism for Pipeline {
                        "stage": r % self.pp, "seqs": col(6)[r],
                        "compute_s": compute, "p2p_s": p2p, "comm_s": col(5)[r],
                        "a2a_s": col(8)[r], "peak_rss_bytes": col(10)[r],
+                       "rss_before_model_bytes": col(11)[r],
                        "bubble": ((schedule - compute) / schedule.max(1e-9)).max(0.0)})
             })
             .collect();

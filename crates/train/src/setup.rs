@@ -251,6 +251,7 @@ pub fn open_session(opts: &TrainOptions, strategy: &mut dyn Parallelism) -> Resu
     let device = opts.device.clone().autodiff();
     // A process of a pipeline or expert-parallel job allocates only its own part.
     let (stage, group) = (strategy.stage(), strategy.expert_group());
+    nuwa_core::hardware::mark_rss_before_model();
     let mut model = match (&stage, &group) {
         (None, None) => LanguageModel::new(&cfg.model, &device, t.seed),
         _ => LanguageModel::new_part(&cfg.model, &device, t.seed, stage.as_ref(), group.as_ref()),

@@ -596,13 +596,14 @@ impl Parallelism for DataParallel {
             nuwa_core::hardware::peak_rss_bytes().unwrap_or(0) as f64,
             expert_rows as f64,
             expert_s,
+            nuwa_core::hardware::rss_before_model().unwrap_or(0) as f64,
         ];
         let all = self.comm().all_gather(&mine);
         let expert_load = self.global_load(&local.step_load);
         self.watchdog.leave();
         let col = |i: usize| -> Vec<f64> { all.chunks(mine.len()).map(|c| c[i]).collect() };
         let (computes, waits, comms, seqs) = (col(3), col(4), col(5), col(6));
-        let (a2a, work, rss) = (col(9), col(10), col(11));
+        let (a2a, work, rss, rss_before) = (col(9), col(10), col(11), col(14));
         let StragglerVerdict {
             slow_now,
             stragglers,
@@ -649,7 +650,7 @@ impl Parallelism for DataParallel {
                 let mut rank = json!({"rank": r, "device": self.opts.devices.get(r),
                        "seqs": seqs[r], "compute_s": computes[r],
                        "wait_s": waits[r], "comm_s": comms[r], "a2a_s": a2a[r],
-                       "peak_rss_bytes": rss[r]});
+                       "peak_rss_bytes": rss[r], "rss_before_model_bytes": rss_before[r]});
                 if self.experts_group.is_some() {
                     // The expert phase: rows this rank's experts ran, and its compute
                     // between the exchanges around them.
