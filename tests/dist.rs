@@ -353,6 +353,61 @@ fn a_killed_rank_is_recovered_without_losing_or_repeating_samples() {
     );
 }
 
+/// The pid of a child of `parent` named `name` (from /proc), once there is one.
+fn child_named(parent: u32, name: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+        let ppid: u32 = stat[close + 1..].split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == parent && &stat[open + 1..close] == name).then_some(pid)
+    })
+}
+
+#[test]
+fn ranks_left_running_by_a_killed_mpirun_are_stopped_before_the_restart() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-kill-mpirun");
+    let run = tmp.path().join("run");
+    let mut args = tiny_args(&run, "300");
+    args.extend(["--checkpoint-every", "2"].map(String::from));
+    let launch = Command::new(NUWA)
+        .args(["launch", "--np", "2", "--max-restarts", "1"])
+        .args(["--mpirun-arg=-x", "--mpirun-arg=RAYON_NUM_THREADS", "--"])
+        .args(&args)
+        .env("RAYON_NUM_THREADS", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the job has a checkpoint, mpirun dies (its ranks, each in a process group of its
+    // own, do not).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !run.join("checkpoints").join("step-00000002").exists() {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mpirun = child_named(launch.id(), "mpirun").expect("mpirun under nuwa launch");
+    let killed = Command::new("sh")
+        .args(["-c", &format!("kill -9 {mpirun}")])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = launch.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Without stopping them, the orphaned ranks kept the run folder's lock and the restart
+    // failed ("another nuwa process ... is training this run folder").
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("stopped 2 rank process(es) left running"),
+        "{stderr}"
+    );
+    let steps = metrics(&run);
+    assert_eq!(
+        steps.keys().copied().collect::<Vec<_>>(),
+        (1..=300).collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn a_rank_that_slows_down_is_named_a_straggler() {
     let _serial = serial();

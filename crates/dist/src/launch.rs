@@ -138,6 +138,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<usize> {
     })?;
     let mut np = opts.np;
     let mut args = opts.train_args.clone();
+    orphans::adopt();
     for attempt in 0..=opts.max_restarts {
         let mut cmd = Command::new("mpirun");
         cmd.args(&opts.mpirun_args)
@@ -152,6 +153,14 @@ pub fn launch(opts: &LaunchOptions) -> Result<usize> {
         let status = cmd
             .status()
             .map_err(|e| anyhow!("cannot run mpirun ({e}); install Open MPI (openmpi-bin)"))?;
+        // Ranks that outlived their mpirun (killed, say) would go on training into the run
+        // folder, holding its lock, beside the restart.
+        let reaped = orphans::reap();
+        if reaped > 0 {
+            eprintln!(
+                "launch: stopped {reaped} rank process(es) left running by the failed attempt"
+            );
+        }
         if status.success() {
             return Ok(attempt);
         }
@@ -175,6 +184,74 @@ pub fn launch(opts: &LaunchOptions) -> Result<usize> {
         opts.max_restarts,
         run.display()
     )
+}
+
+/// Rank processes that outlive their mpirun. Open MPI puts each rank in a process group of
+/// its own, so they cannot be stopped as mpirun's group; instead the launcher becomes a child
+/// subreaper (Linux): ranks orphaned by a dead mpirun become its children, and are stopped
+/// before the next attempt.
+mod orphans {
+    /// Makes orphaned descendants this process's children (Linux; elsewhere nothing).
+    pub fn adopt() {
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes one integer and touches no memory.
+        unsafe {
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        }
+    }
+
+    /// Kills and waits for every child left (mpirun itself has been waited for): returns how
+    /// many there were.
+    pub fn reap() -> usize {
+        let children = children();
+        for &pid in &children {
+            // SAFETY: plain system calls on a child's pid, which stays ours until waited for.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+        children.len()
+    }
+
+    /// This process's children, from /proc (field 4 of `stat`, after the parenthesised name).
+    fn children() -> Vec<libc::pid_t> {
+        let me = std::process::id() as libc::pid_t;
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<libc::pid_t>().ok())
+            .filter(|&pid| parent_of(pid) == Some(me))
+            .collect()
+    }
+
+    fn parent_of(pid: libc::pid_t) -> Option<libc::pid_t> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let after_name = &stat[stat.rfind(')')? + 1..];
+        after_name.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn a_child_left_running_is_stopped() {
+            super::adopt();
+            // Not waited for here: `reap` does.
+            let pid = std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .map(|child| child.id() as libc::pid_t)
+                .unwrap();
+            assert_eq!(
+                super::parent_of(pid),
+                Some(std::process::id() as libc::pid_t)
+            );
+            assert!(super::reap() >= 1);
+            assert_eq!(super::parent_of(pid), None, "killed and waited for");
+        }
+    }
 }
 
 #[cfg(test)]
