@@ -211,20 +211,23 @@ fn zero_missing(
 }
 
 /// Sums the expert gradients of the groups that hold the same experts (each group computed
-/// them on its own tokens). Nothing to do with one group.
+/// them on its own tokens). Nothing to do with one group. `ids`: the routed-expert parameters
+/// this process holds — a pipeline stage's model also has the other stages' layers,
+/// never allocated, which must get no gradient (AdamW would then give them moments, and the
+/// stage's checkpoint shard would claim experts another stage writes).
 pub fn reduce_expert_grads(
     model: &LanguageModel,
     grads: &mut GradientsParams,
     group: &ExpertGroup,
+    ids: &HashSet<ParamId>,
     device: &Device,
 ) {
-    let ids = model.expert_param_ids();
     if group.replicas() == 1 {
-        zero_missing(model, grads, &ids, device);
+        zero_missing(model, grads, ids, device);
         return;
     }
     let mut take = TakeExperts {
-        ids: &ids,
+        ids,
         grads,
         out: Vec::new(),
     };

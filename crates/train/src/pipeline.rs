@@ -746,7 +746,10 @@ impl Parallelism for Pipeline {
             &self.device,
         );
         if let Some(group) = &self.experts_group {
-            expert::reduce_expert_grads(model, &mut grads, group, &self.device);
+            // This stage's experts only (its model has every layer, most never allocated).
+            let mut ids = model.expert_param_ids();
+            ids.retain(|id| self.owned.contains(id));
+            expert::reduce_expert_grads(model, &mut grads, group, &ids, &self.device);
         }
         let comm_s = started.elapsed().as_secs_f64();
         let (p2p_s, a2a_s, schedule_s) = self.last_p2p;

@@ -578,7 +578,8 @@ impl Parallelism for DataParallel {
             all_reduce_gradients(model, local.grads, self.comm(), &skip, &self.device);
         if let Some(group) = &self.experts_group {
             let started = Instant::now();
-            crate::expert::reduce_expert_grads(model, &mut grads, group, &self.device);
+            let ids = model.expert_param_ids();
+            crate::expert::reduce_expert_grads(model, &mut grads, group, &ids, &self.device);
             comm_s += started.elapsed().as_secs_f64();
         }
         let mine = [
