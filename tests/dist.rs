@@ -397,11 +397,8 @@ fn ranks_left_running_by_a_killed_mpirun_are_stopped_before_the_restart() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Without stopping them, the orphaned ranks kept the run folder's lock and the restart
     // failed ("another nuwa process ... is training this run folder").
+    // (Left running, they are waited for a few seconds, then killed.)
     assert!(out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("stopped 2 rank process(es) left running"),
-        "{stderr}"
-    );
     let steps = metrics(&run);
     assert_eq!(
         steps.keys().copied().collect::<Vec<_>>(),

@@ -200,18 +200,34 @@ mod orphans {
         }
     }
 
-    /// Kills and waits for every child left (mpirun itself has been waited for): returns how
-    /// many there were.
+    /// How long ranks left behind get to exit on their own (one finishing the checkpoint an
+    /// interrupt asked for, say) before they are killed.
+    pub const GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// Waits up to [`GRACE`] for every child left (mpirun itself has been waited for) to exit,
+    /// then kills and waits for the rest: returns how many had to be killed.
     pub fn reap() -> usize {
-        let children = children();
-        for &pid in &children {
+        reap_within(GRACE)
+    }
+
+    fn reap_within(grace: std::time::Duration) -> usize {
+        let deadline = std::time::Instant::now() + grace;
+        let mut left = children();
+        while !left.is_empty() && std::time::Instant::now() < deadline {
+            // SAFETY: waitpid on our own children with WNOHANG writes nothing (null status).
+            left.retain(|&pid| unsafe {
+                libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) == 0
+            });
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        for &pid in &left {
             // SAFETY: plain system calls on a child's pid, which stays ours until waited for.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
                 libc::waitpid(pid, std::ptr::null_mut(), 0);
             }
         }
-        children.len()
+        left.len()
     }
 
     /// This process's children, from /proc (field 4 of `stat`, after the parenthesised name).
@@ -248,7 +264,7 @@ mod orphans {
                 super::parent_of(pid),
                 Some(std::process::id() as libc::pid_t)
             );
-            assert!(super::reap() >= 1);
+            assert!(super::reap_within(std::time::Duration::ZERO) >= 1);
             assert_eq!(super::parent_of(pid), None, "killed and waited for");
         }
     }
