@@ -84,7 +84,9 @@ fn main() {
         Command::Parity(a) => parity::parity(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        // One write, so the lines of several ranks under mpirun do not interleave.
+        let line = format!("error: {e:#}\n");
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         std::process::exit(1);
     }
 }
