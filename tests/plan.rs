@@ -278,6 +278,40 @@ fn verifying_a_plan_run_says_where_its_prediction_came_from() {
         ratio > 2.0,
         "a slower calibration predicts slower steps: {ratio}"
     );
+    // Priced and stored in the plan (`plan predict --write`): verify takes the stored
+    // prediction and says how it was priced; a --calibration given prices it again.
+    let out = nuwa(&[
+        "plan",
+        "predict",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--calibration",
+        cal.to_str().unwrap(),
+        "--write",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored = verify(&[]);
+    let from = stored["prediction_from"].as_str().unwrap();
+    assert!(
+        from.starts_with("the plan's [predicted] (calibrated ("),
+        "{stored}"
+    );
+    assert_eq!(stored["predicted_step_s"], calibrated["predicted_step_s"]);
+    let cal2 = tmp.path().join("cal2.json");
+    std::fs::write(
+        &cal2,
+        "{\"devices\":{\"local-cpu\":[{\"flops_per_step\":1e9,\"mfu\":0.2}]}}",
+    )
+    .unwrap();
+    let repriced = verify(&["--calibration", cal2.to_str().unwrap()]);
+    assert!(
+        repriced["predicted_step_s"].as_f64() < stored["predicted_step_s"].as_f64(),
+        "{repriced}"
+    );
     // A calibration that is not there is one clear line, not a silent default.
     let missing = tmp.path().join("missing.json");
     let out = nuwa(&[

@@ -333,7 +333,19 @@ fn plan_search(a: SearchArgs) -> Result<()> {
         println!("plans as JSON: {}", path.display());
     }
     if let Some(path) = &a.out {
-        nuwa_plan::PlanFile::of(best, &a.model, a.seq_len, a.global_batch).save(path)?;
+        let mut file = nuwa_plan::PlanFile::of(best, &a.model, a.seq_len, a.global_batch);
+        if let Some(p) = &mut file.predicted {
+            let how: Vec<String> = best
+                .parts
+                .iter()
+                .map(|part| {
+                    let (eff, how) = efficiency(&part.device);
+                    format!("{} {:.0}% ({how})", part.device, eff * 100.0)
+                })
+                .collect();
+            p.efficiency = Some(how.join(", "));
+        }
+        file.save(path)?;
         println!(
             "best plan written to {} (run it: nuwa launch --plan {} -- --run-dir RUN)",
             path.display(),
@@ -489,7 +501,10 @@ fn predict(a: PredictArgs) -> Result<()> {
     );
     if a.write {
         let mut plan = nuwa_plan::PlanFile::load(&a.plan)?;
-        plan.predicted = Some(p);
+        plan.predicted = Some(nuwa_plan::planfile::Predicted {
+            efficiency: Some(source),
+            ..p
+        });
         plan.save(&a.plan)?;
     }
     Ok(())
@@ -499,18 +514,28 @@ fn predict(a: PredictArgs) -> Result<()> {
 /// second half, and each rank's peak memory.
 fn verify_run(plan_path: &Path, run: &Path, calibration: &Path, json: bool) -> Result<()> {
     let plan = nuwa_plan::PlanFile::load(plan_path)?;
-    // The plan's own prediction (`nuwa plan predict --write`), else priced now: with
-    // `--calibration` (the default file when there is one).
+    // Priced now with `--calibration` when it is given, else the plan's own prediction
+    // (`nuwa plan --out`, `nuwa plan predict --write`), else priced with the default file.
     let given = calibration != Path::new(DEFAULT_CALIBRATION);
     if given && !calibration.exists() {
         bail!("--calibration {}: no such file", calibration.display());
     }
-    let (predicted, source) = match &plan.predicted {
-        Some(p) => (
-            p.clone(),
-            format!("the plan's [predicted], from {}", plan_path.display()),
-        ),
-        None => predicted(plan_path, given.then_some(calibration))?,
+    let (predicted, source) = match (&plan.predicted, given) {
+        (Some(p), false) => {
+            let how = p
+                .efficiency
+                .as_deref()
+                .unwrap_or("its efficiency not recorded");
+            let mut stored = format!("the plan's [predicted] ({how})");
+            if how.contains("uncalibrated") {
+                stored.push_str(
+                    ": UNCALIBRATED; calibrate this machine (`nuwa plan calibrate`) and re-price \
+                     with `--calibration FILE`",
+                );
+            }
+            (p.clone(), stored)
+        }
+        _ => predicted(plan_path, given.then_some(calibration))?,
     };
     let file = run.join("metrics.jsonl");
     let text = std::fs::read_to_string(&file)

@@ -90,6 +90,10 @@ pub struct Predicted {
     pub step_seconds: f64,
     /// Bytes per device of each part.
     pub memory_bytes: Vec<f64>,
+    /// Where the devices' efficiency came from (calibrated, given, or the default): what the
+    /// prediction is worth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub efficiency: Option<String>,
 }
 
 impl PlanFile {
@@ -122,6 +126,7 @@ impl PlanFile {
             predicted: Some(Predicted {
                 step_seconds: plan.step_seconds,
                 memory_bytes: plan.parts.iter().map(|p| p.memory.total).collect(),
+                efficiency: None,
             }),
         }
     }
@@ -378,6 +383,7 @@ pub fn predict(
     Ok(Predicted {
         step_seconds,
         memory_bytes,
+        efficiency: None,
     })
 }
 
