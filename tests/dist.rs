@@ -1018,6 +1018,19 @@ fn a_rank_gets_no_more_experts_than_its_memory_holds() {
     for (step, rec) in &metrics(&run) {
         assert_close(rec, &reference[step], "loss", format!("pp 2, step {step}"));
     }
+    // Ranks 1-3 with a memory that holds no decoder layer: one line naming the first stage's
+    // (ranks 0 and 2) smallest, before a stage runs out of memory (the stages used to be
+    // given a layer each whatever their memory).
+    let run = tmp.path().join("no-layer-pp");
+    let mut pp = args(&run, &cluster(1e-6), "experts");
+    pp.extend(["--pp", "2"].map(String::from));
+    let stderr = mpirun_failing(4, &pp);
+    assert!(
+        stderr.lines().any(|l| l.starts_with(
+            "error: --pp 2: rank 2's memory (1.000 kB) does not hold one decoder layer"
+        )),
+        "{stderr}"
+    );
 }
 
 /// A 4-layer model trained on 4 micro-batches (`--grad-accum`) of 4 sequences per step.

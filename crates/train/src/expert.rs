@@ -368,7 +368,7 @@ pub fn group_for(
 }
 
 /// `bytes` to four significant digits in the unit that suits them.
-fn fmt_bytes(bytes: f64) -> String {
+pub(crate) fn fmt_bytes(bytes: f64) -> String {
     let (value, unit) = match bytes {
         b if b >= 1e9 => (b / 1e9, "GB"),
         b if b >= 1e6 => (b / 1e6, "MB"),

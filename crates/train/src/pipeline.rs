@@ -219,10 +219,14 @@ impl Pipeline {
         let all = self.world.all_gather(&[mine, free]);
         let mut speeds = vec![f64::MAX; self.pp];
         let mut memory = vec![f64::MAX; self.pp];
+        // The rank whose memory bounds each stage (its smallest), for the error below.
+        let mut smallest = vec![0; self.pp];
         for (r, v) in all.chunks(2).enumerate() {
             let s = r % self.pp;
             speeds[s] = speeds[s].min(1.0 / v[0].max(1e-9));
-            memory[s] = memory[s].min(v[1]);
+            if v[1] < memory[s] {
+                (memory[s], smallest[s]) = (v[1], r);
+            }
         }
         let m = &cfg.model;
         // A layer's weights, gradients and AdamW moments, and its activations for a
@@ -230,6 +234,29 @@ impl Pipeline {
         let per_layer =
             m.counts(cfg.train.seq_len).total_params as f64 / m.num_hidden_layers as f64 * 16.0
                 + (self.shares[0] * cfg.train.seq_len * 40 * m.hidden_size) as f64 * self.pp as f64;
+        // A stage must hold one layer's parameters (f32 weights, gradients and AdamW moments
+        // in 80% of its memory, what `memory_gb` bounds; routed experts split over the expert
+        // group): else one line now, not a stage that runs out of memory later.
+        let ep = self.opts.ep.max(1) as u64;
+        let routed = 3 * (m.hidden_size * m.moe_intermediate_size * m.num_experts) as u64;
+        let smallest_layer = (0..layers)
+            .map(|l| match m.layer_is_moe(l) {
+                true => m.layer_params(l) - routed + routed / ep,
+                false => m.layer_params(l),
+            })
+            .min()
+            .unwrap_or(0) as f64
+            * 16.0;
+        if let Some(s) = (0..self.pp).find(|&s| memory[s] * 0.8 < smallest_layer) {
+            bail!(
+                "--pp {}: rank {}'s memory ({}) does not hold one decoder layer in 80% of it: \
+                 the smallest takes {} with gradients and optimiser state",
+                self.pp,
+                smallest[s],
+                crate::expert::fmt_bytes(memory[s]),
+                crate::expert::fmt_bytes(smallest_layer)
+            );
+        }
         let caps: Vec<usize> = memory
             .iter()
             .map(|&b| ((b * 0.8 / per_layer) as usize).max(1))
