@@ -257,13 +257,16 @@ fn verifying_a_plan_run_says_where_its_prediction_came_from() {
         plain["measured_model_bytes_per_rank"],
         serde_json::json!([4e7, 3e7])
     );
+    // A calibration file giving this machine `mfu` at every size.
+    let calibration = |file: &str, mfu: f64| {
+        let path = tmp.path().join(file);
+        let points = format!("[{{\"flops_per_step\":1e9,\"mfu\":{mfu}}}]");
+        let text = format!("{{\"devices\":{{\"local-cpu\":{points}}}}}");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
     // A calibration at a quarter of the default efficiency: four times the predicted time.
-    let cal = tmp.path().join("cal.json");
-    std::fs::write(
-        &cal,
-        "{\"devices\":{\"local-cpu\":[{\"flops_per_step\":1e9,\"mfu\":0.1}]}}",
-    )
-    .unwrap();
+    let cal = calibration("cal.json", 0.1);
     let calibrated = verify(&["--calibration", cal.to_str().unwrap()]);
     assert!(
         calibrated["prediction_from"]
@@ -301,12 +304,7 @@ fn verifying_a_plan_run_says_where_its_prediction_came_from() {
         "{stored}"
     );
     assert_eq!(stored["predicted_step_s"], calibrated["predicted_step_s"]);
-    let cal2 = tmp.path().join("cal2.json");
-    std::fs::write(
-        &cal2,
-        "{\"devices\":{\"local-cpu\":[{\"flops_per_step\":1e9,\"mfu\":0.2}]}}",
-    )
-    .unwrap();
+    let cal2 = calibration("cal2.json", 0.2);
     let repriced = verify(&["--calibration", cal2.to_str().unwrap()]);
     assert!(
         repriced["predicted_step_s"].as_f64() < stored["predicted_step_s"].as_f64(),
