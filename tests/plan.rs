@@ -231,7 +231,7 @@ fn verifying_a_plan_run_says_where_its_prediction_came_from() {
         (1..=4).map(step).collect::<String>(),
     )
     .unwrap();
-    let verify = |extra: &[&str]| {
+    let run_verify = |extra: &[&str]| {
         let mut args = vec![
             "plan",
             "verify",
@@ -242,7 +242,10 @@ fn verifying_a_plan_run_says_where_its_prediction_came_from() {
             "--json",
         ];
         args.extend_from_slice(extra);
-        let out = nuwa(&args);
+        nuwa(&args)
+    };
+    let verify = |extra: &[&str]| {
+        let out = run_verify(extra);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{stderr}");
         serde_json::from_str::<Value>(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
@@ -312,15 +315,6 @@ fn verifying_a_plan_run_says_where_its_prediction_came_from() {
     );
     // A calibration that is not there is one clear line, not a silent default.
     let missing = tmp.path().join("missing.json");
-    let out = nuwa(&[
-        "plan",
-        "verify",
-        "--plan",
-        plan.to_str().unwrap(),
-        "--run",
-        run.to_str().unwrap(),
-        "--calibration",
-        missing.to_str().unwrap(),
-    ]);
+    let out = run_verify(&["--calibration", missing.to_str().unwrap()]);
     assert_clean_error(&out, "missing.json");
 }

@@ -505,12 +505,17 @@ impl ModelConfig {
     /// Parameters of an MoE decoder layer: attention, two norms, router, shared and routed
     /// experts.
     fn moe_layer_params(&self) -> u64 {
-        let experts = self.swiglu_params(self.moe_intermediate_size) * self.num_experts as u64;
         self.attention_params()
             + 2 * self.hidden_size as u64
             + self.router_params()
             + self.shared_expert_params()
-            + experts
+            + self.routed_expert_params()
+    }
+
+    /// Parameters of an MoE layer's routed experts, all of them: what expert parallelism
+    /// splits over its group.
+    pub fn routed_expert_params(&self) -> u64 {
+        self.swiglu_params(self.moe_intermediate_size) * self.num_experts as u64
     }
 
     /// Parameters of one MTP layer: an MoE decoder layer, two norms on the way in, a

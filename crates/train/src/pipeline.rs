@@ -129,6 +129,9 @@ pub struct Pipeline {
     owned: Vec<ParamId>,
     /// The ids left out of the stage's all-reduce: other stages' parameters, expert slices.
     not_all_reduced: HashSet<ParamId>,
+    /// This stage's routed expert weights, reduced over the expert group's replicas (its
+    /// model has every layer, most never allocated: another stage's experts stay untouched).
+    stage_experts: HashSet<ParamId>,
 }
 
 impl Pipeline {
@@ -156,6 +159,7 @@ impl Pipeline {
             watch: StragglerWatch::new(opts.straggler_factor, opts.straggler_patience),
             owned: Vec::new(),
             not_all_reduced: HashSet::new(),
+            stage_experts: HashSet::new(),
             opts,
         }
     }
@@ -238,7 +242,7 @@ impl Pipeline {
         // in 80% of its memory, what `memory_gb` bounds; routed experts split over the expert
         // group): else one line now, not a stage that runs out of memory later.
         let ep = self.opts.ep.max(1) as u64;
-        let routed = 3 * (m.hidden_size * m.moe_intermediate_size * m.num_experts) as u64;
+        let routed = m.routed_expert_params();
         let smallest_layer = (0..layers)
             .map(|l| match m.layer_is_moe(l) {
                 true => m.layer_params(l) - routed + routed / ep,
@@ -690,8 +694,11 @@ impl Parallelism for Pipeline {
         if self.experts_group.is_some() {
             skip.extend(model.expert_param_ids());
         }
+        let model = expert::keep_share(model, opt, self.experts_group.as_ref(), device);
+        self.stage_experts = model.expert_param_ids();
+        self.stage_experts.retain(|id| owned.contains(id));
         (self.owned, self.not_all_reduced) = (owned, skip);
-        expert::keep_share(model, opt, self.experts_group.as_ref(), device)
+        model
     }
 
     fn expert_group(&self) -> Option<ExpertGroup> {
@@ -773,10 +780,8 @@ impl Parallelism for Pipeline {
             &self.device,
         );
         if let Some(group) = &self.experts_group {
-            // This stage's experts only (its model has every layer, most never allocated).
-            let mut ids = model.expert_param_ids();
-            ids.retain(|id| self.owned.contains(id));
-            expert::reduce_expert_grads(model, &mut grads, group, &ids, &self.device);
+            let ids = &self.stage_experts;
+            expert::reduce_expert_grads(model, &mut grads, group, ids, &self.device);
         }
         let comm_s = started.elapsed().as_secs_f64();
         let (p2p_s, a2a_s, schedule_s) = self.last_p2p;
