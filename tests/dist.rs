@@ -1205,6 +1205,37 @@ fn a_pipeline_checkpoint_resumes_on_another_layout() {
     first.extend(["--pp", "2", "--ep", "2", "--stop-at", "3"].map(String::from));
     mpirun(4, &first);
     assert_eq!(shard_writers(&run), vec![0, 1, 2, 3]);
+    // Merging a sharded checkpoint gives whole files (the merged state named the source's
+    // shards, and nothing could read it): merged alone, it is what `export` writes.
+    let nuwa_ok = |args: &[&str]| {
+        let out = Command::new(NUWA).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "nuwa {args:?}: {stderr}");
+    };
+    let (exported, merged) = (tmp.path().join("exported"), tmp.path().join("merged"));
+    let path = |p: &Path| p.display().to_string();
+    nuwa_ok(&["export", &path(&run), "--out", &path(&exported)]);
+    nuwa_ok(&[
+        "merge",
+        &path(&run),
+        "--last",
+        "1",
+        "--hf",
+        "--out",
+        &path(&merged),
+    ]);
+    let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert!(weights(&exported) == weights(&merged));
+    let merged_run = tmp.path().join("merged-run");
+    nuwa_ok(&[
+        "merge",
+        &path(&run),
+        "--last",
+        "1",
+        "--out",
+        &path(&merged_run),
+    ]);
+    nuwa_ok(&["sample", "--run", &path(&merged_run), "--max-tokens", "4"]);
     let mut again: Vec<String> = pipeline_args(&run, "tiny-moe")
         .into_iter()
         .filter(|a| a != "--run-dir" && a != &run.display().to_string())

@@ -184,6 +184,8 @@ pub fn write(run: &Path, snapshot: Snapshot, keep: usize) -> Result<PathBuf> {
         std::process::id()
     ));
     state.format = CHECKPOINT_FORMAT;
+    // Whole files: a state read from a sharded checkpoint (a merge of one) names no shards.
+    state.shards.clear();
     let result = (|| -> Result<()> {
         let _ = std::fs::remove_dir_all(&tmp_dir);
         std::fs::create_dir_all(&tmp_dir)?;
