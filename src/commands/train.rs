@@ -475,6 +475,10 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
         Some(dir) => resume_overrides(&a, dir)?,
         None => ResumeOverrides::default(),
     };
+    if let Some(d) = &dist {
+        let settings = job_settings(&a, &config, &run_dir, d)?;
+        nuwa_train::parallel::check_same_settings(d.comm.as_ref(), &settings)?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -550,6 +554,56 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What every rank of a job must agree on, by name: the resolved run configuration, the
+/// layout and the flags that steer the job — not the device (unequal ranks may run on
+/// different backends).
+fn job_settings(
+    a: &TrainArgs,
+    config: &RunConfig,
+    run_dir: &std::path::Path,
+    dist: &nuwa_train::parallel::DistOptions,
+) -> Result<Vec<(String, String)>> {
+    let flags = serde_json::json!({
+        "--run-dir": run_dir,
+        "--resume": a.resume.is_some(),
+        "--init-from": a.init_from,
+        "--stop-at": a.stop_at,
+        "--ep": dist.ep,
+        "--ep-split": dist.ep_by_width.then_some("width"),
+        "--pp": dist.pp,
+        "--stage-layers": dist.stage_layers,
+        "expert placement": dist.placement,
+        "--cluster memory_gb": dist.memory_bytes,
+        "--cluster max_seqs": dist.max_seqs,
+        "--rebalance-every": dist.rebalance_every,
+        "--hash-params": dist.hash_params,
+        "--throttle": a.throttle,
+        "--throttle-from": a.throttle_from,
+        "--fault-kill-at": a.fault_kill_at,
+        "--fault-hang-at": a.fault_hang_at,
+    });
+    let mut settings = Vec::new();
+    flatten_json("", &serde_json::to_value(config)?, &mut settings);
+    flatten_json("", &flags, &mut settings);
+    Ok(settings)
+}
+
+/// `value`'s leaves as (dotted path, JSON text).
+fn flatten_json(path: &str, value: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            for (name, v) in fields {
+                let path = match path {
+                    "" => name.clone(),
+                    _ => format!("{path}.{name}"),
+                };
+                flatten_json(&path, v, out);
+            }
+        }
+        leaf => out.push((path.to_string(), leaf.to_string())),
+    }
 }
 
 /// `--plan FILE`: checks it and takes its model, batch and layout into the flags (a flag

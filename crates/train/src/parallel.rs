@@ -315,6 +315,78 @@ pub fn gather_hashes(comm: &dyn Collective, hash: u64) -> Vec<u64> {
         .collect()
 }
 
+/// Checks that every rank of the job was started with the same job-wide `settings` (name,
+/// value). Ranks that disagree on the layout would wait forever on collectives the others
+/// never call; ranks that disagree on a hyper-parameter would train their replicas apart.
+/// The error, the same line on every rank, names the first setting that differs.
+pub fn check_same_settings(
+    comm: &dyn Collective,
+    settings: &[(String, String)],
+) -> anyhow::Result<()> {
+    let text: String = settings
+        .iter()
+        .map(|(name, value)| format!("{name}\t{value}\n"))
+        .collect();
+    // Every rank's text, as bytes padded to the longest.
+    let lens: Vec<usize> = comm
+        .all_gather(&[text.len() as f64])
+        .iter()
+        .map(|&l| l as usize)
+        .collect();
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    let mut mine: Vec<f64> = text.bytes().map(f64::from).collect();
+    mine.resize(longest, 0.0);
+    let all = comm.all_gather(&mine);
+    let texts: Vec<String> = lens
+        .iter()
+        .enumerate()
+        .map(|(r, &len)| {
+            let bytes: Vec<u8> = all[r * longest..r * longest + len]
+                .iter()
+                .map(|&b| b as u8)
+                .collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+        .collect();
+    match first_difference(&texts) {
+        Some(line) => anyhow::bail!("{line}"),
+        None => Ok(()),
+    }
+}
+
+/// The first setting in which a rank's `name\tvalue` lines differ from rank 0's, said in
+/// one line; `None` when every rank has rank 0's.
+fn first_difference(texts: &[String]) -> Option<String> {
+    let parse = |t: &str| -> Vec<(String, String)> {
+        t.lines()
+            .filter_map(|l| l.split_once('\t'))
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    };
+    let first = parse(texts.first()?);
+    let value_in = |settings: &[(String, String)], name: &str| {
+        settings
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or_else(|| "unset".to_string(), |(_, v)| v.clone())
+    };
+    for (rank, text) in texts.iter().enumerate().skip(1) {
+        let other = parse(text);
+        let names = first.iter().chain(&other).map(|(n, _)| n);
+        for name in names {
+            let (a, b) = (value_in(&first, name), value_in(&other, name));
+            if a != b {
+                return Some(format!(
+                    "the ranks were started with different settings: {name} is {a} on rank 0 \
+                     but {b} on rank {rank} (every rank of a job takes the same arguments; \
+                     only --device and --accelerator may differ)"
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// Exits the process when a collective has waited past its timeout: a peer is hung or dead,
 /// and the supervisor (`nuwa launch`) restarts the job from the last checkpoint.
 pub struct Watchdog {
@@ -374,6 +446,22 @@ impl Watchdog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_setting_a_rank_disagrees_on_is_named() {
+        let same = "train.lr\t0.001\n--ep\t2\n".to_string();
+        assert_eq!(first_difference(&[same.clone(), same.clone()]), None);
+        let other_lr = "train.lr\t0.0003\n--ep\t2\n".to_string();
+        let line = first_difference(&[same.clone(), same.clone(), other_lr]).unwrap();
+        assert!(
+            line.contains("train.lr is 0.001 on rank 0 but 0.0003 on rank 2"),
+            "{line}"
+        );
+        // A setting only one rank has is said to be unset on the other.
+        let extra = format!("{same}--stage-layers\t[3,1]\n");
+        let line = first_difference(&[same, extra]).unwrap();
+        assert!(line.contains("--stage-layers is unset on rank 0 but [3,1] on rank 1"));
+    }
 
     #[test]
     fn a_rank_slow_for_patience_steps_is_named_once() {
