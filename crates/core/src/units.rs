@@ -19,7 +19,7 @@ pub fn parse_with_unit(s: &str, units: &[(&str, f64)], example: &str) -> Result<
         .parse()
         .map_err(|_| anyhow!("`{s}` is not a number with a unit (e.g. {example})"))?;
     if !(v > 0.0 && (v * scale).is_finite()) {
-        bail!("`{s}` must be positive");
+        bail!("`{s}` must be a positive, finite number");
     }
     Ok(v * scale)
 }
@@ -36,5 +36,9 @@ mod tests {
         assert_eq!(parse_with_unit("7", &bytes, "").unwrap(), 7.0);
         assert!(parse_with_unit("5XB", &bytes, "").is_err());
         assert!(parse_with_unit("-1GB", &bytes, "").is_err());
+        let huge = parse_with_unit("1e400", &bytes, "")
+            .unwrap_err()
+            .to_string();
+        assert!(huge.contains("positive, finite"), "{huge}");
     }
 }
