@@ -36,7 +36,7 @@ fn the_search_meets_every_constraint_and_ranks_by_cost() {
     let out = nuwa(&[
         "plan",
         "--model",
-        "ling-plus",
+        "ling-lite",
         "--tokens",
         "1T",
         "--inventory",
@@ -104,10 +104,24 @@ fn impossible_constraints_say_which_and_by_how_much() {
         tmp.path(),
         "currency = \"CNY\"\n[[device]]\nname = \"D\"\ncount = 512\ndomestic = false\n",
     );
-    let out = nuwa(&["plan", "--inventory", &only_d, "--domestic-share", "0.5"]);
+    // 512 of D hold the default model (Ling-Lite) at 1024 tokens a sequence.
+    let short = ["--seq-len", "1024"];
+    let plan_d = |extra: &[&str]| {
+        let mut args = vec!["plan", "--inventory", &only_d];
+        args.extend_from_slice(extra);
+        nuwa(&args)
+    };
+    let out = plan_d(&[&short[..], &["--domestic-share", "0.5"]].concat());
     assert_clean_error(&out, "at most 0% of a plan's devices can be domestic");
-    let out = nuwa(&["plan", "--inventory", &only_d, "--budget", "1000"]);
+    let out = plan_d(&[&short[..], &["--budget", "1000"]].concat());
     assert_clean_error(&out, "budget 1.000e3: the cheapest plan that fits costs");
+    // At 4096 they do not: nuwa train keeps every parameter's f32 weight, gradient and AdamW
+    // moments on each device that holds it, and every layer's activations for the
+    // micro-batches in flight (no recomputation). The line says what the best plan holds.
+    let out = plan_d(&[]);
+    assert_clean_error(&out, "no layout fits in memory: the best leaves");
+    assert_clean_error(&out, "GB of f32 weights, gradients and AdamW moments");
+    assert_clean_error(&out, "GB of activations, on 80 GB");
 }
 
 #[test]

@@ -48,7 +48,7 @@ struct CatalogueArg {
 #[derive(Args)]
 struct SearchArgs {
     /// A preset (ling-plus, ling-lite, tiny-moe, ...) or a model config file.
-    #[arg(long, default_value = "ling-plus")]
+    #[arg(long, default_value = "ling-lite")]
     model: String,
     /// Training tokens: 1T, 500B, 2e12.
     #[arg(long, default_value = "1T")]

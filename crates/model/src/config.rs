@@ -460,7 +460,30 @@ pub struct ModelCounts {
     pub train_flops_per_token: f64,
 }
 
+/// Bytes `nuwa train` keeps per parameter a process holds: the f32 weight, its f32 gradient
+/// and AdamW's two f32 moments (no optimiser sharding: every holder keeps all four).
+pub const TRAIN_BYTES_PER_PARAM: f64 = 16.0;
+
 impl ModelConfig {
+    /// Bytes of activations autodiff keeps per token of a micro-batch and decoder layer, at
+    /// `seq_len` (f32): the layer's inputs and intermediates, the attention scores. An
+    /// estimate, shared by the trainer's refusal of the impossible and the planner.
+    pub fn activation_bytes_per_token_layer(&self, seq_len: usize) -> f64 {
+        let width = if self.is_moe() {
+            self.moe_intermediate_size * (self.num_experts_per_tok + self.num_shared_experts)
+        } else {
+            self.intermediate_size
+        };
+        4.0 * (24.0 * self.hidden_size as f64
+            + 8.0 * width as f64
+            + 3.0 * (self.num_attention_heads * seq_len) as f64)
+    }
+
+    /// Bytes of activations per token at the head (f32): the logits and their softmax.
+    pub fn head_activation_bytes_per_token(&self) -> f64 {
+        4.0 * 3.0 * self.vocab_size as f64
+    }
+
     fn swiglu_params(&self, width: usize) -> u64 {
         let b = if self.mlp_bias {
             2 * width + self.hidden_size

@@ -16,7 +16,7 @@ pub mod trace;
 pub mod weights;
 
 pub use cache::{KvCache, KvStore, Positions};
-pub use config::{ConfigError, ModelConfig, ModelCounts, ScoreFunction};
+pub use config::{ConfigError, ModelConfig, ModelCounts, ScoreFunction, TRAIN_BYTES_PER_PARAM};
 pub use model::{ForwardOutput, LanguageModel, Logits};
 pub use moe::RouterStats;
 pub use path::ModulePath;

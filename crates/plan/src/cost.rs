@@ -1,16 +1,20 @@
 //! The cost model: memory per device and time per step of one parallel layout on one or more
 //! kinds of device.
 //!
-//! Memory: bf16 weights and gradients (4 B/param) on every device holding a parameter, fp32
-//! master weights and AdamW moments (12 B/param) sharded over data-parallel replicas (ZeRO-1),
-//! activations per layer and micro-batch from Korthikanti et al. (2022), `s·b·h·(34 + 5·a·s/h)`
-//! bytes split over tensor parallelism, or `2·s·b·h` with full recomputation, times the
-//! micro-batches a 1F1B pipeline keeps in flight, plus the MoE dispatch buffers.
+//! The runtime priced is `nuwa train`'s, so that a plan that fits here fits when it runs.
 //!
-//! Time: model FLOPs at the device's peak times a calibrated efficiency (×4/3 with
-//! recomputation), plus the pipeline bubble, tensor-parallel all-reduces and expert all-to-alls
-//! (not overlapped), plus the data-parallel gradient all-reduce, half of which hides behind the
-//! backward pass.
+//! Memory: f32 weights, gradients and AdamW's two moments (16 B/param,
+//! `nuwa_model::TRAIN_BYTES_PER_PARAM`) on every device holding a parameter — nuwa shards no
+//! optimiser state over data-parallel replicas; the activations autodiff keeps per token and
+//! layer (`ModelConfig::activation_bytes_per_token_layer`, the trainer's own estimate) for the
+//! micro-batches a 1F1B pipeline keeps in flight, and the head's logits for one micro-batch;
+//! plus the MoE dispatch buffers and, for parameters several replicas hold, the gradient
+//! all-reduce's host copies (8 B/param). nuwa has no activation recomputation, so no layout uses it.
+//!
+//! Time: model FLOPs at the device's peak times a calibrated efficiency, plus the pipeline
+//! bubble, tensor-parallel all-reduces and expert all-to-alls, plus the data-parallel
+//! all-reduce of f32 gradients — none overlapped (nuwa's backward pass is one call, and the
+//! all-reduce follows it).
 
 use crate::catalogue::Available;
 use nuwa_model::ModelConfig;
@@ -23,7 +27,6 @@ pub struct Layout {
     pub pp: usize,
     pub ep: usize,
     pub micro_batch: usize,
-    pub recompute: bool,
     /// How an expert group splits the routed experts (with `ep` > 1).
     pub expert_split: ExpertSplit,
 }
@@ -50,7 +53,6 @@ impl Default for Layout {
             pp: 1,
             ep: 1,
             micro_batch: 1,
-            recompute: false,
             expert_split: ExpertSplit::Experts,
         }
     }
@@ -104,6 +106,9 @@ pub struct Memory {
     pub optimizer: f64,
     pub activations: f64,
     pub moe_buffers: f64,
+    /// The data-parallel gradient all-reduce's host copy of the replicated gradients and the
+    /// gradients rebuilt from it.
+    pub gradient_all_reduce: f64,
     pub total: f64,
     pub capacity: f64,
 }
@@ -149,35 +154,43 @@ fn params_per_device(cfg: &ModelConfig, l: &Layout) -> (f64, f64) {
 pub fn memory(w: &Workload, d: &Available, l: &Layout, dp: usize) -> Memory {
     let cfg = &w.model;
     let (dense, expert) = params_per_device(cfg, l);
-    let weights_and_grads = 4.0 * (dense + expert);
-    let expert_dp = (dp / l.ep).max(1) as f64;
-    let optimizer = 12.0 * (dense / dp as f64 + expert / expert_dp);
+    // Of the 16 B a parameter: the f32 weight and gradient, then AdamW's two moments.
+    let weights_and_grads = 8.0 * (dense + expert);
+    let optimizer = (nuwa_model::TRAIN_BYTES_PER_PARAM - 8.0) * (dense + expert);
     let (s, b, h) = (
         w.seq_len as f64,
         l.micro_batch as f64,
         cfg.hidden_size as f64,
     );
-    let a = cfg.num_attention_heads as f64;
-    let per_layer = if l.recompute {
-        2.0 * s * b * h
-    } else {
-        s * b * h * (34.0 + 5.0 * a * s / h) / l.tp as f64
-    };
+    let tokens = s * b;
+    let per_layer = tokens * cfg.activation_bytes_per_token_layer(w.seq_len) / l.tp as f64;
     let layers = (cfg.num_hidden_layers / l.pp) as f64;
     let micro = (w.global_batch / dp / l.micro_batch).max(1);
     let in_flight = l.pp.min(micro) as f64;
-    let activations = per_layer * layers * in_flight;
+    // The last stage's: its layers' and the head's (the largest stage is priced).
+    let activations =
+        per_layer * layers * in_flight + tokens * cfg.head_activation_bytes_per_token();
     let moe_buffers = if cfg.is_moe() {
         4.0 * s * b * cfg.num_experts_per_tok as f64 * h * 2.0
     } else {
         0.0
     };
-    let total = weights_and_grads + optimizer + activations + moe_buffers;
+    // A parameter held by several replicas has its gradient summed through host memory:
+    // copied out flat and rebuilt (`all_reduce_gradients`), 8 B more while both live.
+    let expert_replicas = dp / l.ep.max(1);
+    let replicated = match (dp > 1, expert_replicas > 1) {
+        (false, _) => 0.0,
+        (true, false) => dense,
+        (true, true) => dense + expert,
+    };
+    let gradient_all_reduce = 8.0 * replicated;
+    let total = weights_and_grads + optimizer + activations + moe_buffers + gradient_all_reduce;
     Memory {
         weights_and_grads,
         optimizer,
         activations,
         moe_buffers,
+        gradient_all_reduce,
         total,
         capacity: d.memory_bytes,
     }
@@ -196,9 +209,8 @@ pub fn step_time(
 ) -> StepTime {
     let cfg = &w.model;
     let tokens = (sequences * w.seq_len) as f64;
-    let recompute = if l.recompute { 4.0 / 3.0 } else { 1.0 };
     let devices = (l.tp * l.pp) as f64;
-    let compute = tokens * w.flops_per_token() * recompute / (devices * d.peak_flops * efficiency);
+    let compute = tokens * w.flops_per_token() / (devices * d.peak_flops * efficiency);
     let micro = (sequences / l.micro_batch).max(1) as f64;
     let bubble = compute * (l.pp as f64 - 1.0) / micro;
     let (s, b, h) = (
@@ -236,8 +248,9 @@ pub fn step_time(
     };
     let (dense, expert) = params_per_device(cfg, l);
     let data_parallel_exposed = if dp > 1 {
-        let bytes = 2.0 * (dense + expert) * 2.0 * (dp as f64 - 1.0) / dp as f64;
-        (bytes / dp_bw - 0.5 * compute).max(0.0)
+        // A ring all-reduce of f32 gradients, after the backward pass.
+        let bytes = 4.0 * (dense + expert) * 2.0 * (dp as f64 - 1.0) / dp as f64;
+        bytes / dp_bw
     } else {
         0.0
     };
@@ -286,19 +299,6 @@ mod tests {
         let t = step_time(&w, &device(), &l, 0.5, 8, 1, 50e9);
         let want = 8.0 * 64.0 * w.flops_per_token() / (1e15 * 0.5);
         assert!((t.total - want).abs() / want < 1e-12);
-        let r = step_time(
-            &w,
-            &device(),
-            &Layout {
-                recompute: true,
-                ..l
-            },
-            0.5,
-            8,
-            1,
-            50e9,
-        );
-        assert!((r.total / t.total - 4.0 / 3.0).abs() < 1e-12);
     }
 
     #[test]
@@ -335,18 +335,17 @@ mod tests {
             global_batch: 512,
             tokens: 1e12,
         };
-        let base = Layout {
-            recompute: true,
-            ..Layout::default()
-        };
+        let base = Layout::default();
         let one = memory(&w, &device(), &base, 8);
         let four = memory(&w, &device(), &Layout { pp: 4, ..base }, 8);
         assert!((one.weights_and_grads / four.weights_and_grads - 4.0).abs() < 1e-9);
-        // 16.8B params × 4 B = 67 GB of bf16 weights and gradients on one device.
+        // 16.8B params × 8 B = 134 GB of f32 weights and gradients on one device, and as
+        // much again of AdamW moments (not sharded over the 8 replicas: nuwa does not).
         assert!(
-            (one.weights_and_grads / 1e9 - 67.2).abs() < 0.5,
+            (one.weights_and_grads / 1e9 - 134.4).abs() < 1.0,
             "{}",
             one.weights_and_grads
         );
+        assert_eq!(one.optimizer, one.weights_and_grads);
     }
 }

@@ -13,7 +13,7 @@
 //! ep = 4                       # ranks per expert-parallel group
 //! dp = 8                       # pipeline replicas (ranks = pp × dp)
 //! micro_batch = 2              # sequences per micro-batch per replica
-//! recompute = false
+//! recompute = false            # activation recomputation: not implemented, must be false
 //! stage_layers = [15, 13]      # optional: decoder layers per stage (else measured)
 //! expert_placement = [16, 16, 16, 16]  # optional: experts per EP member (else measured)
 //! expert_split = "experts"     # with ep > 1: whole experts per rank, or "width" (a share
@@ -110,7 +110,7 @@ impl PlanFile {
                 ep: l.ep,
                 dp: plan.parts.iter().map(|p| p.replicas).sum(),
                 micro_batch: l.micro_batch,
-                recompute: l.recompute,
+                recompute: false,
                 stage_layers: None,
                 expert_placement: None,
                 expert_split: (l.ep > 1).then_some(l.expert_split),
@@ -174,6 +174,12 @@ impl PlanFile {
             bail!(
                 "layout.tp = {}: tensor parallelism is not implemented yet (plans use tp = 1)",
                 l.tp
+            );
+        }
+        if l.recompute {
+            bail!(
+                "layout.recompute = true: activation recomputation is not implemented yet \
+                 (plans use recompute = false)"
             );
         }
         for (name, v) in [
@@ -362,7 +368,6 @@ pub fn predict(
         pp: l.pp,
         ep: l.ep,
         micro_batch: l.micro_batch,
-        recompute: l.recompute,
         expert_split: l.expert_split.unwrap_or_default(),
     };
     let dp_bw = devices
@@ -415,6 +420,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("layout.tp = 4"));
+        let mut bad = p.clone();
+        bad.layout.recompute = true;
+        assert!(bad
+            .check_shape()
+            .unwrap_err()
+            .to_string()
+            .contains("layout.recompute = true"));
         let mut bad = p.clone();
         bad.layout.ep = 3;
         assert!(bad

@@ -55,13 +55,12 @@ impl Plan {
         let l = &self.layout;
         let by_width = l.ep > 1 && l.expert_split == ExpertSplit::Width;
         format!(
-            "tp{} pp{} ep{}{} mb{}{}",
+            "tp{} pp{} ep{}{} mb{}",
             l.tp,
             l.pp,
             l.ep,
             if by_width { "/width" } else { "" },
             l.micro_batch,
-            if l.recompute { " rc" } else { "" }
         )
     }
 }
@@ -113,17 +112,15 @@ fn layouts(w: &Workload, per_node: usize) -> Vec<Layout> {
                 vec![1]
             };
             for &ep in &eps {
+                // No activation recomputation: nuwa train has none.
                 for micro_batch in [1, 2, 4] {
-                    for recompute in [false, true] {
-                        out.push(Layout {
-                            tp,
-                            pp,
-                            ep,
-                            micro_batch,
-                            recompute,
-                            expert_split: ExpertSplit::Experts,
-                        });
-                    }
+                    out.push(Layout {
+                        tp,
+                        pp,
+                        ep,
+                        micro_batch,
+                        expert_split: ExpertSplit::Experts,
+                    });
                 }
             }
         }
@@ -369,12 +366,36 @@ pub fn explain_infeasible(plans: &[Plan], c: &Constraints) -> String {
     if fits.is_empty() {
         let best = plans
             .iter()
-            .map(|p| p.memory_headroom)
-            .fold(f64::NEG_INFINITY, f64::max);
+            .max_by(|a, b| a.memory_headroom.total_cmp(&b.memory_headroom));
+        let Some(best) = best else {
+            return "no layout divides the model and the batch".to_string();
+        };
+        // What the fullest device of the best plan holds, in nuwa train's terms.
+        let worst = best
+            .parts
+            .iter()
+            .max_by(|a, b| {
+                (a.memory.total / a.memory.capacity)
+                    .total_cmp(&(b.memory.total / b.memory.capacity))
+            })
+            .map(|p| {
+                let m = &p.memory;
+                let gb = |b: f64| b / 1e9;
+                format!(
+                    " ({}, {}: {:.0} GB of f32 weights, gradients and AdamW moments, {:.0} GB of \
+                     activations, on {:.0} GB)",
+                    p.device,
+                    best.layout_text(),
+                    gb(m.weights_and_grads + m.optimizer + m.gradient_all_reduce),
+                    gb(m.activations + m.moe_buffers),
+                    gb(m.capacity)
+                )
+            })
+            .unwrap_or_default();
         reasons.push(format!(
-            "no layout fits in memory: the best leaves {:.0}% free (need {:.0}%); add devices \
-             with more memory or allow more parallelism",
-            best * 100.0,
+            "no layout fits in memory: the best leaves {:.0}% free (need {:.0}%){worst}; add \
+             devices with more memory, or train shorter sequences (--seq-len)",
+            best.memory_headroom * 100.0,
             MEMORY_RESERVE * 100.0
         ));
     } else {

@@ -379,7 +379,7 @@ pub(crate) fn fmt_bytes(bytes: f64) -> String {
 }
 
 /// Bytes a parameter costs a rank that trains it: f32 weight and gradient, two AdamW moments.
-const BYTES_PER_TRAINED_PARAM: f64 = 16.0;
+const BYTES_PER_TRAINED_PARAM: f64 = nuwa_model::TRAIN_BYTES_PER_PARAM;
 /// Share of a rank's memory its parameters may fill (the rest: activations, buffers).
 const PARAMETER_SHARE: f64 = 0.8;
 

@@ -233,11 +233,15 @@ impl Pipeline {
             }
         }
         let m = &cfg.model;
-        // A layer's weights, gradients and AdamW moments, and its activations for a
-        // micro-batch (see setup.rs's estimate), bound how many a stage's memory holds.
-        let per_layer =
-            m.counts(cfg.train.seq_len).total_params as f64 / m.num_hidden_layers as f64 * 16.0
-                + (self.shares[0] * cfg.train.seq_len * 40 * m.hidden_size) as f64 * self.pp as f64;
+        // A layer's weights, gradients and AdamW moments, and its activations for the
+        // micro-batches 1F1B keeps in flight (the estimate the planner uses too), bound how
+        // many a stage's memory holds.
+        let seq = cfg.train.seq_len;
+        let per_layer = m.counts(seq).total_params as f64 / m.num_hidden_layers as f64
+            * nuwa_model::TRAIN_BYTES_PER_PARAM
+            + (self.shares[0] * seq) as f64
+                * m.activation_bytes_per_token_layer(seq)
+                * self.pp as f64;
         // A stage must hold one layer's parameters (f32 weights, gradients and AdamW moments
         // in 80% of its memory, what `memory_gb` bounds; routed experts split over the expert
         // group): else one line now, not a stage that runs out of memory later.
@@ -250,7 +254,7 @@ impl Pipeline {
             })
             .min()
             .unwrap_or(0) as f64
-            * 16.0;
+            * nuwa_model::TRAIN_BYTES_PER_PARAM;
         if let Some(s) = (0..self.pp).find(|&s| memory[s] * 0.8 < smallest_layer) {
             bail!(
                 "--pp {}: rank {}'s memory ({}) does not hold one decoder layer in 80% of it: \

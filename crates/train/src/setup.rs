@@ -148,18 +148,12 @@ fn check_config(mut cfg: RunConfig, data: &Dataset) -> Result<RunConfig> {
 /// logits and their softmax). An estimate to refuse the impossible, not a budget.
 fn training_memory(cfg: &RunConfig) -> (f64, f64) {
     let (m, t) = (&cfg.model, &cfg.train);
-    let params = m.counts(t.seq_len).total_params as f64 * 16.0;
-    let width = if m.is_moe() {
-        m.moe_intermediate_size * (m.num_experts_per_tok + m.num_shared_experts)
-    } else {
-        m.intermediate_size
-    };
-    let per_layer = 24.0 * m.hidden_size as f64
-        + 8.0 * width as f64
-        + 3.0 * (m.num_attention_heads * t.seq_len) as f64;
+    let params = m.counts(t.seq_len).total_params as f64 * nuwa_model::TRAIN_BYTES_PER_PARAM;
     let tokens = (t.batch_size * t.seq_len) as f64;
     let layers = (m.num_hidden_layers + m.num_nextn_predict_layers) as f64;
-    let activations = tokens * 4.0 * (layers * per_layer + 3.0 * m.vocab_size as f64);
+    let activations = tokens
+        * (layers * m.activation_bytes_per_token_layer(t.seq_len)
+            + m.head_activation_bytes_per_token());
     (params, activations)
 }
 
