@@ -51,6 +51,12 @@ impl Plan {
             .join(" + ")
     }
 
+    /// The part whose devices' memory is fullest.
+    pub fn fullest_part(&self) -> Option<&Part> {
+        let fill = |p: &&Part| p.memory.total / p.memory.capacity;
+        self.parts.iter().max_by(|a, b| fill(a).total_cmp(&fill(b)))
+    }
+
     pub fn layout_text(&self) -> String {
         let l = &self.layout;
         let by_width = l.ep > 1 && l.expert_split == ExpertSplit::Width;
@@ -245,12 +251,7 @@ fn violations(plan: &Plan, c: &Constraints) -> Vec<String> {
     let mut out = Vec::new();
     if plan.memory_headroom < MEMORY_RESERVE {
         let worst = plan
-            .parts
-            .iter()
-            .max_by(|a, b| {
-                (a.memory.total / a.memory.capacity)
-                    .total_cmp(&(b.memory.total / b.memory.capacity))
-            })
+            .fullest_part()
             .map(|p| {
                 format!(
                     "memory: {} needs {:.1} GB per device, has {:.1} GB ({:.0}% kept free)",
@@ -372,12 +373,7 @@ pub fn explain_infeasible(plans: &[Plan], c: &Constraints) -> String {
         };
         // What the fullest device of the best plan holds, in nuwa train's terms.
         let worst = best
-            .parts
-            .iter()
-            .max_by(|a, b| {
-                (a.memory.total / a.memory.capacity)
-                    .total_cmp(&(b.memory.total / b.memory.capacity))
-            })
+            .fullest_part()
             .map(|p| {
                 let m = &p.memory;
                 let gb = |b: f64| b / 1e9;
