@@ -142,7 +142,7 @@ fn params_per_device(cfg: &ModelConfig, l: &Layout) -> (f64, f64) {
         let layers = (0..cfg.num_hidden_layers)
             .filter(|&i| cfg.layer_is_moe(i))
             .count();
-        (layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size) as f64
+        (layers as u64 * cfg.routed_expert_params()) as f64
     } else {
         0.0
     };

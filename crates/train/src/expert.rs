@@ -15,6 +15,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use nuwa_model::expert_parallel::{is_routed_expert, ExpertGroup};
 use nuwa_model::weights::HostTensor;
 use nuwa_model::LanguageModel;
+use nuwa_model::TRAIN_BYTES_PER_PARAM;
 use nuwa_run::sharded::{Part, Shard};
 use std::collections::{BTreeMap, HashSet};
 
@@ -378,8 +379,6 @@ pub(crate) fn fmt_bytes(bytes: f64) -> String {
     format!("{value:.decimals$} {unit}")
 }
 
-/// Bytes a parameter costs a rank that trains it: f32 weight and gradient, two AdamW moments.
-const BYTES_PER_TRAINED_PARAM: f64 = nuwa_model::TRAIN_BYTES_PER_PARAM;
 /// Share of a rank's memory its parameters may fill (the rest: activations, buffers).
 const PARAMETER_SHARE: f64 = 0.8;
 
@@ -420,7 +419,7 @@ fn member_caps(
         if !bytes.is_finite() {
             continue;
         }
-        let room = bytes * PARAMETER_SHARE / BYTES_PER_TRAINED_PARAM - dense;
+        let room = bytes * PARAMETER_SHARE / TRAIN_BYTES_PER_PARAM - dense;
         let fits = (room / unit.max(1.0)).floor().max(0.0) as usize;
         if fits == 0 {
             anyhow::bail!(
@@ -428,8 +427,8 @@ fn member_caps(
                  {what} in {:.0}% of it: they take {} and {} with gradients and optimiser state",
                 fmt_bytes(bytes),
                 PARAMETER_SHARE * 100.0,
-                fmt_bytes(dense * BYTES_PER_TRAINED_PARAM),
-                fmt_bytes(unit * BYTES_PER_TRAINED_PARAM)
+                fmt_bytes(dense * TRAIN_BYTES_PER_PARAM),
+                fmt_bytes(unit * TRAIN_BYTES_PER_PARAM)
             );
         }
         let cap = &mut caps[rank % ep];
@@ -485,7 +484,7 @@ mod tests {
         // A memory that holds the whole model's dense part and exactly 3 of its experts.
         let expert = (3 * m.hidden_size * m.moe_intermediate_size) as f64;
         let dense = m.counts(1).total_params as f64 - 3.0 * expert * m.num_experts as f64;
-        let bytes = (dense + 3.5 * 3.0 * expert) * BYTES_PER_TRAINED_PARAM / PARAMETER_SHARE;
+        let bytes = (dense + 3.5 * 3.0 * expert) * TRAIN_BYTES_PER_PARAM / PARAMETER_SHARE;
         let solo = nuwa_core::comm::SoloCollective;
         let cap = |s: &Stage| member_caps(&solo, 1, Some(bytes), &m, false, s).map(|c| c[0]);
         let whole_cap = cap(&whole).unwrap_err().to_string();
