@@ -29,9 +29,12 @@ BATCH, ACCUM, SEQ = 8, 4, 64
 # expert layouts again at twice the width (hidden 512, experts 512 wide): the work every rank
 # does on every row under the split by width grows with the width, its expert work with the
 # width squared.
+# And the data layout and the split by width at four times the width (hidden 1024, experts
+# 1024 wide): the split by width's work on every row whatever the columns (moving and summing
+# hidden-wide rows) against its work on columns (hidden x width per row) falls as 1 / width.
 LAYERS, HIDDEN = 4, 256
 UNEQUAL = [(16, 4, LAYERS, HIDDEN), (8, 8, LAYERS, HIDDEN), (4, 16, 10, HIDDEN),
-           (16, 4, LAYERS, 512)]
+           (16, 4, LAYERS, 512), (16, 4, LAYERS, 1024)]
 
 
 def model(batch=BATCH, accum=ACCUM, layers=LAYERS, hidden=HIDDEN):
@@ -191,7 +194,14 @@ def main():
                  ["--pp", "2", "--throttle", "1,2", "--stage-layers", f"{half},{layers - half}"]),
                 ("PP 2, measured stages", 2, ["--pp", "2", "--throttle", "1,2"]),
             ]
-        if (batch, accum, layers) == UNEQUAL[0][:3]:
+        if hidden >= 1024:
+            # Steps of several seconds: the data layout and the split by width only.
+            rows[2:2] = [
+                ("DP 2, throughput-balanced rows", 2, ["--throttle", "1,2", "--rebalance-every", "2"]),
+                ("EP 2 split by width, measured columns", 2,
+                 ["--ep", "2", "--ep-split", "width", "--throttle", "1,2", "--rebalance-every", "2"]),
+            ]
+        elif (batch, accum, layers) == UNEQUAL[0][:3]:
             rows[2:2] = [
                 ("DP 2, throughput-balanced rows", 2, ["--throttle", "1,2", "--rebalance-every", "2"]),
                 *([("EP 2, equal experts and rows", 2,
@@ -271,8 +281,10 @@ def main():
         "router sends tokens (the placement by experts gives the fast rank the 5 experts that, "
         "this early in training, carry 70–97% of the rows); its rows follow its speed outside the "
         "expert phase and its columns are fitted to what its expert phase took (work on its "
-        "columns plus work on every row whatever the columns). The last block is the model at "
-        "twice the width (hidden 512, experts 512 wide). \"Of the sum "
+        "columns plus work on every row whatever the columns). The last two blocks are the model at "
+        "twice and four times the width (hidden 512, experts 512 wide; hidden 1024, experts 1024 "
+        "wide): the work every rank does on every row under the split by width (moving and summing "
+        "hidden-wide rows) falls against its work on its columns as 1 / width. \"Of the sum "
         "alone\" is the job's throughput over the two ranks' throughputs each alone (a one-process "
         "run at its speed, same micro-batches); \"of both at once\" over the two run as independent "
         "jobs at the same time — the most this machine gives two processes that share its cores. "
@@ -293,8 +305,8 @@ def main():
             t = r["tokens_per_s"]
             alone = name.endswith("(one process)")
             lines.append(f"| {accum} x {batch} ({shape}) | {name} | {t:.0f} | "
-                         f"{'' if alone else f'{t / (fast + slow):.0%}'} | "
-                         f"{'' if alone else f'{t / together:.0%}'} | {fmt(r.get('placement'))} | "
+                         f"{'' if alone else f'{t / (fast + slow):.1%}'} | "
+                         f"{'' if alone else f'{t / together:.1%}'} | {fmt(r.get('placement'))} | "
                          f"{fmt(r.get('stage_layers'))} | {fmt(r.get('seqs'))} |")
     lines += [
         "",
