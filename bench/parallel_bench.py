@@ -194,23 +194,18 @@ def main():
                  ["--pp", "2", "--throttle", "1,2", "--stage-layers", f"{half},{layers - half}"]),
                 ("PP 2, measured stages", 2, ["--pp", "2", "--throttle", "1,2"]),
             ]
-        if hidden >= 1024:
-            # Steps of several seconds: the data layout and the split by width only.
-            rows[2:2] = [
-                ("DP 2, throughput-balanced rows", 2, ["--throttle", "1,2", "--rebalance-every", "2"]),
-                ("EP 2 split by width, measured columns", 2,
-                 ["--ep", "2", "--ep-split", "width", "--throttle", "1,2", "--rebalance-every", "2"]),
-            ]
-        elif (batch, accum, layers) == UNEQUAL[0][:3]:
-            rows[2:2] = [
-                ("DP 2, throughput-balanced rows", 2, ["--throttle", "1,2", "--rebalance-every", "2"]),
+        if (batch, accum, layers) == UNEQUAL[0][:3]:
+            dp = ("DP 2, throughput-balanced rows", 2, ["--throttle", "1,2", "--rebalance-every", "2"])
+            width = ("EP 2 split by width, measured columns", 2,
+                     ["--ep", "2", "--ep-split", "width", "--throttle", "1,2", "--rebalance-every", "2"])
+            by_experts = [
                 *([("EP 2, equal experts and rows", 2,
                     ["--ep", "2", "--throttle", "1,2", "--rebalance-every", "0"])]
                   if hidden == HIDDEN else []),
                 ("EP 2, measured placement", 2, ["--ep", "2", "--throttle", "1,2", "--rebalance-every", "2"]),
-                ("EP 2 split by width, measured columns", 2,
-                 ["--ep", "2", "--ep-split", "width", "--throttle", "1,2", "--rebalance-every", "2"]),
             ]
+            # At hidden 1024 steps take seconds: the data layout and the split by width only.
+            rows[2:2] = [dp, *(by_experts if hidden < 1024 else []), width]
         return rows
     configs = [(n, lambda np=np, f=f: run(np, f, s)) for n, np, f in even]
     def key_of(batch, accum, layers, hidden):
