@@ -739,6 +739,98 @@ fn experts_split_by_width_train_as_one_process_and_resume_whole() {
 }
 
 #[test]
+fn experts_with_shared_boundaries_train_as_one_process_and_resume_whole() {
+    let _serial = serial();
+    let tmp = TempDir::new("dist-ep-shared");
+    let single = tmp.path().join("single");
+    // At hidden 128 a step's compute is long enough for the throttle to be measured
+    // reliably at the first re-placement (at 64, a few milliseconds, it may be noise).
+    let args_for = |run: &Path, steps: &str| {
+        let mut args = moe_args(run, steps);
+        let at = args.iter().position(|a| a == "--hidden-size").unwrap();
+        args[at + 1] = "128".into();
+        args
+    };
+    let reference = one_process(&args_for(&single, "6"), &single);
+    // EP 2 and DP 2 × EP 2, one member throttled 4×: neighbouring members share two experts
+    // whose rows they split afresh in every micro-batch by the members' speeds; once
+    // measured, the slow member holds fewer experts and runs fewer rows.
+    for (np, throttle) in [(2, "1,4"), (4, "1,4,1,4")] {
+        let run = tmp.path().join(format!("np{np}"));
+        let mut args = args_for(&run, "5");
+        args.extend(
+            [
+                "--ep",
+                "2",
+                "--ep-split",
+                "shared",
+                "--rebalance-every",
+                "2",
+                "--throttle",
+                throttle,
+            ]
+            .map(String::from),
+        );
+        mpirun(np, &args);
+        let got = metrics(&run);
+        assert_eq!(got.len(), 5);
+        // Each (token, expert) row runs once in its group: 8 sequences of 32 tokens, top-2
+        // (per replica group under DP 2 × EP 2, half of them).
+        let first: Vec<f64> = got[&1]["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["expert_rows"].as_f64().unwrap())
+            .collect();
+        let group_rows = 8.0 * 32.0 * 2.0 / (np / 2) as f64;
+        assert_eq!(
+            first[0] + first[1],
+            group_rows,
+            "np {np}: expert rows at step 1"
+        );
+        for (step, rec) in &got {
+            for key in ["loss", "load_balance_loss", "z_loss"] {
+                assert_close(rec, &reference[step], key, format!("np {np} step {step}"));
+            }
+            let placement: Vec<u64> =
+                serde_json::from_value(rec["expert_placement"].clone()).unwrap();
+            assert_eq!(rec["expert_shared"], serde_json::json!([2]), "np {np}");
+            assert_eq!(
+                placement.iter().sum::<u64>(),
+                8 + 2,
+                "8 experts, 2 held twice"
+            );
+        }
+        let last = &got[&5];
+        let placement: Vec<u64> = serde_json::from_value(last["expert_placement"].clone()).unwrap();
+        assert!(placement[1] < placement[0], "np {np}: {placement:?}");
+        // The slow member ran fewer expert rows (each row runs once in its group).
+        let rows: Vec<f64> = last["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["expert_rows"].as_f64().unwrap())
+            .collect();
+        assert!(rows[1] < rows[0], "np {np}: expert rows per rank {rows:?}");
+        assert_eq!(shard_writers(&run), [0, 1], "np {np}");
+        // Resumed in one process, the shards (each shared expert written once) make the
+        // whole model again.
+        let mut resume = args_for(&run, "6");
+        let at = resume.iter().position(|a| a == "--run-dir").unwrap();
+        resume[at] = "--resume".into();
+        let resumed = one_process(&resume, &run);
+        assert_close(
+            &resumed[&6],
+            &reference[&6],
+            "loss",
+            format!("np {np} resumed"),
+        );
+        let diff = weights_differ_by(&run, &single);
+        assert!(diff < 1e-5, "np {np}: weights differ by {diff}");
+    }
+}
+
+#[test]
 fn a_step_split_finer_than_its_micro_batches_trains_as_one_process() {
     let _serial = serial();
     let tmp = TempDir::new("dist-micro");

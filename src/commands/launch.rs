@@ -49,11 +49,13 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
                     );
                 }
             }
-            let by_width = split_flag.as_deref() == Some("width");
-            if by_width && plan.layout.expert_placement.is_some() {
+            let split = split_flag
+                .as_deref()
+                .filter(|&s| s == "width" || s == "shared");
+            if let Some(split) = split.filter(|_| plan.layout.expert_placement.is_some()) {
                 bail!(
-                    "--ep-split width: {}: its layout.expert_placement counts whole experts per \
-                     rank; drop one of the two",
+                    "--ep-split {split}: {}: its layout.expert_placement counts whole experts per \
+                     rank, none shared; drop one of the two",
                     path.display()
                 );
             }

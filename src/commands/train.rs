@@ -140,9 +140,12 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     ep: u64,
     /// How --ep splits the routed experts: `experts` (each rank owns whole experts, as many
-    /// as its speed earns, and runs the rows routed to them) or `width` (each rank holds every
+    /// as its speed earns, and runs the rows routed to them), `width` (each rank holds every
     /// expert's FFN columns in proportion to its speed and runs every row of its group on
-    /// them: balanced whatever the router does, at the price of every row sent to every rank).
+    /// them: balanced whatever the router does, at the price of every row sent to every rank)
+    /// or `shared` (whole experts, neighbouring ranks sharing a few whose rows they split in
+    /// every micro-batch by speed: balanced, each row sent to one rank, the shared experts
+    /// held twice).
     /// Nothing to split without --ep. Default: the plan's `layout.expert_split`, else
     /// `experts`.
     #[arg(long, value_parser = |s: &str| s.parse::<nuwa_plan::ExpertSplit>())]
@@ -389,7 +392,11 @@ pub fn dist_options(
         hash_params: a.hash_params,
         ep: a.ep as usize,
         placement: fixed.and_then(|p| p.layout.expert_placement.clone()),
-        ep_by_width: a.ep_split == Some(nuwa_plan::ExpertSplit::Width),
+        ep_split: match a.ep_split {
+            Some(nuwa_plan::ExpertSplit::Width) => nuwa_model::expert_parallel::Split::Width,
+            Some(nuwa_plan::ExpertSplit::Shared) => nuwa_model::expert_parallel::Split::Shared,
+            _ => nuwa_model::expert_parallel::Split::Experts,
+        },
         pp: a.pp as usize,
         stage_layers: a
             .stage_layers
@@ -429,10 +436,13 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
     let placed = plan
         .as_ref()
         .is_some_and(|p| p.layout.expert_placement.is_some());
-    if placed && a.ep_split == Some(nuwa_plan::ExpertSplit::Width) {
+    if let Some(split) = a
+        .ep_split
+        .filter(|&s| placed && s != nuwa_plan::ExpertSplit::Experts)
+    {
         bail!(
-            "--ep-split width: the plan's layout.expert_placement counts whole experts per rank; \
-             drop one of the two"
+            "--ep-split {split}: the plan's layout.expert_placement counts whole experts per \
+             rank, none shared; drop one of the two"
         );
     }
     let dist = dist_options(&a, plan.as_ref())?;
@@ -571,7 +581,11 @@ fn job_settings(
         "--init-from": a.init_from,
         "--stop-at": a.stop_at,
         "--ep": dist.ep,
-        "--ep-split": dist.ep_by_width.then_some("width"),
+        "--ep-split": match dist.ep_split {
+            nuwa_model::expert_parallel::Split::Experts => None,
+            nuwa_model::expert_parallel::Split::Width => Some("width"),
+            nuwa_model::expert_parallel::Split::Shared => Some("shared"),
+        },
         "--pp": dist.pp,
         "--stage-layers": dist.stage_layers,
         "expert placement": dist.placement,

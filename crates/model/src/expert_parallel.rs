@@ -15,6 +15,9 @@
 //! 4. sends the outputs back the way they came (the same exchange, counts reversed), where they
 //!    are weighted and summed into their tokens as in one process.
 //!
+//! Split by width or with shared boundaries ([`Placement`]), step 2 sends rows to more than one
+//! member, or splits a shared expert's rows between its two holders.
+//!
 //! The exchange is an autodiff op whose backward is the reverse exchange, so gradients cross
 //! ranks inside one `backward()` call. Every rank's exchanges lie on one chain (layer after
 //! layer), so backward meets them in the same order on every rank, as the collectives need.
@@ -39,11 +42,51 @@ use std::time::Instant;
 /// outputs are summed — Megatron's expert tensor parallelism. Each member's work follows its
 /// share of the columns whatever the router does; the price is every row sent to every
 /// member (an all-gather and a reduce-scatter instead of an all-to-all).
+///
+/// By experts with shared boundaries (`shared` is `Some`): as by experts, but the ranges of
+/// neighbouring members overlap — the last `shared.experts[m]` experts of member `m` are the
+/// first of member `m + 1` — and the rows routed to a shared expert are split between its two
+/// holders afresh in every micro-batch, from the counts every rank gathers before the
+/// exchange, so that each member's rows follow `shared.weights` whatever the router does.
+/// Each row still goes to one member (no duplicated work, as split by width has); the price
+/// is the shared experts held twice and their gradients summed between their holders.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Placement {
     pub counts: Vec<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub columns: Option<Vec<usize>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<Shared>,
+}
+
+/// How an expert-parallel group splits the routed experts (see [`Placement`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Split {
+    /// Whole experts per member.
+    #[default]
+    Experts,
+    /// A share of every expert's FFN columns per member.
+    Width,
+    /// Whole experts, neighbouring members sharing a few whose rows they split per
+    /// micro-batch.
+    Shared,
+}
+
+/// Experts each pair of neighbouring members shares under [`Split::Shared`]: a quarter of
+/// an equal member's experts, 1 to 4 — enough rows to even out where the router's loads
+/// drift from one micro-batch to the next, few enough that the copies cost little memory.
+pub fn shared_per_boundary(experts: usize, members: usize) -> usize {
+    (experts / (2 * members.max(1))).clamp(1, 4)
+}
+
+/// The experts neighbouring members share, and the rows each member should run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Shared {
+    /// Experts member `m` shares with member `m + 1` (one entry per neighbouring pair).
+    pub experts: Vec<usize>,
+    /// Each member's relative share of its group's expert rows (its expert speed, in parts
+    /// of the members' sum).
+    pub weights: Vec<u32>,
 }
 
 /// Where a member's part of a whole stacked expert tensor (or of its flat optimiser moments)
@@ -104,6 +147,7 @@ impl Placement {
         Self {
             counts: at_least_one_each(experts, speeds, &[]),
             columns: None,
+            shared: None,
         }
     }
 
@@ -113,6 +157,62 @@ impl Placement {
         Self {
             counts: at_least_one_each(experts, speeds, caps),
             columns: None,
+            shared: None,
+        }
+    }
+
+    /// Experts in proportion to `speeds` with `per_boundary` experts shared by each pair of
+    /// neighbouring members, around where the proportional split would cut (fewer where the
+    /// experts are too few), within `caps`. With none to share (or none within the caps),
+    /// the proportional split — still splitting shared rows, of which there are none.
+    pub fn shared_within(
+        experts: usize,
+        speeds: &[f64],
+        per_boundary: usize,
+        caps: &[Option<usize>],
+    ) -> Self {
+        let n = speeds.len();
+        let total: f64 = speeds.iter().map(|s| s.max(1e-12)).sum();
+        let weights: Vec<u32> = speeds
+            .iter()
+            .map(|s| ((s.max(1e-12) / total * 1000.0).round() as u32).max(1))
+            .collect();
+        let mut cut = 0.0;
+        let cuts: Vec<f64> = speeds[..n.saturating_sub(1)]
+            .iter()
+            .map(|s| {
+                cut += experts as f64 * s.max(1e-12) / total;
+                cut
+            })
+            .collect();
+        for k in (1..=per_boundary).rev() {
+            let Some(starts) = windows(experts, &cuts, k) else {
+                continue;
+            };
+            let mut counts = Vec::with_capacity(n);
+            for m in 0..n {
+                let begin = if m == 0 { 0 } else { starts[m - 1] };
+                let end = starts.get(m).map_or(experts, |s| s + k);
+                counts.push(end - begin);
+            }
+            let placement = Self {
+                counts,
+                columns: None,
+                shared: Some(Shared {
+                    experts: vec![k; n - 1],
+                    weights: weights.clone(),
+                }),
+            };
+            if placement.within(caps) {
+                return placement;
+            }
+        }
+        Self {
+            shared: Some(Shared {
+                experts: vec![0; n.saturating_sub(1)],
+                weights,
+            }),
+            ..Self::proportional_within(experts, speeds, caps)
         }
     }
 
@@ -132,6 +232,7 @@ impl Placement {
         Self {
             counts: vec![experts; speeds.len()],
             columns: Some(at_least_one_each(width, speeds, caps)),
+            shared: None,
         }
     }
 
@@ -189,13 +290,28 @@ impl Placement {
         Some(Self {
             counts: vec![experts; n],
             columns: Some(at_least_one_each(width, &wanted, caps)),
+            shared: None,
         })
     }
 
     pub fn experts(&self) -> usize {
         match self.columns {
             Some(_) => self.counts.first().copied().unwrap_or(0),
-            None => self.counts.iter().sum(),
+            None => self.counts.iter().sum::<usize>() - self.shared_experts().iter().sum::<usize>(),
+        }
+    }
+
+    /// Experts each member shares with the next (none unless shared boundaries).
+    pub fn shared_experts(&self) -> &[usize] {
+        self.shared.as_ref().map_or(&[], |s| &s.experts)
+    }
+
+    /// How many of member `m`'s first experts it shares with member `m - 1` (which writes
+    /// them to checkpoints and counts them in the gradient norm).
+    pub fn leading_shared(&self, m: usize) -> usize {
+        match m {
+            0 => 0,
+            _ => self.shared_experts().get(m - 1).copied().unwrap_or(0),
         }
     }
 
@@ -298,21 +414,106 @@ impl Placement {
         if self.columns.is_some() {
             return 0..self.experts();
         }
-        let start: usize = self.counts[..m].iter().sum();
+        let shared = self.shared_experts();
+        let start: usize = (0..m)
+            .map(|i| self.counts[i] - shared.get(i).copied().unwrap_or(0))
+            .sum();
         start..start + self.counts[m]
     }
 
-    /// The member that owns `expert`.
+    /// The member that owns `expert` (of two sharing it, the first).
     pub fn owner(&self, expert: usize) -> usize {
-        let mut end = 0;
-        for (m, &c) in self.counts.iter().enumerate() {
-            end += c;
-            if expert < end {
-                return m;
+        (0..self.members())
+            .find(|&m| expert < self.range(m).end)
+            .unwrap_or(self.members().saturating_sub(1))
+    }
+
+    /// Which member runs which rows of a micro-batch, by experts: `rows(s, e)` rows of
+    /// member `s` are routed to expert `e`. A whole expert's rows go to its owner; a shared
+    /// one's are split between its two holders so that, member after member, each runs as
+    /// near its weight's share of all the rows as the shared rows allow. The rows of a shared
+    /// window are taken expert after expert, source after source, and the first ones go to
+    /// the lower member: each source's rows stay in expert order with their destinations in
+    /// member order, as the exchange sends them.
+    pub fn split_rows(&self, sources: usize, rows: impl Fn(usize, usize) -> usize) -> RowSplit {
+        let experts = self.experts();
+        let mut parts = Vec::with_capacity(sources * experts);
+        for s in 0..sources {
+            for e in 0..experts {
+                let owner = self.owner(e);
+                parts.push([(owner, rows(s, e)), (owner, 0)]);
             }
         }
-        self.counts.len().saturating_sub(1)
+        let mut split = RowSplit { experts, parts };
+        let Some(shared) = &self.shared else {
+            return split;
+        };
+        let per_expert: Vec<usize> = (0..experts)
+            .map(|e| (0..sources).map(|s| rows(s, e)).sum())
+            .collect();
+        let total: usize = per_expert.iter().sum();
+        let weight_sum: f64 = shared.weights.iter().map(|&w| w as f64).sum();
+        // Rows of the window below a member that it runs.
+        let mut carried = 0;
+        for (m, &k) in shared.experts.iter().enumerate() {
+            let range = self.range(m);
+            let window = range.end - k..range.end;
+            let whole = range.start + self.leading_shared(m)..window.start;
+            let load = carried + whole.map(|e| per_expert[e]).sum::<usize>();
+            let in_window: usize = window.clone().map(|e| per_expert[e]).sum();
+            let target = total as f64 * shared.weights[m] as f64 / weight_sum.max(1.0);
+            let keep = ((target - load as f64).round().max(0.0) as usize).min(in_window);
+            carried = in_window - keep;
+            let mut before = 0;
+            for e in window {
+                for s in 0..sources {
+                    let n = rows(s, e);
+                    let low = keep.saturating_sub(before).min(n);
+                    split.parts[s * experts + e] = [(m, low), (m + 1, n - low)];
+                    before += n;
+                }
+            }
+        }
+        split
     }
+}
+
+/// Which member runs which rows: [`Placement::split_rows`].
+#[derive(Debug, Clone)]
+pub struct RowSplit {
+    experts: usize,
+    /// Per (source, expert): up to two (member, rows) parts, the lower member's first.
+    parts: Vec<[(usize, usize); 2]>,
+}
+
+impl RowSplit {
+    /// Rows of source member `s` routed to expert `e` that member `m` runs.
+    pub fn rows(&self, s: usize, e: usize, m: usize) -> usize {
+        self.parts[s * self.experts + e]
+            .iter()
+            .filter(|(to, _)| *to == m)
+            .map(|(_, rows)| rows)
+            .sum()
+    }
+}
+
+/// Where the shared windows of `k` experts start, one around each of `cuts` (fractional expert
+/// positions, increasing), in order and not overlapping; `None` if they do not fit.
+fn windows(experts: usize, cuts: &[f64], k: usize) -> Option<Vec<usize>> {
+    let mut starts = Vec::with_capacity(cuts.len());
+    let mut free = 0; // the first expert no window holds yet
+    for (i, cut) in cuts.iter().enumerate() {
+        // Room for this window and those after it.
+        let last = experts.checked_sub(k * (cuts.len() - i))?;
+        if free > last {
+            return None;
+        }
+        let wanted = (cut - k as f64 / 2.0).round().max(0.0) as usize;
+        let start = wanted.clamp(free, last);
+        starts.push(start);
+        free = start + k;
+    }
+    Some(starts)
 }
 
 /// `total` units (experts, or columns) split in proportion to `weights`, every member taking
@@ -493,20 +694,18 @@ impl ExpertGroup {
         if self.placement.columns.is_some() {
             return self.forward_by_width(experts, x, tokens, &counts);
         }
-        let count = |rank: usize, expert: usize| counts[rank * num_experts + expert];
-        let (first, me) = (self.first(), self.comm.rank());
-        let mut send_rows = vec![0; world];
-        for (e, t) in tokens.iter().enumerate() {
-            send_rows[first + self.placement.owner(e)] += t.len();
-        }
+        let (first, me) = (self.first(), self.member());
+        let split = self
+            .placement
+            .split_rows(self.ep, |s, e| counts[(first + s) * num_experts + e]);
         let local = self.local_experts();
-        let mut recv_rows = vec![0; world];
-        for (member, rows) in recv_rows[first..first + self.ep].iter_mut().enumerate() {
-            *rows = local.clone().map(|e| count(first + member, e)).sum();
+        let (mut send_rows, mut recv_rows) = (vec![0; world], vec![0; world]);
+        for m in 0..self.ep {
+            send_rows[first + m] = (0..num_experts).map(|e| split.rows(me, e, m)).sum();
+            recv_rows[first + m] = local.clone().map(|e| split.rows(m, e, me)).sum();
         }
         // Received rows come source after source, each source's expert after expert; the
         // experts want them expert after expert.
-        debug_assert_eq!(me / self.ep * self.ep, first);
         let received: usize = recv_rows.iter().sum();
         self.expert_rows
             .fetch_add(received as u64, Ordering::Relaxed);
@@ -517,7 +716,7 @@ impl ExpertGroup {
         );
         let local_first = local.start;
         self.through_experts(experts, sent, routes, |m, j| {
-            count(first + m, local_first + j)
+            split.rows(m, local_first + j, me)
         })
     }
 }
@@ -1076,6 +1275,69 @@ mod tests {
         assert!(!is_routed_expert(
             "layers.1.moe.shared_experts.down_proj.weight"
         ));
+    }
+
+    #[test]
+    fn shared_boundaries_split_each_micro_batchs_rows_by_weight() {
+        // Member 0 twice as fast: the proportional cut at 5.33 experts, two shared around it.
+        let p = Placement::shared_within(8, &[2.0, 1.0], 2, &[]);
+        assert_eq!(p.counts, [6, 4]);
+        assert_eq!(p.shared.as_ref().map(|s| s.experts.clone()), Some(vec![2]));
+        assert_eq!((p.experts(), p.range(0), p.range(1)), (8, 0..6, 4..8));
+        assert_eq!((p.owner(5), p.owner(6), p.leading_shared(1)), (0, 1, 2));
+        // Member 1's part of a stacked tensor: experts 4..8 of the whole.
+        let (whole, runs) = p.runs(1, "layers.1.moe.experts.up_proj", 4 * 10);
+        assert_eq!((whole, runs.offset, runs.len), (80, 40, 40));
+        // Two sources; expert 1 hot, the shared experts 4 and 5 carrying 60 rows.
+        let rows = [[10, 50, 5, 5, 20, 10, 5, 5], [10, 40, 5, 5, 10, 20, 5, 5]];
+        let split = p.split_rows(2, |s, e| rows[s][e]);
+        let total: usize = rows.iter().flatten().sum();
+        let ran = |m: usize| -> usize {
+            (0..2)
+                .flat_map(|s| (0..8).map(move |e| (s, e)))
+                .map(|(s, e)| split.rows(s, e, m))
+                .sum()
+        };
+        assert_eq!(ran(0) + ran(1), total, "every row runs once");
+        // Member 0 runs two thirds of the 210 rows (140): its whole experts' 130 and the
+        // first 10 of the 60 shared ones.
+        assert_eq!(ran(0), 140);
+        for (s, source) in rows.iter().enumerate() {
+            for (e, &n) in source.iter().enumerate() {
+                let (low, high) = (split.rows(s, e, 0), split.rows(s, e, 1));
+                assert_eq!(low + high, n);
+                assert!(e >= 4 || high == 0, "expert {e} is member 0's alone");
+                assert!(e <= 5 || low == 0, "expert {e} is member 1's alone");
+            }
+            // Each source's rows in expert order go to member 0, then member 1 (as sent).
+            let order: Vec<usize> = (0..8)
+                .flat_map(|e| {
+                    let parts = [(0, split.rows(s, e, 0)), (1, split.rows(s, e, 1))];
+                    parts.into_iter().filter(|p| p.1 > 0).map(|p| p.0)
+                })
+                .collect();
+            assert!(
+                order.windows(2).all(|w| w[0] <= w[1]),
+                "source {s}: {order:?}"
+            );
+        }
+        // Without room for two shared experts within the members' memories, one; without
+        // room for any, the proportional split.
+        let one = Placement::shared_within(8, &[1.0, 1.0], 2, &[Some(5), Some(4)]);
+        assert_eq!(
+            (one.counts.clone(), one.shared_experts().to_vec()),
+            (vec![5, 4], vec![1])
+        );
+        let none = Placement::shared_within(8, &[1.0, 1.0], 2, &[Some(4), Some(4)]);
+        assert_eq!(
+            (none.counts.clone(), none.shared_experts().to_vec()),
+            (vec![4, 4], vec![0])
+        );
+        assert_eq!(none.split_rows(2, |s, e| rows[s][e]).rows(0, 4, 1), 20);
+        // Four members, three boundaries.
+        let four = Placement::shared_within(16, &[1.0; 4], 2, &[]);
+        assert_eq!(four.counts, [5, 6, 6, 5]);
+        assert_eq!(four.range(2), 7..13);
     }
 
     #[test]

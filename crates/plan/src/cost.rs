@@ -43,6 +43,10 @@ pub enum ExpertSplit {
     /// on them: its expert work follows its share whatever the router does (ranks of unequal
     /// speed stay balanced), at the price of every row sent to every rank of the group.
     Width,
+    /// Whole experts, but neighbouring ranks of a group share a few, whose rows they split
+    /// afresh in every micro-batch in proportion to their speeds: each row to one rank, and
+    /// balanced whatever the router does, at the price of the shared experts held twice.
+    Shared,
 }
 
 impl Default for Layout {
@@ -64,7 +68,10 @@ impl std::str::FromStr for ExpertSplit {
         match s {
             "experts" => Ok(Self::Experts),
             "width" => Ok(Self::Width),
-            other => Err(format!("`{other}`: expected `experts` or `width`")),
+            "shared" => Ok(Self::Shared),
+            other => Err(format!(
+                "`{other}`: expected `experts`, `width` or `shared`"
+            )),
         }
     }
 }
@@ -74,6 +81,7 @@ impl ExpertSplit {
         match self {
             Self::Experts => "experts",
             Self::Width => "width",
+            Self::Shared => "shared",
         }
     }
 }
@@ -148,7 +156,14 @@ fn params_per_device(cfg: &ModelConfig, l: &Layout) -> (f64, f64) {
     };
     let dense = counts.total_params as f64 - expert_total;
     let shard = (l.tp * l.pp) as f64;
-    (dense / shard, expert_total / shard / l.ep as f64)
+    let mut experts = expert_total / shard / l.ep as f64;
+    if l.expert_split == ExpertSplit::Shared && l.ep > 1 && cfg.num_experts > 0 {
+        // A middle member also holds the experts it shares with each neighbour.
+        let k = nuwa_model::expert_parallel::shared_per_boundary(cfg.num_experts, l.ep);
+        let neighbours = if l.ep > 2 { 2 } else { 1 };
+        experts += (k * neighbours) as f64 * expert_total / shard / cfg.num_experts as f64;
+    }
+    (dense / shard, experts)
 }
 
 pub fn memory(w: &Workload, d: &Available, l: &Layout, dp: usize) -> Memory {
@@ -238,7 +253,7 @@ pub fn step_time(
         // Each way, a rank's (token, expert) rows go to the owners of their experts: the
         // other ranks' share of them. Split by width, every row goes to every other rank.
         let sent_to_others = match l.expert_split {
-            ExpertSplit::Experts => (l.ep as f64 - 1.0) / l.ep as f64,
+            ExpertSplit::Experts | ExpertSplit::Shared => (l.ep as f64 - 1.0) / l.ep as f64,
             ExpertSplit::Width => l.ep as f64 - 1.0,
         };
         let bytes = 4.0 * s * b * cfg.num_experts_per_tok as f64 * h * 2.0 * sent_to_others;

@@ -238,6 +238,11 @@ impl PlanFile {
                 "layout.expert_split = \"width\": every rank holds a share of every expert, but \
                  layout.expert_placement counts whole experts per rank; drop one of the two"
             ),
+            Some(ExpertSplit::Shared) if l.expert_placement.is_some() => bail!(
+                "layout.expert_split = \"shared\": neighbouring ranks share experts, but \
+                 layout.expert_placement counts experts per rank with none shared; drop one of \
+                 the two"
+            ),
             _ => {}
         }
         Ok(())

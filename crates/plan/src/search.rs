@@ -59,14 +59,14 @@ impl Plan {
 
     pub fn layout_text(&self) -> String {
         let l = &self.layout;
-        let by_width = l.ep > 1 && l.expert_split == ExpertSplit::Width;
+        let split = match l.expert_split {
+            ExpertSplit::Width if l.ep > 1 => "/width",
+            ExpertSplit::Shared if l.ep > 1 => "/shared",
+            _ => "",
+        };
         format!(
             "tp{} pp{} ep{}{} mb{}",
-            l.tp,
-            l.pp,
-            l.ep,
-            if by_width { "/width" } else { "" },
-            l.micro_batch,
+            l.tp, l.pp, l.ep, split, l.micro_batch,
         )
     }
 }

@@ -12,7 +12,7 @@ use crate::optim::AdamW;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
-use nuwa_model::expert_parallel::{is_routed_expert, ExpertGroup};
+use nuwa_model::expert_parallel::{is_routed_expert, ExpertGroup, Split};
 use nuwa_model::weights::HostTensor;
 use nuwa_model::LanguageModel;
 use nuwa_model::TRAIN_BYTES_PER_PARAM;
@@ -37,9 +37,15 @@ fn gather_whole(group: &ExpertGroup, name: &str, part: &[f32], contribute: bool)
 /// with the same names.
 pub fn gather_experts(tensors: &mut BTreeMap<String, HostTensor>, group: &ExpertGroup) {
     let first_replica = group.comm.rank() < group.ep;
+    let leading = group.placement.leading_shared(group.member());
     for (name, t) in tensors.iter_mut() {
         if !is_routed_expert(name) {
             continue;
+        }
+        // Experts shared with the member before come from it (the two copies are equal).
+        if leading > 0 {
+            let per = t.data.len() / group.local_experts().len().max(1);
+            t.data[..leading * per].fill(0.0);
         }
         let whole = gather_whole(group, name, &t.data, first_replica);
         let shape = group.placement.whole_shape(group.member(), name, &t.shape);
@@ -60,15 +66,30 @@ pub fn own_shard(
     for (into_weights, tensors) in [(true, weights), (false, optimizer)] {
         for (name, t) in tensors {
             let sliced = group.filter(|_| is_routed_expert(&name));
+            let mut t = t;
             match sliced {
                 Some(group) => {
                     let (p, m) = (&group.placement, group.member());
                     let (_, runs) = p.runs(m, &name, t.data.len());
-                    let part = Part {
+                    let mut part = Part {
                         shape: p.whole_shape(m, &name, &t.shape),
                         offset: runs.offset,
                         runs: (runs.count > 1).then_some([runs.stride, runs.count]),
                     };
+                    // Experts shared with the member before are written by it.
+                    let leading = p.leading_shared(m);
+                    if leading >= group.local_experts().len() {
+                        continue; // all shared with the member before, which writes them
+                    }
+                    if leading > 0 {
+                        let per = t.data.len() / group.local_experts().len().max(1);
+                        t.data.drain(..leading * per);
+                        t.shape[0] = match t.shape.len() {
+                            1 => t.data.len(),
+                            _ => t.shape[0] - leading,
+                        };
+                        part.offset += leading * per;
+                    }
                     shard.parts.insert(name.clone(), part);
                 }
                 None if !with_replicated => continue,
@@ -140,6 +161,15 @@ pub fn replace_experts(
     let Some(old) = model.expert_group().cloned() else {
         return model;
     };
+    let (p, q) = (&old.placement, &new.placement);
+    if p.counts == q.counts && p.columns == q.columns && p.shared_experts() == q.shared_experts() {
+        // Only the shared rows' weights moved: every rank keeps what it holds.
+        let mut model = model;
+        for moe in model.moe_layers_mut() {
+            moe.expert_group = Some(new.clone());
+        }
+        return model;
+    }
     let mut weights: BTreeMap<String, HostTensor> = nuwa_model::weights::collect_weights(&model)
         .into_iter()
         .filter(|(n, _)| is_routed_expert(n))
@@ -225,6 +255,7 @@ pub fn reduce_expert_grads(
 ) {
     if group.replicas() == 1 {
         zero_missing(model, grads, ids, device);
+        sum_shared_grads(model, grads, group, ids, device);
         return;
     }
     let mut take = TakeExperts {
@@ -250,22 +281,116 @@ pub fn reduce_expert_grads(
     }
 }
 
+/// Shared boundary experts (one expert group): each holder's gradient of a shared expert is
+/// from the rows it ran; the two are summed, so both holders step alike. Every shared
+/// expert's slice of every routed-expert gradient goes in one all-reduce, each window at its
+/// own place (the others add zeros). Collective within the group.
+fn sum_shared_grads(
+    model: &LanguageModel,
+    grads: &mut GradientsParams,
+    group: &ExpertGroup,
+    ids: &HashSet<ParamId>,
+    device: &Device,
+) {
+    let p = &group.placement;
+    let windows = p.shared_experts();
+    let shared: usize = windows.iter().sum();
+    if shared == 0 {
+        return;
+    }
+    struct Shapes<'a> {
+        ids: &'a HashSet<ParamId>,
+        out: Vec<(ParamId, [usize; 3])>,
+    }
+    impl ModuleVisitor for Shapes<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let shape = param.lazy_shape();
+            if self.ids.contains(&param.id) && D == 3 {
+                self.out.push((param.id, [shape[0], shape[1], shape[2]]));
+            }
+        }
+    }
+    let mut shapes = Shapes {
+        ids,
+        out: Vec::new(),
+    };
+    model.visit(&mut shapes);
+    let me = group.member();
+    // This member's shared experts: (first local expert, how many, window).
+    let mut mine = Vec::new();
+    if me > 0 && windows[me - 1] > 0 {
+        mine.push((0, windows[me - 1], me - 1));
+    }
+    if let Some(&k) = windows.get(me).filter(|&&k| k > 0) {
+        mine.push((group.local_experts().len() - k, k, me));
+    }
+    let before = |w: usize| windows[..w].iter().sum::<usize>();
+    let mut sums = Vec::new();
+    let mut at = Vec::new();
+    for &(id, [local, a, b]) in &shapes.out {
+        let per = a * b;
+        let base = sums.len();
+        sums.resize(base + shared * per, 0.0f32);
+        let Some(g) = grads.get::<3>(id) else {
+            continue;
+        };
+        debug_assert_eq!(g.dims()[0], local);
+        for &(start, k, w) in &mine {
+            let values = g.clone().narrow(0, start, k).into_data();
+            let into = base + before(w) * per;
+            for (s, v) in sums[into..into + k * per]
+                .iter_mut()
+                .zip(values.iter::<f32>())
+            {
+                *s = v;
+            }
+        }
+        at.push((id, [a, b], base));
+    }
+    group.comm.all_reduce_sum(&mut sums);
+    for (id, [a, b], base) in at {
+        let Some(mut g) = grads.remove::<3>(id) else {
+            continue;
+        };
+        for &(start, k, w) in &mine {
+            let from = base + before(w) * a * b;
+            let data = TensorData::new(sums[from..from + k * a * b].to_vec(), [k, a, b]);
+            g = g.slice_assign(
+                [start..start + k, 0..a, 0..b],
+                Tensor::from_data(data, device),
+            );
+        }
+        grads.register::<3>(id, g);
+    }
+}
+
 /// The squared gradient norms of the replicated parameters and of the routed expert slices
-/// this process holds, each summed on the device and read once.
-pub fn squared_norms(model: &LanguageModel, grads: &GradientsParams) -> (f64, f64) {
+/// this process holds, each summed on the device and read once. The first `leading` experts
+/// of each slice are left out (shared with the member before, which counts them).
+pub fn squared_norms(model: &LanguageModel, grads: &GradientsParams, leading: usize) -> (f64, f64) {
     struct Squares<'a> {
         ids: HashSet<ParamId>,
         grads: &'a GradientsParams,
+        leading: usize,
         dense: Vec<Tensor<1>>,
         experts: Vec<Tensor<1>>,
     }
     impl ModuleVisitor for Squares<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(param.id) {
-                let sq = g.powi_scalar(2).sum();
                 match self.ids.contains(&param.id) {
-                    true => self.experts.push(sq),
-                    false => self.dense.push(sq),
+                    true => {
+                        let n = g.dims()[0];
+                        match self.leading {
+                            0 => self.experts.push(g.powi_scalar(2).sum()),
+                            skip if skip < n => {
+                                let rest = g.narrow(0, skip, n - skip);
+                                self.experts.push(rest.powi_scalar(2).sum());
+                            }
+                            _ => {} // all shared with the member before
+                        }
+                    }
+                    false => self.dense.push(g.powi_scalar(2).sum()),
                 }
             }
         }
@@ -273,6 +398,7 @@ pub fn squared_norms(model: &LanguageModel, grads: &GradientsParams) -> (f64, f6
     let mut v = Squares {
         ids: model.expert_param_ids(),
         grads,
+        leading,
         dense: Vec::new(),
         experts: Vec::new(),
     };
@@ -287,7 +413,8 @@ pub fn squared_norms(model: &LanguageModel, grads: &GradientsParams) -> (f64, f6
 /// The whole model's gradient norm: the replicated parameters' part (the same on every rank)
 /// plus every expert's once (each group holds each expert).
 pub fn grad_norm(model: &LanguageModel, grads: &GradientsParams, group: &ExpertGroup) -> f64 {
-    let (dense, experts) = squared_norms(model, grads);
+    let leading = group.placement.leading_shared(group.member());
+    let (dense, experts) = squared_norms(model, grads, leading);
     let experts: f64 = group.comm.all_gather(&[experts]).iter().sum();
     (dense + experts / group.replicas() as f64).sqrt()
 }
@@ -300,12 +427,13 @@ pub fn group_for(
     comm: &std::sync::Arc<dyn crate::parallel::Collective>,
     ep: usize,
     placement: Option<&Vec<usize>>,
-    by_width: bool,
+    split: Split,
     memory: Option<f64>,
     stage: Option<&nuwa_model::stage::Stage>,
     cfg: &nuwa_run::RunConfig,
 ) -> anyhow::Result<Option<ExpertGroup>> {
     use nuwa_model::expert_parallel::Placement;
+    let by_width = split == Split::Width;
     if ep <= 1 {
         return Ok(None);
     }
@@ -338,6 +466,7 @@ pub fn group_for(
             let fixed = Placement {
                 counts: counts.clone(),
                 columns: None,
+                shared: None,
             };
             if !fixed.within(&caps) {
                 anyhow::bail!(
@@ -360,6 +489,10 @@ pub fn group_for(
                 );
             }
             Placement::by_width_within(m.num_experts, width, &vec![1.0; ep], &caps)
+        }
+        (None, false) if split == Split::Shared => {
+            let k = nuwa_model::expert_parallel::shared_per_boundary(m.num_experts, ep);
+            Placement::shared_within(m.num_experts, &vec![1.0; ep], k, &caps)
         }
         (None, false) => Placement::proportional_within(m.num_experts, &vec![1.0; ep], &caps),
     };

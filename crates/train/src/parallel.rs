@@ -44,9 +44,9 @@ pub struct DistOptions {
     /// Experts per member of an expert-parallel group, as a plan fixed them (`None`: equal
     /// at first, then sized by the measured speeds).
     pub placement: Option<Vec<usize>>,
-    /// Split the experts by width (every rank holds every expert's columns in proportion to
-    /// its speed) instead of by experts.
-    pub ep_by_width: bool,
+    /// How an expert group splits the experts: whole experts, every expert's columns in
+    /// proportion to speed, or whole experts with shared boundaries.
+    pub ep_split: nuwa_model::expert_parallel::Split,
     /// Pipeline stages (1: none).
     pub pp: usize,
     /// Decoder layers per stage, as a plan fixed them (`None`: sized by the measured speeds).

@@ -678,7 +678,7 @@ impl Parallelism for Pipeline {
             &self.stage_comm,
             self.opts.ep,
             self.opts.placement.as_ref(),
-            self.opts.ep_by_width,
+            self.opts.ep_split,
             self.opts.memory_of(self.world.rank()),
             Some(&self.stage),
             cfg,
@@ -831,6 +831,9 @@ impl Parallelism for Pipeline {
             if let Some(columns) = &group.placement.columns {
                 metrics["expert_columns"] = json!(columns);
             }
+            if let Some(shared) = &group.placement.shared {
+                metrics["expert_shared"] = json!(shared.experts);
+            }
         }
         let is_moe = self.routers > 0;
         let totals = ReducedStep {
@@ -847,7 +850,11 @@ impl Parallelism for Pipeline {
     }
 
     fn grad_norm(&self, model: &LanguageModel, grads: &GradientsParams) -> f64 {
-        let (dense, experts) = expert::squared_norms(model, grads);
+        let leading = self
+            .experts_group
+            .as_ref()
+            .map_or(0, |g| g.placement.leading_shared(g.member()));
+        let (dense, experts) = expert::squared_norms(model, grads, leading);
         // Replicated parameters once per stage (replica 0's); every expert once per group.
         let dense = if self.d == 0 { dense } else { 0.0 };
         let expert_copies = match &self.experts_group {

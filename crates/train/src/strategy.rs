@@ -312,7 +312,13 @@ impl DataParallel {
                 if member.iter().any(|&s| s <= 0.0) {
                     return None;
                 }
-                Placement::proportional_within(experts, &member, &group.member_caps)
+                match &group.placement.shared {
+                    Some(shared) => {
+                        let k = shared.experts.iter().copied().max().unwrap_or(0);
+                        Placement::shared_within(experts, &member, k, &group.member_caps)
+                    }
+                    None => Placement::proportional_within(experts, &member, &group.member_caps),
+                }
             }
         };
         (placement != group.placement).then_some(placement)
@@ -435,7 +441,7 @@ impl Parallelism for DataParallel {
             &self.opts.comm,
             self.opts.ep,
             self.opts.placement.as_ref(),
-            self.opts.ep_by_width,
+            self.opts.ep_split,
             self.opts.memory_of(self.rank()),
             None,
             cfg,
@@ -671,6 +677,9 @@ impl Parallelism for DataParallel {
             if let Some(columns) = &group.placement.columns {
                 metrics["expert_columns"] = json!(columns);
             }
+            if let Some(shared) = &group.placement.shared {
+                metrics["expert_shared"] = json!(shared.experts);
+            }
         }
         // A rank with no rows this step has no router losses of its own, yet the batch does.
         let is_moe = self.moe.is_some() || local.load_balance.is_some();
@@ -766,6 +775,7 @@ mod tests {
         let fitted = |c: &[usize]| Placement {
             counts: vec![8; c.len()],
             columns: Some(c.to_vec()),
+            shared: None,
         };
         let columns = |p: Option<Placement>| p.and_then(|p| p.columns);
         // 1 column of 256: a wobble, not moved.
