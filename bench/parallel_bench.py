@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,12 @@ BATCH, ACCUM, SEQ = 8, 4, 64
 LAYERS, HIDDEN = 4, 256
 UNEQUAL = [(16, 4, LAYERS, HIDDEN), (8, 8, LAYERS, HIDDEN), (4, 16, 10, HIDDEN),
            (16, 4, LAYERS, 512), (16, 4, LAYERS, 1024)]
+# The runs above start from initialisation, where the router sends nearly every token of a
+# layer to two of its eight experts (the second half of 12 steps: what is timed). A training
+# job spends nearly all its steps past that, with the loads evened out by the balance loss:
+# the same unequal-rank layouts again, resumed from one process's checkpoint after WARM steps
+# (the busiest expert of a layer then carries 1.1x the mean, at step 25-50 4x).
+WARM, STEADY = 200, [256, 512]
 
 
 def model(batch=BATCH, accum=ACCUM, layers=LAYERS, hidden=HIDDEN):
@@ -54,11 +61,11 @@ def start(np, flags, steps, run_dir, batch=BATCH, bind=True, accum=ACCUM, layers
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
 
 
-def result(proc, run_dir):
+def result(proc, run_dir, tokens=None):
     if proc.wait() != 0:
         sys.exit(f"nuwa train failed (exit {proc.returncode})")
     records = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
-    tokens = records[0]["tokens_seen"]  # one step's
+    tokens = tokens or records[0]["tokens_seen"]  # one step's
     timed = records[len(records) // 2:]  # after the profile and the first re-placements
     seconds = sorted(r["step_seconds"] for r in timed)[len(timed) // 2]
     last = timed[-1]
@@ -68,7 +75,8 @@ def result(proc, run_dir):
         "step_s": seconds,
         # Experts per rank, or (split by width) each expert's FFN columns per rank.
         "placement": (f"columns {last['expert_columns']}" if "expert_columns" in last
-                      else last.get("expert_placement")),
+                      else f"{last['expert_placement']}, {last['expert_shared']} shared"
+                      if "expert_shared" in last else last.get("expert_placement")),
         "stage_layers": last.get("stage_layers"),
         "seqs": [r["seqs"] for r in ranks],
         "a2a_s": [round(r.get("a2a_s", 0.0), 4) for r in ranks],
@@ -76,6 +84,46 @@ def result(proc, run_dir):
         "bubble": [round(r.get("bubble", 0.0), 3) for r in ranks if "bubble" in r],
         "peak_rss_mib": [round(r.get("peak_rss_bytes", 0) / 2**20) for r in ranks],
     }
+
+
+def warm_checkpoint(tmp, hidden):
+    """One process trains the unequal-rank model WARM steps; its run folder (newest checkpoint
+    at step WARM) is what the steady-state runs resume from."""
+    run_dir = os.path.join(tmp, f"warm{hidden}")
+    cmd = [NUWA, "train", *model(16, 4, LAYERS, hidden), "--checkpoint-every", str(WARM),
+           "--steps", str(WARM), "--run-dir", run_dir]
+    subprocess.run(cmd, check=True, env=dict(os.environ, RAYON_NUM_THREADS="1"),
+                   stdout=subprocess.DEVNULL)
+    return run_dir
+
+
+def start_resumed(np, flags, steps, warm, run_dir, bind=True):
+    """`steps` more steps of the warm run, in a copy of its folder, on `np` ranks."""
+    shutil.copytree(warm, run_dir)
+    os.remove(os.path.join(run_dir, "metrics.jsonl"))
+    binding = [] if bind else ["--bind-to", "none"]
+    cmd = ["mpirun", "--oversubscribe", *binding, "-np", str(np), "-x", "RAYON_NUM_THREADS", NUWA,
+           "train", "--dist", "mpi", "--resume", run_dir, "--quiet", "--sample-tokens", "0",
+           "--eval-every", "100000", "--checkpoint-every", "100000", *flags,
+           "--steps", str(WARM + steps)]
+    env = dict(os.environ, RAYON_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+
+
+def run_resumed(np, flags, steps, warm):
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = os.path.join(tmp, "run")
+        return result(start_resumed(np, flags, steps, warm, run_dir), run_dir, 16 * 4 * SEQ)
+
+
+def both_alone_at_once_resumed(steps, warm):
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = [os.path.join(tmp, "fast"), os.path.join(tmp, "slow")]
+        procs = [start_resumed(1, ["--throttle", t], n, warm, d, bind=False)
+                 for t, n, d in zip(["1", "2"], [2 * steps, steps], dirs)]
+        return {"tokens_per_s": sum(result(p, d, 16 * 4 * SEQ)["tokens_per_s"]
+                                    for p, d in zip(procs, dirs))}
 
 
 def run(np, flags, steps, batch=BATCH, accum=ACCUM, layers=LAYERS, hidden=HIDDEN):
@@ -162,6 +210,23 @@ def predicted_vs_measured(steps):
     return out
 
 
+SHARED = ("EP 2 with shared experts, measured speeds", 2,
+          ["--ep", "2", "--ep-split", "shared", "--throttle", "1,2", "--rebalance-every", "2"])
+
+
+def steady_rows():
+    """The unequal-rank layouts resumed from the warm checkpoint."""
+    return [
+        ("rank at speed 1.0 alone (one process)", 1, ["--throttle", "1"]),
+        ("rank at speed 0.5 alone (one process)", 1, ["--throttle", "2"]),
+        ("DP 2, throughput-balanced rows", 2, ["--throttle", "1,2", "--rebalance-every", "2"]),
+        ("EP 2, measured placement", 2, ["--ep", "2", "--throttle", "1,2", "--rebalance-every", "2"]),
+        ("EP 2 split by width, measured columns", 2,
+         ["--ep", "2", "--ep-split", "width", "--throttle", "1,2", "--rebalance-every", "2"]),
+        SHARED,
+    ]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=12)
@@ -203,11 +268,25 @@ def main():
                     ["--ep", "2", "--throttle", "1,2", "--rebalance-every", "0"])]
                   if hidden == HIDDEN else []),
                 ("EP 2, measured placement", 2, ["--ep", "2", "--throttle", "1,2", "--rebalance-every", "2"]),
+                SHARED,
             ]
             # At hidden 1024 steps take seconds: the data layout and the split by width only.
             rows[2:2] = [dp, *(by_experts if hidden < 1024 else []), width]
         return rows
     configs = [(n, lambda np=np, f=f: run(np, f, s)) for n, np, f in even]
+    warm_dir = tempfile.TemporaryDirectory()
+    warm = {}  # hidden -> the warm run's folder, trained on first use
+
+    def warmed(hidden):
+        if hidden not in warm:
+            warm[hidden] = warm_checkpoint(warm_dir.name, hidden)
+        return warm[hidden]
+    for hidden in STEADY:
+        key = f"steady, hidden {hidden}: "
+        configs += [(key + n, lambda np=np, f=f, h=hidden: run_resumed(np, f, s, warmed(h)))
+                    for n, np, f in steady_rows()]
+        configs.append((key + "both alone at the same time (no communication)",
+                        lambda h=hidden: both_alone_at_once_resumed(s, warmed(h))))
     def key_of(batch, accum, layers, hidden):
         key = f"{batch}x{accum}" if layers == LAYERS else f"{batch}x{accum}, {layers} layers"
         return (key if hidden == HIDDEN else f"{key}, hidden {hidden}") + ": "
@@ -283,7 +362,13 @@ def main():
         "alone\" is the job's throughput over the two ranks' throughputs each alone (a one-process "
         "run at its speed, same micro-batches); \"of both at once\" over the two run as independent "
         "jobs at the same time — the most this machine gives two processes that share its cores. "
-        "Rows per rank are per step.",
+        "Rows per rank are per step. \"EP 2 with shared experts\" is `--ep-split shared`: whole "
+        "experts per rank, as many as its speed earns, but the two ranks share the experts around "
+        "where their ranges meet (two of eight) and split those experts' rows afresh in every "
+        "micro-batch by their speeds, from the counts gathered before the exchange: each row runs "
+        "on one rank (no work done twice, as the split by width does), balanced as far as the "
+        "shared experts' rows reach — which, this early in training, the two hot experts of a "
+        "layer often are not.",
         "",
         "| micro-batches (layers) | run | tokens/s | of the sum alone | of both at once | experts per rank | layers per stage | rows per rank |",
         "|---|---|---:|---:|---:|---|---|---|",
@@ -303,6 +388,34 @@ def main():
                          f"{'' if alone else f'{t / (fast + slow):.1%}'} | "
                          f"{'' if alone else f'{t / together:.1%}'} | {fmt(r.get('placement'))} | "
                          f"{fmt(r.get('stage_layers'))} | {fmt(r.get('seqs'))} |")
+    lines += [
+        "",
+        "## Unequal ranks in steady state: rank 1 at half speed, resumed after training",
+        "",
+        f"The runs above time steps 7-12 from initialisation, when each layer's router sends nearly "
+        f"all tokens to two of its eight experts, and which two moves from step to step. A "
+        f"training job spends nearly all its steps past that: here one process first trains the "
+        f"model {WARM} steps (the busiest expert of a layer then carries about 1.1x the mean "
+        f"load), and every layout resumes its checkpoint for {s} more steps (64 sequences of "
+        f"64 tokens as 4 micro-batches of 16; timed as above). The data layout and the split by "
+        f"width do not depend on the router; the placements by experts do.",
+        "",
+        "| model | run | tokens/s | of the sum alone | of both at once | experts per rank | rows per rank |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for hidden in STEADY:
+        key = f"steady, hidden {hidden}: "
+        fast = results[key + "rank at speed 1.0 alone (one process)"]["tokens_per_s"]
+        slow = results[key + "rank at speed 0.5 alone (one process)"]["tokens_per_s"]
+        together = results[key + "both alone at the same time (no communication)"]["tokens_per_s"]
+        for name in [n for n, _, _ in steady_rows()] + ["both alone at the same time (no communication)"]:
+            r = results[key + name]
+            t = r["tokens_per_s"]
+            alone = name.endswith("(one process)")
+            lines.append(f"| hidden {hidden}, after {WARM} steps | {name} | {t:.0f} | "
+                         f"{'' if alone else f'{t / (fast + slow):.1%}'} | "
+                         f"{'' if alone else f'{t / together:.1%}'} | {fmt(r.get('placement'))} | "
+                         f"{fmt(r.get('seqs'))} |")
     lines += [
         "",
         "## Predicted and measured step time",

@@ -1198,6 +1198,7 @@ fn pipeline_layouts_train_as_one_process() {
         if preset == "tiny-moe" {
             layouts.push((4, "--pp=2", "--ep=2", "1,1,1,1"));
             layouts.push((4, "--pp=2", "--ep=2 --ep-split=width", "1,1,1,1"));
+            layouts.push((4, "--pp=2", "--ep=2 --ep-split=shared", "1,1,1,1"));
         }
         for (np, pp, ep, throttle) in layouts {
             let run = tmp
