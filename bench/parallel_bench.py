@@ -90,8 +90,9 @@ def warm_checkpoint(tmp, hidden):
     """One process trains the unequal-rank model WARM steps; its run folder (newest checkpoint
     at step WARM) is what the steady-state runs resume from."""
     run_dir = os.path.join(tmp, f"warm{hidden}")
-    cmd = [NUWA, "train", *model(16, 4, LAYERS, hidden), "--checkpoint-every", str(WARM),
-           "--steps", str(WARM), "--run-dir", run_dir]
+    flags = model(16, 4, LAYERS, hidden)
+    flags[flags.index("--checkpoint-every") + 1] = str(WARM)
+    cmd = [NUWA, "train", *flags, "--steps", str(WARM), "--run-dir", run_dir]
     subprocess.run(cmd, check=True, env=dict(os.environ, RAYON_NUM_THREADS="1"),
                    stdout=subprocess.DEVNULL)
     return run_dir
