@@ -374,21 +374,27 @@ def main():
         "| micro-batches (layers) | run | tokens/s | of the sum alone | of both at once | experts per rank | layers per stage | rows per rank |",
         "|---|---|---:|---:|---:|---|---|---|",
     ]
-    for batch, accum, layers, hidden in UNEQUAL:
-        key = key_of(batch, accum, layers, hidden)
+    def share_rows(key, names, label, columns):
+        """A block's table rows: tokens/s, the share of the two ranks' throughputs each alone
+        and of both alone at once, then `columns` of the run."""
+        both = "both alone at the same time (no communication)"
         fast = results[key + "rank at speed 1.0 alone (one process)"]["tokens_per_s"]
         slow = results[key + "rank at speed 0.5 alone (one process)"]["tokens_per_s"]
-        together = results[key + "both alone at the same time (no communication)"]["tokens_per_s"]
-        names = [n for n, _, _ in uneven(batch, accum, layers, hidden)]
-        shape = f"{layers}" if hidden == HIDDEN else f"{layers}, hidden {hidden}"
-        for name in names + ["both alone at the same time (no communication)"]:
+        together = results[key + both]["tokens_per_s"]
+        out = []
+        for name in names + [both]:
             r = results[key + name]
             t = r["tokens_per_s"]
             alone = name.endswith("(one process)")
-            lines.append(f"| {accum} x {batch} ({shape}) | {name} | {t:.0f} | "
-                         f"{'' if alone else f'{t / (fast + slow):.1%}'} | "
-                         f"{'' if alone else f'{t / together:.1%}'} | {fmt(r.get('placement'))} | "
-                         f"{fmt(r.get('stage_layers'))} | {fmt(r.get('seqs'))} |")
+            cells = [label, name, f"{t:.0f}", "" if alone else f"{t / (fast + slow):.1%}",
+                     "" if alone else f"{t / together:.1%}", *(fmt(r.get(c)) for c in columns)]
+            out.append("| " + " | ".join(cells) + " |")
+        return out
+    for batch, accum, layers, hidden in UNEQUAL:
+        names = [n for n, _, _ in uneven(batch, accum, layers, hidden)]
+        shape = f"{layers}" if hidden == HIDDEN else f"{layers}, hidden {hidden}"
+        lines += share_rows(key_of(batch, accum, layers, hidden), names,
+                            f"{accum} x {batch} ({shape})", ["placement", "stage_layers", "seqs"])
     lines += [
         "",
         "## Unequal ranks in steady state: rank 1 at half speed, resumed after training",
@@ -405,18 +411,8 @@ def main():
         "|---|---|---:|---:|---:|---|---|",
     ]
     for hidden in STEADY:
-        key = f"steady, hidden {hidden}: "
-        fast = results[key + "rank at speed 1.0 alone (one process)"]["tokens_per_s"]
-        slow = results[key + "rank at speed 0.5 alone (one process)"]["tokens_per_s"]
-        together = results[key + "both alone at the same time (no communication)"]["tokens_per_s"]
-        for name in [n for n, _, _ in steady_rows()] + ["both alone at the same time (no communication)"]:
-            r = results[key + name]
-            t = r["tokens_per_s"]
-            alone = name.endswith("(one process)")
-            lines.append(f"| hidden {hidden}, after {WARM} steps | {name} | {t:.0f} | "
-                         f"{'' if alone else f'{t / (fast + slow):.1%}'} | "
-                         f"{'' if alone else f'{t / together:.1%}'} | {fmt(r.get('placement'))} | "
-                         f"{fmt(r.get('seqs'))} |")
+        lines += share_rows(f"steady, hidden {hidden}: ", [n for n, _, _ in steady_rows()],
+                            f"hidden {hidden}, after {WARM} steps", ["placement", "seqs"])
     lines += [
         "",
         "## Predicted and measured step time",

@@ -723,19 +723,30 @@ fn experts_split_by_width_train_as_one_process_and_resume_whole() {
         );
         assert_eq!(shard_writers(&run), [0, 1], "np {np}");
         // Resumed in one process, the sharded checkpoint is put back together whole.
-        let mut resume = moe_args(&run, "6");
-        let at = resume.iter().position(|a| a == "--run-dir").unwrap();
-        resume[at] = "--resume".into();
-        let resumed = one_process(&resume, &run);
-        assert_close(
-            &resumed[&6],
-            &reference[&6],
-            "loss",
-            format!("np {np} resumed"),
-        );
-        let diff = weights_differ_by(&run, &single);
-        assert!(diff < 1e-5, "np {np}: weights differ by {diff}");
+        resumes_whole(moe_args(&run, "6"), &run, &reference, &single, np);
     }
+}
+
+/// The sharded checkpoint of `run` resumed in one process (`args` for step 6): its step 6 is
+/// the one-process `reference`'s, and the weights it ends with are `single`'s.
+fn resumes_whole(
+    mut args: Vec<String>,
+    run: &Path,
+    reference: &BTreeMap<u64, Value>,
+    single: &Path,
+    np: usize,
+) {
+    let at = args.iter().position(|a| a == "--run-dir").unwrap();
+    args[at] = "--resume".into();
+    let resumed = one_process(&args, run);
+    assert_close(
+        &resumed[&6],
+        &reference[&6],
+        "loss",
+        format!("np {np} resumed"),
+    );
+    let diff = weights_differ_by(run, single);
+    assert!(diff < 1e-5, "np {np}: weights differ by {diff}");
 }
 
 #[test]
@@ -815,18 +826,7 @@ fn experts_with_shared_boundaries_train_as_one_process_and_resume_whole() {
         assert_eq!(shard_writers(&run), [0, 1], "np {np}");
         // Resumed in one process, the shards (each shared expert written once) make the
         // whole model again.
-        let mut resume = args_for(&run, "6");
-        let at = resume.iter().position(|a| a == "--run-dir").unwrap();
-        resume[at] = "--resume".into();
-        let resumed = one_process(&resume, &run);
-        assert_close(
-            &resumed[&6],
-            &reference[&6],
-            "loss",
-            format!("np {np} resumed"),
-        );
-        let diff = weights_differ_by(&run, &single);
-        assert!(diff < 1e-5, "np {np}: weights differ by {diff}");
+        resumes_whole(args_for(&run, "6"), &run, &reference, &single, np);
     }
 }
 
