@@ -392,11 +392,7 @@ pub fn dist_options(
         hash_params: a.hash_params,
         ep: a.ep as usize,
         placement: fixed.and_then(|p| p.layout.expert_placement.clone()),
-        ep_split: match a.ep_split {
-            Some(nuwa_plan::ExpertSplit::Width) => nuwa_model::expert_parallel::Split::Width,
-            Some(nuwa_plan::ExpertSplit::Shared) => nuwa_model::expert_parallel::Split::Shared,
-            _ => nuwa_model::expert_parallel::Split::Experts,
-        },
+        ep_split: a.ep_split.unwrap_or_default(),
         pp: a.pp as usize,
         stage_layers: a
             .stage_layers
@@ -581,11 +577,8 @@ fn job_settings(
         "--init-from": a.init_from,
         "--stop-at": a.stop_at,
         "--ep": dist.ep,
-        "--ep-split": match dist.ep_split {
-            nuwa_model::expert_parallel::Split::Experts => None,
-            nuwa_model::expert_parallel::Split::Width => Some("width"),
-            nuwa_model::expert_parallel::Split::Shared => Some("shared"),
-        },
+        "--ep-split": (dist.ep_split != nuwa_plan::ExpertSplit::Experts)
+            .then_some(dist.ep_split.as_str()),
         "--pp": dist.pp,
         "--stage-layers": dist.stage_layers,
         "expert placement": dist.placement,

@@ -59,20 +59,55 @@ pub struct Placement {
     pub shared: Option<Shared>,
 }
 
-/// How an expert-parallel group splits the routed experts (see [`Placement`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Split {
-    /// Whole experts per member.
+/// How an expert-parallel group splits the routed experts among its ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpertSplit {
+    /// Each rank owns whole experts and runs the rows routed to them: one all-to-all each
+    /// way, but a rank's expert work follows where the router sends tokens.
     #[default]
     Experts,
-    /// A share of every expert's FFN columns per member.
+    /// Each rank holds a share of every expert's FFN columns and runs every row of its group
+    /// on them: its expert work follows its share whatever the router does (ranks of unequal
+    /// speed stay balanced), at the price of every row sent to every rank of the group.
     Width,
-    /// Whole experts, neighbouring members sharing a few whose rows they split per
-    /// micro-batch.
+    /// Whole experts, but neighbouring ranks of a group share a few, whose rows they split
+    /// afresh in every micro-batch in proportion to their speeds: each row to one rank, and
+    /// balanced whatever the router does, at the price of the shared experts held twice.
     Shared,
 }
 
-/// Experts each pair of neighbouring members shares under [`Split::Shared`]: a quarter of
+impl std::str::FromStr for ExpertSplit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "experts" => Ok(Self::Experts),
+            "width" => Ok(Self::Width),
+            "shared" => Ok(Self::Shared),
+            other => Err(format!(
+                "`{other}`: expected `experts`, `width` or `shared`"
+            )),
+        }
+    }
+}
+
+impl ExpertSplit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Experts => "experts",
+            Self::Width => "width",
+            Self::Shared => "shared",
+        }
+    }
+}
+
+impl std::fmt::Display for ExpertSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Experts each pair of neighbouring members shares under [`ExpertSplit::Shared`]: a quarter of
 /// an equal member's experts, 1 to 4 — enough rows to even out where the router's loads
 /// drift from one micro-batch to the next, few enough that the copies cost little memory.
 pub fn shared_per_boundary(experts: usize, members: usize) -> usize {
@@ -437,10 +472,10 @@ impl Placement {
     /// member order, as the exchange sends them.
     pub fn split_rows(&self, sources: usize, rows: impl Fn(usize, usize) -> usize) -> RowSplit {
         let experts = self.experts();
+        let owners: Vec<usize> = (0..experts).map(|e| self.owner(e)).collect();
         let mut parts = Vec::with_capacity(sources * experts);
         for s in 0..sources {
-            for e in 0..experts {
-                let owner = self.owner(e);
+            for (e, &owner) in owners.iter().enumerate() {
                 parts.push([(owner, rows(s, e)), (owner, 0)]);
             }
         }

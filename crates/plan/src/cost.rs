@@ -17,6 +17,7 @@
 //! all-reduce follows it).
 
 use crate::catalogue::Available;
+pub use nuwa_model::expert_parallel::ExpertSplit;
 use nuwa_model::ModelConfig;
 use serde::Serialize;
 
@@ -31,24 +32,6 @@ pub struct Layout {
     pub expert_split: ExpertSplit,
 }
 
-/// How an expert-parallel group splits the routed experts among its ranks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ExpertSplit {
-    /// Each rank owns whole experts and runs the rows routed to them: one all-to-all each
-    /// way, but a rank's expert work follows where the router sends tokens.
-    #[default]
-    Experts,
-    /// Each rank holds a share of every expert's FFN columns and runs every row of its group
-    /// on them: its expert work follows its share whatever the router does (ranks of unequal
-    /// speed stay balanced), at the price of every row sent to every rank of the group.
-    Width,
-    /// Whole experts, but neighbouring ranks of a group share a few, whose rows they split
-    /// afresh in every micro-batch in proportion to their speeds: each row to one rank, and
-    /// balanced whatever the router does, at the price of the shared experts held twice.
-    Shared,
-}
-
 impl Default for Layout {
     /// One device: no tensor, pipeline or expert parallelism, micro-batches of one.
     fn default() -> Self {
@@ -59,36 +42,6 @@ impl Default for Layout {
             micro_batch: 1,
             expert_split: ExpertSplit::Experts,
         }
-    }
-}
-
-impl std::str::FromStr for ExpertSplit {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "experts" => Ok(Self::Experts),
-            "width" => Ok(Self::Width),
-            "shared" => Ok(Self::Shared),
-            other => Err(format!(
-                "`{other}`: expected `experts`, `width` or `shared`"
-            )),
-        }
-    }
-}
-
-impl ExpertSplit {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Experts => "experts",
-            Self::Width => "width",
-            Self::Shared => "shared",
-        }
-    }
-}
-
-impl std::fmt::Display for ExpertSplit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

@@ -12,7 +12,7 @@ use crate::optim::AdamW;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
-use nuwa_model::expert_parallel::{is_routed_expert, ExpertGroup, Split};
+use nuwa_model::expert_parallel::{is_routed_expert, ExpertGroup, ExpertSplit};
 use nuwa_model::weights::HostTensor;
 use nuwa_model::LanguageModel;
 use nuwa_model::TRAIN_BYTES_PER_PARAM;
@@ -32,21 +32,25 @@ fn gather_whole(group: &ExpertGroup, name: &str, part: &[f32], contribute: bool)
     whole
 }
 
+/// How many of the first values of this rank's slice (`len` values: a stacked expert tensor
+/// or its flat moments, expert after expert) are experts it shares with the member before.
+fn leading_values(group: &ExpertGroup, len: usize) -> usize {
+    let leading = group.placement.leading_shared(group.member());
+    len / group.local_experts().len().max(1) * leading
+}
+
 /// Replaces this rank's expert slices in `tensors` (weights `[local, ..]` or flat optimiser
 /// moments) with whole tensors gathered from their owners. Collective: every rank calls it
 /// with the same names.
 pub fn gather_experts(tensors: &mut BTreeMap<String, HostTensor>, group: &ExpertGroup) {
     let first_replica = group.comm.rank() < group.ep;
-    let leading = group.placement.leading_shared(group.member());
     for (name, t) in tensors.iter_mut() {
         if !is_routed_expert(name) {
             continue;
         }
         // Experts shared with the member before come from it (the two copies are equal).
-        if leading > 0 {
-            let per = t.data.len() / group.local_experts().len().max(1);
-            t.data[..leading * per].fill(0.0);
-        }
+        let skip = leading_values(group, t.data.len());
+        t.data[..skip].fill(0.0);
         let whole = gather_whole(group, name, &t.data, first_replica);
         let shape = group.placement.whole_shape(group.member(), name, &t.shape);
         *t = HostTensor { shape, data: whole };
@@ -82,13 +86,13 @@ pub fn own_shard(
                         continue; // all shared with the member before, which writes them
                     }
                     if leading > 0 {
-                        let per = t.data.len() / group.local_experts().len().max(1);
-                        t.data.drain(..leading * per);
+                        let skip = leading_values(group, t.data.len());
+                        t.data.drain(..skip);
                         t.shape[0] = match t.shape.len() {
                             1 => t.data.len(),
                             _ => t.shape[0] - leading,
                         };
-                        part.offset += leading * per;
+                        part.offset += skip;
                     }
                     shard.parts.insert(name.clone(), part);
                 }
@@ -427,13 +431,13 @@ pub fn group_for(
     comm: &std::sync::Arc<dyn crate::parallel::Collective>,
     ep: usize,
     placement: Option<&Vec<usize>>,
-    split: Split,
+    split: ExpertSplit,
     memory: Option<f64>,
     stage: Option<&nuwa_model::stage::Stage>,
     cfg: &nuwa_run::RunConfig,
 ) -> anyhow::Result<Option<ExpertGroup>> {
     use nuwa_model::expert_parallel::Placement;
-    let by_width = split == Split::Width;
+    let by_width = split == ExpertSplit::Width;
     if ep <= 1 {
         return Ok(None);
     }
@@ -490,7 +494,7 @@ pub fn group_for(
             }
             Placement::by_width_within(m.num_experts, width, &vec![1.0; ep], &caps)
         }
-        (None, false) if split == Split::Shared => {
+        (None, false) if split == ExpertSplit::Shared => {
             let k = nuwa_model::expert_parallel::shared_per_boundary(m.num_experts, ep);
             Placement::shared_within(m.num_experts, &vec![1.0; ep], k, &caps)
         }

@@ -46,7 +46,7 @@ pub struct DistOptions {
     pub placement: Option<Vec<usize>>,
     /// How an expert group splits the experts: whole experts, every expert's columns in
     /// proportion to speed, or whole experts with shared boundaries.
-    pub ep_split: nuwa_model::expert_parallel::Split,
+    pub ep_split: nuwa_model::expert_parallel::ExpertSplit,
     /// Pipeline stages (1: none).
     pub pp: usize,
     /// Decoder layers per stage, as a plan fixed them (`None`: sized by the measured speeds).
