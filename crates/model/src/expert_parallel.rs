@@ -1235,6 +1235,150 @@ impl crate::LanguageModel {
     pub fn expert_group(&self) -> Option<&ExpertGroup> {
         self.moe_layers().find_map(|m| m.expert_group.as_ref())
     }
+
+    /// The parameter path of every MoE layer (`layers.3.moe`), in [`Self::moe_layers`]'s order.
+    pub fn moe_paths(&self) -> Vec<String> {
+        let decoder = self.layers.iter().enumerate();
+        let decoder =
+            decoder.filter_map(|(i, l)| l.moe.as_ref().map(|_| format!("layers.{i}.moe")));
+        let mtp = self.mtp_layers.iter().enumerate();
+        let mtp = mtp.filter_map(|(j, l)| {
+            l.decoder
+                .moe
+                .as_ref()
+                .map(|_| format!("mtp_layers.{j}.decoder.moe"))
+        });
+        decoder.chain(mtp).collect()
+    }
+
+    /// Each MoE layer's expert order over the slots ([`balanced_order`]), in
+    /// [`Self::moe_layers`]'s order; `None` where slot `p` holds expert `p`.
+    pub fn set_expert_orders(&mut self, orders: &[Option<Vec<usize>>]) {
+        for (moe, order) in self.moe_layers_mut().zip(orders) {
+            moe.expert_order = order.clone();
+        }
+    }
+}
+
+/// Per-layer expert orders (shared boundaries): a MoE layer's router may send nearly all its
+/// tokens to two experts, and which two differs between layers and drifts between steps — no
+/// one placement of expert numbers suits every layer. So each layer lays its experts over the
+/// placement's slots in its own order, the one its recent loads ask for (DeepSeek's EPLB idea,
+/// by load and per layer): its busiest experts in the shared windows, where each micro-batch's
+/// rows are split by the members' weights, the rest spread so that no member's own experts
+/// hold more than its share. `order[slot]` is the expert the slot holds; the stacked expert
+/// tensors of the layer hold the experts in slot order, and the placement splits the slots.
+pub fn balanced_order(load: &[f64], placement: &Placement) -> Vec<usize> {
+    let experts = load.len();
+    let Some(shared) = placement
+        .shared
+        .as_ref()
+        .filter(|_| placement.experts() == experts)
+    else {
+        return (0..experts).collect();
+    };
+    let members = placement.members();
+    let mut by_load: Vec<usize> = (0..experts).collect();
+    by_load.sort_by(|&a, &b| load[b].total_cmp(&load[a]).then(a.cmp(&b)));
+    let (windows, own) = slot_kinds(placement);
+    let mut order = vec![usize::MAX; experts];
+    let mut hottest = by_load.into_iter();
+    for slots in &windows {
+        for (&slot, e) in slots.iter().zip(hottest.by_ref()) {
+            order[slot] = e;
+        }
+    }
+    // The rest, busiest first, each to the member with the most room left under its share.
+    let total: f64 = load.iter().sum();
+    let weight_sum: f64 = shared
+        .weights
+        .iter()
+        .map(|&w| w as f64)
+        .sum::<f64>()
+        .max(1.0);
+    let mut room: Vec<f64> = (0..members)
+        .map(|m| total * shared.weights.get(m).copied().unwrap_or(0) as f64 / weight_sum)
+        .collect();
+    let mut next = vec![0; members];
+    for e in hottest {
+        let free = (0..members).filter(|&m| next[m] < own[m].len());
+        let Some(m) = free.max_by(|&a, &b| room[a].total_cmp(&room[b]).then(b.cmp(&a))) else {
+            break;
+        };
+        order[own[m][next[m]]] = e;
+        next[m] += 1;
+        room[m] -= load[e];
+    }
+    order
+}
+
+/// The slots of each shared window (member `m` and `m + 1`'s) and of each member's own
+/// experts.
+fn slot_kinds(placement: &Placement) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
+    let members = placement.members();
+    let shared = placement.shared_experts();
+    let mut windows = Vec::with_capacity(members.saturating_sub(1));
+    let mut own = Vec::with_capacity(members);
+    for m in 0..members {
+        let range = placement.range(m);
+        let k = shared.get(m).copied().unwrap_or(0);
+        let first = range.start + placement.leading_shared(m);
+        own.push((first..range.end - k).collect());
+        if m + 1 < members {
+            windows.push((range.end - k..range.end).collect());
+        }
+    }
+    (windows, own)
+}
+
+/// How near the members' expert work comes to their weights' shares when a layer's experts
+/// lie in `order` and carry `load` rows: the ideal time over the slowest member's (1:
+/// balanced), with each shared window's rows split as [`Placement::split_rows`] splits them.
+pub fn expert_balance(load: &[f64], order: &[usize], placement: &Placement) -> f64 {
+    let Some(shared) = &placement.shared else {
+        return 1.0;
+    };
+    let rows: Vec<usize> = order.iter().map(|&e| load[e].max(0.0) as usize).collect();
+    let split = placement.split_rows(1, |_, slot| rows[slot]);
+    let total: usize = rows.iter().sum();
+    let weight_sum: f64 = shared
+        .weights
+        .iter()
+        .map(|&w| w as f64)
+        .sum::<f64>()
+        .max(1.0);
+    let slowest = (0..placement.members())
+        .map(|m| {
+            let work: usize = (0..rows.len()).map(|slot| split.rows(0, slot, m)).sum();
+            work as f64 / (shared.weights[m].max(1) as f64 / weight_sum)
+        })
+        .fold(0.0, f64::max);
+    match slowest > 0.0 {
+        true => total as f64 / slowest,
+        false => 1.0,
+    }
+}
+
+/// Re-lays a whole stacked expert tensor (or its flat moments: expert after expert) from the
+/// slot order `from` to the slot order `to`.
+pub fn reorder_experts(data: &[f32], from: &[usize], to: &[usize]) -> Vec<f32> {
+    let per = data.len() / from.len().max(1);
+    let mut slot_of = vec![0; from.len()];
+    for (slot, &e) in from.iter().enumerate() {
+        slot_of[e] = slot;
+    }
+    let mut out = Vec::with_capacity(data.len());
+    for &e in to {
+        let at = slot_of[e] * per;
+        out.extend_from_slice(&data[at..at + per]);
+    }
+    out
+}
+
+/// The MoE layer a routed-expert tensor's name (or its moments') belongs to: its path up to
+/// `.moe` (`layers.3.moe`).
+pub fn moe_path(name: &str) -> Option<&str> {
+    name.find(".moe.experts.").map(|at| &name[..at + 4])
 }
 
 #[cfg(test)]

@@ -177,6 +177,11 @@ pub struct Moe {
     /// Expert parallelism: `experts` holds this rank's share, the rest live on other ranks.
     #[module(skip)]
     pub expert_group: Option<crate::expert_parallel::ExpertGroup>,
+    /// Under expert parallelism, the expert each slot of the stacked expert tensors holds
+    /// (`expert_parallel::balanced_order`: this layer's own order); `None`: slot `p` holds
+    /// expert `p`.
+    #[module(skip)]
+    pub expert_order: Option<Vec<usize>>,
 }
 
 impl Moe {
@@ -201,6 +206,7 @@ impl Moe {
             routed_scaling_factor: cfg.routed_scaling_factor,
             routing_mix: 1.0,
             expert_group: None,
+            expert_order: None,
         }
     }
 
@@ -274,15 +280,28 @@ impl Moe {
             slots[expert as usize].push(slot as i64);
         }
 
-        // Outputs come expert after expert; each is weighted by its slot's router weight and
-        // added into its token's row.
-        let (all_tokens, all_slots) = (tokens.concat(), slots.concat());
+        // Outputs come expert after expert (slot after slot, when this layer's experts lie in
+        // an order of their own); each is weighted by its slot's router weight and added into
+        // its token's row.
+        let in_slot_order = |lists: &[Vec<i64>]| -> Vec<i64> {
+            match (&self.expert_group, &self.expert_order) {
+                (Some(_), Some(order)) => order.iter().flat_map(|&e| lists[e].clone()).collect(),
+                _ => lists.concat(),
+            }
+        };
+        let (all_tokens, all_slots) = (in_slot_order(&tokens), in_slot_order(&slots));
         let weight = top_w
             .reshape([n * self.top_k])
             .select(0, int_tensor(&all_slots, &device))
             .reshape([all_slots.len(), 1]);
         let y = match &self.expert_group {
-            Some(group) => group.forward_routed(&self.experts, x.clone(), &tokens),
+            Some(group) => match &self.expert_order {
+                Some(order) => {
+                    let by_slot: Vec<Vec<i64>> = order.iter().map(|&e| tokens[e].clone()).collect();
+                    group.forward_routed(&self.experts, x.clone(), &by_slot)
+                }
+                None => group.forward_routed(&self.experts, x.clone(), &tokens),
+            },
             None => self.experts.forward_routed(x.clone(), &tokens),
         } * weight;
         let routed = Tensor::zeros([n, hidden], &device).select_assign(

@@ -12,7 +12,9 @@ use crate::optim::AdamW;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
-use nuwa_model::expert_parallel::{is_routed_expert, ExpertGroup, ExpertSplit};
+use nuwa_model::expert_parallel::{
+    is_routed_expert, moe_path, reorder_experts, ExpertGroup, ExpertSplit,
+};
 use nuwa_model::weights::HostTensor;
 use nuwa_model::LanguageModel;
 use nuwa_model::TRAIN_BYTES_PER_PARAM;
@@ -154,44 +156,127 @@ fn apply_moments(opt: &mut AdamW, tensors: &BTreeMap<String, HostTensor>, device
     }
 }
 
-/// Moves the experts to a new placement: whole weights and moments gathered from their
-/// owners, then each rank keeps its new slices. Collective.
+/// Each MoE layer's expert order over the slots (`None`: slot `p` holds expert `p`), in
+/// `moe_layers` order.
+pub type Orders = Vec<Option<Vec<usize>>>;
+
+/// `order`, or the slots in expert order.
+fn or_identity(order: Option<&Vec<usize>>, experts: usize) -> Vec<usize> {
+    order.cloned().unwrap_or_else(|| (0..experts).collect())
+}
+
+/// Whole expert tensors (as [`gather_experts`] leaves them) re-laid from the layers' slot
+/// orders `from` to `to`; `paths` names the layers (`moe_paths`).
+fn reorder_whole(
+    tensors: &mut BTreeMap<String, HostTensor>,
+    paths: &[String],
+    experts: usize,
+    (from, to): (&Orders, &Orders),
+) {
+    for (name, t) in tensors.iter_mut() {
+        let Some(l) = moe_path(name).and_then(|p| paths.iter().position(|q| q == p)) else {
+            continue;
+        };
+        let (a, b) = (
+            from.get(l).and_then(Option::as_ref),
+            to.get(l).and_then(Option::as_ref),
+        );
+        if a != b {
+            let (a, b) = (or_identity(a, experts), or_identity(b, experts));
+            t.data = reorder_experts(&t.data, &a, &b);
+        }
+    }
+}
+
+/// Moves the experts to a new placement and the layers to new slot orders (`orders`, in
+/// `moe_layers` order): the whole weights and moments of every layer that moves gathered from
+/// their holders, re-laid, and each rank keeps its new slices. Collective; every rank asks
+/// for the same.
 pub fn replace_experts(
     model: LanguageModel,
     opt: &mut AdamW,
     new: &ExpertGroup,
+    orders: &Orders,
     device: &Device,
 ) -> LanguageModel {
     let Some(old) = model.expert_group().cloned() else {
         return model;
     };
     let (p, q) = (&old.placement, &new.placement);
-    if p.counts == q.counts && p.columns == q.columns && p.shared_experts() == q.shared_experts() {
-        // Only the shared rows' weights moved: every rank keeps what it holds.
-        let mut model = model;
-        for moe in model.moe_layers_mut() {
-            moe.expert_group = Some(new.clone());
-        }
-        return model;
-    }
-    let mut weights: BTreeMap<String, HostTensor> = nuwa_model::weights::collect_weights(&model)
-        .into_iter()
-        .filter(|(n, _)| is_routed_expert(n))
+    let same_slots =
+        p.counts == q.counts && p.columns == q.columns && p.shared_experts() == q.shared_experts();
+    let paths = model.moe_paths();
+    let current: Orders = model.moe_layers().map(|m| m.expert_order.clone()).collect();
+    let orders: Orders = (0..paths.len())
+        .map(|l| orders.get(l).cloned().flatten())
         .collect();
-    let mut moments: BTreeMap<String, HostTensor> = opt
-        .to_host()
-        .into_iter()
-        .filter(|(n, _)| is_routed_expert(n))
+    // Every layer moves when the slots do; else only those whose order changes. (When only
+    // the shared rows' weights change, every rank keeps what it holds.)
+    let moves: Vec<&String> = paths
+        .iter()
+        .enumerate()
+        .filter(|&(l, _)| !same_slots || current[l] != orders[l])
+        .map(|(_, path)| path)
         .collect();
-    gather_experts(&mut weights, &old);
-    gather_experts(&mut moments, &old);
-    let model = nuwa_model::weights::replace_weights(model, &slice_experts(&weights, new));
-    apply_moments(opt, &slice_experts(&moments, new), device);
+    let moving = |name: &String| {
+        is_routed_expert(name) && moe_path(name).is_some_and(|p| moves.iter().any(|m| *m == p))
+    };
     let mut model = model;
+    if !moves.is_empty() {
+        let mut weights: BTreeMap<String, HostTensor> =
+            nuwa_model::weights::collect_weights(&model)
+                .into_iter()
+                .filter(|(n, _)| moving(n))
+                .collect();
+        let mut moments: BTreeMap<String, HostTensor> = opt
+            .to_host()
+            .into_iter()
+            .filter(|(n, _)| moving(n))
+            .collect();
+        gather_experts(&mut weights, &old);
+        gather_experts(&mut moments, &old);
+        let experts = q.experts();
+        reorder_whole(&mut weights, &paths, experts, (&current, &orders));
+        reorder_whole(&mut moments, &paths, experts, (&current, &orders));
+        model = nuwa_model::weights::replace_weights(model, &slice_experts(&weights, new));
+        apply_moments(opt, &slice_experts(&moments, new), device);
+    }
     for moe in model.moe_layers_mut() {
         moe.expert_group = Some(new.clone());
     }
+    model.set_expert_orders(&orders);
     model
+}
+
+/// Host weights or moments of a model whose layers lie in their own slot orders (`orders`)
+/// as they would lie in expert order: what a checkpoint writes, so that any layout loads it.
+/// Collective (every rank, the same names).
+pub fn in_expert_order(
+    tensors: BTreeMap<String, HostTensor>,
+    group: &ExpertGroup,
+    paths: &[String],
+    orders: &Orders,
+) -> BTreeMap<String, HostTensor> {
+    if orders.iter().all(Option::is_none) {
+        return tensors;
+    }
+    let reordered = |name: &String| {
+        let layer = moe_path(name).and_then(|p| paths.iter().position(|q| q == p));
+        is_routed_expert(name) && layer.is_some_and(|l| orders.get(l).is_some_and(Option::is_some))
+    };
+    let (mut experts, rest): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        tensors.into_iter().partition(|(n, _)| reordered(n));
+    gather_experts(&mut experts, group);
+    let identity: Orders = vec![None; orders.len()];
+    reorder_whole(
+        &mut experts,
+        paths,
+        group.placement.experts(),
+        (orders, &identity),
+    );
+    let mut out = slice_experts(&experts, group);
+    out.extend(rest);
+    out
 }
 
 struct TakeExperts<'a> {

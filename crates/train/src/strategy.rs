@@ -3,6 +3,7 @@
 //! micro-batch sized by its measured speed, all-reduces the gradients and watches for hung
 //! and straggling ranks. Expert and pipeline parallelism are further implementations.
 
+use crate::expert::Orders;
 use crate::optim::AdamW;
 use crate::parallel::{
     all_reduce_gradients, gather_hashes, parameter_hash, Balancer, Collective, DistOptions,
@@ -12,7 +13,7 @@ use crate::step::{GlobalBatch, LocalStep, Rows};
 use anyhow::{bail, Result};
 use burn::optim::GradientsParams;
 use burn::tensor::Device;
-use nuwa_model::expert_parallel::{ExpertGroup, Placement};
+use nuwa_model::expert_parallel::{balanced_order, expert_balance, ExpertGroup, Placement};
 use nuwa_model::weights::HostTensor;
 use nuwa_model::LanguageModel;
 use nuwa_run::sharded::Shard;
@@ -232,6 +233,11 @@ pub struct DataParallel {
     experts_group: Option<ExpertGroup>,
     /// A new placement measured at the last step, applied after its update.
     pending_placement: Option<Placement>,
+    /// Shared boundaries: each MoE layer's expert order over the slots, and new ones asked
+    /// for by the last step's loads, applied after its update; the layers' paths.
+    expert_orders: Orders,
+    pending_orders: Option<Orders>,
+    moe_paths: Vec<String>,
     /// Training FLOPs per token outside the routed experts, and per routed (token, expert)
     /// row: what turns a rank's rows and expert rows into its work, for its speed.
     flops_dense: f64,
@@ -263,6 +269,9 @@ impl DataParallel {
             device: device.clone(),
             experts_group: None,
             pending_placement: None,
+            expert_orders: Vec::new(),
+            pending_orders: None,
+            moe_paths: Vec::new(),
             flops_dense: 0.0,
             flops_expert_row: 0.0,
             dense_speeds: Vec::new(),
@@ -322,6 +331,41 @@ impl DataParallel {
             }
         };
         (placement != group.placement).then_some(placement)
+    }
+
+    /// Shared boundaries: new expert orders for the layers whose last-step `load` (tokens per
+    /// expert, every MoE layer's) the current order balances worse than 97% across the
+    /// members' weights, when a layer's own order ([`balanced_order`]) does at least 2 points
+    /// better. `None` when no layer should move. (Moving a layer costs gathering its experts;
+    /// a router that keeps its loads even never pays it.)
+    fn measured_orders(&self, load: &[Vec<f64>]) -> Option<Orders> {
+        let group = self.experts_group.as_ref()?;
+        if self.opts.placement.is_some() || self.opts.rebalance_every == 0 {
+            return None;
+        }
+        let placement = self.pending_placement.as_ref().unwrap_or(&group.placement);
+        placement.shared.as_ref()?;
+        let experts = placement.experts();
+        if load.len() != self.moe_paths.len() || load.iter().any(|l| l.len() != experts) {
+            return None;
+        }
+        let mut orders = self.expert_orders.clone();
+        orders.resize(load.len(), None);
+        let mut moved = false;
+        for (order, load) in orders.iter_mut().zip(load) {
+            let current = order.clone().unwrap_or_else(|| (0..experts).collect());
+            let now = expert_balance(load, &current, placement);
+            if now >= 0.97 {
+                continue;
+            }
+            let better = balanced_order(load, placement);
+            if expert_balance(load, &better, placement) > now + 0.02 {
+                let identity = better.iter().enumerate().all(|(slot, &e)| slot == e);
+                *order = (!identity).then_some(better);
+                moved = true;
+            }
+        }
+        moved.then_some(orders)
     }
 
     fn split_by_width(&self) -> bool {
@@ -459,6 +503,7 @@ impl Parallelism for DataParallel {
     }
 
     fn prepare(&mut self, model: LanguageModel, opt: &mut AdamW, device: &Device) -> LanguageModel {
+        self.moe_paths = model.moe_paths();
         crate::expert::keep_share(model, opt, self.experts_group.as_ref(), device)
     }
 
@@ -484,6 +529,10 @@ impl Parallelism for DataParallel {
         // The first expert group writes the experts, its first rank the rest too.
         let writes = group.comm.rank() < group.ep;
         let with_replicated = self.opts.comm.rank() == 0;
+        // Layers in their own expert orders are written in expert order (collective).
+        let (paths, orders) = (&self.moe_paths, &self.expert_orders);
+        let weights = crate::expert::in_expert_order(weights, group, paths, orders);
+        let optimizer = crate::expert::in_expert_order(optimizer, group, paths, orders);
         CheckpointPart::Sharded {
             comm: self.opts.comm.clone(),
             mine: writes.then(|| {
@@ -498,15 +547,26 @@ impl Parallelism for DataParallel {
         opt: &mut AdamW,
         device: &Device,
     ) -> LanguageModel {
-        let (Some(new), Some(old)) = (self.pending_placement.take(), &self.experts_group) else {
+        let (placement, orders) = (self.pending_placement.take(), self.pending_orders.take());
+        let Some(old) = &self.experts_group else {
             return model;
         };
-        let group = ExpertGroup::new(self.opts.comm.clone(), old.ep, new)
-            .with_member_caps(old.member_caps.clone());
-        let model = crate::expert::replace_experts(model, opt, &group, device);
+        if placement.is_none() && orders.is_none() {
+            return model;
+        }
+        let group = match placement {
+            Some(new) => {
+                // The phases measured so far were of the old columns.
+                self.expert_seconds = (Vec::new(), 0);
+                ExpertGroup::new(self.opts.comm.clone(), old.ep, new)
+                    .with_member_caps(old.member_caps.clone())
+            }
+            None => old.clone(),
+        };
+        let orders = orders.unwrap_or_else(|| self.expert_orders.clone());
+        let model = crate::expert::replace_experts(model, opt, &group, &orders, device);
         self.experts_group = Some(group);
-        // The phases measured so far were of the old columns.
-        self.expert_seconds = (Vec::new(), 0);
+        self.expert_orders = orders;
         model
     }
 
@@ -652,6 +712,9 @@ impl Parallelism for DataParallel {
             }
             self.plan_rows();
         }
+        if step > self.start_step + 1 {
+            self.pending_orders = self.measured_orders(&expert_load);
+        }
         let ranks: Vec<Value> = (0..computes.len())
             .map(|r| {
                 let mut rank = json!({"rank": r, "device": self.opts.devices.get(r),
@@ -679,6 +742,16 @@ impl Parallelism for DataParallel {
             }
             if let Some(shared) = &group.placement.shared {
                 metrics["expert_shared"] = json!(shared.experts);
+                // Layers whose experts move to a new order after this step's update.
+                let moving = self.pending_orders.as_ref().map_or(0, |new| {
+                    (0..new.len())
+                        .filter(|&l| new.get(l) != self.expert_orders.get(l).or(Some(&None)))
+                        .count()
+                });
+                metrics["expert_reordered"] = json!(moving);
+                // Layers in an order of their own after this step's update.
+                let orders = self.pending_orders.as_ref().unwrap_or(&self.expert_orders);
+                metrics["expert_own_orders"] = json!(orders.iter().flatten().count());
             }
         }
         // A rank with no rows this step has no router losses of its own, yet the batch does.
