@@ -324,7 +324,8 @@ impl DataParallel {
                 match &group.placement.shared {
                     Some(shared) => {
                         let k = shared.experts.iter().copied().max().unwrap_or(0);
-                        Placement::shared_within(experts, &member, k, &group.member_caps)
+                        let fresh = Placement::shared_within(experts, &member, k, &group.member_caps);
+                        kept_windows(&group.placement, fresh, &member)
                     }
                     None => Placement::proportional_within(experts, &member, &group.member_caps),
                 }
@@ -823,6 +824,35 @@ fn damped(current: &[usize], fitted: Placement, caps: &[Option<usize>]) -> Optio
         &halfway,
         caps,
     ))
+}
+
+/// Shared boundaries: the `current` slots with `fresh`'s weights when every member's
+/// proportional cut (its speeds' share of the experts, member after member) still lies within
+/// or at the edge of the current window at that boundary — the shared rows absorb the
+/// difference. Speeds measured near a window's edge would otherwise move its slots back and
+/// forth, each move gathering every layer's experts.
+fn kept_windows(current: &Placement, fresh: Placement, speeds: &[f64]) -> Placement {
+    let (Some(now), Some(new)) = (&current.shared, &fresh.shared) else {
+        return fresh;
+    };
+    if current.counts == fresh.counts || now.experts != new.experts {
+        return fresh;
+    }
+    let total: f64 = speeds.iter().map(|s| s.max(1e-12)).sum();
+    let experts = current.experts() as f64;
+    let mut cut = 0.0;
+    let inside = (0..now.experts.len()).all(|m| {
+        cut += experts * speeds[m].max(1e-12) / total;
+        let end = current.range(m).end as f64;
+        (end - now.experts[m] as f64..=end).contains(&cut)
+    });
+    match inside {
+        true => Placement {
+            shared: Some(new.clone()),
+            ..current.clone()
+        },
+        false => fresh,
+    }
 }
 
 /// Moves one row from the largest shares to any empty one.
