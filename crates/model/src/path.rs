@@ -31,12 +31,22 @@ pub trait ReadParam {
 
 /// `read` applied to every float parameter of `module`, keyed by dotted path.
 pub fn by_path<M: Module, R: ReadParam>(module: &M, read: R) -> BTreeMap<String, R::Out> {
-    struct Walk<R: ReadParam> {
+    by_path_where(module, read, |_| true)
+}
+
+/// `read` applied to the float parameters of `module` whose dotted path `keep` accepts.
+pub fn by_path_where<M: Module, R: ReadParam>(
+    module: &M,
+    read: R,
+    keep: impl Fn(&str) -> bool,
+) -> BTreeMap<String, R::Out> {
+    struct Walk<R: ReadParam, K> {
         path: ModulePath,
         read: R,
+        keep: K,
         out: BTreeMap<String, R::Out>,
     }
-    impl<R: ReadParam> ModuleVisitor for Walk<R> {
+    impl<R: ReadParam, K: Fn(&str) -> bool> ModuleVisitor for Walk<R, K> {
         fn enter_module(&mut self, name: &str, _: &str) {
             self.path.enter(name);
         }
@@ -44,13 +54,17 @@ pub fn by_path<M: Module, R: ReadParam>(module: &M, read: R) -> BTreeMap<String,
             self.path.exit();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let value = self.read.read(param);
-            self.out.insert(self.path.current(), value);
+            let path = self.path.current();
+            if (self.keep)(&path) {
+                let value = self.read.read(param);
+                self.out.insert(path, value);
+            }
         }
     }
     let mut walk = Walk {
         path: ModulePath::default(),
         read,
+        keep,
         out: BTreeMap::new(),
     };
     module.visit(&mut walk);

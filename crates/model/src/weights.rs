@@ -42,6 +42,14 @@ pub fn collect_weights<M: Module>(model: &M) -> BTreeMap<String, HostTensor> {
     by_path(model, ToHost)
 }
 
+/// The float parameters of a module whose path `keep` accepts, by path.
+pub fn collect_weights_where<M: Module>(
+    model: &M,
+    keep: impl Fn(&str) -> bool,
+) -> BTreeMap<String, HostTensor> {
+    crate::path::by_path_where(model, ToHost, keep)
+}
+
 /// Serialises named tensors as a safetensors file body.
 pub fn to_safetensors(tensors: &BTreeMap<String, HostTensor>) -> Result<Vec<u8>> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors

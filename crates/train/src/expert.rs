@@ -9,6 +9,7 @@
 //! and exports to one HF folder as a single process's would.
 
 use crate::optim::AdamW;
+use crate::parallel::Collective;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -218,21 +219,26 @@ pub fn replace_experts(
         .filter(|&(l, _)| !same_slots || current[l] != orders[l])
         .map(|(_, path)| path)
         .collect();
-    let moving = |name: &String| {
+    let moving = |name: &str| {
         is_routed_expert(name) && moe_path(name).is_some_and(|p| moves.iter().any(|m| *m == p))
     };
     let mut model = model;
-    if !moves.is_empty() {
-        let mut weights: BTreeMap<String, HostTensor> =
-            nuwa_model::weights::collect_weights(&model)
-                .into_iter()
-                .filter(|(n, _)| moving(n))
-                .collect();
-        let mut moments: BTreeMap<String, HostTensor> = opt
-            .to_host()
-            .into_iter()
-            .filter(|(n, _)| moving(n))
-            .collect();
+    if same_slots && p.columns.is_none() {
+        // Only orders change: each member receives just the experts it did not hold.
+        for path in &moves {
+            let l = paths.iter().position(|q| q == *path).unwrap_or(0);
+            let experts = q.experts();
+            let (from, to) = (
+                or_identity(current[l].as_ref(), experts),
+                or_identity(orders[l].as_ref(), experts),
+            );
+            let plan = slot_moves(&old, &from, &to);
+            model = move_layer_slots(model, l, path, &plan, opt, old.comm.as_ref());
+        }
+    } else if !moves.is_empty() {
+        let mut weights = nuwa_model::weights::collect_weights_where(&model, moving);
+        // Moments are named by their parameter.
+        let mut moments = opt.to_host_where(|param| moving(&format!("{param}.exp_avg")));
         gather_experts(&mut weights, &old);
         gather_experts(&mut moments, &old);
         let experts = q.experts();
@@ -245,6 +251,136 @@ pub fn replace_experts(
         moe.expert_group = Some(new.clone());
     }
     model.set_expert_orders(&orders);
+    model
+}
+
+/// How one layer's experts move within each group when only its slot order changes (the
+/// placement stays): the old local slots this member sends each world rank (in expert
+/// order), the experts it receives from each, and where each of its new slots comes from —
+/// `Ok(old local slot)` kept, `Err(k)` the `k`-th expert received.
+struct SlotMoves {
+    send: Vec<Vec<usize>>,
+    recv: Vec<usize>,
+    from: Vec<Result<usize, usize>>,
+}
+
+/// [`SlotMoves`] from slot order `old` to `new` under `group`'s placement. Each expert a
+/// member lacks comes from the first member that held it.
+fn slot_moves(group: &ExpertGroup, old: &[usize], new: &[usize]) -> SlotMoves {
+    let p = &group.placement;
+    let (me, world) = (group.member(), group.comm.size());
+    let first = group.comm.rank() - me;
+    let held = |m: usize, order: &[usize]| -> Vec<usize> { p.range(m).map(|s| order[s]).collect() };
+    let sender = |e: usize| (0..group.ep).find(|&m| held(m, old).contains(&e));
+    let missing = |d: usize| -> Vec<usize> {
+        let had = held(d, old);
+        let mut lacking: Vec<usize> = held(d, new).into_iter().filter(|e| !had.contains(e)).collect();
+        lacking.sort_unstable();
+        lacking
+    };
+    let mine = held(me, old);
+    let (mut send, mut recv) = (vec![Vec::new(); world], vec![0; world]);
+    for d in (0..group.ep).filter(|&d| d != me) {
+        for e in missing(d).into_iter().filter(|&e| sender(e) == Some(me)) {
+            send[first + d].extend(mine.iter().position(|&x| x == e));
+        }
+    }
+    // Received source after source, each source's in expert order.
+    let lacking = missing(me);
+    let mut received = Vec::new();
+    for s in 0..group.ep {
+        let from_s: Vec<usize> = lacking.iter().copied().filter(|&e| sender(e) == Some(s)).collect();
+        recv[first + s] = from_s.len();
+        received.extend(from_s);
+    }
+    let from = held(me, new)
+        .iter()
+        .map(|e| match mine.iter().position(|x| x == e) {
+            Some(slot) => Ok(slot),
+            None => Err(received.iter().position(|x| x == e).unwrap_or(0)),
+        })
+        .collect();
+    SlotMoves { send, recv, from }
+}
+
+/// The rows (one per local expert slot) of `t` `[slots, per]` as `plan` lays them. Collective.
+fn move_rows(t: Tensor<2>, plan: &SlotMoves, comm: &dyn Collective) -> Tensor<2> {
+    let [slots, per] = t.dims();
+    let device = t.device();
+    let world = plan.send.len();
+    let (mut values, mut counts, mut at) = (Vec::new(), vec![0; world], vec![0; world]);
+    for (r, rows) in plan.send.iter().enumerate() {
+        at[r] = values.len();
+        for &row in rows {
+            values.extend(t.clone().narrow(0, row, 1).into_data().iter::<f32>());
+        }
+        counts[r] = rows.len() * per;
+    }
+    let recv_counts: Vec<usize> = plan.recv.iter().map(|n| n * per).collect();
+    let mut received = vec![0.0f32; recv_counts.iter().sum()];
+    comm.all_to_all_v(&values, (&counts, &at), &recv_counts, &mut received);
+    let index: Vec<i64> = plan
+        .from
+        .iter()
+        .map(|f| match f {
+            Ok(slot) => *slot as i64,
+            Err(k) => (slots + k) as i64,
+        })
+        .collect();
+    let rows = received.len() / per.max(1);
+    let all = match rows {
+        0 => t,
+        _ => Tensor::cat(
+            vec![t, Tensor::from_data(TensorData::new(received, [rows, per]), &device)],
+            0,
+        ),
+    };
+    let n = index.len();
+    all.select(0, Tensor::from_data(TensorData::new(index, [n]), &device))
+}
+
+/// Moves MoE layer `l` (at `path`)'s expert weights and moments by `plan`. Collective.
+fn move_layer_slots(
+    mut model: LanguageModel,
+    l: usize,
+    path: &str,
+    plan: &SlotMoves,
+    opt: &mut AdamW,
+    comm: &dyn Collective,
+) -> LanguageModel {
+    let Some(moe) = model.moe_layers_mut().nth(l) else {
+        return model;
+    };
+    let moved = |p: Param<Tensor<3>>| {
+        p.map(|t| {
+            let tracked = t.is_require_grad();
+            let [slots, a, b] = t.dims();
+            let out = move_rows(t.detach().reshape([slots, a * b]), plan, comm);
+            let out = out.reshape([slots, a, b]).detach();
+            if tracked {
+                out.require_grad()
+            } else {
+                out
+            }
+        })
+    };
+    let e = &mut moe.experts;
+    e.gate_proj = moved(e.gate_proj.clone());
+    e.up_proj = moved(e.up_proj.clone());
+    e.down_proj = moved(e.down_proj.clone());
+    for w in ["gate_proj", "up_proj", "down_proj"] {
+        let Some(m) = opt.state.get_mut(&format!("{path}.experts.{w}")) else {
+            continue;
+        };
+        // The placement stays: as many slots before as after.
+        let slots = plan.from.len();
+        let rows = |t: &Tensor<1>| {
+            let per = t.dims()[0] / slots.max(1);
+            move_rows(t.clone().reshape([slots, per]), plan, comm).reshape([slots * per])
+        };
+        m.exp_avg = rows(&m.exp_avg);
+        m.exp_avg_sq = rows(&m.exp_avg_sq);
+    }
     model
 }
 

@@ -38,8 +38,13 @@ pub struct AdamW {
 impl AdamW {
     /// The moments by name (`PARAM.exp_avg`, `PARAM.exp_avg_sq`), for a checkpoint.
     pub fn to_host(&self) -> BTreeMap<String, HostTensor> {
+        self.to_host_where(|_| true)
+    }
+
+    /// The moments of the parameters whose name `keep` accepts.
+    pub fn to_host_where(&self, keep: impl Fn(&str) -> bool) -> BTreeMap<String, HostTensor> {
         let mut out = BTreeMap::new();
-        for (name, m) in &self.state {
+        for (name, m) in self.state.iter().filter(|(name, _)| keep(name)) {
             let avg = HostTensor::from_tensor(m.exp_avg.clone());
             let sq = HostTensor::from_tensor(m.exp_avg_sq.clone());
             out.insert(format!("{name}.exp_avg"), avg);

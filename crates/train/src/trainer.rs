@@ -190,6 +190,22 @@ fn save(s: &mut Session, strategy: &dyn Parallelism, step: u64) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// A step's re-placement after its update (experts moved to new ranks or slots) is part of
+/// its time: `replace_seconds`, and added into `step_seconds` and `tokens_per_s`.
+fn count_moves(metrics: &mut Map<String, Value>, seconds: f64) {
+    if seconds < 1e-3 {
+        return; // nothing moved
+    }
+    let step_s = metrics.get("step_seconds").and_then(Value::as_f64);
+    let rate = metrics.get("tokens_per_s").and_then(Value::as_f64);
+    if let (Some(step_s), Some(rate)) = (step_s, rate) {
+        let total = step_s + seconds;
+        metrics.insert("step_seconds".into(), json!(total));
+        metrics.insert("tokens_per_s".into(), json!(rate * step_s / total));
+    }
+    metrics.insert("replace_seconds".into(), json!(seconds));
+}
+
 /// The step's line of `metrics.jsonl`.
 fn step_metrics(
     s: &Session,
@@ -463,7 +479,9 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainReport> {
             opts.step_hook.as_deref_mut(),
         )?;
         s = next;
+        let moving = Instant::now();
         s.model = strategy.after_step(s.model, &mut s.opt, &opts.device);
+        count_moves(&mut step.metrics, moving.elapsed().as_secs_f64());
         let loss = step.record.loss;
         for note in step.totals.notes.iter().filter(|_| is_main) {
             bar.println(note);
