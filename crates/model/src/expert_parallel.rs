@@ -1457,6 +1457,51 @@ mod tests {
     }
 
     #[test]
+    fn each_layer_lays_its_busiest_experts_in_the_shared_window() {
+        // Member 0 twice as fast: slots 0..4 its own, 4 and 5 shared, 6 and 7 member 1's.
+        let p = Placement::shared_within(8, &[2.0, 1.0], 2, &[]);
+        assert_eq!(p.counts, [6, 4]);
+        // A collapsed router: experts 3 and 6 take nearly every row.
+        let mut load = vec![10.0; 8];
+        (load[3], load[6]) = (1000.0, 900.0);
+        let identity: Vec<usize> = (0..8).collect();
+        // In expert order member 1 holds expert 6 alone: 900 of 2 000 rows, against its
+        // third; it sets the pace.
+        let before = expert_balance(&load, &identity, &p);
+        assert!(before < 0.8, "{before}");
+        let order = balanced_order(&load, &p);
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, identity, "a permutation: {order:?}");
+        assert_eq!(
+            &order[4..6],
+            &[3, 6],
+            "the busiest in the window: {order:?}"
+        );
+        let after = expert_balance(&load, &order, &p);
+        assert!(after > 0.97, "{after}");
+        // The rest by room: member 1's two own slots take no more than its share.
+        let own_1: f64 = order[6..].iter().map(|&e| load[e]).sum();
+        assert!(own_1 <= 2000.0 / 3.0, "{own_1}");
+        // Even loads: every order balances (the window takes up the difference).
+        assert!(expert_balance(&[100.0; 8], &identity, &p) > 0.99);
+        // Re-laying a stacked tensor (2 values per expert) follows the orders, both ways.
+        let whole: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        let laid = reorder_experts(&whole, &identity, &order);
+        for (slot, &e) in order.iter().enumerate() {
+            assert_eq!(laid[slot * 2..slot * 2 + 2], whole[e * 2..e * 2 + 2]);
+        }
+        assert_eq!(reorder_experts(&laid, &order, &identity), whole);
+        assert_eq!(
+            moe_path("layers.3.moe.experts.up_proj.exp_avg"),
+            Some("layers.3.moe")
+        );
+        assert_eq!(moe_path("layers.3.moe.gate.weight"), None);
+        // Split by experts or by width, there is no window: orders stay as they are.
+        assert_eq!(balanced_order(&load, &Placement::equal(8, 2)), identity);
+    }
+
+    #[test]
     fn shared_boundaries_split_each_micro_batchs_rows_by_weight() {
         // Member 0 twice as fast: the proportional cut at 5.33 experts, two shared around it.
         let p = Placement::shared_within(8, &[2.0, 1.0], 2, &[]);

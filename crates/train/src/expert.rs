@@ -274,7 +274,10 @@ fn slot_moves(group: &ExpertGroup, old: &[usize], new: &[usize]) -> SlotMoves {
     let sender = |e: usize| (0..group.ep).find(|&m| held(m, old).contains(&e));
     let missing = |d: usize| -> Vec<usize> {
         let had = held(d, old);
-        let mut lacking: Vec<usize> = held(d, new).into_iter().filter(|e| !had.contains(e)).collect();
+        let mut lacking: Vec<usize> = held(d, new)
+            .into_iter()
+            .filter(|e| !had.contains(e))
+            .collect();
         lacking.sort_unstable();
         lacking
     };
@@ -289,7 +292,11 @@ fn slot_moves(group: &ExpertGroup, old: &[usize], new: &[usize]) -> SlotMoves {
     let lacking = missing(me);
     let mut received = Vec::new();
     for s in 0..group.ep {
-        let from_s: Vec<usize> = lacking.iter().copied().filter(|&e| sender(e) == Some(s)).collect();
+        let from_s: Vec<usize> = lacking
+            .iter()
+            .copied()
+            .filter(|&e| sender(e) == Some(s))
+            .collect();
         recv[first + s] = from_s.len();
         received.extend(from_s);
     }
@@ -331,7 +338,10 @@ fn move_rows(t: Tensor<2>, plan: &SlotMoves, comm: &dyn Collective) -> Tensor<2>
     let all = match rows {
         0 => t,
         _ => Tensor::cat(
-            vec![t, Tensor::from_data(TensorData::new(received, [rows, per]), &device)],
+            vec![
+                t,
+                Tensor::from_data(TensorData::new(received, [rows, per]), &device),
+            ],
             0,
         ),
     };
@@ -826,7 +836,89 @@ pub fn keep_share(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nuwa_model::expert_parallel::Placement;
     use nuwa_model::stage::Stage;
+    use std::sync::Arc;
+
+    /// Rank `r` of `size`, for planning only: no collective is called.
+    struct Planning(usize, usize);
+    impl Collective for Planning {
+        fn rank(&self) -> usize {
+            self.0
+        }
+        fn size(&self) -> usize {
+            self.1
+        }
+        fn all_reduce_sum(&self, _: &mut [f32]) {
+            unreachable!()
+        }
+        fn all_gather(&self, _: &[f64]) -> Vec<f64> {
+            unreachable!()
+        }
+        fn barrier(&self) {}
+        fn all_to_all_v(&self, _: &[f32], _: (&[usize], &[usize]), _: &[usize], _: &mut [f32]) {
+            unreachable!()
+        }
+        fn split(&self, _: usize) -> Arc<dyn Collective> {
+            unreachable!()
+        }
+        fn send(&self, _: usize, _: &[f32]) {
+            unreachable!()
+        }
+        fn recv(&self, _: usize, _: usize) -> Vec<f32> {
+            unreachable!()
+        }
+        fn send_recv(&self, _: usize, _: &[f32], _: usize, _: usize) -> Vec<f32> {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn a_new_expert_order_sends_each_member_only_the_experts_it_lacked() {
+        // Two groups (DP 2 × EP 2) of members holding slots 0..6 and 4..8 (4 and 5 shared).
+        let p = Placement::shared_within(8, &[2.0, 1.0], 2, &[]);
+        let old: Vec<usize> = (0..8).collect();
+        let new = vec![0, 1, 2, 4, 3, 6, 5, 7];
+        let plans: Vec<SlotMoves> = (0..4)
+            .map(|r| {
+                let group = ExpertGroup::new(Arc::new(Planning(r, 4)), 2, p.clone());
+                slot_moves(&group, &old, &new)
+            })
+            .collect();
+        // Carry it out: every rank's rows are its old slots' experts.
+        let held = |r: usize, order: &[usize]| -> Vec<usize> {
+            p.range(r % 2).map(|s| order[s]).collect()
+        };
+        for (r, plan) in plans.iter().enumerate() {
+            let mut received = Vec::new();
+            for (src, n) in plan.recv.iter().enumerate() {
+                let sent = &plans[src].send[r];
+                assert_eq!(sent.len(), *n, "rank {src} -> {r}");
+                received.extend(sent.iter().map(|&slot| held(src, &old)[slot]));
+            }
+            let got: Vec<usize> = plan
+                .from
+                .iter()
+                .map(|f| match f {
+                    Ok(slot) => held(r, &old)[*slot],
+                    Err(k) => received[*k],
+                })
+                .collect();
+            assert_eq!(got, held(r, &new), "rank {r}");
+            // Experts 3 and 6 trade places: member 0 lacked 6 (now shared), member 1 lacked 3;
+            // one expert each, from the other member of its own group.
+            let moved: usize = plan.recv.iter().sum();
+            assert_eq!(moved, 1, "rank {r}");
+            assert!(
+                plan.send[r].is_empty() && plan.recv[r] == 0,
+                "never to itself"
+            );
+            let other_group = if r < 2 { 2..4 } else { 0..2 };
+            assert!(other_group
+                .clone()
+                .all(|o| plan.send[o].is_empty() && plan.recv[o] == 0));
+        }
+    }
 
     #[test]
     fn a_pipeline_stage_counts_only_its_own_layers_experts_against_memory() {

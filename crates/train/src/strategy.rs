@@ -324,7 +324,8 @@ impl DataParallel {
                 match &group.placement.shared {
                     Some(shared) => {
                         let k = shared.experts.iter().copied().max().unwrap_or(0);
-                        let fresh = Placement::shared_within(experts, &member, k, &group.member_caps);
+                        let fresh =
+                            Placement::shared_within(experts, &member, k, &group.member_caps);
                         kept_windows(&group.placement, fresh, &member)
                     }
                     None => Placement::proportional_within(experts, &member, &group.member_caps),
