@@ -234,6 +234,10 @@ def main():
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--predicted-only", action="store_true",
                    help="rerun only the predicted-vs-measured plans; the rest from parallel_results.json")
+    p.add_argument("--only", default="",
+                   help="comma-separated parts of row names: rerun only the rows (alone runs "
+                        "included) whose names contain one, --rounds times; the rest, and the "
+                        "predicted-vs-measured plans, from parallel_results.json")
     a = p.parse_args()
     if not os.path.exists(NUWA):
         sys.exit("build nuwa first: cargo build --release --features mpi,fault-injection")
@@ -299,24 +303,44 @@ def main():
         configs.append((key + "both alone at the same time (no communication)",
                         lambda b=batch, m=accum, l=layers, h=hidden: both_alone_at_once(s, b, m, l, h)))
     results_path = os.path.join(ROOT, "bench", "parallel_results.json")
-    if a.predicted_only:
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    only = [part for part in a.only.split(",") if part]
+    kept = None
+    if a.predicted_only or only:
         with open(results_path) as f:
             kept = json.load(f)
-        results, a.rounds = kept["results"], kept["rounds"]
+    if a.predicted_only:
+        results = kept["results"]
     else:
-        rounds = [[c() for _, c in configs] for _ in range(max(1, a.rounds))]
+        chosen = [(n, c) for n, c in configs if not only or any(part in n for part in only)]
+        if not chosen:
+            sys.exit(f"--only {a.only}: no row's name contains it")
+        rounds = [[c() for _, c in chosen] for _ in range(max(1, a.rounds))]
         median = lambda i: sorted((r[i] for r in rounds), key=lambda x: x["tokens_per_s"])[len(rounds) // 2]
-        results = {name: median(i) for i, (name, _) in enumerate(configs)}
-    verified = predicted_vs_measured(s)
-    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-    # With --predicted-only the layouts keep the date they were measured on.
-    date = kept["date"] if a.predicted_only else now
+        measured = {name: median(i) for i, (name, _) in enumerate(chosen)}
+        if only:
+            for r in measured.values():
+                r.update(rounds=a.rounds, date=now)
+        results = {**(kept["results"] if only else {}), **measured}
+    verified = (kept["predicted_vs_measured"].items() if only else predicted_vs_measured(s))
+    # With --predicted-only or --only the other rows keep the date and rounds they were
+    # measured with (rows rerun with --only carry their own).
+    date = kept["date"] if kept else now
+    if kept:
+        a.rounds = kept["rounds"]
     with open(results_path, "w") as f:
-        json.dump({"date": date, "verified_date": now, "steps": s, "rounds": a.rounds,
+        json.dump({"date": date, "verified_date": kept["verified_date"] if only else now,
+                   "steps": s, "rounds": a.rounds,
                    "results": results, "predicted_vs_measured": dict(verified)}, f, indent=1)
 
     def fmt(v):
         return "" if v is None else str(v)
+
+    def named(name, r):
+        """A row's name, with its rounds and date when rerun apart from the rest (--only)."""
+        if r.get("date", date) == date:
+            return name
+        return f"{name} ({r['rounds']} round{'s' if r['rounds'] > 1 else ''}, {r['date'][:10]})"
 
     lines = [
         "# Expert and pipeline parallelism on CPU ranks",
@@ -341,7 +365,7 @@ def main():
     for name, np, _ in even:
         r = results[name]
         dp = results[f"{np} ranks: DP {np}"]["tokens_per_s"]
-        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / dp:.2f}x | "
+        lines.append(f"| {named(name, r)} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / dp:.2f}x | "
                      f"{r['a2a_s']} | {r['p2p_s']} | {fmt(r['bubble'] or None)} | {r['peak_rss_mib']} |")
     lines += [
         "",
@@ -367,9 +391,12 @@ def main():
         "experts per rank, as many as its speed earns, but the two ranks share the experts around "
         "where their ranges meet (two of eight) and split those experts' rows afresh in every "
         "micro-batch by their speeds, from the counts gathered before the exchange: each row runs "
-        "on one rank (no work done twice, as the split by width does), balanced as far as the "
-        "shared experts' rows reach — which, this early in training, the two hot experts of a "
-        "layer often are not.",
+        "on one rank (no work done twice, as the split by width does). Each MoE layer lays its "
+        "experts over the ranks' slots in an order of its own, chosen from its last step's loads "
+        "when the current one balances worse than 97%: its busiest experts in the shared slots, "
+        "the rest spread by room under each rank's share — this early in training a layer's router "
+        "sends nearly all tokens to two experts, different in every layer and moving from step to "
+        "step; a new order moves only the experts a rank lacked (its time is in the step's).",
         "",
         "| micro-batches (layers) | run | tokens/s | of the sum alone | of both at once | experts per rank | layers per stage | rows per rank |",
         "|---|---|---:|---:|---:|---|---|---|",
@@ -386,7 +413,7 @@ def main():
             r = results[key + name]
             t = r["tokens_per_s"]
             alone = name.endswith("(one process)")
-            cells = [label, name, f"{t:.0f}", "" if alone else f"{t / (fast + slow):.1%}",
+            cells = [label, named(name, r), f"{t:.0f}", "" if alone else f"{t / (fast + slow):.1%}",
                      "" if alone else f"{t / together:.1%}", *(fmt(r.get(c)) for c in columns)]
             out.append("| " + " | ".join(cells) + " |")
         return out
