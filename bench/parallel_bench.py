@@ -234,10 +234,10 @@ def main():
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--predicted-only", action="store_true",
                    help="rerun only the predicted-vs-measured plans; the rest from parallel_results.json")
-    p.add_argument("--only", default="",
-                   help="comma-separated parts of row names: rerun only the rows (alone runs "
-                        "included) whose names contain one, --rounds times; the rest, and the "
-                        "predicted-vs-measured plans, from parallel_results.json")
+    p.add_argument("--only", action="append", default=[], metavar="PART",
+                   help="rerun only the rows (alone runs included) whose names contain PART "
+                        "(repeatable), --rounds times; the rest, and the predicted-vs-measured "
+                        "plans, from parallel_results.json")
     a = p.parse_args()
     if not os.path.exists(NUWA):
         sys.exit("build nuwa first: cargo build --release --features mpi,fault-injection")
@@ -304,7 +304,7 @@ def main():
                         lambda b=batch, m=accum, l=layers, h=hidden: both_alone_at_once(s, b, m, l, h)))
     results_path = os.path.join(ROOT, "bench", "parallel_results.json")
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-    only = [part for part in a.only.split(",") if part]
+    only = a.only
     kept = None
     if a.predicted_only or only:
         with open(results_path) as f:
@@ -314,7 +314,7 @@ def main():
     else:
         chosen = [(n, c) for n, c in configs if not only or any(part in n for part in only)]
         if not chosen:
-            sys.exit(f"--only {a.only}: no row's name contains it")
+            sys.exit(f"--only {only}: no row's name contains one")
         rounds = [[c() for _, c in chosen] for _ in range(max(1, a.rounds))]
         median = lambda i: sorted((r[i] for r in rounds), key=lambda x: x["tokens_per_s"])[len(rounds) // 2]
         measured = {name: median(i) for i, (name, _) in enumerate(chosen)}

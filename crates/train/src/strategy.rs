@@ -338,8 +338,8 @@ impl DataParallel {
     /// Shared boundaries: new expert orders for the layers whose last-step `load` (tokens per
     /// expert, every MoE layer's) the current order balances worse than 97% across the
     /// members' weights, when a layer's own order ([`balanced_order`]) does at least 2 points
-    /// better. `None` when no layer should move. (Moving a layer costs gathering its experts;
-    /// a router that keeps its loads even never pays it.)
+    /// better. `None` when no layer should move. (A move sends each member the experts it
+    /// lacked, weights and moments; a router that keeps its loads even never pays it.)
     fn measured_orders(&self, load: &[Vec<f64>]) -> Option<Orders> {
         let group = self.experts_group.as_ref()?;
         if self.opts.placement.is_some() || self.opts.rebalance_every == 0 {
@@ -873,6 +873,25 @@ fn at_least(shares: &mut [usize], least: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_window_slots_stay_while_the_speeds_cut_lies_within_them() {
+        // Slots 0..6 and 4..8, experts 4 and 5 shared: member 0 at twice member 1's speed.
+        let current = Placement::shared_within(8, &[2.0, 1.0], 2, &[]);
+        assert_eq!(current.counts, [6, 4]);
+        // 2.2 : 1 asks for [7, 3] afresh, but its cut (5.5 experts) lies in the window: the
+        // slots stay, the rows follow the new speeds.
+        let speeds = [2.2, 1.0];
+        let fresh = Placement::shared_within(8, &speeds, 2, &[]);
+        assert_eq!(fresh.counts, [7, 3]);
+        let kept = kept_windows(&current, fresh.clone(), &speeds);
+        assert_eq!(kept.counts, [6, 4]);
+        assert_eq!(kept.shared, fresh.shared, "the new weights");
+        // 4 : 1 cuts at 6.4, past the window's edge: the slots move.
+        let speeds = [4.0, 1.0];
+        let fresh = Placement::shared_within(8, &speeds, 2, &[]);
+        assert_eq!(kept_windows(&current, fresh.clone(), &speeds), fresh);
+    }
 
     #[test]
     fn fitted_columns_move_half_way_on_small_moves_and_not_at_all_on_tiny_ones() {
