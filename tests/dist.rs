@@ -824,10 +824,16 @@ fn experts_with_shared_boundaries_train_as_one_process_and_resume_whole() {
             .collect();
         assert!(rows[1] < rows[0], "np {np}: expert rows per rank {rows:?}");
         assert_eq!(shard_writers(&run), [0, 1], "np {np}");
-        // The routers' loads are uneven from the first steps: layers take orders of their own,
-        // their busiest experts in the shared window.
-        let own_orders = last["expert_own_orders"].as_u64().unwrap();
-        assert!(own_orders > 0, "np {np}: no layer in an order of its own");
+        // The routers' loads are uneven from the first steps: the layer takes an order of its
+        // own, its busiest experts in the shared window (the steps after train as one process
+        // did). Whether it still has one at the last step depends on the placement measured.
+        let own_orders = got
+            .values()
+            .map(|r| r["expert_own_orders"].as_u64().unwrap());
+        assert!(
+            own_orders.max() > Some(0),
+            "np {np}: the layer never took an order of its own"
+        );
         // Resumed in one process, the shards (each shared expert written once, every layer
         // in expert order) make the whole model again.
         resumes_whole(args_for(&run, "6"), &run, &reference, &single, np);
