@@ -124,6 +124,14 @@ pub struct Shared {
     pub weights: Vec<u32>,
 }
 
+impl Shared {
+    /// Member `m`'s share of its group's expert rows (its weight over the members' sum).
+    pub fn share(&self, m: usize) -> f64 {
+        let sum: u32 = self.weights.iter().sum();
+        self.weights.get(m).copied().unwrap_or(0) as f64 / sum.max(1) as f64
+    }
+}
+
 /// Where a member's part of a whole stacked expert tensor (or of its flat optimiser moments)
 /// lies: `count` runs of `len` values, run `i` starting at `offset + i * stride` (row-major).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1290,15 +1298,7 @@ pub fn balanced_order(load: &[f64], placement: &Placement) -> Vec<usize> {
     }
     // The rest, busiest first, each to the member with the most room left under its share.
     let total: f64 = load.iter().sum();
-    let weight_sum: f64 = shared
-        .weights
-        .iter()
-        .map(|&w| w as f64)
-        .sum::<f64>()
-        .max(1.0);
-    let mut room: Vec<f64> = (0..members)
-        .map(|m| total * shared.weights.get(m).copied().unwrap_or(0) as f64 / weight_sum)
-        .collect();
+    let mut room: Vec<f64> = (0..members).map(|m| total * shared.share(m)).collect();
     let mut next = vec![0; members];
     for e in hottest {
         let free = (0..members).filter(|&m| next[m] < own[m].len());
@@ -1341,16 +1341,10 @@ pub fn expert_balance(load: &[f64], order: &[usize], placement: &Placement) -> f
     let rows: Vec<usize> = order.iter().map(|&e| load[e].max(0.0) as usize).collect();
     let split = placement.split_rows(1, |_, slot| rows[slot]);
     let total: usize = rows.iter().sum();
-    let weight_sum: f64 = shared
-        .weights
-        .iter()
-        .map(|&w| w as f64)
-        .sum::<f64>()
-        .max(1.0);
     let slowest = (0..placement.members())
         .map(|m| {
             let work: usize = (0..rows.len()).map(|slot| split.rows(0, slot, m)).sum();
-            work as f64 / (shared.weights[m].max(1) as f64 / weight_sum)
+            work as f64 / shared.share(m).max(1e-12)
         })
         .fold(0.0, f64::max);
     match slowest > 0.0 {
