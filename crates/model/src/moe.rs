@@ -280,28 +280,28 @@ impl Moe {
             slots[expert as usize].push(slot as i64);
         }
 
-        // Outputs come expert after expert (slot after slot, when this layer's experts lie in
-        // an order of their own); each is weighted by its slot's router weight and added into
-        // its token's row.
-        let in_slot_order = |lists: &[Vec<i64>]| -> Vec<i64> {
-            match (&self.expert_group, &self.expert_order) {
-                (Some(_), Some(order)) => order.iter().flat_map(|&e| lists[e].clone()).collect(),
-                _ => lists.concat(),
-            }
-        };
-        let (all_tokens, all_slots) = (in_slot_order(&tokens), in_slot_order(&slots));
+        let tokens_per_expert: Vec<usize> = tokens.iter().map(Vec::len).collect();
+        // Under expert parallelism the layer's experts may lie in an order of their own: its
+        // rows then go slot after slot.
+        if let (Some(_), Some(order)) = (&self.expert_group, &self.expert_order) {
+            let take = |lists: &mut Vec<Vec<i64>>| -> Vec<Vec<i64>> {
+                order
+                    .iter()
+                    .map(|&e| std::mem::take(&mut lists[e]))
+                    .collect()
+            };
+            (tokens, slots) = (take(&mut tokens), take(&mut slots));
+        }
+
+        // Outputs come expert (slot) after expert; each is weighted by its slot's router
+        // weight and added into its token's row.
+        let (all_tokens, all_slots) = (tokens.concat(), slots.concat());
         let weight = top_w
             .reshape([n * self.top_k])
             .select(0, int_tensor(&all_slots, &device))
             .reshape([all_slots.len(), 1]);
         let y = match &self.expert_group {
-            Some(group) => match &self.expert_order {
-                Some(order) => {
-                    let by_slot: Vec<Vec<i64>> = order.iter().map(|&e| tokens[e].clone()).collect();
-                    group.forward_routed(&self.experts, x.clone(), &by_slot)
-                }
-                None => group.forward_routed(&self.experts, x.clone(), &tokens),
-            },
+            Some(group) => group.forward_routed(&self.experts, x.clone(), &tokens),
             None => self.experts.forward_routed(x.clone(), &tokens),
         } * weight;
         let routed = Tensor::zeros([n, hidden], &device).select_assign(
@@ -315,7 +315,6 @@ impl Moe {
             None => routed,
         };
 
-        let tokens_per_expert: Vec<usize> = tokens.iter().map(Vec::len).collect();
         let stats = self.router_stats(logits, probs, &tokens_per_expert);
         (out, stats)
     }

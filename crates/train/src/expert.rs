@@ -161,6 +161,12 @@ fn apply_moments(opt: &mut AdamW, tensors: &BTreeMap<String, HostTensor>, device
 /// `moe_layers` order.
 pub type Orders = Vec<Option<Vec<usize>>>;
 
+/// The index among `paths` (`moe_paths`) of the MoE layer a routed-expert tensor's name (or
+/// its moments') belongs to.
+fn layer_of(name: &str, paths: &[String]) -> Option<usize> {
+    moe_path(name).and_then(|p| paths.iter().position(|q| q == p))
+}
+
 /// `order`, or the slots in expert order.
 fn or_identity(order: Option<&Vec<usize>>, experts: usize) -> Vec<usize> {
     order.cloned().unwrap_or_else(|| (0..experts).collect())
@@ -175,7 +181,7 @@ fn reorder_whole(
     (from, to): (&Orders, &Orders),
 ) {
     for (name, t) in tensors.iter_mut() {
-        let Some(l) = moe_path(name).and_then(|p| paths.iter().position(|q| q == p)) else {
+        let Some(l) = layer_of(name, paths) else {
             continue;
         };
         let (a, b) = (
@@ -213,27 +219,23 @@ pub fn replace_experts(
         .collect();
     // Every layer moves when the slots do; else only those whose order changes. (When only
     // the shared rows' weights change, every rank keeps what it holds.)
-    let moves: Vec<&String> = paths
-        .iter()
-        .enumerate()
-        .filter(|&(l, _)| !same_slots || current[l] != orders[l])
-        .map(|(_, path)| path)
+    let moves: Vec<usize> = (0..paths.len())
+        .filter(|&l| !same_slots || current[l] != orders[l])
         .collect();
     let moving = |name: &str| {
-        is_routed_expert(name) && moe_path(name).is_some_and(|p| moves.iter().any(|m| *m == p))
+        is_routed_expert(name) && layer_of(name, &paths).is_some_and(|l| moves.contains(&l))
     };
     let mut model = model;
     if same_slots && p.columns.is_none() {
         // Only orders change: each member receives just the experts it did not hold.
-        for path in &moves {
-            let l = paths.iter().position(|q| q == *path).unwrap_or(0);
-            let experts = q.experts();
+        let experts = q.experts();
+        for &l in &moves {
             let (from, to) = (
                 or_identity(current[l].as_ref(), experts),
                 or_identity(orders[l].as_ref(), experts),
             );
             let plan = slot_moves(&old, &from, &to);
-            model = move_layer_slots(model, l, path, &plan, opt, old.comm.as_ref());
+            model = move_layer_slots(model, l, &paths[l], &plan, opt, old.comm.as_ref());
         }
     } else if !moves.is_empty() {
         let mut weights = nuwa_model::weights::collect_weights_where(&model, moving);
@@ -407,7 +409,7 @@ pub fn in_expert_order(
         return tensors;
     }
     let reordered = |name: &String| {
-        let layer = moe_path(name).and_then(|p| paths.iter().position(|q| q == p));
+        let layer = layer_of(name, paths);
         is_routed_expert(name) && layer.is_some_and(|l| orders.get(l).is_some_and(Option::is_some))
     };
     let (mut experts, rest): (BTreeMap<_, _>, BTreeMap<_, _>) =

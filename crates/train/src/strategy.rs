@@ -745,10 +745,9 @@ impl Parallelism for DataParallel {
             if let Some(shared) = &group.placement.shared {
                 metrics["expert_shared"] = json!(shared.experts);
                 // Layers whose experts move to a new order after this step's update.
+                let now = |l: usize| self.expert_orders.get(l).cloned().flatten();
                 let moving = self.pending_orders.as_ref().map_or(0, |new| {
-                    (0..new.len())
-                        .filter(|&l| new.get(l) != self.expert_orders.get(l).or(Some(&None)))
-                        .count()
+                    (0..new.len()).filter(|&l| new[l] != now(l)).count()
                 });
                 metrics["expert_reordered"] = json!(moving);
                 // Layers in an order of their own after this step's update.
